@@ -1,0 +1,121 @@
+"""The demo behind scripts/demo: mount, write and read pages, swap for real, show stats."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+
+from swapfs import harness
+
+PAGE = 4096
+MiB = 1024 * 1024
+
+
+def say(text: str) -> None:
+    print(f"\n== {text}", flush=True)
+
+
+def swapfs(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "swapfs", *args], text=True, capture_output=True)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description="Mount swapfs and show it working.")
+    parser.add_argument("mountpoint", nargs="?", default="/tmp/swapfs-demo")
+    parser.add_argument("--no-swap", action="store_true", help="skip the real kernel swap part")
+    args = parser.parse_args()
+    mnt = os.path.abspath(args.mountpoint)
+
+    os.makedirs(mnt, exist_ok=True)
+    if os.path.ismount(mnt):
+        say(f"{mnt} is already mounted: unmounting the previous demo first")
+        out = swapfs("unmount", mnt)
+        if out.returncode != 0:
+            print(out.stderr, file=sys.stderr)
+            return 1
+
+    say(f"swapfs mount {mnt}   (embedded default configuration)")
+    out = swapfs("mount", mnt)
+    print(out.stdout + out.stderr, end="")
+    if out.returncode != 0:
+        return 1
+    dev = os.path.join(mnt, "swap0")
+    print(f"$ ls -l {mnt}")
+    print(subprocess.run(["ls", "-l", mnt], capture_output=True, text=True).stdout, end="")
+
+    say("writing 4096 pages (16 MiB): text, zeros, a repeated pattern and random bytes")
+    pages = []
+    for i in range(4096):
+        kind = i % 4
+        if kind == 0:
+            p = (b"page %08d of the swapfs demo; " % i * 200)[:PAGE]
+        elif kind == 1:
+            p = bytes(PAGE)
+        elif kind == 2:
+            p = (i.to_bytes(8, "little")) * 512
+        else:
+            p = os.urandom(PAGE)
+        pages.append(p)
+    fd = os.open(dev, os.O_RDWR)
+    try:
+        t0 = time.monotonic()
+        for off in range(0, len(pages), 256):
+            os.pwrite(fd, b"".join(pages[off:off + 256]), off * PAGE)
+        t1 = time.monotonic()
+        bad = 0
+        for off in range(0, len(pages), 256):
+            got = os.pread(fd, 256 * PAGE, off * PAGE)
+            bad += sum(got[j * PAGE:(j + 1) * PAGE] != pages[off + j] for j in range(256))
+        t2 = time.monotonic()
+    finally:
+        os.close(fd)
+    print(f"wrote 16 MiB in {t1 - t0:.3f}s, read it back in {t2 - t1:.3f}s: "
+          f"{'every byte matches' if bad == 0 else f'{bad} PAGES DIFFER'}")
+    if bad:
+        return 1
+
+    say(f"swapfs stats {mnt}")
+    print(swapfs("stats", mnt).stdout, end="")
+
+    if args.no_swap:
+        pass
+    elif (why := harness.kernel_swap_unavailable()) is not None:
+        say(f"skipping the real kernel swap part: {why}")
+    else:
+        say("the kernel swaps into swapfs: 256 MiB working set in a 64 MiB memory cgroup")
+        # punch out the demo pages first so the swap area starts clean
+        subprocess.run(["fallocate", "--punch-hole", "--keep-size", "-o", "0", "-l", str(16 * MiB), dev], check=True)
+        with harness.loop_device(dev) as loop:
+            print(f"losetup --direct-io=on -f --show {dev}  -> {loop}")
+            with harness.swap_on(loop, priority=32767, discard=True):
+                print(f"mkswap {loop} && swapon --discard -p 32767 {loop}")
+                result = harness.run_swap_workload(
+                    working_set_bytes=256 * MiB, limit_bytes=64 * MiB,
+                    cgroup_name=f"swapfs-demo-{os.getpid()}", watch_device=loop,
+                )
+                print(f"{result.pages} pages filled and verified twice in {result.wall_seconds:.1f}s, "
+                      f"peak {result.peak_swap_kib // 1024} MiB in swap, "
+                      f"{'every byte matches' if result.bad_pages == 0 else f'{result.bad_pages} PAGES DIFFER'}")
+                say(f"swapfs stats {mnt}   (while swap is on)")
+                print(swapfs("stats", mnt).stdout, end="")
+                print(f"swapoff {loop} && losetup -d {loop}")
+        if result.bad_pages:
+            return 1
+
+    say(f"getfattr -d -m - {dev}   (the same counters, as xattrs)")
+    print(subprocess.run(["getfattr", "-d", "-m", "-", dev], capture_output=True, text=True).stdout, end="")
+
+    say("swapfs is still mounted; to swap into it:")
+    print(f"  losetup --direct-io=on -f --show {dev}      # prints /dev/loopN")
+    print("  mkswap /dev/loopN && swapon --discard -p 100 /dev/loopN")
+    print(f"  .venv/bin/swapfs stats {mnt}")
+    print("and to stop:")
+    print(f"  swapoff /dev/loopN && losetup -d /dev/loopN && .venv/bin/swapfs unmount {mnt}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

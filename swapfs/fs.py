@@ -1,0 +1,295 @@
+"""The swapfs filesystem: swap devices as files, stats as xattrs.
+
+A thin adapter between the FUSE protocol layer (swapfs.fuse) and the store
+(swapfs.store).  It owns inode numbers, attributes, the xattr namespace and
+the one mapping from store errors to errnos; it holds no page data.
+
+Layout of a mount::
+
+    /           the root directory (mode 0700, owned by the mounting user)
+    /swap0      one regular file per configured device (mode 0600), of the
+                device's fixed size
+
+Every file is opened with direct I/O: pages go straight to the store, never
+through the kernel's page cache (swap pages cached twice would defeat the
+purpose, and the loop device uses O_DIRECT anyway).
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+from typing import Iterable, Sequence
+
+from .errors import BackingIOError, Corruption, NoSpace, OutOfRange, StoreError
+from .fuse import (
+    ROOT_INODE,
+    DirEntry,
+    EntryAttributes,
+    FileInfo,
+    FUSEError,
+    Operations,
+    RequestContext,
+    SetattrFields,
+    StatvfsData,
+)
+from .stats import xattr_items
+from .store import Device, Store
+
+log = logging.getLogger(__name__)
+
+PAGE = 4096
+XATTR_PREFIX = b"user.swapfs."
+STATS_XATTR = b"user.swapfs.stats"
+
+# fallocate(2) modes (linux/falloc.h)
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+FALLOC_FL_ZERO_RANGE = 0x10
+
+# Attributes never change behind the kernel's back except st_blocks, which
+# only informs; a second of caching saves a GETATTR per stat() burst.
+ATTR_TIMEOUT = 1.0
+ENTRY_TIMEOUT = 60.0
+
+
+def store_errno(exc: StoreError) -> int:
+    """The one place where store errors become errnos."""
+    if isinstance(exc, OutOfRange):
+        return errno.ENOSPC  # a fixed-size device: like writing past a block device's end
+    if isinstance(exc, NoSpace):
+        return errno.ENOSPC
+    if isinstance(exc, (Corruption, BackingIOError)):
+        return errno.EIO
+    return errno.EIO
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    """Nested stats dict -> {"a.b": "value"}: one xattr per counter."""
+    out: dict[str, str] = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+    leaves = {k: v for k, v in d.items() if not isinstance(v, dict)}
+    for name, text in xattr_items(leaves).items():
+        out[prefix + name] = text
+    return out
+
+
+class SwapFS(Operations):
+    """FUSE operations over a :class:`Store`."""
+
+    def __init__(self, store: Store, *, uid: int | None = None, gid: int | None = None) -> None:
+        self.store = store
+        self.uid = os.getuid() if uid is None else uid
+        self.gid = os.getgid() if gid is None else gid
+        self.started_ns = time.time_ns()
+        self._by_inode: dict[int, Device] = {ROOT_INODE + 1 + d.index: d for d in store.devices}
+        self._by_name: dict[bytes, Device] = {d.name.encode(): d for d in store.devices}
+        # fh == inode of the device: opening needs no state of its own
+        self._dir_entries = [
+            DirEntry(b".", self._root_attr(), 1),
+            DirEntry(b"..", self._root_attr(), 2),
+        ] + [DirEntry(d.name.encode(), self._device_attr(d), 3 + i) for i, d in enumerate(store.devices)]
+
+    # -- attributes -------------------------------------------------------
+
+    def _root_attr(self) -> EntryAttributes:
+        return EntryAttributes(
+            st_ino=ROOT_INODE,
+            st_mode=stat.S_IFDIR | 0o700,
+            st_nlink=2,
+            st_uid=self.uid,
+            st_gid=self.gid,
+            st_size=0,
+            st_atime_ns=self.started_ns,
+            st_mtime_ns=self.started_ns,
+            st_ctime_ns=self.started_ns,
+            attr_timeout=ATTR_TIMEOUT,
+            entry_timeout=ENTRY_TIMEOUT,
+        )
+
+    def _device_attr(self, dev: Device) -> EntryAttributes:
+        stored = self.store.device_stored_pages(dev)
+        return EntryAttributes(
+            st_ino=ROOT_INODE + 1 + dev.index,
+            st_mode=stat.S_IFREG | 0o600,
+            st_nlink=1,
+            st_uid=self.uid,
+            st_gid=self.gid,
+            st_size=dev.size_bytes,
+            st_blocks=stored * (PAGE // 512),
+            st_atime_ns=self.started_ns,
+            st_mtime_ns=self.started_ns,
+            st_ctime_ns=self.started_ns,
+            attr_timeout=ATTR_TIMEOUT,
+            entry_timeout=ENTRY_TIMEOUT,
+        )
+
+    def _attr(self, inode: int) -> EntryAttributes:
+        if inode == ROOT_INODE:
+            return self._root_attr()
+        return self._device_attr(self._device(inode))
+
+    def _device(self, inode: int) -> Device:
+        try:
+            return self._by_inode[inode]
+        except KeyError:
+            if inode == ROOT_INODE:
+                raise FUSEError(errno.EISDIR) from None
+            raise FUSEError(errno.ENOENT) from None
+
+    # -- names and attributes ---------------------------------------------
+
+    async def lookup(self, parent: int, name: bytes, ctx: RequestContext) -> EntryAttributes:
+        if parent != ROOT_INODE:
+            raise FUSEError(errno.ENOTDIR)
+        if name == b"." or name == b"..":
+            return self._root_attr()
+        dev = self._by_name.get(name)
+        if dev is None:
+            raise FUSEError(errno.ENOENT)
+        return self._device_attr(dev)
+
+    async def getattr(self, inode: int, ctx: RequestContext) -> EntryAttributes:
+        return self._attr(inode)
+
+    async def setattr(self, inode: int, attr: SetattrFields, ctx: RequestContext) -> EntryAttributes:
+        current = self._attr(inode)
+        if attr.update_size and inode != ROOT_INODE and attr.st_size == current.st_size:
+            attr.update_size = False  # O_TRUNC-free "truncate to the same size" is harmless
+        if attr.update_size or attr.update_mode or attr.update_uid or attr.update_gid:
+            # devices have a fixed size and fixed ownership
+            raise FUSEError(errno.EPERM)
+        return current  # time updates are accepted and forgotten
+
+    async def access(self, inode: int, mask: int, ctx: RequestContext) -> None:
+        self._attr(inode)  # existence; permissions are checked by the kernel (default_permissions)
+
+    async def statfs(self, inode: int, ctx: RequestContext) -> StatvfsData:
+        total = sum(d.npages for d in self.store.devices)
+        used = sum(self.store.device_stored_pages(d) for d in self.store.devices)
+        free = max(total - used, 0)
+        return StatvfsData(
+            f_bsize=PAGE,
+            f_frsize=PAGE,
+            f_blocks=total,
+            f_bfree=free,
+            f_bavail=free,
+            f_files=len(self.store.devices) + 1,
+            f_ffree=0,
+            f_namemax=255,
+        )
+
+    # -- directory --------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: RequestContext) -> int:
+        if inode != ROOT_INODE:
+            raise FUSEError(errno.ENOTDIR)
+        return ROOT_INODE
+
+    async def readdir(self, fh: int, offset: int) -> Iterable[DirEntry]:
+        return [e for e in self._dir_entries if e.next_offset > offset]
+
+    # -- data -------------------------------------------------------------
+
+    async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
+        self._device(inode)
+        if flags & os.O_TRUNC:
+            raise FUSEError(errno.EPERM)
+        return FileInfo(fh=inode, direct_io=True)
+
+    async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
+        dev = self._device(fh)
+        try:
+            return await self.store.read(dev, offset, size)
+        except StoreError as exc:
+            log.error("read %s offset %d size %d: %s", dev.name, offset, size, exc)
+            raise FUSEError(store_errno(exc)) from None
+
+    async def write(self, fh: int, offset: int, data: memoryview) -> int:
+        dev = self._device(fh)
+        try:
+            return await self.store.write(dev, offset, data)
+        except OutOfRange:
+            raise FUSEError(errno.ENOSPC) from None
+        except StoreError as exc:
+            log.error("write %s offset %d size %d: %s", dev.name, offset, len(data), exc)
+            raise FUSEError(store_errno(exc)) from None
+
+    async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
+        dev = self._device(fh)
+        if offset < 0 or length <= 0:
+            raise FUSEError(errno.EINVAL)
+        if mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE):
+            if mode & FALLOC_FL_PUNCH_HOLE and not mode & FALLOC_FL_KEEP_SIZE:
+                raise FUSEError(errno.EOPNOTSUPP)  # punch-hole requires KEEP_SIZE (fallocate(2))
+            if mode & ~(FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE | FALLOC_FL_KEEP_SIZE):
+                raise FUSEError(errno.EOPNOTSUPP)
+            if offset >= dev.size_bytes:
+                return
+            try:
+                await self.store.discard(dev, offset, length)
+            except StoreError as exc:
+                log.error("discard %s offset %d length %d: %s", dev.name, offset, length, exc)
+                raise FUSEError(store_errno(exc)) from None
+            return
+        if mode & ~FALLOC_FL_KEEP_SIZE:
+            raise FUSEError(errno.EOPNOTSUPP)  # collapse/insert range would move data
+        if offset + length > dev.size_bytes and not mode & FALLOC_FL_KEEP_SIZE:
+            raise FUSEError(errno.EFBIG)  # the device never grows
+        # plain allocation inside the device: space is virtual, nothing to do
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        self._device(fh)  # every completed write is already in the store
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        pass
+
+    # -- xattrs: stats and control ----------------------------------------
+
+    def _stats_for(self, inode: int) -> tuple[dict, dict[str, str]]:
+        """(the JSON object, {counter: text}) describing this inode."""
+        full = self.store.stats().to_dict()
+        if inode == ROOT_INODE:
+            counters = flatten({k: v for k, v in full.items() if k not in ("devices", "totals")})
+            counters.update(flatten(full["totals"]))
+            return full, counters
+        dev = self._device(inode)
+        own = full["devices"][dev.name]
+        return own, flatten(own)
+
+    async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
+        _, counters = self._stats_for(inode)
+        return [STATS_XATTR] + [XATTR_PREFIX + k.encode() for k in counters]
+
+    async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
+        if not name.startswith(XATTR_PREFIX):
+            self._attr(inode)
+            raise FUSEError(errno.ENODATA)
+        obj, counters = self._stats_for(inode)
+        if name == STATS_XATTR:
+            return json.dumps(obj, sort_keys=False).encode()
+        text = counters.get(name[len(XATTR_PREFIX):].decode("utf-8", "replace"))
+        if text is None:
+            raise FUSEError(errno.ENODATA)
+        return text.encode()
+
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, flags: int, ctx: RequestContext
+    ) -> None:
+        self._attr(inode)
+        if name.startswith(XATTR_PREFIX):
+            log.warning("setxattr %r refused: swapfs statistics are read-only", name)
+            raise FUSEError(errno.EPERM)
+        raise FUSEError(errno.ENOTSUP)  # swapfs stores no user xattrs
+
+    async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
+        self._attr(inode)
+        if name.startswith(XATTR_PREFIX):
+            raise FUSEError(errno.EPERM)
+        raise FUSEError(errno.ENODATA)

@@ -1,0 +1,287 @@
+"""Driving the kernel's swap against a swap device: for tests, benchmarks, the demo.
+
+Context managers that always undo what they did (a loop device with direct
+I/O, swapon, a memory cgroup), and the verifying workload: a child process,
+confined to a memory cgroup far smaller than its working set, that fills
+pages with known contents, reads them all back and checks every byte.  The
+kernel must swap to keep it alive, so the pages go through the swap device.
+
+Everything here needs root.  Nothing here knows swapfs internals: the same
+code runs the workload over zram for comparison.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
+CGROUP_V2 = "/sys/fs/cgroup"
+
+
+class HarnessError(RuntimeError):
+    pass
+
+
+def _run(cmd: list[str], timeout: float = 60) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise HarnessError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def is_root() -> bool:
+    return os.geteuid() == 0
+
+
+def memory_cgroup_kind() -> str | None:
+    """'v1', 'v2' or None: which memory controller this machine offers."""
+    if os.path.exists(os.path.join(CGROUP_V1_MEMORY, "memory.limit_in_bytes")):
+        return "v1"
+    try:
+        with open(os.path.join(CGROUP_V2, "cgroup.controllers")) as f:
+            if "memory" in f.read().split():
+                return "v2"
+    except OSError:
+        pass
+    return None
+
+
+def kernel_swap_unavailable() -> str | None:
+    """Why the kernel swap workload cannot run here, or None if it can."""
+    if not is_root():
+        return "needs root"
+    if not os.path.exists("/dev/loop-control"):
+        return "no loop devices"
+    if memory_cgroup_kind() is None:
+        return "no memory cgroup controller"
+    for tool in ("losetup", "mkswap", "swapon", "swapoff"):
+        if not any(os.access(os.path.join(d, tool), os.X_OK) for d in ("/sbin", "/usr/sbin", "/bin", "/usr/bin")):
+            return f"{tool} not installed"
+    return None
+
+
+@contextlib.contextmanager
+def loop_device(path: str, *, direct_io: bool = True) -> Iterator[str]:
+    """Attach a loop device over ``path``; always detach it."""
+    cmd = ["losetup", "-f", "--show"]
+    if direct_io:
+        cmd.append("--direct-io=on")
+    dev = _run(cmd + [path]).strip()
+    try:
+        yield dev
+    finally:
+        for _ in range(50):
+            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
+                break
+            time.sleep(0.1)
+
+
+def active_swaps() -> dict[str, int]:
+    """{device: used KiB} from /proc/swaps."""
+    out = {}
+    with open("/proc/swaps") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            if fields:
+                out[fields[0]] = int(fields[3])
+    return out
+
+
+@contextlib.contextmanager
+def swap_on(dev: str, *, priority: int = 32767, discard: bool = True) -> Iterator[str]:
+    """mkswap and swapon ``dev``; always swapoff (which reads every page back in)."""
+    _run(["mkswap", dev])
+    cmd = ["swapon", "-p", str(priority)]
+    if discard:
+        cmd.append("--discard")
+    _run(cmd + [dev])
+    try:
+        yield dev
+    finally:
+        if dev in active_swaps():
+            _run(["swapoff", dev], timeout=600)
+
+
+@contextlib.contextmanager
+def memory_cgroup(name: str, limit_bytes: int) -> Iterator[str]:
+    """A memory cgroup limited to ``limit_bytes``; yields its cgroup.procs path.
+    Removed afterwards (its processes must have exited)."""
+    kind = memory_cgroup_kind()
+    if kind == "v1":
+        path = os.path.join(CGROUP_V1_MEMORY, name)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "memory.limit_in_bytes"), "w") as f:
+            f.write(str(limit_bytes))
+        with contextlib.suppress(OSError), open(os.path.join(path, "memory.swappiness"), "w") as f:
+            f.write("100")
+    elif kind == "v2":
+        path = os.path.join(CGROUP_V2, name)
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "memory.max"), "w") as f:
+            f.write(str(limit_bytes))
+    else:
+        raise HarnessError("no memory cgroup controller")
+    try:
+        yield os.path.join(path, "cgroup.procs")
+    finally:
+        for _ in range(100):
+            try:
+                os.rmdir(path)
+                break
+            except FileNotFoundError:
+                break
+            except OSError:
+                time.sleep(0.1)
+
+
+def zram_unavailable() -> str | None:
+    if not is_root():
+        return "needs root"
+    if not os.path.exists("/sys/block/zram0"):
+        return "no zram0 (the zram module is not loaded)"
+    with open("/sys/block/zram0/disksize") as f:
+        if int(f.read()) != 0:
+            return "zram0 is in use"
+    return None
+
+
+@contextlib.contextmanager
+def zram_device(size_bytes: int, algorithm: str = "lz4") -> Iterator[str]:
+    """Configure /dev/zram0 (must be unused); always reset it afterwards."""
+    base = "/sys/block/zram0"
+    with open(f"{base}/comp_algorithm", "w") as f:
+        f.write(algorithm)
+    with open(f"{base}/disksize", "w") as f:
+        f.write(str(size_bytes))
+    try:
+        yield "/dev/zram0"
+    finally:
+        with open(f"{base}/reset", "w") as f:
+            f.write("1")
+
+
+def zram_mm_stat() -> dict[str, int]:
+    """/sys/block/zram0/mm_stat: orig_data_size, compr_data_size, mem_used_total, ..."""
+    names = ["orig_data_size", "compr_data_size", "mem_used_total", "mem_limit",
+             "mem_used_max", "same_pages", "pages_compacted", "huge_pages"]
+    with open("/sys/block/zram0/mm_stat") as f:
+        values = [int(v) for v in f.read().split()]
+    return dict(zip(names, values))
+
+
+# -- the verifying workload --------------------------------------------------
+
+# The child fills `pages` pages; page i holds its index and a seed, then a
+# window of random words (compresses about 3:1 with lz4) that starts at a
+# different place for each page; every
+# `same_every`-th page is all zeros (a freed heap page looks like that).  It
+# then reads every page back, twice in a different order, and checks it.
+CHILD = r"""
+import os, struct, sys, time, random
+pages, seed, same_every = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+PAGE = 4096
+words = [b"swap", b"page", b"slot", b"tier", b"pool", b"zram", b"lz4 ", b"disk"]
+rng = random.Random(seed)
+text = b"".join(rng.choice(words) for _ in range(64 * 1024 // 4))
+span = len(text) - PAGE
+def page(i):
+    if same_every and i % same_every == 0:
+        return bytes(PAGE)
+    off = (i * 7919 + seed * 104729) % span
+    return struct.pack("<QQ", i, seed) + text[off:off + PAGE - 16]
+t0 = time.monotonic()
+buf = bytearray(pages * PAGE)
+for i in range(pages):
+    buf[i * PAGE:(i + 1) * PAGE] = page(i)
+t1 = time.monotonic()
+bad = 0
+for rnd in range(2):
+    order = list(range(pages))
+    random.Random(seed + rnd).shuffle(order)
+    for i in order:
+        if buf[i * PAGE:(i + 1) * PAGE] != page(i):
+            bad += 1
+            if bad < 5:
+                print("MISMATCH page", i, file=sys.stderr)
+t2 = time.monotonic()
+print(f"RESULT pages={pages} bad={bad} fill={t1 - t0:.3f} verify={t2 - t1:.3f}")
+sys.exit(1 if bad else 0)
+"""
+
+
+@dataclass
+class WorkloadResult:
+    pages: int
+    bad_pages: int
+    wall_seconds: float
+    fill_seconds: float
+    verify_seconds: float
+    peak_swap_kib: int
+    output: str
+
+
+def run_swap_workload(
+    *,
+    working_set_bytes: int,
+    limit_bytes: int,
+    cgroup_name: str = "swapfs-workload",
+    seed: int = 1,
+    same_every: int = 16,
+    timeout: float = 600,
+    watch_device: str | None = None,
+) -> WorkloadResult:
+    """Run the verifying page workload in a memory cgroup of ``limit_bytes``.
+
+    ``watch_device``: a swap device whose /proc/swaps usage is sampled to
+    report the peak swapped KiB."""
+    pages = working_set_bytes // 4096
+    peak = 0
+    with memory_cgroup(cgroup_name, limit_bytes) as procs:
+        # The shell puts itself in the cgroup, then becomes the child: the
+        # calling process (and the swapfs daemon) stay outside it.
+        script = f'echo $$ > {procs} && exec "$0" -c "$1" {pages} {seed} {same_every}'
+        start = time.monotonic()
+        child = subprocess.Popen(
+            ["sh", "-c", script, sys.executable, CHILD],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        try:
+            while child.poll() is None:
+                if watch_device:
+                    peak = max(peak, active_swaps().get(watch_device, 0))
+                if time.monotonic() - start > timeout:
+                    raise HarnessError(f"swap workload still running after {timeout}s")
+                time.sleep(0.05)
+        finally:
+            if child.poll() is None:
+                child.kill()
+            output = child.communicate()[0]
+        wall = time.monotonic() - start
+    result = None
+    for line in output.splitlines():
+        if line.startswith("RESULT "):
+            result = dict(kv.split("=") for kv in line.split()[1:])
+    if result is None:
+        raise HarnessError(f"swap workload died (status {child.returncode}): {output.strip()[-2000:]}")
+    return WorkloadResult(
+        pages=int(result["pages"]),
+        bad_pages=int(result["bad"]),
+        wall_seconds=wall,
+        fill_seconds=float(result["fill"]),
+        verify_seconds=float(result["verify"]),
+        peak_swap_kib=peak,
+        output=output,
+    )
+
+
+def read_stats(mountpoint: str) -> dict:
+    return json.loads(os.getxattr(mountpoint, "user.swapfs.stats"))

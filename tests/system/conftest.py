@@ -1,0 +1,158 @@
+"""Fixtures that mount swapfs for real: the daemon runs as `swapfs mount` in
+its own process, exactly as a user starts it, and is always unmounted."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SMALL_CONFIG = """
+[pool]
+algorithm = "lz4"
+max_bytes = "64M"
+
+[[device]]
+name = "swap0"
+size = "64M"
+
+[[device]]
+name = "swap1"
+size = "8M"
+"""
+
+
+def swapfs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "swapfs", *args]
+
+
+def run_swapfs(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(swapfs_cmd(*args), capture_output=True, text=True, timeout=timeout)
+
+
+def fuse_available() -> str | None:
+    if not os.path.exists("/dev/fuse"):
+        return "no /dev/fuse"
+    if os.geteuid() != 0 and not shutil.which("fusermount3"):
+        return "not root and no fusermount3"
+    return None
+
+
+@dataclass
+class Mount:
+    path: Path
+    log: Path
+    pid: int
+
+    def dev(self, name: str = "swap0") -> Path:
+        return self.path / name
+
+    def stats(self) -> dict:
+        return json.loads(os.getxattr(self.path, "user.swapfs.stats"))
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text()
+        except OSError:
+            return ""
+
+
+def _is_mounted(path: Path) -> bool:
+    with open("/proc/self/mountinfo") as f:
+        return any(line.split()[4] == str(path) for line in f)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie is dead for our purposes
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except OSError:
+        return False
+
+
+def detach_loops_under(path: Path) -> None:
+    prefix = str(path) + "/"
+    for name in os.listdir("/sys/block"):
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        if backing.startswith(prefix):
+            dev = f"/dev/{name}"
+            with open("/proc/swaps") as f:
+                if any(line.split()[0] == dev for line in f.readlines()[1:]):
+                    subprocess.run(["swapoff", dev], timeout=300)
+            subprocess.run(["losetup", "-d", dev], timeout=30)
+
+
+def stop_mount(m: Mount) -> None:
+    """Unmount and make sure the daemon is gone, whatever state things are in."""
+    if os.geteuid() == 0:
+        detach_loops_under(m.path)
+    if _is_mounted(m.path):
+        proc = run_swapfs("unmount", str(m.path), timeout=30)
+        if proc.returncode != 0 and _is_mounted(m.path):
+            subprocess.run(["umount", "-l", str(m.path)], capture_output=True)
+            subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True)
+    deadline = time.monotonic() + 10
+    while _pid_alive(m.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if _pid_alive(m.pid):
+        os.kill(m.pid, signal.SIGKILL)
+
+
+def start_mount(tmp_path: Path, config: str | None = SMALL_CONFIG, name: str = "mnt") -> Mount:
+    mnt = tmp_path / name
+    mnt.mkdir()
+    log = tmp_path / f"{name}.log"
+    args = ["mount", "--no-mlock", "--log-file", str(log), "--log-level", "debug"]
+    if config is not None:
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text(config)
+        args += ["--config", str(cfg)]
+    proc = run_swapfs(*args, str(mnt))
+    if proc.returncode != 0:
+        raise AssertionError(f"swapfs mount failed: {proc.stderr}\nlog:\n{log.read_text() if log.exists() else ''}")
+    match = re.search(r"daemon pid (\d+)", proc.stdout)
+    assert match, proc.stdout
+    return Mount(path=mnt, log=log, pid=int(match.group(1)))
+
+
+@pytest.fixture
+def mount_factory(tmp_path):
+    """mount_factory(config_text=SMALL_CONFIG) -> Mount; all unmounted at the end."""
+    why = fuse_available()
+    if why:
+        pytest.skip(why)
+    mounts: list[Mount] = []
+
+    def make(config: str | None = SMALL_CONFIG, name: str | None = None) -> Mount:
+        m = start_mount(tmp_path, config, name or f"mnt{len(mounts)}")
+        mounts.append(m)
+        return m
+
+    yield make
+    for m in mounts:
+        stop_mount(m)
+    for m in mounts:
+        text = m.log_text()
+        assert "Traceback" not in text, f"daemon logged a traceback:\n{text}"
+
+
+@pytest.fixture
+def mnt(mount_factory) -> Mount:
+    return mount_factory()

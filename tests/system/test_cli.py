@@ -1,0 +1,115 @@
+"""The command line as a user meets it: help, config errors, mount, stats, unmount, signals."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from .conftest import _is_mounted, _pid_alive, run_swapfs
+
+pytestmark = pytest.mark.timeout(90)
+
+
+def test_help_explains_each_command():
+    top = run_swapfs("--help")
+    assert top.returncode == 0
+    for word in ("mount", "unmount", "stats", "check-config", "losetup", "swapon"):
+        assert word in top.stdout
+    for cmd in ("mount", "unmount", "stats", "check-config"):
+        out = run_swapfs(cmd, "--help")
+        assert out.returncode == 0 and "usage: swapfs " + cmd in out.stdout
+    assert "--foreground" in run_swapfs("mount", "--help").stdout
+    assert "--json" in run_swapfs("stats", "--help").stdout
+    none = run_swapfs()
+    assert none.returncode == 2
+
+
+def test_default_config_is_valid_and_printable():
+    out = run_swapfs("check-config")
+    assert out.returncode == 0, out.stderr
+    assert "1 device" in out.stdout
+    text = run_swapfs("check-config", "--print-default").stdout
+    assert "[pool]" in text and "swap0" in text
+
+
+@pytest.mark.parametrize(
+    "text, key",
+    [
+        ("[pool]\nalgorithm = 'lzma'\n", "algorithm"),
+        ("[pool]\nbogus = 1\n", "bogus"),
+        ("[[device]]\nname = 'a'\nsize = '1000'\n", "size"),
+        ("[[device]]\nname = 'a'\nsize = '1M'\n[[device]]\nname = 'a'\nsize = '1M'\n", "name"),
+        ("[pool]\nmax_bytes = 'lots'\n", "max_bytes"),
+        ("this is not toml", "TOML"),
+    ],
+)
+def test_bad_config_refused_before_mounting(tmp_path, text, key):
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = run_swapfs("mount", "--config", str(cfg), str(mnt))
+    assert out.returncode == 2
+    assert key in out.stderr, out.stderr
+    assert not _is_mounted(mnt)
+    assert run_swapfs("check-config", str(cfg)).returncode == 2
+
+
+def test_missing_config_file(tmp_path):
+    out = run_swapfs("check-config", str(tmp_path / "absent.toml"))
+    assert out.returncode == 2 and "absent.toml" in out.stderr
+
+
+def test_bad_mountpoints(tmp_path, mnt):
+    out = run_swapfs("mount", str(tmp_path / "absent"))
+    assert out.returncode != 0 and "does not exist" in out.stderr
+    f = tmp_path / "file"
+    f.write_text("")
+    out = run_swapfs("mount", str(f))
+    assert out.returncode != 0 and "not a directory" in out.stderr
+    out = run_swapfs("mount", str(mnt.path))
+    assert out.returncode != 0 and "already a mount" in out.stderr
+    out = run_swapfs("unmount", str(tmp_path))
+    assert out.returncode != 0 and "not a swapfs mount" in out.stderr
+    out = run_swapfs("stats", str(tmp_path))
+    assert out.returncode != 0 and "not a swapfs mount" in out.stderr
+
+
+def test_default_config_mount_stats_unmount(mount_factory):
+    m = mount_factory(config=None)
+    assert os.listdir(m.path) == ["swap0"]
+    assert os.stat(m.dev()).st_size == 1 << 30
+    fd = os.open(m.dev(), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"hello swapfs " * 315, 4096)
+    finally:
+        os.close(fd)
+    out = run_swapfs("stats", str(m.path))
+    assert out.returncode == 0, out.stderr
+    assert "swap0" in out.stdout and "compression ratio" in out.stdout
+    js = json.loads(run_swapfs("stats", "--json", str(m.path)).stdout)
+    assert js["devices"]["swap0"]["stored_pages"] == 1
+    assert js["tiers"]["pool"]["stored_pages"] == 1
+    out = run_swapfs("unmount", str(m.path))
+    assert out.returncode == 0, out.stderr
+    assert not _is_mounted(m.path)
+    deadline = time.monotonic() + 10
+    while _pid_alive(m.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _pid_alive(m.pid)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_cleanly(mount_factory, sig):
+    m = mount_factory()
+    os.kill(m.pid, sig)
+    deadline = time.monotonic() + 10
+    while (_is_mounted(m.path) or _pid_alive(m.pid)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _is_mounted(m.path)
+    assert not _pid_alive(m.pid)
+    assert "unmounting" in m.log_text()

@@ -1,0 +1,75 @@
+"""The real kernel swaps into swapfs: loop device, mkswap, swapon, a memory cgroup."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+
+import pytest
+
+from swapfs import harness
+
+pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(600)]
+
+MiB = 1024 * 1024
+
+CONFIG = """
+[pool]
+algorithm = "lz4"
+max_bytes = "512M"
+
+[[device]]
+name = "swap0"
+size = "1G"
+"""
+
+
+@pytest.fixture
+def swap_ready():
+    why = harness.kernel_swap_unavailable()
+    if why:
+        pytest.skip(f"kernel swap test: {why}")
+
+
+def test_kernel_swaps_into_swapfs_and_reads_back(swap_ready, mount_factory):
+    m = mount_factory(CONFIG)
+    dev_file = str(m.dev())
+    with harness.loop_device(dev_file) as loop:
+        name = os.path.basename(loop)
+        with open(f"/sys/block/{name}/loop/dio") as f:
+            assert f.read().strip() == "1"
+        with open(f"/sys/block/{name}/queue/discard_max_bytes") as f:
+            assert int(f.read()) > 0, "loop device over swapfs advertises no discard"
+        with harness.swap_on(loop, priority=32767, discard=True):
+            result = harness.run_swap_workload(
+                working_set_bytes=256 * MiB,
+                limit_bytes=64 * MiB,
+                cgroup_name=f"swapfs-test-{os.getpid()}",
+                watch_device=loop,
+            )
+            assert result.bad_pages == 0, result.output
+            assert result.pages == 256 * MiB // 4096
+            # at least the part above the cgroup's limit went through swap
+            assert result.peak_swap_kib * 1024 > 128 * MiB, result
+            s = m.stats()
+            d = s["devices"]["swap0"]
+            assert d["writes"] > 0 and d["reads"] > 0
+            assert d["written_bytes"] >= 128 * MiB
+            print(
+                f"kernel swap: {result.pages} pages, peak swapped {result.peak_swap_kib // 1024} MiB, "
+                f"{result.wall_seconds:.1f}s; swapfs stored {d['stored_pages']} pages, "
+                f"ratio {s['totals']['compression_ratio']:.2f}"
+            )
+        # swapoff read every page back and, with --discard, freed the slots
+        assert loop not in harness.active_swaps()
+    s = m.stats()
+    assert s["totals"]["stored_pages"] == s["devices"]["swap0"]["stored_pages"]
+    assert s["devices"]["swap0"]["discards"] > 0
+
+
+def test_no_loop_device_left_behind():
+    """Runs after the swap test: no loop device over a test's files may stay attached."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root")
+    out = subprocess.run(["losetup", "-a"], capture_output=True, text=True, check=True).stdout
+    assert "pytest-" not in out, out
