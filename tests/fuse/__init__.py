@@ -1,0 +1,1 @@
+"""Tests of swapfs.fuse, the FUSE protocol layer (real mounts)."""
