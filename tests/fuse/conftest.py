@@ -54,6 +54,16 @@ def default_files() -> dict[bytes, bytes | int]:
     }
 
 
+def read_file(path: str, size: int = -1) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(size)
+
+
+def proc_mounts() -> str:
+    with open("/proc/mounts") as f:
+        return f.read()
+
+
 def _cleanup(path: Path) -> None:
     unmount_quietly(path)
 

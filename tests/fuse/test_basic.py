@@ -11,7 +11,7 @@ import trio
 
 from swapfs.fuse import wire
 
-from .conftest import MiB, sh, sync
+from .conftest import MiB, read_file, sh, sync
 
 pytestmark = [pytest.mark.timeout(60), pytest.mark.root]
 
@@ -52,11 +52,6 @@ async def test_read_write_offsets(mounted):
     assert got == bytes(range(12341 % 256, 12345 % 256)) + b"ABCDEFGH"
     assert mounted.fs.by_name[b"data"].data[12345:12353] == b"ABCDEFGH"
     assert await sync(read_file, mounted.p("hello")) == b"hello, world\n"
-
-
-def read_file(path: str, size: int = -1) -> bytes:
-    with open(path, "rb") as f:
-        return f.read(size)
 
 
 async def test_dd_direct(mounted, tmp_path):
