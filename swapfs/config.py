@@ -1,0 +1,310 @@
+"""The TOML configuration contract: parsing, defaults and validation.
+
+Every error is a :class:`ConfigError` whose message names the offending key
+(``pool.max_bytes``, ``device[1].size``) and says what is wrong.  Keys not in
+the contract are refused.  See docs/store.md and the config contract in the
+design for the meaning of each key.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from typing import Any
+
+PAGE_SIZE = 4096
+
+ALGORITHMS = ("lz4", "zstd")
+ZSTD_LEVELS = range(1, 23)
+TIER_KINDS = ("file",)
+
+# The embedded default.  The pool may hold 20% of RAM: the share zswap uses by
+# default (max_pool_percent=20).  The pool's memory cannot itself be swapped
+# (the daemon locks it), so a larger share would starve the workloads whose
+# pages it stores; a smaller one makes a 1G device spill sooner than zram or
+# zswap would on the same machine.
+DEFAULT_CONFIG_TOML = """\
+[pool]
+algorithm = "lz4"
+level = 1
+max_bytes = "20%"
+accept_ratio = 0.8
+high_watermark = 0.9
+low_watermark = 0.8
+
+[[device]]
+name = "swap0"
+size = "1G"
+group = "default"
+writeback = true
+"""
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; the message names the key."""
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    max_bytes: int
+    algorithm: str = "lz4"
+    level: int = 1
+    accept_ratio: float = 0.8
+    high_watermark: float = 0.9
+    low_watermark: float = 0.8
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    name: str
+    size: int
+    group: str = "default"
+    writeback: bool = True
+
+
+@dataclass(frozen=True)
+class TierConfig:
+    name: str
+    kind: str
+    path: str
+    size: int
+    priority: int
+    high_watermark: float
+    low_watermark: float
+    preallocate: bool = False
+
+
+@dataclass(frozen=True)
+class Config:
+    pool: PoolConfig
+    devices: tuple[DeviceConfig, ...]
+    tiers: tuple[TierConfig, ...] = ()
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
+_PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+def mem_total_bytes() -> int:
+    """RAM of this machine, from /proc/meminfo MemTotal."""
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise OSError("no MemTotal in /proc/meminfo")
+
+
+def parse_size(value: Any, key: str, *, allow_percent: bool = False) -> int:
+    """Bytes from an int or a string with K, M, G or T (powers of 1024).
+
+    With ``allow_percent`` (only where a share of RAM makes sense) a string
+    such as "10%" is a share of MemTotal, rounded down to whole pages.  The
+    result is always a positive multiple of PAGE_SIZE.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, str)):
+        raise ConfigError(f"{key}: expected a size (bytes or a string like \"1G\"), "
+                          f"got {type(value).__name__} {value!r}")
+    if isinstance(value, int):
+        size = value
+    else:
+        m = _SIZE_RE.match(value)
+        if m:
+            size = int(m.group(1)) * _UNITS[m.group(2).upper()]
+        else:
+            p = _PERCENT_RE.match(value)
+            if not p:
+                raise ConfigError(f"{key}: cannot read {value!r} as a size "
+                                  "(bytes, or a number with K, M, G or T)")
+            if not allow_percent:
+                raise ConfigError(f"{key}: a share of RAM ({value!r}) is not allowed here")
+            share = float(p.group(1))
+            if not 0 < share <= 100:
+                raise ConfigError(f"{key}: share of RAM must be in (0%, 100%], got {value!r}")
+            size = int(mem_total_bytes() * share / 100) // PAGE_SIZE * PAGE_SIZE
+            if size <= 0:
+                raise ConfigError(f"{key}: {value!r} of RAM is less than one page")
+            return size
+    if size <= 0:
+        raise ConfigError(f"{key}: size must be positive, got {value!r}")
+    if size % PAGE_SIZE:
+        raise ConfigError(f"{key}: size must be a multiple of {PAGE_SIZE}, got {value!r}")
+    return size
+
+
+class _Table:
+    """One TOML table being read: typed getters that name the key on error."""
+
+    def __init__(self, data: Any, key: str, allowed: tuple[str, ...]) -> None:
+        if not isinstance(data, dict):
+            raise ConfigError(f"{key}: expected a table, got {type(data).__name__}")
+        for k in data:
+            if k not in allowed:
+                raise ConfigError(f"{self._name(key, k)}: unknown key "
+                                  f"(allowed: {', '.join(allowed)})")
+        self.data = data
+        self.key = key
+
+    @staticmethod
+    def _name(prefix: str, k: str) -> str:
+        return f"{prefix}.{k}" if prefix else k
+
+    def name(self, k: str) -> str:
+        return self._name(self.key, k)
+
+    def get(self, k: str, types: tuple[type, ...], default: Any, what: str) -> Any:
+        if k not in self.data:
+            if default is _REQUIRED:
+                raise ConfigError(f"{self.name(k)}: missing (expected {what})")
+            return default
+        v = self.data[k]
+        if isinstance(v, bool) and bool not in types:
+            ok = False
+        else:
+            ok = isinstance(v, types)
+        if not ok:
+            raise ConfigError(f"{self.name(k)}: expected {what}, got {type(v).__name__} {v!r}")
+        return v
+
+    def get_str(self, k: str, default: Any = None) -> str:
+        v = self.get(k, (str,), default, "a string")
+        if not v:
+            raise ConfigError(f"{self.name(k)}: must not be empty")
+        return v
+
+    def get_int(self, k: str, default: Any = None) -> int:
+        return self.get(k, (int,), default, "an integer")
+
+    def get_bool(self, k: str, default: Any = None) -> bool:
+        return self.get(k, (bool,), default, "true or false")
+
+    def get_ratio(self, k: str, default: Any = None) -> float:
+        v = float(self.get(k, (int, float), default, "a number"))
+        if not 0.0 < v <= 1.0:
+            raise ConfigError(f"{self.name(k)}: must be in (0, 1], got {v!r}")
+        return v
+
+    def get_size(self, k: str, default: Any = None, *, allow_percent: bool = False) -> int:
+        if k not in self.data:
+            if default is _REQUIRED:
+                raise ConfigError(f"{self.name(k)}: missing (expected a size)")
+            return parse_size(default, self.name(k), allow_percent=allow_percent)
+        return parse_size(self.data[k], self.name(k), allow_percent=allow_percent)
+
+
+_REQUIRED = object()
+
+
+def _watermarks(t: _Table, high_default: float, low_default: float) -> tuple[float, float]:
+    high = t.get_ratio("high_watermark", high_default)
+    low = t.get_ratio("low_watermark", low_default)
+    if low >= high:
+        raise ConfigError(f"{t.name('low_watermark')}: must be below "
+                          f"{t.name('high_watermark')} ({low} >= {high})")
+    return high, low
+
+
+def _check_file_name(name: str, key: str) -> None:
+    if name in (".", "..") or "/" in name or "\0" in name:
+        raise ConfigError(f"{key}: {name!r} cannot be a file name")
+
+
+def _parse_pool(data: Any) -> PoolConfig:
+    t = _Table(data, "pool", ("algorithm", "level", "max_bytes", "accept_ratio",
+                              "high_watermark", "low_watermark"))
+    algorithm = t.get_str("algorithm", "lz4")
+    if algorithm not in ALGORITHMS:
+        raise ConfigError(f"pool.algorithm: unknown algorithm {algorithm!r} "
+                          f"(known: {', '.join(ALGORITHMS)})")
+    level = t.get_int("level", 1)
+    if algorithm == "zstd" and level not in ZSTD_LEVELS:
+        raise ConfigError(f"pool.level: zstd level must be in "
+                          f"{ZSTD_LEVELS.start}..{ZSTD_LEVELS.stop - 1}, got {level}")
+    max_bytes = t.get_size("max_bytes", "20%", allow_percent=True)
+    accept_ratio = t.get_ratio("accept_ratio", 0.8)
+    high, low = _watermarks(t, 0.9, 0.8)
+    return PoolConfig(max_bytes=max_bytes, algorithm=algorithm, level=level,
+                      accept_ratio=accept_ratio, high_watermark=high, low_watermark=low)
+
+
+def _array(data: Any, key: str) -> list[Any]:
+    if not isinstance(data, list):
+        raise ConfigError(f"{key}: expected an array of tables ([[{key}]]), "
+                          f"got {type(data).__name__}")
+    return data
+
+
+def _parse_device(data: Any, key: str) -> DeviceConfig:
+    t = _Table(data, key, ("name", "size", "group", "writeback"))
+    name = t.get_str("name", _REQUIRED)
+    _check_file_name(name, t.name("name"))
+    size = t.get_size("size", _REQUIRED)
+    group = t.get_str("group", "default")
+    writeback = t.get_bool("writeback", True)
+    return DeviceConfig(name=name, size=size, group=group, writeback=writeback)
+
+
+def _parse_tier(data: Any, key: str) -> TierConfig:
+    t = _Table(data, key, ("name", "kind", "path", "size", "priority",
+                           "high_watermark", "low_watermark", "preallocate"))
+    name = t.get_str("name", _REQUIRED)
+    if name == "pool":
+        raise ConfigError(f"{t.name('name')}: 'pool' is the name of the memory tier")
+    kind = t.get_str("kind", "file")
+    if kind not in TIER_KINDS:
+        raise ConfigError(f"{t.name('kind')}: unknown tier kind {kind!r} "
+                          f"(known: {', '.join(TIER_KINDS)})")
+    path = t.get_str("path", _REQUIRED)
+    size = t.get_size("size", _REQUIRED)
+    priority = t.get_int("priority", 0)
+    high, low = _watermarks(t, 0.95, 0.9)
+    preallocate = t.get_bool("preallocate", False)
+    return TierConfig(name=name, kind=kind, path=path, size=size, priority=priority,
+                      high_watermark=high, low_watermark=low, preallocate=preallocate)
+
+
+def parse_config(text: str, source: str = "<config>") -> Config:
+    """A Config from TOML text; ConfigError naming the key on any problem."""
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{source}: not valid TOML: {e}") from None
+    try:
+        top = _Table(data, "", ("pool", "device", "tier"))
+        pool = _parse_pool(top.data.get("pool", {}))
+        if "device" not in data:
+            raise ConfigError("device: at least one [[device]] is required")
+        devices = tuple(_parse_device(d, f"device[{i}]")
+                        for i, d in enumerate(_array(data["device"], "device")))
+        if not devices:
+            raise ConfigError("device: at least one [[device]] is required")
+        seen: dict[str, int] = {}
+        for i, d in enumerate(devices):
+            if d.name in seen:
+                raise ConfigError(f"device[{i}].name: duplicate device name {d.name!r} "
+                                  f"(also device[{seen[d.name]}])")
+            seen[d.name] = i
+        tiers = tuple(_parse_tier(d, f"tier[{i}]")
+                      for i, d in enumerate(_array(data.get("tier", []), "tier")))
+        tseen: dict[str, int] = {}
+        for i, tc in enumerate(tiers):
+            if tc.name in tseen:
+                raise ConfigError(f"tier[{i}].name: duplicate tier name {tc.name!r} "
+                                  f"(also tier[{tseen[tc.name]}])")
+            tseen[tc.name] = i
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+    return Config(pool=pool, devices=devices, tiers=tiers)
+
+
+def load_config(path: str | None) -> Config:
+    """The config in ``path``, or the embedded default when ``path`` is None."""
+    if path is None:
+        return parse_config(DEFAULT_CONFIG_TOML, "<default config>")
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    return parse_config(text, path)

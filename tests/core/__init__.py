@@ -1,0 +1,1 @@
+"""Store tests without FUSE: config, codec, pool, store."""

@@ -1,0 +1,184 @@
+"""The config contract: defaults, every key, and clear errors naming the key."""
+
+from __future__ import annotations
+
+import pytest
+
+from swapfs import config as cfg
+from swapfs.config import (DEFAULT_CONFIG_TOML, Config, ConfigError, load_config, parse_config,
+                           parse_size)
+
+GiB = 1 << 30
+
+FULL = """
+[pool]
+algorithm = "zstd"
+level = 3
+max_bytes = "512M"
+accept_ratio = 0.75
+high_watermark = 0.85
+low_watermark = 0.7
+
+[[device]]
+name = "swap0"
+size = "1G"
+group = "batch"
+writeback = false
+
+[[device]]
+name = "swap1"
+size = 8192
+
+[[tier]]
+name = "ssd"
+kind = "file"
+path = "/var/lib/swapfs/ssd.img"
+size = "8G"
+priority = 100
+high_watermark = 0.95
+low_watermark = 0.9
+preallocate = true
+"""
+
+MINIMAL_DEVICE = '[[device]]\nname = "swap0"\nsize = "1G"\n'
+
+
+def test_default_parses() -> None:
+    c = load_config(None)
+    assert isinstance(c, Config)
+    assert c == parse_config(DEFAULT_CONFIG_TOML)
+    assert [d.name for d in c.devices] == ["swap0"]
+    assert c.devices[0].size == GiB
+    assert c.pool.algorithm == "lz4"
+    assert 0 < c.pool.max_bytes < cfg.mem_total_bytes()
+    assert c.pool.max_bytes % 4096 == 0
+    assert c.tiers == ()
+
+
+def test_every_key() -> None:
+    c = parse_config(FULL)
+    p = c.pool
+    assert (p.algorithm, p.level, p.max_bytes, p.accept_ratio, p.high_watermark,
+            p.low_watermark) == ("zstd", 3, 512 << 20, 0.75, 0.85, 0.7)
+    d0, d1 = c.devices
+    assert (d0.name, d0.size, d0.group, d0.writeback) == ("swap0", GiB, "batch", False)
+    assert (d1.name, d1.size, d1.group, d1.writeback) == ("swap1", 8192, "default", True)
+    (t,) = c.tiers
+    assert (t.name, t.kind, t.path, t.size, t.priority, t.high_watermark, t.low_watermark,
+            t.preallocate) == ("ssd", "file", "/var/lib/swapfs/ssd.img", 8 * GiB, 100, 0.95,
+                               0.9, True)
+
+
+def test_pool_defaults() -> None:
+    p = parse_config(MINIMAL_DEVICE).pool
+    assert (p.algorithm, p.level, p.accept_ratio, p.high_watermark, p.low_watermark) == (
+        "lz4", 1, 0.8, 0.9, 0.8)
+
+
+@pytest.mark.parametrize("value, want", [
+    (4096, 4096), ("4K", 4096), ("4k", 4096), ("512M", 512 << 20), ("1G", GiB),
+    ("2T", 2 << 40), ("8192", 8192), ("1GiB", GiB), (" 16 M ", 16 << 20),
+])
+def test_sizes(value: object, want: int) -> None:
+    assert parse_size(value, "k") == want
+
+
+def test_percent(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cfg, "mem_total_bytes", lambda: 24 * GiB)
+    assert parse_size("10%", "pool.max_bytes", allow_percent=True) == (24 * GiB // 10) // 4096 * 4096
+    c = parse_config('[pool]\nmax_bytes = "50%"\n' + MINIMAL_DEVICE)
+    assert c.pool.max_bytes == 12 * GiB
+    with pytest.raises(ConfigError, match=r"device\[0\]\.size"):
+        parse_config('[[device]]\nname = "a"\nsize = "10%"\n')
+
+
+def test_real_meminfo() -> None:
+    assert cfg.mem_total_bytes() > 0
+
+
+BAD = [
+    # (toml, key named in the message)
+    ('bogus = 1\n' + MINIMAL_DEVICE, "bogus"),
+    ('[pool]\nbogus = 1\n' + MINIMAL_DEVICE, "pool.bogus"),
+    ('[[device]]\nname = "a"\nsize = "1G"\nbogus = 1\n', r"device\[0\]\.bogus"),
+    (MINIMAL_DEVICE + '[[tier]]\nname = "t"\npath = "/x"\nsize = "1G"\nbogus = 1\n',
+     r"tier\[0\]\.bogus"),
+    ('[pool]\nalgorithm = 1\n' + MINIMAL_DEVICE, "pool.algorithm"),
+    ('[pool]\nlevel = "3"\n' + MINIMAL_DEVICE, "pool.level"),
+    ('[pool]\naccept_ratio = "x"\n' + MINIMAL_DEVICE, "pool.accept_ratio"),
+    ('[[device]]\nname = "a"\nsize = "1G"\nwriteback = 1\n', r"device\[0\]\.writeback"),
+    ('[[device]]\nname = "a"\nsize = true\n', r"device\[0\]\.size"),
+    ('[[device]]\nname = 3\nsize = "1G"\n', r"device\[0\]\.name"),
+    ('[[device]]\nname = "a"\nsize = "1G"\ngroup = ""\n', r"device\[0\]\.group"),
+    ('[[device]]\nname = "a/b"\nsize = "1G"\n', r"device\[0\]\.name"),
+    ('[[device]]\nname = "a"\nsize = -4096\n', r"device\[0\]\.size"),
+    ('[[device]]\nname = "a"\nsize = 0\n', r"device\[0\]\.size"),
+    ('[[device]]\nname = "a"\nsize = "0G"\n', r"device\[0\]\.size"),
+    ('[[device]]\nname = "a"\nsize = 5000\n', r"device\[0\]\.size"),
+    ('[[device]]\nname = "a"\nsize = "1X"\n', r"device\[0\]\.size"),
+    ('[[device]]\nname = "a"\n', r"device\[0\]\.size"),
+    ('[[device]]\nsize = "1G"\n', r"device\[0\]\.name"),
+    ('[[device]]\nname = "a"\nsize = "1G"\n[[device]]\nname = "a"\nsize = "1G"\n',
+     r"device\[1\]\.name"),
+    ('[pool]\nmax_bytes = "1G"\n', "device"),
+    ('device = 3\n', "device"),
+    ('pool = 3\n' + MINIMAL_DEVICE, "pool"),
+    ('[pool]\nalgorithm = "lzma"\n' + MINIMAL_DEVICE, "pool.algorithm"),
+    ('[pool]\naccept_ratio = 0\n' + MINIMAL_DEVICE, "pool.accept_ratio"),
+    ('[pool]\naccept_ratio = 1.5\n' + MINIMAL_DEVICE, "pool.accept_ratio"),
+    ('[pool]\naccept_ratio = -0.5\n' + MINIMAL_DEVICE, "pool.accept_ratio"),
+    ('[pool]\nhigh_watermark = 0.5\nlow_watermark = 0.5\n' + MINIMAL_DEVICE,
+     "pool.low_watermark"),
+    ('[pool]\nhigh_watermark = 0.5\nlow_watermark = 0.7\n' + MINIMAL_DEVICE,
+     "pool.low_watermark"),
+    ('[pool]\nhigh_watermark = 1.5\n' + MINIMAL_DEVICE, "pool.high_watermark"),
+    ('[pool]\nalgorithm = "zstd"\nlevel = 0\n' + MINIMAL_DEVICE, "pool.level"),
+    ('[pool]\nalgorithm = "zstd"\nlevel = 23\n' + MINIMAL_DEVICE, "pool.level"),
+    ('[pool]\nmax_bytes = "0%"\n' + MINIMAL_DEVICE, "pool.max_bytes"),
+    ('[pool]\nmax_bytes = "150%"\n' + MINIMAL_DEVICE, "pool.max_bytes"),
+    ('[pool]\nmax_bytes = -1\n' + MINIMAL_DEVICE, "pool.max_bytes"),
+    ('[pool]\nmax_bytes = 1.5\n' + MINIMAL_DEVICE, "pool.max_bytes"),
+    (MINIMAL_DEVICE + '[[tier]]\nname = "t"\nkind = "tape"\npath = "/x"\nsize = "1G"\n',
+     r"tier\[0\]\.kind"),
+    (MINIMAL_DEVICE + '[[tier]]\nname = "t"\nsize = "1G"\n', r"tier\[0\]\.path"),
+    (MINIMAL_DEVICE + '[[tier]]\nname = "t"\npath = "/x"\nsize = "1G"\npriority = "high"\n',
+     r"tier\[0\]\.priority"),
+    (MINIMAL_DEVICE + '[[tier]]\nname = "t"\npath = "/x"\nsize = "1G"\n'
+     'high_watermark = 0.8\nlow_watermark = 0.9\n', r"tier\[0\]\.low_watermark"),
+    (MINIMAL_DEVICE + '[[tier]]\nname = "t"\npath = "/x"\nsize = "1G"\n'
+     '[[tier]]\nname = "t"\npath = "/y"\nsize = "1G"\n', r"tier\[1\]\.name"),
+    (MINIMAL_DEVICE + '[[tier]]\nname = "t"\npath = "/x"\nsize = "1G"\npreallocate = "yes"\n',
+     r"tier\[0\]\.preallocate"),
+]
+
+
+@pytest.mark.parametrize("text, key", BAD)
+def test_malformed_names_key(text: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        parse_config(text, "test.toml")
+
+
+def test_bad_toml() -> None:
+    with pytest.raises(ConfigError, match="test.toml: not valid TOML"):
+        parse_config("[pool\nalgorithm = ", "test.toml")
+
+
+def test_parse_size_errors() -> None:
+    with pytest.raises(ConfigError, match="pool.max_bytes"):
+        parse_size("10%", "pool.max_bytes")
+    with pytest.raises(ConfigError, match="k: .*multiple"):
+        parse_size(100, "k")
+    with pytest.raises(ConfigError, match="k: "):
+        parse_size(None, "k")
+
+
+def test_load_config_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    p = tmp_path / "swapfs.toml"
+    p.write_text(FULL)
+    assert load_config(str(p)) == parse_config(FULL)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(str(tmp_path / "missing.toml"))
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[device]]\nname = "a"\nsize = 5\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: device\[0\]\.size"):
+        load_config(str(bad))
