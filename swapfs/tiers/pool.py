@@ -3,8 +3,10 @@
 zsmalloc-shaped.  An object of ``n`` bytes (1 <= n <= 4096) lives in size
 class ``(n - 1) >> 5``, whose objects are ``(class + 1) * 32`` bytes; the
 last class (4096 bytes) holds raw, incompressible ("huge") pages.  Each class
-is carved from arenas: one ``bytearray`` of ``arena_bytes`` (256 KiB by
-default) cut into equal objects.  Arenas are allocated and released whole,
+is carved from arenas: one anonymous mapping of ``arena_bytes`` (256 KiB by
+default; ``MAP_POPULATE``: one system call, no page faults afterwards, and
+the memory goes back to the system when the arena is released) cut into
+equal objects.  Arenas are allocated and released whole,
 so the pool's memory (``pool_bytes``) grows and shrinks in arena steps and
 never holds one Python object per page.
 
@@ -23,6 +25,7 @@ of the trio loop (see docs/store.md).
 
 from __future__ import annotations
 
+import mmap
 import sys
 from array import array
 
@@ -35,6 +38,11 @@ HUGE_CLASS = NCLASSES - 1  # objects of 4096 bytes
 ARENA_BYTES = 256 * 1024
 INDEX_BITS = 16
 INDEX_MASK = (1 << INDEX_BITS) - 1
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+
+
+def _new_buffer(nbytes: int) -> mmap.mmap:
+    return mmap.mmap(-1, nbytes, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
 
 def class_of(n: int) -> int:
@@ -62,7 +70,7 @@ class Pool:
         # Objects per arena, by class.
         self.class_cap = [arena_bytes // ((c + 1) * CLASS_STEP) for c in range(NCLASSES)]
         # Per arena, indexed by arena id; a released id has osize 0 and no buffer.
-        self.bufs: list[bytearray | None] = []
+        self.bufs: list[mmap.mmap | None] = []
         self.views: list[memoryview | None] = []
         self.free: list[array | None] = []
         self.osize = array("I")
@@ -101,7 +109,7 @@ class Pool:
         if u == self.class_cap[cls]:
             part.pop()
         off = idx * ((cls + 1) << CLASS_SHIFT)
-        self.bufs[aid][off:off + n] = data  # type: ignore[index]
+        self.views[aid][off:off + n] = data  # type: ignore[index]
         self.compressed_bytes += n
         self.objects += 1
         self.class_objects[cls] += 1
@@ -145,7 +153,7 @@ class Pool:
                 raise PoolFull(
                     f"pool holds {self.pool_bytes} of max_bytes {self.max_bytes}: no room for "
                     f"another arena of {nbytes} bytes for {osize}-byte objects")
-        buf = bytearray(nbytes)
+        buf = _new_buffer(nbytes)
         if self.free_ids:
             aid = self.free_ids.pop()
             self.bufs[aid] = buf
@@ -178,6 +186,8 @@ class Pool:
 
     def _release(self, aid: int, cls: int) -> None:
         self.partial[cls].remove(aid)
+        # Dropping the last references unmaps the arena (no view outlives a
+        # request, see docs/store.md).
         buf = self.bufs[aid]
         assert buf is not None
         self.pool_bytes -= len(buf)
@@ -216,7 +226,7 @@ class Pool:
                  + size(self.partial) + sum(size(p) for p in self.partial))
         for buf, view, fs in zip(self.bufs, self.views, self.free):
             if buf is not None:
-                total += size(buf) - len(buf) + size(view) + size(fs)
+                total += size(buf) + size(view) + size(fs)
         return total
 
     def spare_bytes(self) -> int:
