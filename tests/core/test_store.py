@@ -373,3 +373,26 @@ async def test_random_against_model(make_store: MakeStore, algorithm: str, seed:
             store.check_invariants()
     assert await store.read(dev, 0, size) == model
     store.check_invariants()
+
+
+async def test_small_cases(store: Store) -> None:
+    dev = store.devices[0]
+    assert await store.write(dev, 0, b"") == 0
+    assert await store.write(dev, dev.size_bytes, b"") == 0
+    page = compressible_page(random.Random(9))
+    await store.write(dev, P, page)
+    one = await store.read(dev, P, P)
+    assert isinstance(one, bytes) and one == page
+    assert await store.read(dev, P + 5, 10) == page[5:15]
+    with pytest.raises(OutOfRange):
+        await store.read(dev, -1, 10)
+    # A discard that zeroes part of a page keeps the rest.
+    await store.discard(dev, P + 100, 10)
+    assert await store.read(dev, P, P) == page[:100] + bytes(10) + page[110:]
+    # Zeroing the whole content of a page through partial discards leaves a
+    # same-filled zero page.
+    await store.discard(dev, P, 2000)
+    await store.discard(dev, P + 2000, P - 2000 - 1)
+    await store.discard(dev, 2 * P - 1, 1)
+    assert store.stats().device(dev.name).same_filled_pages == 1
+    store.check_invariants()
