@@ -436,3 +436,38 @@ def test_preallocate_enospc_is_a_clear_error(small_ext4: Path):
         t.open()
     assert ei.value.errno == errno.ENOSPC
     assert not path.exists()  # the file it created is gone again
+
+
+# ---------------------------------------------------------------- randomized bookkeeping
+
+
+async def test_random_allocate_free_punch_against_a_model(make_tier):
+    rng = random.Random(6)
+    t = make_tier(5 * CLUSTER_BYTES + 17 * PAGE)
+    owned: set[int] = set()
+    freed_since_punch: set[int] = set()  # pages of clusters waiting for their punch
+    for step in range(400):
+        op = rng.random()
+        if op < 0.5:
+            runs = t.allocate(rng.randint(1, 300))
+            got = pages_of(runs)
+            assert len(set(got)) == len(got)
+            assert not owned & set(got), "a page handed out twice"
+            assert not freed_since_punch & set(got), "a cluster reused before its punch"
+            for s, k in runs:
+                assert k > 0
+            owned.update(got)
+        elif op < 0.9 and owned:
+            batch = rng.sample(sorted(owned), rng.randint(1, min(len(owned), 200)))
+            t.free(batch)
+            owned.difference_update(batch)
+            for p in batch:
+                c = p // C
+                if not any(q // C == c for q in owned):
+                    freed_since_punch.update(range(c * C, min((c + 1) * C, t.capacity_pages)))
+        else:
+            await t.punch_free_clusters()
+            freed_since_punch.clear()
+        assert t.stored_pages == len(owned)
+        if step % 20 == 0:
+            t.check_invariants()
