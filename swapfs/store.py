@@ -90,6 +90,10 @@ class Store:
     def device(self, name: str) -> Device:
         return self._by_name[name]
 
+    def device_stored_pages(self, dev: Device) -> int:
+        """Slots of ``dev`` holding a page (same-filled ones included)."""
+        return dev.stored_pages
+
     async def aclose(self) -> None:
         """Nothing to stop yet (no background tasks)."""
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 import sys
 from typing import Callable
@@ -316,6 +315,7 @@ async def test_multiple_devices_independent(make_store: MakeStore) -> None:
     assert await store.read(b, P, P) == bytes(P)
     st = store.stats()
     assert st.device("a").stored_pages == 2 and st.device("b").stored_pages == 1
+    assert store.device_stored_pages(a) == 2 and store.device_stored_pages(b) == 1
     store.check_invariants()
 
 
