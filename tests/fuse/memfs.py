@@ -241,10 +241,10 @@ def _size(text: str) -> int:
     return int(text)
 
 
-async def _main(mountpoint: str, size: int) -> None:
+async def _main(mountpoint: str, size: int, direct_io: bool) -> None:
     from swapfs.fuse import serve
 
-    fs = MemFS({b"data": size})
+    fs = MemFS({b"data": size}, direct_io=direct_io)
     with trio.open_signal_receiver(2, 15) as signals:  # SIGINT, SIGTERM
         async with trio.open_nursery() as nursery:
             await nursery.start(serve, fs, mountpoint)
@@ -264,6 +264,7 @@ if __name__ == "__main__":
     p = argparse.ArgumentParser(description="serve an in-memory file 'data' with swapfs.fuse")
     p.add_argument("mountpoint")
     p.add_argument("--size", default="512M")
+    p.add_argument("--direct-io", action="store_true", help="open files with FOPEN_DIRECT_IO")
     a = p.parse_args()
-    trio.run(_main, a.mountpoint, _size(a.size))
+    trio.run(_main, a.mountpoint, _size(a.size), a.direct_io)
     sys.exit(0)
