@@ -368,8 +368,15 @@ class Session:
         mv = memoryview(buf)
         handlers = self._handlers
         unpack_header = wire.in_header.unpack_from
+        fd = self.fd
+        readv = os.readv
         while not self._ended:
-            n = await self._read(buf)
+            try:
+                n = readv(fd, [buf])
+            except BlockingIOError:
+                n = await self._read(buf)
+            except OSError:
+                n = await self._read(buf)  # EINTR, ENOENT retried, ENODEV -> None
             if n is None:
                 self._ended = True
                 break
@@ -382,19 +389,27 @@ class Session:
                 continue
             hdr = unpack_header(buf)
             opcode = hdr[1]
-            if opcode == wire.INTERRUPT:
-                self._interrupts += 1
-                continue
             handler = handlers.get(opcode)
             if handler is None:
-                self._reply_error(hdr[2], errno.EPERM if opcode in NAMESPACE_OPCODES else errno.ENOSYS)
+                if opcode == wire.INTERRUPT:
+                    self._interrupts += 1
+                else:
+                    self._reply_error(hdr[2], errno.EPERM if opcode in NAMESPACE_OPCODES else errno.ENOSYS)
                 continue
-            coro = self._call(handler, hdr, buf, mv, n)
+            # The handler coroutine is driven directly (no wrapper coroutine):
+            # its exceptions surface here, from send() or from _drive().
+            coro = handler(hdr, buf, mv, n)
             try:
                 trap = coro.send(None)
             except StopIteration as stop:
                 self._inline += 1
                 reply = stop.value
+                if reply is not _NO_REPLY:
+                    self._send(hdr[2], reply)
+                continue
+            except Exception as exc:
+                self._inline += 1
+                reply = self._failed(hdr, exc)
                 if reply is not _NO_REPLY:
                     self._send(hdr[2], reply)
                 continue
@@ -407,6 +422,8 @@ class Session:
             self._start_reader()
             try:
                 reply = await _drive(coro, trap)
+            except Exception as exc:
+                reply = self._failed(hdr, exc)
             finally:
                 self._suspended -= 1
             if reply is not _NO_REPLY:
@@ -426,21 +443,19 @@ class Session:
         self._reader_active = True
         self._nursery.start_soon(self._serve, self._get_buffer())
 
-    async def _call(self, handler: Callable[..., Awaitable[Any]], hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
-        """Run one handler; return the reply payload (tuple of buffers), an
-        errno int, or _NO_REPLY."""
-        try:
-            return await handler(hdr, buf, mv, n)
-        except FUSEError as e:
-            return e.errno or errno.EIO
-        except _Malformed as e:
+    def _failed(self, hdr: tuple, exc: Exception) -> Any:
+        """The reply for a handler that raised: its errno, or EIO (logged)."""
+        no_reply = hdr[1] in (wire.FORGET, wire.BATCH_FORGET)
+        if isinstance(exc, FUSEError):
+            return _NO_REPLY if no_reply else (exc.errno or errno.EIO)
+        name = wire.OPCODE_NAMES.get(hdr[1], hdr[1])
+        if isinstance(exc, _Malformed):
             self._malformed += 1
-            log.error("malformed %s request: %s", wire.OPCODE_NAMES.get(hdr[1], hdr[1]), e)
-            return errno.EIO if hdr[1] not in (wire.FORGET, wire.BATCH_FORGET) else _NO_REPLY
-        except Exception:
+            log.error("malformed %s request: %s", name, exc)
+        else:
             self._exceptions += 1
-            log.exception("%s handler failed", wire.OPCODE_NAMES.get(hdr[1], hdr[1]))
-            return errno.EIO if hdr[1] not in (wire.FORGET, wire.BATCH_FORGET) else _NO_REPLY
+            log.error("%s handler failed", name, exc_info=exc)
+        return _NO_REPLY if no_reply else errno.EIO
 
     # -- replies ---------------------------------------------------------------
 

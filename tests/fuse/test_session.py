@@ -38,6 +38,13 @@ class GatedFS(MemFS):
             raise RuntimeError("boom")
         return await super().read(fh, offset, size)
 
+    async def lookup(self, parent, name, ctx):
+        if name.startswith(b"gate"):  # a synchronous request the kernel can interrupt
+            self.waiting += 1
+            await self.gate.wait()
+            self.waiting -= 1
+        return await super().lookup(parent, name, ctx)
+
 
 def direct_read(path: str, size: int = 4096) -> bytes:
     with open(path, "rb", buffering=0) as f:
@@ -200,3 +207,21 @@ async def test_cancel_with_open_file(mount_memfs):
     with pytest.raises(OSError):  # FLUSH on a dead connection; the fd is closed anyway
         await sync(os.close, fd)
     assert str(m.path) not in proc_mounts()
+
+
+async def test_interrupt_is_counted_and_serving_continues(mount_memfs):
+    fs = GatedFS()
+    async with mount_memfs(fs) as m:
+        proc = await trio.lowlevel.open_process(
+            ["stat", m.p("gated")]
+        )
+        try:
+            await wait_until(lambda: fs.waiting == 1)
+            proc.kill()
+            await wait_until(lambda: m.session.statistics().interrupts >= 1)
+        finally:
+            fs.gate.set()
+            await proc.wait()
+        # (a sent request is waited out by the kernel, so this late reply is accepted)
+        assert m.session.statistics().reply_failures == 0
+        assert await sync(direct_read, m.p("hello")) == b"hello, world\n"
