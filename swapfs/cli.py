@@ -68,13 +68,22 @@ def _default_log_file(mountpoint: str) -> str:
 # -- mount -------------------------------------------------------------------
 
 
-def cmd_mount(args: argparse.Namespace) -> int:
-    from .config import ConfigError, load_config
+def _load_checked_config(path: str | None, mountpoint: str | None):
+    """The configuration, with its tiers' backing paths checked; raises ValueError
+    (ConfigError or TierConfigError) with a message naming the key or tier."""
+    from .config import load_config
+    from .tiers.checks import check_tier_paths
 
+    config = load_config(path)
+    check_tier_paths([(t.name, t.path, t.size) for t in config.tiers], mountpoint)
+    return config
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     try:
-        config = load_config(args.config)
-    except ConfigError as exc:
+        config = _load_checked_config(args.config, mountpoint)
+    except ValueError as exc:
         return _die(f"invalid configuration: {exc}", EXIT_USAGE)
     problem = _mountpoint_problem(mountpoint)
     if problem:
@@ -305,14 +314,14 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from .config import DEFAULT_CONFIG_TOML, ConfigError, load_config
+    from .config import DEFAULT_CONFIG_TOML
 
     if args.print_default:
         print(DEFAULT_CONFIG_TOML, end="")
         return EXIT_OK
     try:
-        config = load_config(args.config)
-    except ConfigError as exc:
+        config = _load_checked_config(args.config, None)
+    except ValueError as exc:
         return _die(f"invalid configuration: {exc}", EXIT_USAGE)
     print(f"configuration OK: {len(config.devices)} device(s), pool {config.pool.algorithm} "
           f"up to {_fmt_bytes(config.pool.max_bytes)}, {len(config.tiers)} file tier(s)")

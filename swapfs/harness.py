@@ -19,7 +19,7 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
 CGROUP_V2 = "/sys/fs/cgroup"
@@ -236,11 +236,13 @@ def run_swap_workload(
     same_every: int = 16,
     timeout: float = 600,
     watch_device: str | None = None,
+    on_poll: Callable[[], None] | None = None,
 ) -> WorkloadResult:
     """Run the verifying page workload in a memory cgroup of ``limit_bytes``.
 
     ``watch_device``: a swap device whose /proc/swaps usage is sampled to
-    report the peak swapped KiB."""
+    report the peak swapped KiB.  ``on_poll`` is called at every sample
+    (every 50 ms) while the workload runs."""
     pages = working_set_bytes // 4096
     peak = 0
     with memory_cgroup(cgroup_name, limit_bytes) as procs:
@@ -258,6 +260,8 @@ def run_swap_workload(
             while child.poll() is None:
                 if watch_device:
                     peak = max(peak, active_swaps().get(watch_device, 0))
+                if on_poll is not None:
+                    on_poll()
                 if time.monotonic() - start > timeout:
                     raise HarnessError(f"swap workload still running after {timeout}s")
                 time.sleep(0.05)

@@ -19,6 +19,7 @@ class DeviceStats:
     same_filled_pages: int
     pool_pages: int  # compressed pages in the pool, huge pages excluded
     huge_pages: int  # pages stored raw in the pool
+    file_pages: int  # pages in file tiers
     compressed_bytes: int  # payload in the pool (huge pages count 4096)
     pool_bytes: int  # size-class bytes of the payload (arena slack not included)
     metadata_bytes: int  # the device's slot table

@@ -20,9 +20,10 @@ import time
 
 from swapfs.codec import ZERO_PAGE, fill_page, make_codec, same_fill_word
 from swapfs.config import PAGE_SIZE, Config, DeviceConfig
-from swapfs.errors import NoSpace, OutOfRange
-from swapfs.slots import EMPTY, HUGE, KIND_MASK, KIND_NAMES, POOL, SAME, SlotTable
+from swapfs.errors import BackingIOError, Corruption, NoSpace, OutOfRange
+from swapfs.slots import EMPTY, FILE0, HUGE, KIND_MASK, KIND_NAMES, POOL, SAME, SlotTable
 from swapfs.stats import DeviceStats, PoolStats, Stats, TotalsStats
+from swapfs.tiers.file import ChecksumError, FileTier, TierFull, TierIOError
 from swapfs.tiers.pool import INDEX_BITS, INDEX_MASK, Pool, PoolFull, class_size
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,10 @@ _DISCARD_CHUNK = 4096
 _ZERO_INFO_CHUNK = bytes(4 * _DISCARD_CHUNK)
 # At most one NoSpace warning per this many seconds (the count is in stats).
 _NOSPACE_LOG_INTERVAL = 10.0
+# File tiers are slot kinds FILE0 .. FILE0 + MAX_FILE_TIERS - 1.
+MAX_FILE_TIERS = 8
+# A pinned file page is keyed tier_index << _PIN_SHIFT | page.
+_PIN_SHIFT = 40
 
 assert PAGE_SIZE == 1 << PAGE_SHIFT
 
@@ -45,7 +50,7 @@ class Device:
 
     __slots__ = ("name", "index", "size_bytes", "npages", "config", "table",
                  "stored_pages", "same_filled_pages", "pool_pages", "huge_pages",
-                 "compressed_bytes", "pool_bytes", "reads", "writes", "discards",
+                 "file_pages", "compressed_bytes", "pool_bytes", "reads", "writes", "discards",
                  "read_bytes", "written_bytes", "discarded_bytes", "nospace_errors")
 
     def __init__(self, index: int, config: DeviceConfig) -> None:
@@ -59,6 +64,7 @@ class Device:
         self.same_filled_pages = 0
         self.pool_pages = 0
         self.huge_pages = 0
+        self.file_pages = 0
         self.compressed_bytes = 0
         self.pool_bytes = 0
         self.reads = 0
@@ -74,7 +80,7 @@ class Device:
 
 
 class Store:
-    """Devices over a compressed memory pool."""
+    """Devices over a compressed memory pool and, below it, file tiers."""
 
     def __init__(self, config: Config, *, arena_bytes: int | None = None) -> None:
         self.config = config
@@ -86,6 +92,27 @@ class Store:
         self.devices = [Device(i, dc) for i, dc in enumerate(config.devices)]
         self._by_name = {d.name: d for d in self.devices}
         self._last_nospace_log = -_NOSPACE_LOG_INTERVAL
+        if len(config.tiers) > MAX_FILE_TIERS:
+            raise ValueError(f"at most {MAX_FILE_TIERS} file tiers")
+        # File tiers in config order: tier i is slot kind FILE0 + i.
+        self.tiers: list[FileTier] = []
+        try:
+            for tc in config.tiers:
+                tier = FileTier(tc.name, tc.path, tc.size, tc.priority, preallocate=tc.preallocate)
+                tier.open()
+                self.tiers.append(tier)
+        except BaseException:
+            for tier in self.tiers:
+                tier.close()
+            raise
+        # Groups of equal priority, highest first; round-robin inside a group.
+        prios = sorted({t.priority for t in self.tiers}, reverse=True)
+        self._groups = [[i for i, t in enumerate(self.tiers) if t.priority == p] for p in prios]
+        self._rr = [0] * len(self._groups)
+        # File pages being read (pinned) and frees deferred until their reads end:
+        # a pinned page is never handed to another slot while a pread of it runs.
+        self._pins: dict[int, int] = {}
+        self._deferred: set[int] = set()
 
     def device(self, name: str) -> Device:
         return self._by_name[name]
@@ -95,7 +122,8 @@ class Store:
         return dev.stored_pages
 
     async def aclose(self) -> None:
-        """Nothing to stop yet (no background tasks)."""
+        for tier in self.tiers:
+            tier.close()
 
     # -- write ------------------------------------------------------------
 
@@ -103,8 +131,8 @@ class Store:
         """Store ``data`` at ``offset``; return its length.
 
         OutOfRange (nothing written) if it does not fit in the device.
-        NoSpace if the pool fills: the pages before the failing one are
-        stored, it and the ones after keep their old content.
+        NoSpace if the pool and every file tier are full: the pages that
+        found room are stored, the others keep their old content.
         """
         mv = memoryview(data)  # type: ignore[arg-type]
         if mv.format != "B" or mv.ndim != 1:
@@ -118,23 +146,27 @@ class Store:
             return 0
         try:
             if not (offset | n) & PAGE_MASK:
-                self._store_pages(dev, offset >> PAGE_SHIFT, mv, n >> PAGE_SHIFT)
+                await self._store(dev, offset >> PAGE_SHIFT, mv, n >> PAGE_SHIFT)
             else:
-                self._write_unaligned(dev, offset, mv)
+                await self._write_unaligned(dev, offset, mv)
         except PoolFull as e:
-            dev.nospace_errors += 1
-            self._log_nospace(dev, e)
+            self._nospace(dev, str(e))
             raise NoSpace(f"{dev.name}: no space for write at {offset}: {e}") from None
+        except NoSpace as e:
+            self._nospace(dev, str(e))
+            raise
         dev.written_bytes += n
         return n
 
-    def _log_nospace(self, dev: Device, e: PoolFull) -> None:
+    def _nospace(self, dev: Device, why: str) -> None:
+        dev.nospace_errors += 1
         now = time.monotonic()
         if now - self._last_nospace_log >= _NOSPACE_LOG_INTERVAL:
             self._last_nospace_log = now
-            log.warning("%s: write refused, no space: %s (no lower tier configured)", dev.name, e)
+            where = "every file tier is full" if self.tiers else "no lower tier configured"
+            log.warning("%s: write refused, no space: %s (%s)", dev.name, why, where)
 
-    def _write_unaligned(self, dev: Device, offset: int, mv: memoryview) -> None:
+    async def _write_unaligned(self, dev: Device, offset: int, mv: memoryview) -> None:
         n = mv.nbytes
         end = offset + n
         slot = offset >> PAGE_SHIFT
@@ -143,28 +175,47 @@ class Store:
         if head or n < PAGE_SIZE:
             # The first page is partial: read, modify, write.
             take = min(PAGE_SIZE - head, n)
-            page = bytearray(self._load_page(dev, slot))
+            page = bytearray(await self._page(dev, slot))
             page[head:head + take] = mv[:take]
-            self._store_pages(dev, slot, memoryview(page), 1)
+            await self._store(dev, slot, memoryview(page), 1)
             pos = take
             slot += 1
         nfull = (end >> PAGE_SHIFT) - slot
         if nfull > 0:
-            self._store_pages(dev, slot, mv[pos:pos + (nfull << PAGE_SHIFT)], nfull)
+            await self._store(dev, slot, mv[pos:pos + (nfull << PAGE_SHIFT)], nfull)
             pos += nfull << PAGE_SHIFT
             slot += nfull
         if pos < n:
             # The last page is partial.
-            page = bytearray(self._load_page(dev, slot))
+            page = bytearray(await self._page(dev, slot))
             page[:n - pos] = mv[pos:]
-            self._store_pages(dev, slot, memoryview(page), 1)
+            await self._store(dev, slot, memoryview(page), 1)
 
-    def _store_pages(self, dev: Device, first: int, mv: memoryview, npages: int) -> None:
+    async def _store(self, dev: Device, first: int, mv: memoryview, npages: int) -> None:
+        """Store whole pages: same-filled and compressible ones inline, the
+        rest (and all once the pool is full) in file tiers, if there are any."""
+        if not self.tiers:
+            self._store_pages(dev, first, mv, npages, None)
+            return
+        spill: list[int] = []
+        self._store_pages(dev, first, mv, npages, spill)
+        try:
+            if spill:
+                await self._store_file_pages(dev, first, mv, spill)
+        finally:
+            for tier in self.tiers:
+                if tier.punch_pending:  # a rewrite left a cluster entirely free
+                    await tier.punch_free_clusters()
+
+    def _store_pages(self, dev: Device, first: int, mv: memoryview, npages: int,
+                     spill: list[int] | None) -> None:
         """Store ``npages`` whole pages of ``mv`` in slots ``first``...
 
         For each page the new location is allocated and written before the
         old one is freed and the handle replaced, all without an await, so a
-        PoolFull leaves the slot as it was.
+        PoolFull leaves the slot as it was.  With ``spill`` (file tiers
+        exist), a page that does not compress well enough, or finds the pool
+        full, is not stored but its index in ``mv`` appended to ``spill``.
         """
         table = dev.table
         handles = table.handles
@@ -175,37 +226,57 @@ class Store:
         free = pool.free_object
         limit = self.accept_limit
         q = mv.cast("Q")
-        d_stored = d_same = d_pool = d_huge = d_cbytes = d_pbytes = 0
+        d_stored = d_same = d_pool = d_huge = d_cbytes = d_pbytes = d_file = 0
+        pool_full = False
         o = 0
         try:
-            for s in range(first, first + npages):
+            for k, s in enumerate(range(first, first + npages)):
                 qi = o >> 3
                 if q[qi] == q[qi + _LAST_WORD] and (
                         (w := same_fill_word(mv[o:o + PAGE_SIZE])) is not None):
                     new_h = w
                     new_i = SAME
                     d_same += 1
+                elif pool_full:
+                    spill.append(k)  # type: ignore[union-attr]
+                    o += PAGE_SIZE
+                    continue
                 else:
                     page = mv[o:o + PAGE_SIZE]
                     c = compress(page)
                     n = len(c)
-                    if n > limit:
-                        new_h = alloc(page, PAGE_SIZE)
-                        new_i = _HUGE_INFO
-                        d_huge += 1
-                        d_cbytes += PAGE_SIZE
-                        d_pbytes += PAGE_SIZE
-                    else:
-                        new_h = alloc(c, n)
-                        new_i = n << 4 | POOL
-                        d_pool += 1
-                        d_cbytes += n
-                        d_pbytes += (n + 31) & ~31
+                    try:
+                        if n > limit:
+                            if spill is not None:
+                                spill.append(k)
+                                o += PAGE_SIZE
+                                continue
+                            new_h = alloc(page, PAGE_SIZE)
+                            new_i = _HUGE_INFO
+                            d_huge += 1
+                            d_cbytes += PAGE_SIZE
+                            d_pbytes += PAGE_SIZE
+                        else:
+                            new_h = alloc(c, n)
+                            new_i = n << 4 | POOL
+                            d_pool += 1
+                            d_cbytes += n
+                            d_pbytes += (n + 31) & ~31
+                    except PoolFull:
+                        if spill is None:
+                            raise
+                        pool_full = True
+                        spill.append(k)
+                        o += PAGE_SIZE
+                        continue
                 old = info[s]
                 if old == EMPTY:
                     d_stored += 1
                 elif old == SAME:
                     d_same -= 1
+                elif old & KIND_MASK >= FILE0:
+                    self._free_file_page(old - FILE0, handles[s])
+                    d_file -= 1
                 else:
                     n = old >> 4
                     free(handles[s], n)
@@ -223,8 +294,125 @@ class Store:
             dev.same_filled_pages += d_same
             dev.pool_pages += d_pool
             dev.huge_pages += d_huge
+            dev.file_pages += d_file
             dev.compressed_bytes += d_cbytes
             dev.pool_bytes += d_pbytes
+
+    async def _store_file_pages(self, dev: Device, first: int, mv: memoryview,
+                                spill: list[int]) -> None:
+        """Write the pages ``spill`` (indexes into ``mv``, slots ``first + k``)
+        to file tiers, then point their slots at them.
+
+        Tiers are tried by priority, round-robin within equal priority; a
+        tier whose filesystem says ENOSPC counts as full and the pages move
+        on to the next.  Pages that find no room raise NoSpace after the
+        others are committed.  The slot is switched only after its page is
+        on disk, so a read meanwhile returns the old content; a concurrent
+        write of the same slot that ends first is overwritten (the later
+        completion wins, as with any two overlapping writes).
+        """
+        todo = spill
+        errors: list[str] = []
+        broken: set[int] = set()  # tiers that failed with an I/O error in this request
+        while todo:
+            grants = self._alloc_file(len(todo), broken)
+            if not grants:
+                break
+            pos = 0
+            retry: list[int] = []
+            for ti, runs, count in grants:
+                chunk = todo[pos:pos + count]
+                pos += count
+                pages = [mv[k << PAGE_SHIFT:(k + 1) << PAGE_SHIFT] for k in chunk]
+                try:
+                    await self.tiers[ti].write(runs, pages)
+                except TierFull as e:  # the filesystem under a sparse tier is full
+                    log.warning("%s; trying the next tier", e)
+                    retry += chunk
+                    continue
+                except TierIOError as e:
+                    errors.append(str(e))
+                    broken.add(ti)
+                    retry += chunk
+                    continue
+                self._commit_file_pages(dev, first, chunk, ti, runs)
+            todo = retry
+        if todo:
+            if errors:
+                raise BackingIOError(f"{dev.name}: {len(todo)} pages not written: {errors[-1]}")
+            raise NoSpace(f"{dev.name}: {len(todo)} pages found no room: the pool and every "
+                          "file tier are full")
+
+    def _alloc_file(self, n: int, exclude: set[int] | frozenset[int] = frozenset()
+                    ) -> list[tuple[int, list[tuple[int, int]], int]]:
+        """Up to ``n`` file pages: [(tier index, runs, pages)], by priority,
+        round-robin cluster by cluster among tiers of equal priority."""
+        grants = []
+        tiers = self.tiers
+        for gi, group in enumerate(self._groups):
+            misses = 0
+            while n > 0 and misses < len(group):
+                pos = self._rr[gi]
+                ti = group[pos]
+                tier = tiers[ti]
+                switches = tier.cluster_switches
+                runs = tier.allocate(n) if not (tier.full or ti in exclude) else []
+                got = sum(k for _, k in runs)
+                if got:
+                    grants.append((ti, runs, got))
+                    n -= got
+                else:
+                    misses += 1
+                if not got or tier.cluster_switches != switches:
+                    self._rr[gi] = (pos + 1) % len(group)
+            if n == 0:
+                break
+        return grants
+
+    def _commit_file_pages(self, dev: Device, first: int, chunk: list[int], ti: int,
+                           runs: list[tuple[int, int]]) -> None:
+        handles = dev.table.handles
+        info = dev.table.info
+        kind = FILE0 + ti
+        pages = [p for s, k in runs for p in range(s, s + k)]
+        stored = 0
+        for k, page in zip(chunk, pages):
+            s = first + k
+            old = info[s]
+            if old == EMPTY:
+                stored += 1
+            else:
+                self._free_slot_content(dev, s, old)
+            handles[s] = page
+            info[s] = kind
+        dev.stored_pages += stored
+        dev.file_pages += len(chunk)
+
+    def _free_slot_content(self, dev: Device, s: int, old: int) -> None:
+        """Free what slot ``s`` (info ``old``, not EMPTY) holds, keeping the
+        device counters right for a slot that is about to be refilled."""
+        h = dev.table.handles[s]
+        if old == SAME:
+            dev.same_filled_pages -= 1
+        elif old & KIND_MASK >= FILE0:
+            self._free_file_page(old - FILE0, h)
+            dev.file_pages -= 1
+        else:
+            n = old >> 4
+            self.pool.free_object(h, n)
+            dev.compressed_bytes -= n
+            dev.pool_bytes -= (n + 31) & ~31
+            if old & KIND_MASK == POOL:
+                dev.pool_pages -= 1
+            else:
+                dev.huge_pages -= 1
+
+    def _free_file_page(self, ti: int, page: int) -> None:
+        key = ti << _PIN_SHIFT | page
+        if self._pins and key in self._pins:
+            self._deferred.add(key)  # freed when its last read ends
+        else:
+            self.tiers[ti].free((page,))
 
     # -- read -------------------------------------------------------------
 
@@ -243,20 +431,28 @@ class Store:
         dev.read_bytes += n
         if not (offset | n) & PAGE_MASK:
             if n == PAGE_SIZE:
-                return self._load_page(dev, offset >> PAGE_SHIFT)
-            return self._read_pages(dev, offset >> PAGE_SHIFT, n >> PAGE_SHIFT)
+                return await self._page(dev, offset >> PAGE_SHIFT)
+            return await self._read_pages(dev, offset >> PAGE_SHIFT, n >> PAGE_SHIFT)
         first = offset >> PAGE_SHIFT
         last = (end - 1) >> PAGE_SHIFT
         head = offset & PAGE_MASK
         if first == last:
-            return self._load_page(dev, first)[head:head + n]
-        buf = self._read_pages(dev, first, last - first + 1)
+            return (await self._page(dev, first))[head:head + n]
+        buf = await self._read_pages(dev, first, last - first + 1)
         del buf[head + n:]
         del buf[:head]
         return buf
 
+    async def _page(self, dev: Device, slot: int) -> bytes:
+        """The content of one slot, from whatever tier holds it."""
+        if dev.table.info[slot] & KIND_MASK >= FILE0:
+            out = bytearray(PAGE_SIZE)
+            await self._read_file_pages(dev, out, [(0, slot)])
+            return bytes(out)
+        return self._load_page(dev, slot)
+
     def _load_page(self, dev: Device, slot: int) -> bytes:
-        """The content of one slot, as bytes."""
+        """The content of one slot held in memory, as bytes."""
         i = dev.table.info[slot]
         k = i & KIND_MASK
         if k == EMPTY:
@@ -268,9 +464,9 @@ class Store:
             return self.codec.decompress(self.pool.view(h, i >> 4))
         if k == HUGE:
             return bytes(self.pool.view(h, PAGE_SIZE))
-        raise AssertionError(f"{dev.name}: slot {slot} has unknown kind {k}")
+        raise AssertionError(f"{dev.name}: slot {slot} has kind {k}, not in memory")
 
-    def _read_pages(self, dev: Device, first: int, npages: int) -> bytearray:
+    async def _read_pages(self, dev: Device, first: int, npages: int) -> bytearray:
         out = bytearray(npages << PAGE_SHIFT)
         table = dev.table
         handles = table.handles
@@ -279,6 +475,7 @@ class Store:
         views = pool.views
         osize = pool.osize
         decompress = self.codec.decompress
+        on_disk: list[tuple[int, int]] | None = None
         o = 0
         for s in range(first, first + npages):
             i = info[s]
@@ -296,10 +493,70 @@ class Store:
                     aid = h >> INDEX_BITS
                     off = (h & INDEX_MASK) * PAGE_SIZE
                     out[o:o + PAGE_SIZE] = views[aid][off:off + PAGE_SIZE]  # type: ignore[index]
+                elif k >= FILE0:
+                    if on_disk is None:
+                        on_disk = []
+                    on_disk.append((o, s))
                 else:
                     raise AssertionError(f"{dev.name}: slot {s} has unknown kind {k}")
             o += PAGE_SIZE
+        if on_disk:
+            await self._read_file_pages(dev, out, on_disk)
         return out
+
+    async def _read_file_pages(self, dev: Device, out: bytearray,
+                               where: list[tuple[int, int]]) -> None:
+        """Fill ``out`` at each (offset, slot) of ``where`` from the file
+        tiers.  The pages are pinned while read: a concurrent write or
+        discard of their slots defers freeing them, so no other slot can
+        reuse them under the pread.  A slot that changed during the read is
+        read again (the newer content wins)."""
+        table = dev.table
+        info = table.info
+        handles = table.handles
+        pending = where
+        while pending:
+            by_tier: dict[int, list[tuple[int, int, int]]] = {}
+            for o, s in pending:
+                i = info[s]
+                if i & KIND_MASK < FILE0:  # it left the file tiers meanwhile
+                    out[o:o + PAGE_SIZE] = self._load_page(dev, s)
+                    continue
+                by_tier.setdefault(i - FILE0, []).append((o, s, handles[s]))
+            pending = []
+            for ti, items in by_tier.items():
+                items.sort(key=lambda x: x[2])
+                pages = [p for _, _, p in items]
+                keys = [ti << _PIN_SHIFT | p for p in pages]
+                pins = self._pins
+                for key in keys:
+                    pins[key] = pins.get(key, 0) + 1
+                try:
+                    data = await self.tiers[ti].read_many(pages)
+                except ChecksumError as e:
+                    raise Corruption(f"{dev.name}: {e}") from None
+                except TierIOError as e:
+                    raise BackingIOError(f"{dev.name}: {e}") from None
+                finally:
+                    self._unpin(ti, keys)
+                kind = FILE0 + ti
+                for (o, s, p), page in zip(items, data):
+                    if info[s] == kind and handles[s] == p:
+                        out[o:o + PAGE_SIZE] = page
+                    else:
+                        pending.append((o, s))
+
+    def _unpin(self, ti: int, keys: list[int]) -> None:
+        pins = self._pins
+        for key in keys:
+            c = pins[key] - 1
+            if c:
+                pins[key] = c
+                continue
+            del pins[key]
+            if key in self._deferred:
+                self._deferred.discard(key)
+                self.tiers[ti].free((key & ((1 << _PIN_SHIFT) - 1),))
 
     # -- discard ----------------------------------------------------------
 
@@ -309,7 +566,8 @@ class Store:
         Whole pages are freed at once; partial pages at the ends are zeroed
         in place (read, modify, write; NoSpace is possible there in theory,
         if the zeroed page compresses worse).  The range is clipped to the
-        device.
+        device.  File-tier clusters left entirely free are punched in the
+        backing file before this returns.
         """
         dev.discards += 1
         start = max(offset, 0)
@@ -322,25 +580,27 @@ class Store:
         try:
             if first_full > end_full:
                 # Inside one page, touching neither of its ends.
-                self._zero_part(dev, start >> PAGE_SHIFT, start & PAGE_MASK, end & PAGE_MASK)
+                await self._zero_part(dev, start >> PAGE_SHIFT, start & PAGE_MASK, end & PAGE_MASK)
                 return
             if start & PAGE_MASK:
-                self._zero_part(dev, start >> PAGE_SHIFT, start & PAGE_MASK, PAGE_SIZE)
+                await self._zero_part(dev, start >> PAGE_SHIFT, start & PAGE_MASK, PAGE_SIZE)
             if end_full > first_full:
                 self._free_slots(dev, first_full, end_full)
             if end & PAGE_MASK:
-                self._zero_part(dev, end_full, 0, end & PAGE_MASK)
+                await self._zero_part(dev, end_full, 0, end & PAGE_MASK)
         except PoolFull as e:
-            dev.nospace_errors += 1
-            self._log_nospace(dev, e)
+            self._nospace(dev, str(e))
             raise NoSpace(f"{dev.name}: no space to zero part of a page: {e}") from None
+        for tier in self.tiers:
+            if tier.punch_pending:
+                await tier.punch_free_clusters()
 
-    def _zero_part(self, dev: Device, slot: int, a: int, b: int) -> None:
+    async def _zero_part(self, dev: Device, slot: int, a: int, b: int) -> None:
         if dev.table.info[slot] == EMPTY:
             return
-        page = bytearray(self._load_page(dev, slot))
+        page = bytearray(await self._page(dev, slot))
         page[a:b] = bytes(b - a)
-        self._store_pages(dev, slot, memoryview(page), 1)
+        await self._store(dev, slot, memoryview(page), 1)
 
     def _free_slots(self, dev: Device, first: int, end: int) -> None:
         table = dev.table
@@ -348,7 +608,7 @@ class Store:
         info = table.info
         info_bytes = memoryview(info).cast("B")
         free = self.pool.free_object
-        d_stored = d_same = d_pool = d_huge = d_cbytes = d_pbytes = 0
+        d_stored = d_same = d_pool = d_huge = d_cbytes = d_pbytes = d_file = 0
         for c0 in range(first, end, _DISCARD_CHUNK):
             c1 = min(c0 + _DISCARD_CHUNK, end)
             # Skip runs of empty slots with one memcmp.
@@ -361,6 +621,9 @@ class Store:
                 d_stored -= 1
                 if old == SAME:
                     d_same -= 1
+                elif old & KIND_MASK >= FILE0:
+                    self._free_file_page(old - FILE0, handles[s])
+                    d_file -= 1
                 else:
                     n = old >> 4
                     free(handles[s], n)
@@ -377,6 +640,7 @@ class Store:
         dev.same_filled_pages += d_same
         dev.pool_pages += d_pool
         dev.huge_pages += d_huge
+        dev.file_pages += d_file
         dev.compressed_bytes += d_cbytes
         dev.pool_bytes += d_pbytes
 
@@ -388,7 +652,8 @@ class Store:
             DeviceStats(
                 name=d.name, size_bytes=d.size_bytes, stored_pages=d.stored_pages,
                 same_filled_pages=d.same_filled_pages, pool_pages=d.pool_pages,
-                huge_pages=d.huge_pages, compressed_bytes=d.compressed_bytes,
+                huge_pages=d.huge_pages, file_pages=d.file_pages,
+                compressed_bytes=d.compressed_bytes,
                 pool_bytes=d.pool_bytes, metadata_bytes=d.table.metadata_bytes(),
                 reads=d.reads, writes=d.writes, discards=d.discards, read_bytes=d.read_bytes,
                 written_bytes=d.written_bytes, discarded_bytes=d.discarded_bytes,
@@ -403,13 +668,16 @@ class Store:
             fragmentation=pool.fragmentation, metadata_bytes=pool_meta, arenas=pool.arenas,
             spare_bytes=pool.spare_bytes(), classes=pool.class_counts())
         same = sum(d.same_filled_pages for d in devices)
+        tier_stats = [t.stats() for t in self.tiers]
+        file_pages = sum(t.stored_pages for t in tier_stats)
         totals = TotalsStats(
-            stored_pages=same + pool.objects,
+            stored_pages=same + pool.objects + file_pages,
             same_filled_pages=same,
             huge_pages=huge,
             compressed_bytes=pool.compressed_bytes,
             pool_bytes=pool.pool_bytes,
-            metadata_bytes=sum(d.metadata_bytes for d in devices) + pool_meta,
+            metadata_bytes=(sum(d.metadata_bytes for d in devices) + pool_meta
+                            + sum(t.metadata_bytes for t in tier_stats)),
             compression_ratio=(pool.objects * PAGE_SIZE / pool.pool_bytes
                                if pool.pool_bytes else 0.0),
             reads=sum(d.reads for d in devices),
@@ -417,18 +685,20 @@ class Store:
             discards=sum(d.discards for d in devices),
             read_bytes=sum(d.read_bytes for d in devices),
             written_bytes=sum(d.written_bytes for d in devices))
-        return Stats(devices=devices, tiers=(pstats,), totals=totals)
+        return Stats(devices=devices, tiers=(pstats, *tier_stats), totals=totals)
 
     def check_invariants(self) -> None:
         """Walk every table; AssertionError naming the first discrepancy."""
         pool = self.pool
         live: dict[int, list[int]] = {}
+        file_owner: list[dict[int, tuple[str, int]]] = [{} for _ in self.tiers]
         total_cbytes = 0
         for dev in self.devices:
             table = dev.table
             if not (len(table.handles) == len(table.info) == len(table.epoch) == dev.npages):
                 raise AssertionError(f"{dev.name}: slot table columns are not {dev.npages} long")
             counts = {EMPTY: 0, SAME: 0, POOL: 0, HUGE: 0}
+            nfile = 0
             cbytes = pbytes = 0
             for s, (i, h) in enumerate(zip(table.info, table.handles)):
                 if i == EMPTY:
@@ -454,6 +724,16 @@ class Store:
                     live.setdefault(aid, []).append(h & INDEX_MASK)
                     cbytes += n
                     pbytes += class_size(n)
+                elif FILE0 <= k < FILE0 + len(self.tiers):
+                    if n:
+                        raise AssertionError(f"{dev.name}: file slot {s} has length {n}")
+                    owners = file_owner[k - FILE0]
+                    if h in owners:
+                        raise AssertionError(f"{dev.name}: slot {s} and {owners[h]} share page {h} "
+                                             f"of tier {self.tiers[k - FILE0].name}")
+                    owners[h] = (dev.name, s)
+                    nfile += 1
+                    continue
                 else:
                     raise AssertionError(f"{dev.name}: slot {s} has unknown kind {k}")
                 counts[k] += 1
@@ -463,6 +743,7 @@ class Store:
                 "same_filled_pages": counts[SAME],
                 "pool_pages": counts[POOL],
                 "huge_pages": counts[HUGE],
+                "file_pages": nfile,
                 "compressed_bytes": cbytes,
                 "pool_bytes": pbytes,
             }
@@ -471,6 +752,14 @@ class Store:
                     raise AssertionError(f"{dev.name}: {name} counts {getattr(dev, name)}, "
                                          f"slot table holds {value}")
         pool.check_invariants(live, total_cbytes)
+        if self._pins:
+            raise AssertionError(f"file pages still pinned: {len(self._pins)}")
+        for ti, tier in enumerate(self.tiers):
+            tier.check_invariants()
+            owned = len(file_owner[ti]) + sum(1 for key in self._deferred if key >> _PIN_SHIFT == ti)
+            if tier.stored_pages != owned:
+                raise AssertionError(f"tier {tier.name}: {tier.stored_pages} pages in use, "
+                                     f"{owned} referenced by slots")
         st = self.stats()
         t = st.totals
         tier_pages = sum(tier.stored_pages for tier in st.tiers)

@@ -302,6 +302,11 @@ class FileTier:
         return self.capacity_pages - self._stored
 
     @property
+    def punch_pending(self) -> bool:
+        """Whether freed clusters wait for punch_free_clusters."""
+        return bool(self._pending)
+
+    @property
     def full(self) -> bool:
         return self._enospc or self._stored >= self.capacity_pages
 

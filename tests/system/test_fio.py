@@ -15,7 +15,8 @@ def fio(path, *args: str) -> str:
         pytest.skip("fio not installed")
     cmd = [
         "fio", "--name=verify", f"--filename={path}", "--direct=1", "--ioengine=libaio",
-        "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--output-format=normal",
+        "--verify=crc32c", "--verify_fatal=1", "--do_verify=1", "--verify_state_save=0",
+        "--output-format=normal",
         *args,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=150)

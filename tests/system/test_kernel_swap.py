@@ -67,6 +67,45 @@ def test_kernel_swaps_into_swapfs_and_reads_back(swap_ready, mount_factory):
     assert s["devices"]["swap0"]["discards"] > 0
 
 
+def test_kernel_swap_with_pool_far_smaller_than_working_set(swap_ready, mount_factory, tmp_path):
+    """A 16 MiB pool under a 256 MiB working set: most pages land in the file tier."""
+    m = mount_factory(f"""
+[pool]
+algorithm = "lz4"
+max_bytes = "16M"
+
+[[device]]
+name = "swap0"
+size = "1G"
+
+[[tier]]
+name = "disk"
+kind = "file"
+path = "{tmp_path}/disk.img"
+size = "1G"
+priority = 10
+""")
+    with harness.loop_device(str(m.dev())) as loop, harness.swap_on(loop):
+        peak: dict = {}
+
+        def sample() -> None:
+            s = m.stats()
+            if s["tiers"]["disk"]["stored_pages"] > peak.get("disk", -1):
+                peak["disk"] = s["tiers"]["disk"]["stored_pages"]
+                peak["pool"] = s["tiers"]["pool"]["stored_pages"]
+
+        result = harness.run_swap_workload(
+            working_set_bytes=256 * MiB, limit_bytes=64 * MiB,
+            cgroup_name=f"swapfs-test-tier-{os.getpid()}", watch_device=loop, on_poll=sample,
+        )
+        assert result.bad_pages == 0, result.output
+        assert peak["disk"] * 4096 > 64 * MiB, peak
+        assert peak["pool"] > 0, peak
+        s = m.stats()
+        assert s["tiers"]["disk"]["checksum_errors"] == 0 and s["tiers"]["disk"]["io_errors"] == 0
+        print(f"kernel swap with a 16 MiB pool: {result.wall_seconds:.1f}s, peak {peak}")
+
+
 def test_no_loop_device_left_behind():
     """Runs after the swap test: no loop device over a test's files may stay attached."""
     if os.geteuid() != 0:

@@ -1,0 +1,157 @@
+"""File tiers behind a real mount: spill, verify, discard, corruption, config refusals."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from .conftest import _is_mounted, run_swapfs
+
+pytestmark = pytest.mark.timeout(120)
+MiB = 1 << 20
+PAGE = 4096
+
+
+def tiered_config(tmp_path, pool="1M", tiers=(("ssd_a", 50, "24M"), ("ssd_b", 50, "24M"), ("hdd", 10, "64M"))):
+    text = f"""
+[pool]
+algorithm = "lz4"
+max_bytes = "{pool}"
+
+[[device]]
+name = "swap0"
+size = "96M"
+"""
+    for name, prio, size in tiers:
+        text += f"""
+[[tier]]
+name = "{name}"
+kind = "file"
+path = "{tmp_path}/{name}.img"
+size = "{size}"
+priority = {prio}
+"""
+    return text
+
+
+def test_fio_verify_across_pool_and_tiers(mount_factory, tmp_path):
+    if not shutil.which("fio"):
+        pytest.skip("fio not installed")
+    m = mount_factory(tiered_config(tmp_path))
+    out = subprocess.run(
+        ["fio", "--name=tiers", f"--filename={m.dev()}", "--direct=1", "--ioengine=libaio",
+         "--rw=randwrite", "--bssplit=4k/50:64k/30:1m/20", "--size=80M", "--iodepth=16",
+         "--buffer_compress_percentage=50", "--refill_buffers",
+         "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0", "--do_verify=1"],
+        capture_output=True, text=True, timeout=110,
+    )
+    assert out.returncode == 0 and "err= 0" in out.stdout, out.stdout + out.stderr
+    s = m.stats()
+    tiers = s["tiers"]
+    assert tiers["pool"]["stored_pages"] > 0
+    assert tiers["ssd_a"]["stored_pages"] > 0 and tiers["ssd_b"]["stored_pages"] > 0
+    # equal priority is shared round-robin, cluster by cluster: within a few clusters of each other
+    assert abs(tiers["ssd_a"]["stored_pages"] - tiers["ssd_b"]["stored_pages"]) <= 4 * 256
+    t = s["totals"]
+    assert t["stored_pages"] == t["same_filled_pages"] + sum(x["stored_pages"] for x in tiers.values())
+    assert t["stored_pages"] == s["devices"]["swap0"]["stored_pages"]
+    for name in ("ssd_a", "ssd_b"):
+        assert tiers[name]["disk_bytes"] >= tiers[name]["stored_pages"] * PAGE
+        assert tiers[name]["checksum_errors"] == 0 and tiers[name]["io_errors"] == 0
+    for attr in ("user.swapfs.tiers.ssd_a.stored_pages", "user.swapfs.tiers.hdd.capacity_pages"):
+        assert attr in os.listxattr(m.path)
+    table = run_swapfs("stats", str(m.path)).stdout
+    assert "ssd_a" in table and "hdd" in table
+
+
+def test_discard_shrinks_backing_file(mount_factory, tmp_path):
+    m = mount_factory(tiered_config(tmp_path, tiers=(("ssd", 100, "32M"),)))
+    backing = tmp_path / "ssd.img"
+    data = os.urandom(8 * MiB)
+    fd = os.open(m.dev(), os.O_RDWR)
+    try:
+        os.pwrite(fd, data, 0)
+        used = os.stat(backing).st_blocks * 512
+        assert used >= 7 * MiB
+        subprocess.run(["fallocate", "--punch-hole", "--keep-size", "-o", "0", "-l", str(6 * MiB), str(m.dev())],
+                       check=True)
+        assert os.stat(backing).st_blocks * 512 <= used - 5 * MiB
+        assert os.pread(fd, 6 * MiB, 0) == bytes(6 * MiB)
+        assert os.pread(fd, 2 * MiB, 6 * MiB) == data[6 * MiB:]
+    finally:
+        os.close(fd)
+    assert m.stats()["tiers"]["ssd"]["stored_pages"] <= 2 * MiB // PAGE + 256
+
+
+def test_flipped_byte_gives_eio_for_that_page(mount_factory, tmp_path):
+    m = mount_factory(tiered_config(tmp_path, tiers=(("ssd", 100, "32M"),)))
+    pages = [os.urandom(PAGE) for _ in range(16)]
+    fd = os.open(m.dev(), os.O_RDWR)
+    try:
+        os.pwrite(fd, b"".join(pages), 0)
+        backing = tmp_path / "ssd.img"
+        # find page 9's copy in the backing file and flip one byte of it
+        raw = backing.read_bytes()
+        where = raw.find(pages[9])
+        assert where >= 0 and where % PAGE == 0
+        bfd = os.open(backing, os.O_RDWR)
+        try:
+            os.pwrite(bfd, bytes([raw[where + 99] ^ 1]), where + 99)
+        finally:
+            os.close(bfd)
+        with pytest.raises(OSError) as e:
+            os.pread(fd, PAGE, 9 * PAGE)
+        assert e.value.errno == errno.EIO
+        for i, page in enumerate(pages):
+            if i != 9:
+                assert os.pread(fd, PAGE, i * PAGE) == page
+    finally:
+        os.close(fd)
+    assert m.stats()["tiers"]["ssd"]["checksum_errors"] >= 1
+    assert "checksum mismatch" in m.log_text()
+
+
+def _refused(tmp_path, text: str, *needles: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    mnt = tmp_path / "mnt-refused"
+    mnt.mkdir(exist_ok=True)
+    out = run_swapfs("mount", "--config", str(cfg), str(mnt))
+    assert out.returncode == 2, out.stderr
+    for needle in needles:
+        assert needle in out.stderr, out.stderr
+    assert not _is_mounted(mnt)
+
+
+def _tier(name: str, path, size="8M", prio=10) -> str:
+    return f'\n[[tier]]\nname = "{name}"\nkind = "file"\npath = "{path}"\nsize = "{size}"\npriority = {prio}\n'
+
+
+BASE = '[[device]]\nname = "swap0"\nsize = "8M"\n'
+
+
+def test_tier_config_refusals(tmp_path):
+    _refused(tmp_path, BASE + _tier("a", tmp_path / "x.img") + _tier("b", tmp_path / "x.img"), '"b"', "x.img")
+    _refused(tmp_path, BASE + _tier("a", tmp_path / "mnt-refused" / "in.img"), '"a"', "mount")
+    (tmp_path / "target.img").write_bytes(b"")
+    (tmp_path / "link.img").symlink_to(tmp_path / "target.img")
+    _refused(tmp_path, BASE + _tier("a", tmp_path / "link.img"), '"a"', "symbolic link")
+    _refused(tmp_path, BASE + _tier("a", tmp_path / "y.img", size="1000"), "size")
+    _refused(tmp_path, BASE + _tier("a", tmp_path / "nodir" / "y.img"), '"a"', "does not exist")
+    if os.geteuid() == 0:
+        other = tmp_path / "other.img"
+        other.write_bytes(b"")
+        os.chown(other, 1234, 1234)
+        _refused(tmp_path, BASE + _tier("a", other), '"a"', "owned")
+
+
+def test_backing_file_created_private(mount_factory, tmp_path):
+    m = mount_factory(tiered_config(tmp_path, tiers=(("ssd", 100, "8M"),)))
+    st = os.stat(tmp_path / "ssd.img")
+    assert st.st_mode & 0o777 == 0o600
+    assert st.st_size == 8 * MiB
+    assert m.stats()["tiers"]["ssd"]["capacity_pages"] == 8 * MiB // PAGE

@@ -1,0 +1,297 @@
+"""The store over the pool and file tiers: where pages go, integrity, failures, concurrency."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import trio
+
+from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
+from swapfs.errors import BackingIOError, Corruption, NoSpace
+from swapfs.store import Store
+from swapfs.tiers.file import CLUSTER_PAGES, PAGE
+
+MiB = 1 << 20
+CLUSTER = CLUSTER_PAGES * PAGE
+
+
+def tier(name: str, path: Path, size: int, priority: int = 100) -> TierConfig:
+    return TierConfig(name=name, kind="file", path=str(path), size=size, priority=priority,
+                      high_watermark=0.95, low_watermark=0.9)
+
+
+def make_store(tiers: list[TierConfig], *, pool_bytes: int = 1 * MiB, device: int = 32 * MiB) -> Store:
+    cfg = Config(pool=PoolConfig(max_bytes=pool_bytes, algorithm="lz4"),
+                 devices=(DeviceConfig(name="swap0", size=device),), tiers=tuple(tiers))
+    return Store(cfg, arena_bytes=64 * 1024)
+
+
+@pytest.fixture
+def stores():
+    made: list[Store] = []
+
+    def make(*a, **kw) -> Store:
+        s = make_store(*a, **kw)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.check_invariants()
+        for t in s.tiers:
+            t.close()
+
+
+def tier_stats(store: Store) -> dict:
+    return {t.name: t for t in store.stats().tiers}
+
+
+def accounting(store: Store) -> None:
+    st = store.stats()
+    t = st.totals
+    assert t.stored_pages == t.same_filled_pages + sum(x.stored_pages for x in st.tiers)
+    assert t.stored_pages == sum(d.stored_pages for d in st.devices)
+
+
+async def test_incompressible_pages_go_to_the_file_tier(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 8 * MiB)])
+    dev = store.devices[0]
+    rng = random.Random(1)
+    pages = [rng.randbytes(PAGE) for _ in range(64)]
+    text = (b"compressible " * 400)[:PAGE]
+    await store.write(dev, 0, b"".join(pages))
+    await store.write(dev, 64 * PAGE, text * 4)
+    ts = tier_stats(store)
+    assert ts["ssd"].stored_pages == 64
+    assert ts["pool"].stored_pages == 4 and ts["pool"].huge_pages == 0
+    assert store.stats().device("swap0").file_pages == 64
+    assert await store.read(dev, 0, 64 * PAGE) == b"".join(pages)
+    for i in (0, 17, 63):
+        assert await store.read(dev, i * PAGE, PAGE) == pages[i]
+    assert await store.read(dev, 64 * PAGE, 4 * PAGE) == text * 4
+    # unaligned read across a file page and a pool page, and an unaligned rewrite
+    assert await store.read(dev, 63 * PAGE + 100, PAGE) == (pages[63] + text)[100:100 + PAGE]
+    await store.write(dev, 10 * PAGE + 7, b"xyz")
+    expect = bytearray(pages[10])
+    expect[7:10] = b"xyz"
+    assert await store.read(dev, 10 * PAGE, PAGE) == bytes(expect)
+    accounting(store)
+
+
+async def test_pool_full_spills_to_file_tier(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)], pool_bytes=256 * 1024)
+    dev = store.devices[0]
+    rng = random.Random(2)
+    words = [b"alpha ", b"beta ", b"gamma ", b"delta "]
+    pages = [b"".join(rng.choice(words) for _ in range(1000))[:PAGE] for _ in range(1024)]
+    await store.write(dev, 0, b"".join(pages))
+    ts = tier_stats(store)
+    assert ts["pool"].pool_bytes <= 256 * 1024
+    assert ts["pool"].stored_pages > 0 and ts["ssd"].stored_pages > 0
+    assert ts["pool"].stored_pages + ts["ssd"].stored_pages == 1024
+    assert await store.read(dev, 0, 1024 * PAGE) == b"".join(pages)
+    accounting(store)
+
+
+async def test_priority_order_then_round_robin(stores, tmp_path):
+    store = stores([
+        tier("slow", tmp_path / "slow.img", 8 * MiB, priority=10),
+        tier("fast", tmp_path / "fast.img", 2 * CLUSTER, priority=100),
+        tier("ssd_a", tmp_path / "a.img", 8 * MiB, priority=50),
+        tier("ssd_b", tmp_path / "b.img", 8 * MiB, priority=50),
+    ])
+    dev = store.devices[0]
+    data = os.urandom(2 * CLUSTER)
+    await store.write(dev, 0, data)  # fills "fast" exactly
+    ts = tier_stats(store)
+    assert ts["fast"].stored_pages == 2 * CLUSTER_PAGES
+    assert ts["ssd_a"].stored_pages == ts["ssd_b"].stored_pages == ts["slow"].stored_pages == 0
+    # four more clusters, one request each: equal priorities take turns, cluster by cluster
+    more = [os.urandom(CLUSTER) for _ in range(4)]
+    for i, chunk in enumerate(more):
+        await store.write(dev, 2 * CLUSTER + i * CLUSTER, chunk)
+    ts = tier_stats(store)
+    assert ts["ssd_a"].stored_pages == ts["ssd_b"].stored_pages == 2 * CLUSTER_PAGES
+    assert ts["slow"].stored_pages == 0
+    assert await store.read(dev, 0, 6 * CLUSTER) == data + b"".join(more)
+    accounting(store)
+
+
+async def test_all_tiers_full_is_nospace_and_keeps_data(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", CLUSTER)], pool_bytes=64 * 1024)
+    dev = store.devices[0]
+    stored = []
+    with pytest.raises(NoSpace):
+        for i in range(1000):
+            page = os.urandom(PAGE)
+            await store.write(dev, i * PAGE, page)
+            stored.append(page)
+    assert len(stored) == CLUSTER_PAGES  # raw pages: all in the file tier
+    assert await store.read(dev, 0, len(stored) * PAGE) == b"".join(stored)
+    assert await store.read(dev, len(stored) * PAGE, PAGE) == bytes(PAGE)
+    # same-filled pages need no space
+    await store.write(dev, (len(stored) + 1) * PAGE, bytes(PAGE))
+    assert store.stats().device("swap0").nospace_errors == 1
+
+
+async def test_discard_frees_file_pages_and_punches_clusters(stores, tmp_path):
+    path = tmp_path / "ssd.img"
+    store = stores([tier("ssd", path, 8 * MiB)])
+    dev = store.devices[0]
+    await store.write(dev, 0, os.urandom(4 * CLUSTER))
+    blocks_full = os.stat(path).st_blocks
+    assert blocks_full * 512 >= 4 * CLUSTER
+    await store.discard(dev, CLUSTER, 2 * CLUSTER)
+    assert tier_stats(store)["ssd"].stored_pages == 2 * CLUSTER_PAGES
+    assert os.stat(path).st_blocks * 512 <= blocks_full * 512 - 2 * CLUSTER
+    assert await store.read(dev, CLUSTER, 2 * CLUSTER) == bytes(2 * CLUSTER)
+    # a rewrite that moves a whole cluster's pages to the pool frees the cluster too
+    await store.write(dev, 0, (b"now compressible " * 250)[:PAGE] * CLUSTER_PAGES)
+    assert tier_stats(store)["ssd"].stored_pages == CLUSTER_PAGES
+    assert os.stat(path).st_blocks * 512 <= blocks_full * 512 - 3 * CLUSTER
+    accounting(store)
+
+
+async def test_flipped_byte_in_backing_file_is_eio_for_that_page_only(stores, tmp_path):
+    path = tmp_path / "ssd.img"
+    store = stores([tier("ssd", path, 8 * MiB)])
+    dev = store.devices[0]
+    pages = [os.urandom(PAGE) for _ in range(8)]
+    await store.write(dev, 0, b"".join(pages))
+    victim = 5
+    fpage = dev.table.handles[victim]
+    fd = os.open(path, os.O_RDWR)
+    try:
+        b = os.pread(fd, 1, fpage * PAGE + 123)
+        os.pwrite(fd, bytes([b[0] ^ 0x40]), fpage * PAGE + 123)
+    finally:
+        os.close(fd)
+    with pytest.raises(Corruption):
+        await store.read(dev, victim * PAGE, PAGE)
+    with pytest.raises(Corruption):
+        await store.read(dev, 0, 8 * PAGE)
+    for i in range(8):
+        if i != victim:
+            assert await store.read(dev, i * PAGE, PAGE) == pages[i]
+    assert tier_stats(store)["ssd"].checksum_errors >= 2
+    # rewriting the page heals it
+    await store.write(dev, victim * PAGE, pages[victim])
+    assert await store.read(dev, victim * PAGE, PAGE) == pages[victim]
+
+
+async def test_backing_io_error_is_reported(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 8 * MiB)])
+    dev = store.devices[0]
+    page = os.urandom(PAGE)
+    await store.write(dev, 0, page)
+    t = store.tiers[0]
+    real_fd = t._fd
+    t._fd = os.open("/dev/null", os.O_RDONLY)  # reads return nothing, writes fail with EBADF
+    try:
+        with pytest.raises((BackingIOError, Corruption)):
+            await store.read(dev, 0, PAGE)
+        with pytest.raises(BackingIOError):
+            await store.write(dev, PAGE, os.urandom(PAGE))
+    finally:
+        os.close(t._fd)
+        t._fd = real_fd
+    assert tier_stats(store)["ssd"].io_errors >= 1
+    assert await store.read(dev, 0, PAGE) == page
+    assert await store.read(dev, PAGE, PAGE) == bytes(PAGE)
+
+
+@pytest.mark.root
+@pytest.mark.timeout(60)
+async def test_backing_filesystem_really_fills_up(stores, tmp_path, small_ext4):
+    # a sparse 64 MiB tier on an 8 MiB ext4: ENOSPC comes from the filesystem
+    store = stores([
+        tier("small", small_ext4 / "tier.img", 64 * MiB, priority=100),
+        tier("big", tmp_path / "big.img", 64 * MiB, priority=10),
+    ], pool_bytes=64 * 1024, device=64 * MiB)
+    dev = store.devices[0]
+    written = []
+    for i in range(3000):  # ~12 MiB of raw pages
+        page = os.urandom(PAGE)
+        await store.write(dev, i * PAGE, page)
+        written.append(page)
+    ts = tier_stats(store)
+    assert ts["small"].full
+    assert ts["small"].stored_pages > 0 and ts["big"].stored_pages > 0
+    assert ts["small"].stored_pages + ts["big"].stored_pages + ts["pool"].stored_pages == 3000
+    for i in range(0, 3000, 64):
+        chunk = written[i:i + 64]
+        assert await store.read(dev, i * PAGE, len(chunk) * PAGE) == b"".join(chunk)
+    accounting(store)
+
+
+@pytest.mark.parametrize("seed", range(6))
+async def test_concurrent_io_against_a_model(stores, tmp_path, seed):
+    """Writers, readers and discarders interleave at every await of the file tier."""
+    store = stores([tier("a", tmp_path / "a.img", 4 * MiB, priority=5),
+                    tier("b", tmp_path / "b.img", 4 * MiB, priority=5)],
+                   pool_bytes=128 * 1024, device=2 * MiB)
+    dev = store.devices[0]
+    npages = 2 * MiB // PAGE
+    # per page, every content it may legitimately show: writes in flight can land in either order
+    model: list[set[bytes]] = [{bytes(PAGE)} for _ in range(npages)]
+    busy = [0] * npages
+    rng = random.Random(seed)
+
+    def content(i: int, k: int) -> bytes:
+        r = random.Random(i * 100003 + k)
+        if k % 3 == 0:
+            return (b"%d:%d " % (i, k) * 1000)[:PAGE]
+        return r.randbytes(PAGE)
+
+    async def writer(w: int) -> None:
+        for k in range(150):
+            i = rng.randrange(npages - 4)
+            n = rng.randrange(1, 4)
+            pages = [content(i + j, w * 1000 + k) for j in range(n)]
+            for j in range(n):
+                busy[i + j] += 1
+                model[i + j].add(pages[j])
+            await store.write(dev, (i) * PAGE, b"".join(pages))
+            for j in range(n):
+                busy[i + j] -= 1
+                if not busy[i + j]:
+                    model[i + j] = {pages[j]}
+            await trio.sleep(0)
+
+    async def discarder() -> None:
+        for _ in range(60):
+            i = rng.randrange(npages - 8)
+            n = rng.randrange(1, 8)
+            for j in range(n):
+                busy[i + j] += 1
+                model[i + j].add(bytes(PAGE))
+            await store.discard(dev, i * PAGE, n * PAGE)
+            for j in range(n):
+                busy[i + j] -= 1
+                if not busy[i + j]:
+                    model[i + j] = {bytes(PAGE)}
+            await trio.sleep(0)
+
+    async def reader() -> None:
+        for _ in range(300):
+            i = rng.randrange(npages - 4)
+            before = [set(model[i + j]) for j in range(4)]
+            got = await store.read(dev, i * PAGE, 4 * PAGE)
+            for j in range(4):
+                page = bytes(got[j * PAGE:(j + 1) * PAGE])
+                assert page in before[j] or page in model[i + j], f"page {i + j} read wrong"
+            await trio.sleep(0)
+
+    async with trio.open_nursery() as n:
+        for w in range(3):
+            n.start_soon(writer, w)
+        n.start_soon(discarder)
+        for _ in range(3):
+            n.start_soon(reader)
+    for i in range(npages):
+        assert bytes(await store.read(dev, i * PAGE, PAGE)) in model[i], f"page {i}"
+    assert sum(t.stored_pages for t in store.tiers) > 0
+    accounting(store)
