@@ -287,7 +287,9 @@ async def test_concurrent_io_and_close_while_in_flight(make_tier):
         for i in range(0, len(keys), 50):
             nursery.start_soon(reader, keys[i:i + 50])
     assert got == data
-    # close while a read is in flight: the read completes, then the descriptor goes
+    # close while a read is in flight (in a worker thread): the read completes, then the
+    # descriptor goes
+    t._nowait = False
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader, keys)
         while t._inflight == 0:
@@ -298,6 +300,25 @@ async def test_concurrent_io_and_close_while_in_flight(make_tier):
         await t.read(keys[0])
     assert t._fd == -1
     t.check_invariants()
+
+
+async def test_reads_from_page_cache_inline_else_in_a_thread(make_tier):
+    t = make_tier(2 * CLUSTER_BYTES)
+    r = random.Random(5)
+    runs = t.allocate(64)
+    pages = rand_pages(r, 64)
+    await t.write(runs, pages)
+    # just written: in the page cache, served inline without a checkpoint
+    with trio.CancelScope() as scope:
+        scope.cancel()  # any checkpoint would raise Cancelled
+        assert await t.read_many(pages_of(runs)) == pages
+    assert t.cached_reads == 1 and t.thread_reads == 0
+    # dropped from the page cache: RWF_NOWAIT refuses, a worker thread reads from disk
+    os.fsync(t._fd)
+    os.posix_fadvise(t._fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    assert await t.read_many(pages_of(runs)) == pages
+    assert t.thread_reads == 1
+    assert t.stats().cached_reads == 1
 
 
 # ---------------------------------------------------------------- open, preallocate, stats
