@@ -139,6 +139,7 @@ class FileTierStats:
     clusters_punch_pending: int = 0
     punched_clusters: int = 0
     cluster_switches: int = 0
+    write_batches: int = 0  # thread hops that wrote (grouping every write queued meanwhile)
     cached_reads: int = 0  # reads served inline from the page cache (RWF_NOWAIT)
     thread_reads: int = 0  # reads that went to a worker thread
 
@@ -194,9 +195,12 @@ class FileTier:
         self.punched_clusters = 0
         self._punch_warned = False
         self._nowait = hasattr(os, "RWF_NOWAIT")  # cleared if the filesystem refuses it
+        self.write_batches = 0  # thread hops for writes (each takes every queued write)
         self.cached_reads = 0  # read_many calls served inline from the page cache
         self.thread_reads = 0  # read_many calls that went to a worker thread
 
+        self._wqueue: list[_WriteJob] = []  # writes waiting for the next batch
+        self._writing = False  # a batch is in a worker thread
         self._fd = -1
         self._inflight = 0
         self._closing = False
@@ -443,10 +447,14 @@ class FileTier:
     async def write(self, runs: list[tuple[int, int]], pages: Sequence) -> None:
         """Write ``pages`` (bytes-like, PAGE bytes each, in run order) to allocated ``runs``.
 
-        One pwritev per run (split only at IOV_MAX), in a worker thread.  On ENOSPC the tier
-        is marked full, the runs are freed and TierFull is raised; on another OSError
-        io_errors grows, the runs are freed and TierIOError is raised.  Any other exception
-        (cancellation included) also frees the runs.
+        One pwritev per run (split only at IOV_MAX), in a worker thread.  Concurrent writes
+        are grouped: while one batch is in the thread, later writes queue up and the next
+        batch takes them all in one thread hop (a hop costs far more than a buffered
+        pwritev).  Once queued, a write is not cancellable: it completes (or fails) before
+        this returns, so its pages are never freed under the thread.  On ENOSPC the tier is
+        marked full, the runs are freed and TierFull is raised; on another OSError io_errors
+        grows, the runs are freed and TierIOError is raised.  Any other exception also frees
+        the runs.
         """
         total = self._check_runs(runs)
         if len(pages) != total:
@@ -459,12 +467,7 @@ class FileTier:
             views.append(m if m.format == "B" and m.ndim == 1 else m.cast("B"))
         sums = [_xxh3(m) for m in views]  # ~0.3 us a page: inline costs less than a hop
         try:
-            fd = self._begin()
-            try:
-                calls = await trio.to_thread.run_sync(_pwrite_runs, fd, runs, views,
-                                                      limiter=self._limiter)
-            finally:
-                self._end()
+            calls = await self._write_grouped(runs, views)
         except OSError as e:
             self._free_pages(p for s, k in runs for p in range(s, s + k))
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -486,6 +489,44 @@ class FileTier:
             i += k
         self.writes += calls
         self.written_bytes += total * PAGE
+
+    async def _write_grouped(self, runs: list[tuple[int, int]], views: list[memoryview]) -> int:
+        job = _WriteJob(runs, views)
+        self._wqueue.append(job)
+        with trio.CancelScope(shield=True):
+            if self._writing:
+                await job.wake.wait()
+            if not job.finished:
+                await self._write_batch()  # this write leads the next batch
+        if job.error is not None:
+            raise job.error
+        return job.calls
+
+    async def _write_batch(self) -> None:
+        batch, self._wqueue = self._wqueue, []
+        self._writing = True
+        self.write_batches += 1
+        try:
+            fd = self._begin()
+        except TierIOError as e:
+            for job in batch:
+                job.error = e
+        else:
+            try:
+                await trio.to_thread.run_sync(_pwrite_batch, fd, batch, limiter=self._limiter)
+            except BaseException as e:  # not from the writes themselves: fail the whole batch
+                for job in batch:
+                    if not job.finished and job.error is None:
+                        job.error = e if isinstance(e, Exception) else OSError(errno.EIO, str(e))
+            finally:
+                self._end()
+        finally:
+            self._writing = False
+            for job in batch:
+                job.finished = True
+                job.wake.set()
+            if self._wqueue:
+                self._wqueue[0].wake.set()  # the next queued write leads the next batch
 
     def _bad_page(self, page: int) -> ChecksumError:
         self.checksum_errors += 1
@@ -663,7 +704,8 @@ class FileTier:
             io_errors=self.io_errors, full=self.full, metadata_bytes=self.metadata_bytes,
             clusters_punch_pending=pending, punched_clusters=self.punched_clusters,
             cluster_switches=self.cluster_switches,
-            cached_reads=self.cached_reads, thread_reads=self.thread_reads)
+            write_batches=self.write_batches, cached_reads=self.cached_reads,
+            thread_reads=self.thread_reads)
 
 
 # ---------------------------------------------------------------------- worker-thread bodies
@@ -703,6 +745,29 @@ def _pwrite_runs(fd: int, runs: Sequence[tuple[int, int]], views: list[memoryvie
         calls += _pwritev_full(fd, views[i:i + k], s * PAGE)
         i += k
     return calls
+
+
+class _WriteJob:
+    """One write() waiting in the tier's group-commit queue."""
+
+    __slots__ = ("runs", "views", "wake", "finished", "error", "calls")
+
+    def __init__(self, runs: list[tuple[int, int]], views: list[memoryview]) -> None:
+        self.runs = runs
+        self.views = views
+        self.wake = trio.Event()
+        self.finished = False
+        self.error: BaseException | None = None
+        self.calls = 0
+
+
+def _pwrite_batch(fd: int, batch: list[_WriteJob]) -> None:
+    """In a worker thread: every job's runs; an OSError fails only its own job."""
+    for job in batch:
+        try:
+            job.calls = _pwrite_runs(fd, job.runs, job.views)
+        except OSError as e:
+            job.error = e
 
 
 def _pread_full(fd: int, size: int, offset: int) -> bytes:
