@@ -491,6 +491,7 @@ class FileTier:
         self.written_bytes += total * PAGE
 
     async def _write_grouped(self, runs: list[tuple[int, int]], views: list[memoryview]) -> int:
+        await trio.lowlevel.checkpoint_if_cancelled()  # cancelled before queueing: nothing written
         job = _WriteJob(runs, views)
         self._wqueue.append(job)
         with trio.CancelScope(shield=True):
