@@ -201,6 +201,7 @@ class FileTier:
 
         self._wqueue: list[_WriteJob] = []  # writes waiting for the next batch
         self._writing = False  # a batch is in a worker thread
+        self._batch_done = trio.Event()  # set when the batch in the thread is done
         self._fd = -1
         self._inflight = 0
         self._closing = False
@@ -495,10 +496,11 @@ class FileTier:
         job = _WriteJob(runs, views)
         self._wqueue.append(job)
         with trio.CancelScope(shield=True):
-            if self._writing:
-                await job.wake.wait()
-            if not job.finished:
-                await self._write_batch()  # this write leads the next batch
+            while not job.finished:
+                if self._writing:
+                    await self._batch_done.wait()
+                else:
+                    await self._write_batch()  # takes every queued write, this one included
         if job.error is not None:
             raise job.error
         return job.calls
@@ -506,6 +508,7 @@ class FileTier:
     async def _write_batch(self) -> None:
         batch, self._wqueue = self._wqueue, []
         self._writing = True
+        done = self._batch_done = trio.Event()
         self.write_batches += 1
         try:
             fd = self._begin()
@@ -525,9 +528,7 @@ class FileTier:
             self._writing = False
             for job in batch:
                 job.finished = True
-                job.wake.set()
-            if self._wqueue:
-                self._wqueue[0].wake.set()  # the next queued write leads the next batch
+            done.set()  # waiters whose write is not in this batch: one of them leads the next
 
     def _bad_page(self, page: int) -> ChecksumError:
         self.checksum_errors += 1
@@ -751,12 +752,11 @@ def _pwrite_runs(fd: int, runs: Sequence[tuple[int, int]], views: list[memoryvie
 class _WriteJob:
     """One write() waiting in the tier's group-commit queue."""
 
-    __slots__ = ("runs", "views", "wake", "finished", "error", "calls")
+    __slots__ = ("runs", "views", "finished", "error", "calls")
 
     def __init__(self, runs: list[tuple[int, int]], views: list[memoryview]) -> None:
         self.runs = runs
         self.views = views
-        self.wake = trio.Event()
         self.finished = False
         self.error: BaseException | None = None
         self.calls = 0

@@ -227,6 +227,45 @@ async def test_backing_filesystem_really_fills_up(stores, tmp_path, small_ext4):
     accounting(store)
 
 
+class PageModel:
+    """What each page may read as while operations overlap.
+
+    An operation (a write of one page, or a discard) commits at some moment
+    between its start and its end, so when it ends the page holds its content
+    or that of any operation that overlapped it in time (which may have
+    committed later).  A read may return what the page could hold when the
+    read started, or the content of any operation started during the read.
+    """
+
+    def __init__(self, npages: int) -> None:
+        self.possible: list[set[bytes]] = [{bytes(PAGE)} for _ in range(npages)]
+        self.inflight: list[dict[int, tuple[bytes, set[bytes]]]] = [{} for _ in range(npages)]
+        self.started: list[list[bytes]] = [[] for _ in range(npages)]
+        self.next_id = 0
+
+    def start(self, p: int, content: bytes) -> int:
+        op = self.next_id
+        self.next_id += 1
+        others = self.inflight[p]
+        for _, overlapped in others.values():
+            overlapped.add(content)
+        others[op] = (content, {c for c, _ in others.values()})
+        self.possible[p].add(content)
+        self.started[p].append(content)
+        return op
+
+    def end(self, p: int, op: int) -> None:
+        content, overlapped = self.inflight[p].pop(op)
+        self.possible[p] = {content} | overlapped
+
+    def before_read(self, p: int) -> tuple[set[bytes], int]:
+        return set(self.possible[p]), len(self.started[p])
+
+    def acceptable(self, p: int, snapshot: tuple[set[bytes], int]) -> set[bytes]:
+        before, mark = snapshot
+        return before | set(self.started[p][mark:])
+
+
 @pytest.mark.parametrize("seed", range(6))
 async def test_concurrent_io_against_a_model(stores, tmp_path, seed):
     """Writers, readers and discarders interleave at every await of the file tier."""
@@ -235,15 +274,14 @@ async def test_concurrent_io_against_a_model(stores, tmp_path, seed):
                    pool_bytes=128 * 1024, device=2 * MiB)
     dev = store.devices[0]
     npages = 2 * MiB // PAGE
-    # per page, every content it may legitimately show: writes in flight can land in either order
-    model: list[set[bytes]] = [{bytes(PAGE)} for _ in range(npages)]
-    busy = [0] * npages
+    model = PageModel(npages)
     rng = random.Random(seed)
+    zero = bytes(PAGE)
 
     def content(i: int, k: int) -> bytes:
         r = random.Random(i * 100003 + k)
         if k % 3 == 0:
-            return (b"%d:%d " % (i, k) * 1000)[:PAGE]
+            return (b"%d:%d " % (i, k) * PAGE)[:PAGE]
         return r.randbytes(PAGE)
 
     async def writer(w: int) -> None:
@@ -251,38 +289,30 @@ async def test_concurrent_io_against_a_model(stores, tmp_path, seed):
             i = rng.randrange(npages - 4)
             n = rng.randrange(1, 4)
             pages = [content(i + j, w * 1000 + k) for j in range(n)]
+            ops = [model.start(i + j, pages[j]) for j in range(n)]
+            await store.write(dev, i * PAGE, b"".join(pages))
             for j in range(n):
-                busy[i + j] += 1
-                model[i + j].add(pages[j])
-            await store.write(dev, (i) * PAGE, b"".join(pages))
-            for j in range(n):
-                busy[i + j] -= 1
-                if not busy[i + j]:
-                    model[i + j] = {pages[j]}
+                model.end(i + j, ops[j])
             await trio.sleep(0)
 
     async def discarder() -> None:
         for _ in range(60):
             i = rng.randrange(npages - 8)
             n = rng.randrange(1, 8)
-            for j in range(n):
-                busy[i + j] += 1
-                model[i + j].add(bytes(PAGE))
+            ops = [model.start(i + j, zero) for j in range(n)]
             await store.discard(dev, i * PAGE, n * PAGE)
             for j in range(n):
-                busy[i + j] -= 1
-                if not busy[i + j]:
-                    model[i + j] = {bytes(PAGE)}
+                model.end(i + j, ops[j])
             await trio.sleep(0)
 
     async def reader() -> None:
         for _ in range(300):
             i = rng.randrange(npages - 4)
-            before = [set(model[i + j]) for j in range(4)]
+            snaps = [model.before_read(i + j) for j in range(4)]
             got = await store.read(dev, i * PAGE, 4 * PAGE)
             for j in range(4):
                 page = bytes(got[j * PAGE:(j + 1) * PAGE])
-                assert page in before[j] or page in model[i + j], f"page {i + j} read wrong"
+                assert page in model.acceptable(i + j, snaps[j]), f"page {i + j} read wrong"
             await trio.sleep(0)
 
     async with trio.open_nursery() as n:
@@ -292,6 +322,6 @@ async def test_concurrent_io_against_a_model(stores, tmp_path, seed):
         for _ in range(3):
             n.start_soon(reader)
     for i in range(npages):
-        assert bytes(await store.read(dev, i * PAGE, PAGE)) in model[i], f"page {i}"
+        assert bytes(await store.read(dev, i * PAGE, PAGE)) in model.possible[i], f"page {i}"
     assert sum(t.stored_pages for t in store.tiers) > 0
     accounting(store)
