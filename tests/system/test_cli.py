@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -113,3 +114,21 @@ def test_signal_unmounts_cleanly(mount_factory, sig):
     assert not _is_mounted(m.path)
     assert not _pid_alive(m.pid)
     assert "unmounting" in m.log_text()
+
+
+def test_killed_daemon_leaves_a_dead_mount_not_an_empty_directory(mount_factory):
+    """A crash must not unmount: reads then fail (ENOTCONN) instead of finding nothing."""
+    m = mount_factory()
+    os.kill(m.pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while _pid_alive(m.pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert _is_mounted(m.path)
+    with pytest.raises(OSError) as e:
+        os.stat(m.dev())
+    assert e.value.errno == errno.ENOTCONN
+    out = run_swapfs("stats", str(m.path))
+    assert out.returncode != 0 and "daemon is gone" in out.stderr
+    out = run_swapfs("unmount", str(m.path))  # cleans up the dead mount
+    assert out.returncode == 0, out.stderr
+    assert not _is_mounted(m.path)
