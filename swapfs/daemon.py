@@ -30,6 +30,7 @@ from . import fuse
 from .config import Config
 from .fs import SwapFS
 from .store import Store
+from .writeback import Writeback
 
 log = logging.getLogger(__name__)
 
@@ -87,6 +88,7 @@ async def serve_mount(
     unusable.  Returns once the kernel ended the connection.
     """
     store = Store(config)
+    store.writeback = Writeback(store)
     ops = SwapFS(store)
     fd = fuse.mount(mountpoint, fsname="swapfs", subtype="swapfs", allow_other=allow_other)
     session = fuse.Session(ops, fd)
@@ -99,6 +101,7 @@ async def serve_mount(
                     finally:
                         nursery.cancel_scope.cancel()  # the kernel ended the connection
 
+                await nursery.start(store.writeback.run)  # cancelled with the nursery
                 conn = await nursery.start(run_session)
                 log.info(
                     "swapfs mounted at %s: %d device(s), max_write %d, protocol 7.%d",

@@ -21,6 +21,7 @@ import errno
 import json
 import logging
 import os
+import re
 import stat
 import time
 from typing import Iterable, Sequence
@@ -45,6 +46,9 @@ log = logging.getLogger(__name__)
 PAGE = 4096
 XATTR_PREFIX = b"user.swapfs."
 STATS_XATTR = b"user.swapfs.stats"
+CTL_WRITEBACK = b"user.swapfs.ctl.writeback"
+# "N" (pages) or "idle:SECONDS"; a trailing newline (echo) is tolerated.
+_CTL_WRITEBACK_RE = re.compile(rb"(?:(\d{1,10})|idle:(\d{1,10}(?:\.\d{1,6})?))\n?")
 
 # fallocate(2) modes (linux/falloc.h)
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -283,10 +287,36 @@ class SwapFS(Operations):
         self, inode: int, name: bytes, value: bytes, flags: int, ctx: RequestContext
     ) -> None:
         self._attr(inode)
+        if name == CTL_WRITEBACK:
+            await self._ctl_writeback(inode, value)
+            return
         if name.startswith(XATTR_PREFIX):
             log.warning("setxattr %r refused: swapfs statistics are read-only", name)
             raise FUSEError(errno.EPERM)
         raise FUSEError(errno.ENOTSUP)  # swapfs stores no user xattrs
+
+    async def _ctl_writeback(self, inode: int, value: bytes) -> None:
+        """user.swapfs.ctl.writeback: ``N`` moves up to N of the pool's coldest
+        pages down now, ``idle:SECONDS`` every pool page not accessed for that
+        long; on the root for every device, on a device file for that one.
+        Returns when the pages are moved."""
+        m = _CTL_WRITEBACK_RE.fullmatch(bytes(value))
+        wb = self.store.writeback
+        if m is None:
+            raise FUSEError(errno.EINVAL)
+        if wb is None:
+            raise FUSEError(errno.EAGAIN)
+        dev = None if inode == ROOT_INODE else self._device(inode)
+        try:
+            if m.group(1) is not None:
+                moved = await wb.writeback_pages(int(m.group(1)), dev)
+            else:
+                moved = await wb.writeback_idle(float(m.group(2)), dev)
+        except StoreError as exc:
+            log.error("writeback request failed: %s", exc)
+            raise FUSEError(store_errno(exc)) from None
+        log.info("writeback request %r on %s: %d pages moved", bytes(value),
+                 dev.name if dev else "all devices", moved)
 
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
         self._attr(inode)

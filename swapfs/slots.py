@@ -9,10 +9,15 @@ Three ``array.array`` columns, no Python object per slot, 16 bytes per slot:
 * ``info`` ('I', 4 bytes): ``length << 4 | kind``.  Kind is the low 4 bits
   (EMPTY, SAME, POOL, HUGE; 8..15 reserved for file tiers 0..7); length
   (bits 4..16) is the stored payload in bytes: the compressed length for
-  POOL, 4096 for HUGE, 0 otherwise.  Bits 17..31 are free for flags.
+  POOL, 4096 for HUGE, 0 otherwise.  Bits 17..31 hold flags:
+  MOVING (bit 17): writeback is copying this slot's page; any write,
+  discard or promotion replaces the whole info word and so clears it, which
+  is how the mover learns that the slot changed under it.  SHADOW (bit 18,
+  file kinds only): the page was demoted and ``epoch`` holds its shadow.
   An EMPTY slot has info 0 and handle 0.
-* ``epoch`` ('I', 4 bytes): last-access epoch, reserved for access tracking
-  and shadow entries.
+* ``epoch`` ('I', 4 bytes): without SHADOW, the last-access epoch (the
+  store's clock, 1/16 s units, see docs/writeback.md); with SHADOW, the
+  store's demotion counter when the page was demoted (mod 2**32).
 """
 
 from __future__ import annotations
@@ -30,6 +35,10 @@ KIND_BITS = 4
 KIND_MASK = (1 << KIND_BITS) - 1
 LENGTH_MASK = (1 << 13) - 1  # lengths up to 4096 (13 bits)
 KIND_NAMES = {EMPTY: "empty", SAME: "same", POOL: "pool", HUGE: "huge"}
+LENGTH_SHIFT = KIND_BITS
+MOVING = 1 << 17  # writeback is copying the page (cleared by any rewrite)
+SHADOW = 1 << 18  # file kinds: the epoch column holds the demotion shadow
+FLAGS = MOVING | SHADOW
 
 BYTES_PER_SLOT = 8 + 4 + 4
 
@@ -42,7 +51,7 @@ def info_kind(info: int) -> int:
     return info & KIND_MASK
 
 
-def info_length(info: int) -> int:
+def info_length(info: int) -> int:  # noqa: E302
     return (info >> KIND_BITS) & LENGTH_MASK
 
 

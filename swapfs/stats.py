@@ -67,10 +67,23 @@ class TotalsStats:
 
 @dataclass(frozen=True)
 class WritebackStats:
-    moved_pages: int = 0
-    aborted_moves: int = 0
-    promotions: int = 0
-    refaults: int = 0
+    moved_pages: int = 0  # pages demoted (committed moves), all tier pairs
+    aborted_moves: int = 0  # moves dropped because the slot changed under them
+    promotions: int = 0  # refaulted pages moved back to the pool
+    refaults: int = 0  # reads of demoted pages (pages with a shadow)
+    moved_bytes: int = 0  # moved_pages * 4096
+    batches: int = 0  # migrations that committed at least one page
+    failed_batches: int = 0  # tier writes that failed (the pages stayed)
+    inflight_pages: int = 0  # destination pages written or allocated, not committed
+    requests: int = 0  # user.swapfs.ctl.writeback requests served
+    epoch: int = 0  # the access clock (1/4 s units)
+    demotions_clock: int = 0  # demotions ever: the refault clock
+    # "pool->ssd": {"pages", "bytes", "batches"}
+    pairs: dict[str, dict[str, int]] = field(default_factory=dict)
+    # per tier: {"demotions", "refaults", "promotions"}
+    levels: dict[str, dict[str, int]] = field(default_factory=dict)
+    # per tier above the last: {"high", "low", "used"} (pool: bytes; file tiers: pages)
+    watermarks: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -78,6 +91,9 @@ class CacheStats:
     pages: int = 0
     hits: int = 0
     misses: int = 0
+    capacity_pages: int = 0
+    inserts: int = 0
+    evictions: int = 0
 
 
 def _named(record: Any) -> dict[str, Any]:

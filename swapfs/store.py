@@ -15,15 +15,19 @@ objects beyond the compressor's output and a memoryview slice.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import time
 
+from swapfs.cache import SwapCache
 from swapfs.codec import ZERO_PAGE, fill_page, make_codec, same_fill_word
 from swapfs.config import PAGE_SIZE, Config, DeviceConfig
 from swapfs.errors import BackingIOError, Corruption, NoSpace, OutOfRange
-from swapfs.slots import EMPTY, FILE0, HUGE, KIND_MASK, KIND_NAMES, POOL, SAME, SlotTable
-from swapfs.stats import DeviceStats, PoolStats, Stats, TotalsStats
-from swapfs.tiers.file import ChecksumError, FileTier, TierFull, TierIOError
+from swapfs.slots import (EMPTY, FILE0, FLAGS, HUGE, KIND_MASK, KIND_NAMES, LENGTH_MASK, MOVING,
+                          POOL, SAME, SHADOW, SlotTable)
+from swapfs.stats import CacheStats, DeviceStats, PoolStats, Stats, TotalsStats, WritebackStats
+from swapfs.tiers.file import CLUSTER_PAGES, ChecksumError, FileTier, TierFull, TierIOError
 from swapfs.tiers.pool import INDEX_BITS, INDEX_MASK, Pool, PoolFull, class_size
 
 log = logging.getLogger(__name__)
@@ -39,10 +43,28 @@ _ZERO_INFO_CHUNK = bytes(4 * _DISCARD_CHUNK)
 _NOSPACE_LOG_INTERVAL = 10.0
 # File tiers are slot kinds FILE0 .. FILE0 + MAX_FILE_TIERS - 1.
 MAX_FILE_TIERS = 8
-# A pinned file page is keyed tier_index << _PIN_SHIFT | page.
+# A pinned file page is keyed tier_index << _PIN_SHIFT | page (the swap
+# cache uses the same keys).
 _PIN_SHIFT = 40
+_PAGE_OF_KEY = (1 << _PIN_SHIFT) - 1
+# Epochs: the store's clock, in these units per second (see docs/writeback.md).
+EPOCHS_PER_SECOND = 4
+EPOCH_MASK = 0xFFFFFFFF
+# Default size of the swap cache, in pages.
+CACHE_PAGES = 1024
 
 assert PAGE_SIZE == 1 << PAGE_SHIFT
+
+
+def _runs(pages: list[int]) -> list[tuple[int, int]]:
+    """Sorted-or-not page numbers as (start, count) runs, in the given order."""
+    runs: list[tuple[int, int]] = []
+    for p in pages:
+        if runs and runs[-1][0] + runs[-1][1] == p:
+            runs[-1] = (runs[-1][0], runs[-1][1] + 1)
+        else:
+            runs.append((p, 1))
+    return runs
 
 
 class Device:
@@ -82,7 +104,8 @@ class Device:
 class Store:
     """Devices over a compressed memory pool and, below it, file tiers."""
 
-    def __init__(self, config: Config, *, arena_bytes: int | None = None) -> None:
+    def __init__(self, config: Config, *, arena_bytes: int | None = None,
+                 cache_pages: int = CACHE_PAGES) -> None:
         self.config = config
         self.codec = make_codec(config.pool.algorithm, config.pool.level)
         self.pool = Pool(config.pool.max_bytes, **({"arena_bytes": arena_bytes}
@@ -113,6 +136,39 @@ class Store:
         # a pinned page is never handed to another slot while a pread of it runs.
         self._pins: dict[int, int] = {}
         self._deferred: set[int] = set()
+        # -- migration state (docs/writeback.md) --
+        # The access clock: advanced by the writeback task (EPOCHS_PER_SECOND),
+        # stored per slot on every access of a page in memory or on file.
+        self.epoch = 0
+        # Pages demoted so far (mod 2**32 in shadows): the refault clock.
+        self.demotions = 0
+        self.cache = SwapCache(cache_pages)
+        self.pool_high_bytes = int(config.pool.high_watermark * self.pool.max_bytes)
+        self.pool_low_bytes = int(config.pool.low_watermark * self.pool.max_bytes)
+        # Called (no await) when a write leaves the pool above its high watermark.
+        self.kick_writeback = None
+        # The mount's swapfs.writeback.Writeback (policy, task, requests), if any.
+        self.writeback = None
+        self._migrating = False
+        # Refault distance up to which a page counts as hot; None: the pages
+        # the pool holds now (a page that would have stayed had the pool been
+        # that much larger, as the kernel's workingset refault test).
+        self.promote_distance: int | None = None
+        # Slots flagged MOVING and destination pages written but not committed.
+        self._moving = 0
+        self._inflight = [0] * len(self.tiers)
+        # Level 0 is the pool, level 1 + i file tier i.
+        self.level_names = ["pool"] + [t.name for t in self.tiers]
+        nl = len(self.level_names)
+        self.wb_demotions = [0] * nl
+        self.wb_refaults = [0] * nl
+        self.wb_promotions = [0] * nl
+        self.wb_pairs: dict[tuple[int, int], list[int]] = {}  # (src, dst level) -> [pages, batches]
+        self.wb_moved = 0
+        self.wb_aborted = 0
+        self.wb_batches = 0
+        self.wb_failed_batches = 0
+        self.wb_requests = 0
 
     def device(self, name: str) -> Device:
         return self._by_name[name]
@@ -193,12 +249,17 @@ class Store:
 
     async def _store(self, dev: Device, first: int, mv: memoryview, npages: int) -> None:
         """Store whole pages: same-filled and compressible ones inline, the
-        rest (and all once the pool is full) in file tiers, if there are any."""
-        if not self.tiers:
+        rest (and all once the pool is full) in file tiers, if there are any
+        and the device allows its pages to leave memory."""
+        if not self.tiers or not dev.config.writeback:
             self._store_pages(dev, first, mv, npages, None)
+            if self.pool.pool_bytes > self.pool_high_bytes and self.kick_writeback is not None:
+                self.kick_writeback()
             return
         spill: list[int] = []
         self._store_pages(dev, first, mv, npages, spill)
+        if self.pool.pool_bytes > self.pool_high_bytes and self.kick_writeback is not None:
+            self.kick_writeback()
         try:
             if spill:
                 await self._store_file_pages(dev, first, mv, spill)
@@ -220,6 +281,8 @@ class Store:
         table = dev.table
         handles = table.handles
         info = table.info
+        epoch = table.epoch
+        ep = self.epoch
         compress = self.codec.compress
         pool = self.pool
         alloc = pool.alloc
@@ -275,10 +338,10 @@ class Store:
                 elif old == SAME:
                     d_same -= 1
                 elif old & KIND_MASK >= FILE0:
-                    self._free_file_page(old - FILE0, handles[s])
+                    self._free_file_page((old & KIND_MASK) - FILE0, handles[s])
                     d_file -= 1
                 else:
-                    n = old >> 4
+                    n = (old >> 4) & LENGTH_MASK
                     free(handles[s], n)
                     d_cbytes -= n
                     d_pbytes -= (n + 31) & ~31
@@ -288,6 +351,7 @@ class Store:
                         d_huge -= 1
                 handles[s] = new_h
                 info[s] = new_i
+                epoch[s] = ep
                 o += PAGE_SIZE
         finally:
             dev.stored_pages += d_stored
@@ -324,6 +388,7 @@ class Store:
                 chunk = todo[pos:pos + count]
                 pos += count
                 pages = [mv[k << PAGE_SHIFT:(k + 1) << PAGE_SHIFT] for k in chunk]
+                self._inflight[ti] += count
                 try:
                     await self.tiers[ti].write(runs, pages)
                 except TierFull as e:  # the filesystem under a sparse tier is full
@@ -335,6 +400,8 @@ class Store:
                     broken.add(ti)
                     retry += chunk
                     continue
+                finally:
+                    self._inflight[ti] -= count
                 self._commit_file_pages(dev, first, chunk, ti, runs)
             todo = retry
         if todo:
@@ -343,13 +410,16 @@ class Store:
             raise NoSpace(f"{dev.name}: {len(todo)} pages found no room: the pool and every "
                           "file tier are full")
 
-    def _alloc_file(self, n: int, exclude: set[int] | frozenset[int] = frozenset()
-                    ) -> list[tuple[int, list[tuple[int, int]], int]]:
+    def _alloc_file(self, n: int, exclude: set[int] | frozenset[int] = frozenset(),
+                    min_group: int = 0) -> list[tuple[int, list[tuple[int, int]], int]]:
         """Up to ``n`` file pages: [(tier index, runs, pages)], by priority,
-        round-robin cluster by cluster among tiers of equal priority."""
+        round-robin cluster by cluster among tiers of equal priority, from
+        priority group ``min_group`` down."""
         grants = []
         tiers = self.tiers
         for gi, group in enumerate(self._groups):
+            if gi < min_group:
+                continue
             misses = 0
             while n > 0 and misses < len(group):
                 pos = self._rr[gi]
@@ -373,6 +443,8 @@ class Store:
                            runs: list[tuple[int, int]]) -> None:
         handles = dev.table.handles
         info = dev.table.info
+        epoch = dev.table.epoch
+        ep = self.epoch
         kind = FILE0 + ti
         pages = [p for s, k in runs for p in range(s, s + k)]
         stored = 0
@@ -385,6 +457,7 @@ class Store:
                 self._free_slot_content(dev, s, old)
             handles[s] = page
             info[s] = kind
+            epoch[s] = ep
         dev.stored_pages += stored
         dev.file_pages += len(chunk)
 
@@ -395,10 +468,10 @@ class Store:
         if old == SAME:
             dev.same_filled_pages -= 1
         elif old & KIND_MASK >= FILE0:
-            self._free_file_page(old - FILE0, h)
+            self._free_file_page((old & KIND_MASK) - FILE0, h)
             dev.file_pages -= 1
         else:
-            n = old >> 4
+            n = (old >> 4) & LENGTH_MASK
             self.pool.free_object(h, n)
             dev.compressed_bytes -= n
             dev.pool_bytes -= (n + 31) & ~31
@@ -409,10 +482,205 @@ class Store:
 
     def _free_file_page(self, ti: int, page: int) -> None:
         key = ti << _PIN_SHIFT | page
+        self.cache.invalidate(key)
         if self._pins and key in self._pins:
             self._deferred.add(key)  # freed when its last read ends
         else:
             self.tiers[ti].free((page,))
+
+    # -- migration (writeback's mechanism; the policy is swapfs/writeback.py) --
+
+    def group_of(self, ti: int) -> int:
+        """The priority group (0 = highest) of file tier ``ti``."""
+        for gi, group in enumerate(self._groups):
+            if ti in group:
+                return gi
+        raise KeyError(ti)
+
+    @property
+    def moves_in_flight(self) -> int:
+        return self._moving
+
+    async def migrate(self, victims: list[tuple[Device, int]], src: int) -> int:
+        """Move the pages of ``victims`` from level ``src`` (0: the pool,
+        1 + i: file tier i) to the first file tiers below it with room, as
+        contiguous extents; return how many moved.
+
+        The rule (docs/writeback.md): each slot still at level ``src`` is
+        flagged MOVING and its content copied (decompressed from the pool,
+        or read from its file tier with the page pinned); the copy is written
+        below; then, with no await in between, each slot whose info and
+        handle are exactly what was copied (any write, discard or promotion
+        meanwhile replaced the info word and so cleared MOVING) is switched
+        to its new page, leaving a shadow, and its old place is freed;
+        the new page of a slot that changed is freed (``aborted_moves``).
+        Until the commit a read finds the page where it was, or in the swap
+        cache.  Cancellation at any await leaves every slot as it was.
+        """
+        if not self.tiers or not victims:
+            return 0
+        if self._migrating:
+            raise RuntimeError("one migration at a time (Writeback holds a lock)")
+        self._migrating = True
+        try:
+            return await self._migrate(victims, src)
+        finally:
+            self._migrating = False
+
+    async def _migrate(self, victims: list[tuple[Device, int]], src: int) -> int:
+        if src == 0:
+            want_mask, want, min_group = MOVING | 0xE, POOL, 0
+        else:
+            want_mask, want = MOVING | KIND_MASK, FILE0 + src - 1
+            min_group = self.group_of(src - 1) + 1
+            if min_group >= len(self._groups):
+                return 0
+        # (dev, slot, handle, info with MOVING, content)
+        items: list[list] = []
+        for dev, s in victims:
+            i = dev.table.info[s]
+            if i & want_mask == want:
+                items.append([dev, s, dev.table.handles[s], i | MOVING, None])
+        if not items:
+            return 0
+        grants = self._alloc_file(len(items), min_group=min_group)
+        ngrant = sum(c for _, _, c in grants)
+        del items[ngrant:]
+        if not items:
+            return 0
+        for it in items:
+            it[0].table.info[it[1]] = it[3]
+        self._moving += len(items)
+        for ti, _, count in grants:
+            self._inflight[ti] += count
+        todo = list(grants)  # grants neither written nor given back yet
+        src_ti = src - 1
+        pins: list[int] = []
+        moved = 0
+        try:
+            if src == 0:
+                for it in items:
+                    it[4] = self._load_page(it[0], it[1])
+            else:
+                await self._copy_from_file(src_ti, items, pins)
+            pos = 0
+            while todo:
+                ti, runs, count = todo.pop(0)
+                chunk = items[pos:pos + count]
+                pos += count
+                pages = [p for st, k in runs for p in range(st, st + k)]
+                live = []
+                dead = []
+                for it, page in zip(chunk, pages):
+                    if it[4] is not None and it[0].table.info[it[1]] == it[3]:
+                        it.append(page)
+                        live.append(it)
+                    else:  # the slot changed before the copy was written
+                        dead.append(page)
+                if dead:
+                    self.tiers[ti].free(dead)
+                    self._inflight[ti] -= len(dead)
+                    self.wb_aborted += len(dead)
+                if not live:
+                    continue
+                for it in live:  # the page in flight
+                    self.cache.put(ti << _PIN_SHIFT | it[5], it[4])
+                ok = False
+                try:
+                    await self.tiers[ti].write(_runs([it[5] for it in live]),
+                                               [it[4] for it in live])
+                    ok = True
+                except (TierFull, TierIOError) as e:  # the tier gave the pages back
+                    log.warning("writeback to %s failed: %s", self.tiers[ti].name, e)
+                    self.wb_failed_batches += 1
+                finally:
+                    self._inflight[ti] -= len(live)
+                    if not ok:  # cancelled or failed: the tier gave the pages back
+                        for it in live:
+                            self.cache.invalidate(ti << _PIN_SHIFT | it[5])
+                if ok:
+                    moved += self._commit_moves(live, src, ti)
+        finally:
+            for ti, runs, count in todo:  # never written: give the pages back
+                self.tiers[ti].free_runs(runs)
+                self._inflight[ti] -= count
+            for it in items:  # whatever did not commit keeps its place
+                table = it[0].table
+                if table.info[it[1]] == it[3]:
+                    table.info[it[1]] = it[3] & ~MOVING
+            self._moving -= len(items)
+            if pins:
+                self._unpin(src_ti, pins)
+        if moved:
+            self.wb_batches += 1
+        for tier in self.tiers:
+            if tier.punch_pending:
+                await tier.punch_free_clusters()
+        return moved
+
+    async def _copy_from_file(self, ti: int, items: list[list], pins: list[int]) -> None:
+        """Fill the content of ``items`` (slots of file tier ``ti``) from the
+        swap cache or the tier, their pages pinned (``pins``) until the move
+        ends.  A slot that changed during the read keeps content None."""
+        cache = self.cache
+        todo = []
+        for it in items:
+            key = ti << _PIN_SHIFT | it[2]
+            self._pins[key] = self._pins.get(key, 0) + 1
+            pins.append(key)
+            hit = cache.get(key)
+            if hit is not None:
+                it[4] = bytes(hit)
+            else:
+                todo.append(it)
+        if not todo:
+            return
+        todo.sort(key=lambda it: it[2])
+        data = await self.tiers[ti].read_many([it[2] for it in todo])
+        for it, page in zip(todo, data):
+            if it[0].table.info[it[1]] == it[3] and it[0].table.handles[it[1]] == it[2]:
+                it[4] = page
+                cache.put(ti << _PIN_SHIFT | it[2], page)  # in flight
+
+    def _commit_moves(self, live: list[list], src: int, ti: int) -> int:
+        """Switch each slot of ``live`` still holding what was copied to its
+        new page of tier ``ti``; free the new page of the others.  No await."""
+        moved = 0
+        aborted: list[int] = []
+        dst_kind = FILE0 + ti | SHADOW
+        for dev, s, h, i, _data, page in live:
+            table = dev.table
+            if table.info[s] != i or table.handles[s] != h:
+                aborted.append(page)
+                self.cache.invalidate(ti << _PIN_SHIFT | page)
+                continue
+            if src == 0:
+                n = (i >> 4) & LENGTH_MASK
+                self.pool.free_object(h, n)
+                dev.compressed_bytes -= n
+                dev.pool_bytes -= (n + 31) & ~31
+                if i & KIND_MASK == POOL:
+                    dev.pool_pages -= 1
+                else:
+                    dev.huge_pages -= 1
+                dev.file_pages += 1
+            else:
+                self._free_file_page(src - 1, h)  # pinned: freed when the move unpins it
+            table.handles[s] = page
+            table.info[s] = dst_kind
+            table.epoch[s] = self.demotions & EPOCH_MASK
+            self.demotions += 1
+            moved += 1
+        if aborted:
+            self.tiers[ti].free(aborted)
+            self.wb_aborted += len(aborted)
+        if moved:
+            self.wb_moved += moved
+            self.wb_demotions[src] += moved
+            pair = self.wb_pairs.setdefault((src, 1 + ti), [0, 0])
+            pair[0] += moved
+            pair[1] += 1
+        return moved
 
     # -- read -------------------------------------------------------------
 
@@ -449,6 +717,7 @@ class Store:
             out = bytearray(PAGE_SIZE)
             await self._read_file_pages(dev, out, [(0, slot)])
             return bytes(out)
+        dev.table.epoch[slot] = self.epoch
         return self._load_page(dev, slot)
 
     def _load_page(self, dev: Device, slot: int) -> bytes:
@@ -461,7 +730,7 @@ class Store:
         if k == SAME:
             return fill_page(h)
         if k == POOL:
-            return self.codec.decompress(self.pool.view(h, i >> 4))
+            return self.codec.decompress(self.pool.view(h, (i >> 4) & LENGTH_MASK))
         if k == HUGE:
             return bytes(self.pool.view(h, PAGE_SIZE))
         raise AssertionError(f"{dev.name}: slot {slot} has kind {k}, not in memory")
@@ -471,6 +740,8 @@ class Store:
         table = dev.table
         handles = table.handles
         info = table.info
+        epoch = table.epoch
+        ep = self.epoch
         pool = self.pool
         views = pool.views
         osize = pool.osize
@@ -485,7 +756,9 @@ class Store:
                 if k == POOL:
                     aid = h >> INDEX_BITS
                     off = (h & INDEX_MASK) * osize[aid]
-                    out[o:o + PAGE_SIZE] = decompress(views[aid][off:off + (i >> 4)])  # type: ignore[index]
+                    out[o:o + PAGE_SIZE] = decompress(
+                        views[aid][off:off + ((i >> 4) & LENGTH_MASK)])  # type: ignore[index]
+                    epoch[s] = ep
                 elif k == SAME:
                     if h:
                         out[o:o + PAGE_SIZE] = fill_page(h)
@@ -493,6 +766,7 @@ class Store:
                     aid = h >> INDEX_BITS
                     off = (h & INDEX_MASK) * PAGE_SIZE
                     out[o:o + PAGE_SIZE] = views[aid][off:off + PAGE_SIZE]  # type: ignore[index]
+                    epoch[s] = ep
                 elif k >= FILE0:
                     if on_disk is None:
                         on_disk = []
@@ -514,37 +788,119 @@ class Store:
         table = dev.table
         info = table.info
         handles = table.handles
+        cache = self.cache
+        promoted = False
         pending = where
         while pending:
             by_tier: dict[int, list[tuple[int, int, int]]] = {}
             for o, s in pending:
                 i = info[s]
-                if i & KIND_MASK < FILE0:  # it left the file tiers meanwhile
+                k = i & KIND_MASK
+                if k < FILE0:  # it left the file tiers meanwhile
                     out[o:o + PAGE_SIZE] = self._load_page(dev, s)
                     continue
-                by_tier.setdefault(i - FILE0, []).append((o, s, handles[s]))
+                ti = k - FILE0
+                p = handles[s]
+                hit = cache.get(ti << _PIN_SHIFT | p)
+                if hit is not None:
+                    cache.hits += 1
+                    out[o:o + PAGE_SIZE] = hit
+                    promoted |= self._accessed(dev, s, i, ti, hit)
+                    continue
+                cache.misses += 1
+                by_tier.setdefault(ti, []).append((o, s, p))
             pending = []
+            # Pin the pages of every tier before the first await: a page
+            # looked up now must not be freed and reused before its read.
+            pinned: dict[int, list[int]] = {}
+            pins = self._pins
             for ti, items in by_tier.items():
                 items.sort(key=lambda x: x[2])
-                pages = [p for _, _, p in items]
-                keys = [ti << _PIN_SHIFT | p for p in pages]
-                pins = self._pins
+                keys = pinned[ti] = [ti << _PIN_SHIFT | p for _, _, p in items]
                 for key in keys:
                     pins[key] = pins.get(key, 0) + 1
-                try:
-                    data = await self.tiers[ti].read_many(pages)
-                except ChecksumError as e:
-                    raise Corruption(f"{dev.name}: {e}") from None
-                except TierIOError as e:
-                    raise BackingIOError(f"{dev.name}: {e}") from None
-                finally:
+            try:
+                for ti, items in by_tier.items():
+                    try:
+                        data = await self.tiers[ti].read_many([p for _, _, p in items])
+                    except ChecksumError as e:
+                        raise Corruption(f"{dev.name}: {e}") from None
+                    except TierIOError as e:
+                        raise BackingIOError(f"{dev.name}: {e}") from None
+                    finally:
+                        self._unpin(ti, pinned.pop(ti))
+                    kind = FILE0 + ti
+                    for (o, s, p), page in zip(items, data):
+                        i = info[s]
+                        if i & KIND_MASK == kind and handles[s] == p:
+                            out[o:o + PAGE_SIZE] = page
+                            cache.put(ti << _PIN_SHIFT | p, page)
+                            promoted |= self._accessed(dev, s, i, ti, page)
+                        else:
+                            pending.append((o, s))
+            finally:
+                for ti, keys in pinned.items():  # reads not done (an error or cancelled)
                     self._unpin(ti, keys)
-                kind = FILE0 + ti
-                for (o, s, p), page in zip(items, data):
-                    if info[s] == kind and handles[s] == p:
-                        out[o:o + PAGE_SIZE] = page
-                    else:
-                        pending.append((o, s))
+        if promoted:
+            for tier in self.tiers:
+                if tier.punch_pending:  # a promotion left a cluster entirely free
+                    await tier.punch_free_clusters()
+
+    def _accessed(self, dev: Device, s: int, i: int, ti: int, page: object) -> bool:
+        """A page of file tier ``ti`` (slot ``s``, info ``i``) was just read.
+
+        Without a shadow its access epoch is updated.  With one, the read is
+        a refault: if the distance (demotions since the page was demoted) is
+        within ``promote_distance`` and the pool is below its high
+        watermark, the page is promoted to the pool; otherwise the shadow is
+        re-armed at the current demotion count, so a second read soon after
+        finds a short distance.  No await: atomic.  True if promoted."""
+        epoch = dev.table.epoch
+        if not i & SHADOW:
+            epoch[s] = self.epoch
+            return False
+        self.wb_refaults[1 + ti] += 1
+        dist = (self.demotions - epoch[s]) & EPOCH_MASK
+        limit = self.promote_distance
+        if limit is None:
+            limit = max(self.pool.objects, 1)
+        if dist <= limit and self._promote(dev, s, ti, page):
+            return True
+        epoch[s] = self.demotions & EPOCH_MASK
+        return False
+
+    def _promote(self, dev: Device, s: int, ti: int, page: object) -> bool:
+        """Move slot ``s`` (a page of file tier ``ti`` whose content is
+        ``page``) to the pool, if the pool is below its high watermark and
+        has room.  Like a write, it replaces the info word, so a move of the
+        slot in flight aborts at its commit.  No await."""
+        pool = self.pool
+        if pool.pool_bytes >= self.pool_high_bytes:
+            return False
+        c = self.codec.compress(page)
+        n = len(c)
+        try:
+            if n > self.accept_limit:
+                h = pool.alloc(page, PAGE_SIZE)
+                new_i = _HUGE_INFO
+                n = PAGE_SIZE
+                dev.huge_pages += 1
+            else:
+                h = pool.alloc(c, n)
+                new_i = n << 4 | POOL
+                dev.pool_pages += 1
+        except PoolFull:
+            return False
+        table = dev.table
+        self._free_file_page(ti, table.handles[s])
+        dev.file_pages -= 1
+        dev.compressed_bytes += n
+        dev.pool_bytes += (n + 31) & ~31
+        table.handles[s] = h
+        table.info[s] = new_i
+        table.epoch[s] = self.epoch
+        self.wb_promotions[1 + ti] += 1
+        return True
 
     def _unpin(self, ti: int, keys: list[int]) -> None:
         pins = self._pins
@@ -622,10 +978,10 @@ class Store:
                 if old == SAME:
                     d_same -= 1
                 elif old & KIND_MASK >= FILE0:
-                    self._free_file_page(old - FILE0, handles[s])
+                    self._free_file_page((old & KIND_MASK) - FILE0, handles[s])
                     d_file -= 1
                 else:
-                    n = old >> 4
+                    n = (old >> 4) & LENGTH_MASK
                     free(handles[s], n)
                     d_cbytes -= n
                     d_pbytes -= (n + 31) & ~31
@@ -668,7 +1024,16 @@ class Store:
             fragmentation=pool.fragmentation, metadata_bytes=pool_meta, arenas=pool.arenas,
             spare_bytes=pool.spare_bytes(), classes=pool.class_counts())
         same = sum(d.same_filled_pages for d in devices)
-        tier_stats = [t.stats() for t in self.tiers]
+        # A tier's stored_pages counts the pages slots hold: pages written
+        # but not committed yet (writes and moves in flight) and pages freed
+        # while a read pins them are left out, so every stored page is
+        # counted once at every moment.
+        unowned = list(self._inflight)
+        for key in self._deferred:
+            unowned[key >> _PIN_SHIFT] += 1
+        tier_stats = [dataclasses.replace(st, stored_pages=st.stored_pages - unowned[ti])
+                      if unowned[ti] else st
+                      for ti, st in enumerate(t.stats() for t in self.tiers)]
         file_pages = sum(t.stored_pages for t in tier_stats)
         totals = TotalsStats(
             stored_pages=same + pool.objects + file_pages,
@@ -685,14 +1050,49 @@ class Store:
             discards=sum(d.discards for d in devices),
             read_bytes=sum(d.read_bytes for d in devices),
             written_bytes=sum(d.written_bytes for d in devices))
-        return Stats(devices=devices, tiers=(pstats, *tier_stats), totals=totals)
+        return Stats(devices=devices, tiers=(pstats, *tier_stats), totals=totals,
+                     writeback=self._writeback_stats(), cache=self._cache_stats())
 
-    def check_invariants(self) -> None:
-        """Walk every table; AssertionError naming the first discrepancy."""
+    def _writeback_stats(self) -> WritebackStats:
+        names = self.level_names
+        pairs = {f"{names[a]}->{names[b]}": {"pages": v[0], "bytes": v[0] * PAGE_SIZE,
+                                               "batches": v[1]}
+                 for (a, b), v in sorted(self.wb_pairs.items())}
+        levels = {name: {"demotions": self.wb_demotions[k], "refaults": self.wb_refaults[k],
+                         "promotions": self.wb_promotions[k]} for k, name in enumerate(names)}
+        marks = {"pool": {"high": self.pool_high_bytes, "low": self.pool_low_bytes,
+                          "used": self.pool.pool_bytes}}
+        last = len(self._groups) - 1
+        for ti, (tier, tc) in enumerate(zip(self.tiers, self.config.tiers)):
+            if self.group_of(ti) < last:
+                marks[tier.name] = {"high": int(tc.high_watermark * tier.capacity_pages),
+                                    "low": int(tc.low_watermark * tier.capacity_pages),
+                                    "used": tier.stored_pages}
+        return WritebackStats(
+            moved_pages=self.wb_moved, aborted_moves=self.wb_aborted,
+            promotions=sum(self.wb_promotions), refaults=sum(self.wb_refaults),
+            moved_bytes=self.wb_moved * PAGE_SIZE, batches=self.wb_batches,
+            failed_batches=self.wb_failed_batches, inflight_pages=sum(self._inflight),
+            requests=self.wb_requests, epoch=self.epoch, demotions_clock=self.demotions,
+            pairs=pairs, levels=levels, watermarks=marks)
+
+    def _cache_stats(self) -> CacheStats:
+        c = self.cache
+        return CacheStats(pages=len(c), hits=c.hits, misses=c.misses, capacity_pages=c.capacity,
+                          inserts=c.inserts, evictions=c.evictions)
+
+    def check_invariants(self, *, quiescent: bool = True) -> None:
+        """Walk every table; AssertionError naming the first discrepancy.
+
+        ``quiescent``: no request is running (no page may be pinned).  With
+        False, reads may be in flight: pinned pages and the frees they defer
+        are allowed.  The accounting identity is checked whenever no move is
+        in flight."""
         pool = self.pool
         live: dict[int, list[int]] = {}
         file_owner: list[dict[int, tuple[str, int]]] = [{} for _ in self.tiers]
         total_cbytes = 0
+        moving = 0
         for dev in self.devices:
             table = dev.table
             if not (len(table.handles) == len(table.info) == len(table.epoch) == dev.npages):
@@ -707,7 +1107,16 @@ class Store:
                     counts[EMPTY] += 1
                     continue
                 k = i & KIND_MASK
-                n = i >> 4
+                n = (i >> 4) & LENGTH_MASK
+                if i & ~(FLAGS | LENGTH_MASK << 4 | KIND_MASK):
+                    raise AssertionError(f"{dev.name}: slot {s} has unknown info bits {i:#x}")
+                if i & MOVING:
+                    moving += 1
+                    if k != POOL and k != HUGE and k < FILE0:
+                        raise AssertionError(f"{dev.name}: {KIND_NAMES.get(k, k)} slot {s} "
+                                             "is flagged MOVING")
+                if i & SHADOW and k < FILE0:
+                    raise AssertionError(f"{dev.name}: slot {s} in memory has a shadow")
                 if k == SAME:
                     if n:
                         raise AssertionError(f"{dev.name}: same-filled slot {s} has length {n}")
@@ -752,14 +1161,31 @@ class Store:
                     raise AssertionError(f"{dev.name}: {name} counts {getattr(dev, name)}, "
                                          f"slot table holds {value}")
         pool.check_invariants(live, total_cbytes)
-        if self._pins:
+        if moving > self._moving:
+            raise AssertionError(f"{moving} slots flagged MOVING, {self._moving} in moves")
+        quiet = not self._moving
+        if quiescent and self._pins:
             raise AssertionError(f"file pages still pinned: {len(self._pins)}")
         for ti, tier in enumerate(self.tiers):
             tier.check_invariants()
-            owned = len(file_owner[ti]) + sum(1 for key in self._deferred if key >> _PIN_SHIFT == ti)
+            owned = (len(file_owner[ti]) + self._inflight[ti]
+                     + sum(1 for key in self._deferred if key >> _PIN_SHIFT == ti))
             if tier.stored_pages != owned:
                 raise AssertionError(f"tier {tier.name}: {tier.stored_pages} pages in use, "
-                                     f"{owned} referenced by slots")
+                                     f"{owned} referenced by slots or moves in flight")
+        self.cache.check_invariants()
+        for key in self.cache.keys():
+            ti, page = key >> _PIN_SHIFT, key & _PAGE_OF_KEY
+            if not (ti < len(self.tiers) and self.tiers[ti]._used[page]):
+                raise AssertionError(f"swap cache holds tier {ti} page {page}, not in use")
+            if quiet and page not in file_owner[ti]:
+                raise AssertionError(f"swap cache holds tier {ti} page {page}, no slot's")
+            if quiet:
+                on_disk = os.pread(self.tiers[ti]._fd, PAGE_SIZE, page * PAGE_SIZE)
+                if on_disk != self.cache.get(key):
+                    raise AssertionError(f"swap cache: tier {ti} page {page} differs from disk")
+        # (stats() leaves out pages in flight and deferred frees: the identity
+        # holds at every moment.)
         st = self.stats()
         t = st.totals
         tier_pages = sum(tier.stored_pages for tier in st.tiers)

@@ -1,0 +1,246 @@
+"""Writeback: the policy that moves cold pages down the tiers.
+
+One :class:`Writeback` per store (per mount), run as a trio task
+(``await nursery.start(wb.run)``, or ``async with open_writeback(store)``).
+It owns the access clock (``store.epoch``, advanced EPOCHS_PER_SECOND times
+a second on trio's clock, so MockClock drives it in tests), balances the
+tiers against their watermarks, and serves explicit requests (the
+``user.swapfs.ctl.writeback`` xattr).  The mechanism, copy then commit only
+if the slot did not change, is ``Store.migrate``; see docs/writeback.md.
+
+Victims: the coldest pages of the source tier, by last-access epoch,
+chosen in a window of the slot tables that a cursor walks round (CLOCK-like
+sampling: scanning every slot per batch would cost more than the move).
+Devices whose config says ``writeback = false`` are never scanned.
+
+One migration at a time (a lock): concurrent moves of one slot could
+otherwise pass each other's commit check.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import heapq
+import logging
+from typing import AsyncIterator
+
+import trio
+
+from .slots import FILE0, KIND_MASK, MOVING, SHADOW
+from .store import EPOCH_MASK, EPOCHS_PER_SECOND, Device, Store
+from .tiers.file import CLUSTER_PAGES
+
+log = logging.getLogger(__name__)
+
+# Pages per migration: one cluster, one pwritev.
+BATCH_PAGES = CLUSTER_PAGES
+# Slots looked at per victim search, and candidates wanted per victim.
+SCAN_SLOTS = 16384
+CANDIDATES_PER_VICTIM = 4
+_CHUNK = 4096
+_ZERO_CHUNK = bytes(4 * _CHUNK)
+
+
+class Writeback:
+    def __init__(self, store: Store, *, interval: float = 1.0 / EPOCHS_PER_SECOND,
+                 throttle: float = 0.002) -> None:
+        self.store = store
+        self.interval = interval
+        self.throttle = throttle  # pause between batches while foreground I/O runs
+        self._wake = trio.Event()
+        self._lock = trio.Lock()
+        self._cursor: dict[int, tuple[int, int]] = {}  # source level -> (device index, slot)
+        self.running = False
+
+    # -- the task ---------------------------------------------------------
+
+    def kick(self) -> None:
+        """Ask for a balance pass soon (called by the store, no await)."""
+        self._wake.set()
+
+    def tick(self) -> None:
+        self.store.epoch = int(trio.current_time() * EPOCHS_PER_SECOND) & EPOCH_MASK
+
+    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Balance the tiers whenever kicked or every ``interval``; forever."""
+        store = self.store
+        self.tick()
+        store.kick_writeback = self.kick
+        self.running = True
+        try:
+            task_status.started(self)
+            while True:
+                self._wake = trio.Event()
+                self.tick()
+                try:
+                    await self.balance()
+                except Exception:  # never let a failing tier take the mount down
+                    log.exception("writeback pass failed")
+                with trio.move_on_after(self.interval):
+                    await self._wake.wait()
+        finally:
+            self.running = False
+            store.kick_writeback = None
+
+    # -- policy -----------------------------------------------------------
+
+    def _pool_over(self, mark: int) -> bool:
+        return self.store.pool.pool_bytes > mark
+
+    async def balance(self) -> int:
+        """Bring every tier above the last under its low watermark if it is
+        above its high one; return the pages moved."""
+        store = self.store
+        moved = 0
+        if store.tiers and store.pool.pool_bytes > store.pool_high_bytes:
+            moved += await self._drain(0, lambda: store.pool.pool_bytes > store.pool_low_bytes,
+                                       urgent=True)
+            if store.pool.pool_bytes > store.pool_low_bytes:
+                store.pool.release_spares()
+        last = len(store._groups) - 1
+        for ti, (tier, tc) in enumerate(zip(store.tiers, store.config.tiers)):
+            if store.group_of(ti) >= last:
+                continue
+            if tier.stored_pages > tc.high_watermark * tier.capacity_pages:
+                low = tc.low_watermark * tier.capacity_pages
+                moved += await self._drain(1 + ti, lambda t=tier, lo=low: t.stored_pages > lo,
+                                           urgent=True)
+        return moved
+
+    async def _drain(self, src: int, more, *, urgent: bool, limit: int | None = None,
+                     devices: list[Device] | None = None, idle_before: int | None = None,
+                     now: int | None = None) -> int:
+        moved = 0
+        budget = limit if limit is not None else self._stored_at(src)
+        while more() and budget > 0:
+            want = min(BATCH_PAGES, budget)
+            async with self._lock:
+                victims = self.select(src, want, devices=devices, idle_before=idle_before,
+                                      now=now)
+                if not victims:
+                    break
+                got = await self.store.migrate(victims, src)
+            if not got:
+                break
+            moved += got
+            budget -= len(victims)
+            await self._yield(urgent)
+        return moved
+
+    def _stored_at(self, src: int) -> int:
+        store = self.store
+        if src == 0:
+            return store.pool.objects
+        return store.tiers[src - 1].stored_pages
+
+    def _foreground(self) -> int:
+        return sum(d.reads + d.writes + d.discards for d in self.store.devices)
+
+    async def _yield(self, urgent: bool) -> None:
+        """Between batches: let every waiting request run first; when not
+        urgent and requests keep coming, pause ``throttle`` seconds."""
+        before = self._foreground()
+        await trio.sleep(0)
+        if not urgent and self._foreground() != before:
+            await trio.sleep(self.throttle)
+
+    def _devices(self, devices: list[Device] | None) -> list[Device]:
+        return [d for d in (devices or self.store.devices) if d.config.writeback]
+
+    def select(self, src: int, n: int, *, devices: list[Device] | None = None,
+               idle_before: int | None = None, now: int | None = None
+               ) -> list[tuple[Device, int]]:
+        """Up to ``n`` cold pages of level ``src``: the coldest of a window of
+        candidates found from the level's cursor.  With ``idle_before`` (an
+        age in epochs), only pages not accessed for at least that long, in
+        slot order (the cursor walks the tables once per request); ``now``
+        is the epoch the age counts from (the request's, not the clock's
+        while the request runs)."""
+        devs = self._devices(devices)
+        if not devs:
+            return []
+        if src == 0:
+            mask, want = MOVING | 0xE, 2  # POOL or HUGE, not moving
+        else:
+            mask, want = MOVING | KIND_MASK, FILE0 + src - 1
+        if now is None:
+            now = self.store.epoch
+        di, slot = self._cursor.get(src, (0, 0))
+        if di >= len(devs):
+            di, slot = 0, 0
+        cands: list[tuple[int, int, int]] = []
+        goal = n if idle_before is not None else n * CANDIDATES_PER_VICTIM
+        total = sum(d.npages for d in devs)
+        budget = total if idle_before is not None else min(SCAN_SLOTS, total)
+        scanned = 0
+        while scanned < budget and len(cands) < goal:
+            dev = devs[di]
+            info = dev.table.info
+            epoch = dev.table.epoch
+            end = min(slot + _CHUNK, dev.npages, slot + budget - scanned)
+            ib = memoryview(info).cast("B")
+            empty = ib[slot * 4:end * 4] == _ZERO_CHUNK[:(end - slot) * 4]
+            ib.release()
+            if not empty:
+                for s in range(slot, end):
+                    i = info[s]
+                    if i & mask == want:
+                        e = epoch[s]
+                        if idle_before is not None:
+                            if i & SHADOW or (now - e) & EPOCH_MASK < idle_before:
+                                continue
+                        # shadowed pages (demoted, not read since) are the coldest
+                        key = -(1 << 33) if i & SHADOW else -((now - e) & EPOCH_MASK)
+                        cands.append((key, di, s))
+                        if idle_before is not None and len(cands) >= goal:
+                            end = s + 1
+                            break
+            scanned += end - slot
+            slot = end
+            if slot >= dev.npages:
+                di = (di + 1) % len(devs)
+                slot = 0
+        self._cursor[src] = (di, slot)
+        if idle_before is None and len(cands) > n:
+            cands = heapq.nsmallest(n, cands)
+        return [(devs[d], s) for _, d, s in cands]
+
+    # -- requests (user.swapfs.ctl.writeback) ------------------------------
+
+    async def writeback_pages(self, n: int, device: Device | None = None) -> int:
+        """Move up to ``n`` of the pool's coldest pages down now."""
+        self.store.wb_requests += 1
+        if not self.store.tiers or n <= 0:
+            return 0
+        return await self._drain(0, lambda: True, urgent=False, limit=n,
+                                 devices=[device] if device else None)
+
+    async def writeback_idle(self, seconds: float, device: Device | None = None) -> int:
+        """Move down every pool page not accessed for ``seconds`` or more."""
+        self.store.wb_requests += 1
+        if not self.store.tiers:
+            return 0
+        self.tick()
+        age = max(int(seconds * EPOCHS_PER_SECOND), 0)
+        devs = [device] if device else None
+        start = self._cursor.pop(0, None)
+        self._cursor[0] = (0, 0)  # one full walk, from the start
+        try:
+            return await self._drain(0, lambda: True, urgent=False, devices=devs,
+                                     idle_before=age, now=self.store.epoch)
+        finally:
+            if start is not None:
+                self._cursor[0] = start
+
+
+@contextlib.asynccontextmanager
+async def open_writeback(store: Store, **kw) -> AsyncIterator[Writeback]:
+    """Run a store's writeback task for the length of the block."""
+    wb = Writeback(store, **kw)
+    store.writeback = wb
+    async with trio.open_nursery() as nursery:
+        await nursery.start(wb.run)
+        try:
+            yield wb
+        finally:
+            nursery.cancel_scope.cancel()

@@ -1,0 +1,346 @@
+"""Writeback: watermarks, requests, no-writeback devices, refaults and promotion,
+and a model-based concurrency test of moves against writes, reads and discards."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+import pytest
+import trio
+
+from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
+from swapfs.slots import FILE0, KIND_MASK, POOL, SHADOW
+from swapfs.store import Store
+from swapfs.writeback import Writeback, open_writeback
+
+from .conftest import compressible_page
+
+MiB = 1 << 20
+PAGE = 4096
+
+
+def tier(name: str, path: Path, size: int, priority: int = 100, high: float = 0.95,
+         low: float = 0.9) -> TierConfig:
+    return TierConfig(name=name, kind="file", path=str(path), size=size, priority=priority,
+                      high_watermark=high, low_watermark=low)
+
+
+@pytest.fixture
+def stores():
+    made: list[Store] = []
+
+    def make(tiers, *, pool_bytes=256 * 1024, high=0.9, low=0.8, devices=(("swap0", 8 * MiB, True),),
+             cache_pages=64) -> Store:
+        cfg = Config(pool=PoolConfig(max_bytes=pool_bytes, algorithm="lz4", high_watermark=high,
+                                     low_watermark=low),
+                     devices=tuple(DeviceConfig(name=n, size=sz, writeback=wb)
+                                   for n, sz, wb in devices),
+                     tiers=tuple(tiers))
+        s = Store(cfg, arena_bytes=16 * 1024, cache_pages=cache_pages)
+        made.append(s)
+        return s
+
+    yield make
+    for s in made:
+        s.check_invariants()
+        for t in s.tiers:
+            t.close()
+
+
+def pages_of(n: int, seed: int = 0) -> list[bytes]:
+    rng = random.Random(seed)
+    return [compressible_page(rng) for _ in range(n)]
+
+
+def where(store: Store, dev, s: int) -> str:
+    k = dev.table.info[s] & KIND_MASK
+    return "pool" if k < FILE0 else store.tiers[k - FILE0].name
+
+
+async def test_pool_above_high_watermark_drains_below_low(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)])
+    dev = store.devices[0]
+    data = pages_of(600)
+    async with open_writeback(store, interval=0.01):
+        for i, p in enumerate(data):
+            await store.write(dev, i * PAGE, p)
+        await trio.sleep(0.5)
+        st = store.stats()
+        assert st.pool.pool_bytes <= store.pool_high_bytes
+        assert st.writeback.moved_pages > 0
+        assert st.writeback.pairs["pool->ssd"]["pages"] == st.writeback.moved_pages
+        assert st.writeback.watermarks["pool"]["high"] == store.pool_high_bytes
+        store.check_invariants()
+    assert await store.read(dev, 0, 600 * PAGE) == b"".join(data)
+    # demoted pages carry a shadow
+    assert any(dev.table.info[s] & SHADOW for s in range(600))
+
+
+async def test_ctl_pages_moves_the_coldest_contiguously(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)], pool_bytes=8 * MiB)
+    dev = store.devices[0]
+    data = pages_of(64)
+    wb = Writeback(store)
+    store.writeback = wb
+    for i in range(64):
+        store.epoch = 1000 + i  # as the clock would advance
+        await store.write(dev, i * PAGE, data[i])
+    # slots 0..15 are the oldest
+    moved = await wb.writeback_pages(16)
+    assert moved == 16
+    assert [where(store, dev, s) for s in range(16)] == ["ssd"] * 16
+    assert all(where(store, dev, s) == "pool" for s in range(16, 64))
+    # one batch, one contiguous extent
+    assert sorted(dev.table.handles[s] for s in range(16)) == list(range(16))
+    st = store.stats()
+    assert st.writeback.batches == 1 and st.writeback.moved_bytes == 16 * PAGE
+    assert st.writeback.requests == 1
+    assert await store.read(dev, 0, 64 * PAGE) == b"".join(data)
+
+
+async def test_idle_writeback_with_a_mock_clock(stores, tmp_path, autojump_clock):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)], pool_bytes=8 * MiB)
+    dev = store.devices[0]
+    data = pages_of(40)
+    async with open_writeback(store) as wb:
+        await store.write(dev, 0, b"".join(data[:20]))
+        await trio.sleep(100)
+        await store.write(dev, 20 * PAGE, b"".join(data[20:]))
+        await trio.sleep(30)
+        await store.read(dev, 5 * PAGE, PAGE)  # touched: not idle
+        await trio.sleep(1)
+        moved = await wb.writeback_idle(60)
+        assert moved == 19
+        assert where(store, dev, 5) == "pool"
+        assert all(where(store, dev, s) == "ssd" for s in range(20) if s != 5)
+        assert all(where(store, dev, s) == "pool" for s in range(20, 40))
+        # (the mock clock jumps while the tier's thread writes: no age check here)
+        assert await wb.writeback_idle(10_000) == 0
+        assert await wb.writeback_idle(0) == 21
+    assert await store.read(dev, 0, 40 * PAGE) == b"".join(data)
+
+
+async def test_no_writeback_device_stays_in_memory(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)], pool_bytes=512 * 1024,
+                   devices=(("keep", 4 * MiB, False), ("swap0", 4 * MiB, True)))
+    keep, dev = store.devices
+    a = pages_of(50, 1)
+    b = pages_of(50, 2)
+    noise = os.urandom(PAGE)
+    await store.write(keep, 0, b"".join(a) + noise)
+    await store.write(dev, 0, b"".join(b) + noise)
+    assert where(store, keep, 50) == "pool"  # incompressible, yet kept in memory
+    assert where(store, dev, 50) == "ssd"
+    wb = Writeback(store)
+    store.writeback = wb
+    assert await wb.writeback_pages(1000, keep) == 0
+    assert await wb.writeback_pages(1000) == 50
+    assert all(where(store, keep, s) == "pool" for s in range(51))
+    assert all(where(store, dev, s) == "ssd" for s in range(51))
+    assert await store.read(keep, 0, 51 * PAGE) == b"".join(a) + noise
+
+
+async def test_refault_promotes_a_hot_page_and_leaves_a_cold_one(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)], pool_bytes=8 * MiB,
+                   cache_pages=0)
+    dev = store.devices[0]
+    data = pages_of(300)
+    await store.write(dev, 0, b"".join(data))
+    wb = Writeback(store)
+    store.writeback = wb
+    store.promote_distance = 50
+    # slot 0 demoted first, then 250 more: a long refault distance
+    assert await wb.writeback_pages(1) == 1
+    assert await wb.writeback_pages(250) == 250
+    assert where(store, dev, 0) == "ssd"
+    cold = 0
+    hot = 250  # demoted last: distance 0
+    assert await store.read(dev, cold * PAGE, PAGE) == data[cold]
+    assert await store.read(dev, hot * PAGE, PAGE) == data[hot]
+    assert where(store, dev, cold) == "ssd"
+    assert where(store, dev, hot) == "pool"
+    st = store.stats().writeback
+    assert st.refaults == 2 and st.promotions == 1
+    assert st.levels["ssd"] == {"demotions": 0, "refaults": 2, "promotions": 1}
+    assert st.levels["pool"]["demotions"] == 251
+    # the cold page's shadow was re-armed: read again soon, it is hot now
+    assert await store.read(dev, cold * PAGE, PAGE) == data[cold]
+    assert where(store, dev, cold) == "pool"
+    assert store.stats().writeback.promotions == 2
+
+
+async def test_no_promotion_when_pool_is_above_its_high_watermark(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)], pool_bytes=8 * MiB)
+    dev = store.devices[0]
+    await store.write(dev, 0, b"".join(pages_of(10)))
+    wb = Writeback(store)
+    await wb.writeback_pages(10)
+    store.pool_high_bytes = 0
+    await store.read(dev, 0, 10 * PAGE)
+    assert all(where(store, dev, s) == "ssd" for s in range(10))
+    assert store.stats().writeback.refaults == 10
+
+
+async def test_file_tier_watermark_moves_down_to_the_next_group(stores, tmp_path):
+    store = stores([tier("fast", tmp_path / "fast.img", 1 * MiB, priority=100, high=0.5, low=0.25),
+                    tier("slow", tmp_path / "slow.img", 16 * MiB, priority=10)],
+                   pool_bytes=64 * 1024)
+    dev = store.devices[0]
+    data = [os.urandom(PAGE) for _ in range(200)]  # incompressible: straight to "fast"
+    await store.write(dev, 0, b"".join(data))
+    fast = store.tiers[0]
+    assert fast.stored_pages == 200
+    wb = Writeback(store)
+    await wb.balance()
+    assert fast.stored_pages <= 64
+    st = store.stats().writeback
+    assert st.pairs["fast->slow"]["pages"] == 200 - fast.stored_pages
+    assert await store.read(dev, 0, 200 * PAGE) == b"".join(data)
+    assert "fast" in st.watermarks and "slow" not in st.watermarks
+
+
+async def test_write_during_move_wins_and_the_move_aborts(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)], pool_bytes=8 * MiB)
+    dev = store.devices[0]
+    old = pages_of(8, 1)
+    new = pages_of(8, 2)
+    await store.write(dev, 0, b"".join(old))
+    wb = Writeback(store)
+    async with trio.open_nursery() as n:
+        n.start_soon(wb.writeback_pages, 8)
+        for _ in range(100):  # until the move copied the pages and awaits the tier write
+            if store.moves_in_flight:
+                break
+            await trio.sleep(0)
+        assert store.moves_in_flight == 8
+        assert await store.read(dev, 0, 8 * PAGE) == b"".join(old)  # from the old place
+        await store.write(dev, 2 * PAGE, new[2])
+        await store.discard(dev, 5 * PAGE, PAGE)
+    st = store.stats().writeback
+    assert st.moved_pages == 6 and st.aborted_moves == 2
+    expect = list(old)
+    expect[2] = new[2]
+    expect[5] = bytes(PAGE)
+    assert await store.read(dev, 0, 8 * PAGE) == b"".join(expect)
+    assert where(store, dev, 2) == "pool" and dev.table.info[5] == 0
+    assert dev.table.info[2] & KIND_MASK == POOL
+
+
+@pytest.mark.parametrize("seed", range(8))
+async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
+    """Writers, readers, discarders and writeback (tiny watermarks, pool to
+    file and file to file) with promotions; the model is checked after every
+    operation and the store's invariants whenever they must hold."""
+    store = stores([tier("fast", tmp_path / "fast.img", 1 * MiB, priority=100, high=0.3, low=0.1),
+                    tier("slow", tmp_path / "slow.img", 8 * MiB, priority=10)],
+                   pool_bytes=64 * 1024, high=0.3, low=0.1, devices=(("swap0", 1 * MiB, True),),
+                   cache_pages=int(os.environ.get("WB_CACHE", "16")))
+    dev = store.devices[0]
+    npages = dev.npages
+    rng = random.Random(seed)
+    store.promote_distance = None if seed % 2 else 1 << 30
+    # Per page: every content a read may show.  Overlapping writes and
+    # discards of a page may land in any order (a write request's pool pages
+    # land at once, its file pages later), so when the last overlapping
+    # operation ends, the page may hold the value of any of them; the next
+    # read with nothing in flight on the page pins down which.
+    model: list[set[bytes]] = [{bytes(PAGE)} for _ in range(npages)]
+    episode: list[set[bytes]] = [set() for _ in range(npages)]
+    busy = [0] * npages
+    version = [0] * npages
+    checks = [0]
+
+    def begin(i: int, value: bytes) -> None:
+        if not busy[i]:
+            episode[i] = set()
+        busy[i] += 1
+        version[i] += 1
+        episode[i].add(value)
+        model[i].add(value)
+
+    def end(i: int) -> None:
+        busy[i] -= 1
+        if not busy[i]:
+            model[i] = set(episode[i])
+
+    def content(i: int, k: int) -> bytes:
+        r = random.Random(i * 100003 + k + seed * 7)
+        if k % 4 == 0:
+            return r.randbytes(PAGE)
+        return compressible_page(r)
+
+    def check() -> None:
+        checks[0] += 1
+        store.check_invariants(quiescent=False)
+
+    async def writer(w: int) -> None:
+        for k in range(120):
+            i = rng.randrange(npages - 4)
+            n = rng.randrange(1, 4)
+            pages = [content(i + j, w * 1000 + k) for j in range(n)]
+            for j in range(n):
+                begin(i + j, pages[j])
+            await store.write(dev, i * PAGE, b"".join(pages))
+            for j in range(n):
+                end(i + j)
+            check()
+            await trio.sleep(0)
+
+    async def discarder() -> None:
+        for _ in range(50):
+            i = rng.randrange(npages - 8)
+            n = rng.randrange(1, 8)
+            for j in range(n):
+                begin(i + j, bytes(PAGE))
+            await store.discard(dev, i * PAGE, n * PAGE)
+            for j in range(n):
+                end(i + j)
+            check()
+            await trio.sleep(0)
+
+    async def reader() -> None:
+        for _ in range(250):
+            i = rng.randrange(npages - 4)
+            before = [set(model[i + j]) for j in range(4)]
+            quiet = [(version[i + j], busy[i + j]) for j in range(4)]
+            got = await store.read(dev, i * PAGE, 4 * PAGE)
+            for j in range(4):
+                page = bytes(got[j * PAGE:(j + 1) * PAGE])
+                assert page in before[j] or page in model[i + j], f"page {i + j} read wrong"
+                if quiet[j][1] == 0 and quiet[j] == (version[i + j], busy[i + j]):
+                    model[i + j] = {page}  # nothing touched it: this is its content
+            check()
+            await trio.sleep(0)
+
+    async def requester(wb: Writeback) -> None:
+        for _ in range(40):
+            if rng.random() < 0.5:
+                await wb.writeback_pages(rng.randrange(1, 40))
+            else:
+                await wb.writeback_idle(0)
+            check()
+            await trio.sleep(0.001)
+
+    async with open_writeback(store, interval=0.001) as wb:
+        async with trio.open_nursery() as n:
+            for w in range(3):
+                n.start_soon(writer, w)
+            n.start_soon(discarder)
+            for _ in range(3):
+                n.start_soon(reader)
+            n.start_soon(requester, wb)
+    for i in range(npages):
+        page = bytes(await store.read(dev, i * PAGE, PAGE))
+        assert page in model[i], f"page {i}"
+        assert bytes(await store.read(dev, i * PAGE, PAGE)) == page  # stable
+    store.check_invariants()
+    st = store.stats()
+    assert st.writeback.moved_pages > 0
+    assert st.writeback.pairs.get("fast->slow", {}).get("pages", 0) > 0
+    if store.promote_distance:
+        assert st.writeback.promotions > 0
+    print(f"seed {seed}: {checks[0]} checked steps, moved {st.writeback.moved_pages}, "
+          f"aborted {st.writeback.aborted_moves}, promotions {st.writeback.promotions}, "
+          f"cache hits {st.cache.hits}")

@@ -1,0 +1,158 @@
+"""Writeback behind a real mount: the control xattr, watermarks under concurrent I/O."""
+
+from __future__ import annotations
+
+import errno
+import os
+import random
+import threading
+
+import pytest
+
+pytestmark = pytest.mark.timeout(120)
+MiB = 1 << 20
+PAGE = 4096
+
+
+def config(tmp_path, pool="4M", keep_writeback=True):
+    return f"""
+[pool]
+algorithm = "lz4"
+max_bytes = "{pool}"
+high_watermark = 0.5
+low_watermark = 0.3
+
+[[device]]
+name = "swap0"
+size = "32M"
+
+[[device]]
+name = "keep"
+size = "4M"
+writeback = {"true" if keep_writeback else "false"}
+
+[[tier]]
+name = "ssd"
+kind = "file"
+path = "{tmp_path}/ssd.img"
+size = "64M"
+priority = 10
+"""
+
+
+def text_page(i: int, k: int = 0) -> bytes:
+    return (b"page %d version %d " % (i, k) * 300)[:PAGE]
+
+
+def test_ctl_writeback_xattr(mount_factory, tmp_path):
+    m = mount_factory(config(tmp_path, pool="16M", keep_writeback=False))
+    data = b"".join(text_page(i) for i in range(256))
+    keep = b"".join(text_page(i, 9) for i in range(64))
+    with open(m.dev(), "r+b", buffering=0) as f:
+        f.write(data)
+    with open(m.dev("keep"), "r+b", buffering=0) as f:
+        f.write(keep)
+    # garbage never crashes nor moves anything
+    for bad in (b"", b"-1", b"x", b"idle:", b"idle:-3", b"12abc", b"\xff\x00", b"1" * 20,
+                b"idle:1e9", b" 5"):
+        with pytest.raises(OSError) as e:
+            os.setxattr(m.path, "user.swapfs.ctl.writeback", bad)
+        assert e.value.errno == errno.EINVAL, bad
+    assert m.stats()["writeback"]["moved_pages"] == 0
+    # read-only stats names keep refusing
+    with pytest.raises(OSError) as e:
+        os.setxattr(m.path, "user.swapfs.writeback.moved_pages", b"0")
+    assert e.value.errno == errno.EPERM
+    os.setxattr(m.dev(), "user.swapfs.ctl.writeback", b"100")
+    s = m.stats()
+    assert s["writeback"]["moved_pages"] == 100
+    assert s["tiers"]["ssd"]["stored_pages"] == 100
+    assert s["writeback"]["pairs"]["pool->ssd"]["pages"] == 100
+    # the no-writeback device keeps its pages in memory
+    os.setxattr(m.dev("keep"), "user.swapfs.ctl.writeback", b"idle:0")
+    os.setxattr(m.path, "user.swapfs.ctl.writeback", b"idle:0")
+    s = m.stats()
+    assert s["tiers"]["ssd"]["stored_pages"] == 256
+    assert s["devices"]["keep"]["pool_pages"] == 64
+    assert os.getxattr(m.path, "user.swapfs.writeback.moved_pages") == b"256"
+    with open(m.dev(), "rb", buffering=0) as f:
+        assert f.read(len(data)) == data
+    with open(m.dev("keep"), "rb", buffering=0) as f:
+        assert f.read(len(keep)) == keep
+    s = m.stats()
+    assert s["writeback"]["refaults"] == 256
+    t = s["totals"]
+    assert t["stored_pages"] == t["same_filled_pages"] + sum(x["stored_pages"] for x in s["tiers"].values())
+
+
+def test_watermarks_under_concurrent_io(mount_factory, tmp_path):
+    """Writers, readers and punchers through the mount while writeback keeps
+    the 4 MiB pool under its watermarks: every read is one of the values the
+    model allows."""
+    m = mount_factory(config(tmp_path))
+    npages = 32 * MiB // PAGE
+    lock = threading.Lock()
+    owner = [-1] * npages  # page -> thread currently changing it
+    model = [bytes(PAGE)] * npages
+    errors: list[str] = []
+    fd = os.open(m.dev(), os.O_RDWR)
+
+    def worker(t: int) -> None:
+        rng = random.Random(t)
+        try:
+            for k in range(400):
+                i = rng.randrange(npages - 4)
+                n = rng.randrange(1, 4)
+                with lock:
+                    if any(owner[i + j] != -1 for j in range(n)):
+                        continue
+                    for j in range(n):
+                        owner[i + j] = t
+                r = rng.random()
+                if r < 0.5:
+                    pages = [random.Random(i + j + 7 * k + t).randbytes(PAGE // 2)
+                             + text_page(i + j, t * 1000 + k)[:PAGE // 2] for j in range(n)]
+                    os.pwrite(fd, b"".join(pages), i * PAGE)
+                elif r < 0.6:
+                    pages = [bytes(PAGE)] * n
+                    _punch(fd, i * PAGE, n * PAGE)
+                else:
+                    pages = None
+                    got = os.pread(fd, n * PAGE, i * PAGE)
+                    for j in range(n):
+                        if got[j * PAGE:(j + 1) * PAGE] != model[i + j]:
+                            errors.append(f"page {i + j} read wrong")
+                with lock:
+                    for j in range(n):
+                        if pages is not None:
+                            model[i + j] = pages[j]
+                        owner[i + j] = -1
+        except Exception as e:  # reported below
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    try:
+        assert not errors, errors[:5]
+        for i in range(0, npages, 64):
+            got = os.pread(fd, 64 * PAGE, i * PAGE)
+            for j in range(64):
+                assert got[j * PAGE:(j + 1) * PAGE] == model[i + j], f"page {i + j}"
+    finally:
+        os.close(fd)
+    s = m.stats()
+    assert s["writeback"]["moved_pages"] > 0
+    assert s["tiers"]["pool"]["pool_bytes"] <= 4 * MiB
+    assert s["writeback"]["watermarks"]["pool"]["high"] == 2 * MiB
+
+
+def _punch(fd: int, offset: int, length: int) -> None:
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
+    if libc.fallocate(fd, 0x01 | 0x02, offset, length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
