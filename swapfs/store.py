@@ -154,6 +154,9 @@ class Store:
         # the pool holds now (a page that would have stayed had the pool been
         # that much larger, as the kernel's workingset refault test).
         self.promote_distance: int | None = None
+        # A hot page is promoted while the pool holds less than this (room
+        # left; writeback then demotes colder pages below the watermarks).
+        self.promote_limit_bytes = self.pool.max_bytes
         # Slots flagged MOVING and destination pages written but not committed.
         self._moving = 0
         self._inflight = [0] * len(self.tiers)
@@ -851,8 +854,8 @@ class Store:
 
         Without a shadow its access epoch is updated.  With one, the read is
         a refault: if the distance (demotions since the page was demoted) is
-        within ``promote_distance`` and the pool is below its high
-        watermark, the page is promoted to the pool; otherwise the shadow is
+        within ``promote_distance`` and the pool has room, the page is
+        promoted to the pool; otherwise the shadow is
         re-armed at the current demotion count, so a second read soon after
         finds a short distance.  No await: atomic.  True if promoted."""
         epoch = dev.table.epoch
@@ -871,11 +874,11 @@ class Store:
 
     def _promote(self, dev: Device, s: int, ti: int, page: object) -> bool:
         """Move slot ``s`` (a page of file tier ``ti`` whose content is
-        ``page``) to the pool, if the pool is below its high watermark and
-        has room.  Like a write, it replaces the info word, so a move of the
+        ``page``) to the pool, if the pool holds less than
+        ``promote_limit_bytes`` and the allocation succeeds.  Like a write, it replaces the info word, so a move of the
         slot in flight aborts at its commit.  No await."""
         pool = self.pool
-        if pool.pool_bytes >= self.pool_high_bytes:
+        if pool.pool_bytes >= self.promote_limit_bytes:
             return False
         c = self.codec.compress(page)
         n = len(c)
@@ -900,6 +903,8 @@ class Store:
         table.info[s] = new_i
         table.epoch[s] = self.epoch
         self.wb_promotions[1 + ti] += 1
+        if pool.pool_bytes > self.pool_high_bytes and self.kick_writeback is not None:
+            self.kick_writeback()  # make room again: demote what is colder
         return True
 
     def _unpin(self, ti: int, keys: list[int]) -> None:

@@ -171,13 +171,13 @@ async def test_refault_promotes_a_hot_page_and_leaves_a_cold_one(stores, tmp_pat
     assert store.stats().writeback.promotions == 2
 
 
-async def test_no_promotion_when_pool_is_above_its_high_watermark(stores, tmp_path):
+async def test_no_promotion_when_the_pool_has_no_room(stores, tmp_path):
     store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)], pool_bytes=8 * MiB)
     dev = store.devices[0]
     await store.write(dev, 0, b"".join(pages_of(10)))
     wb = Writeback(store)
     await wb.writeback_pages(10)
-    store.pool_high_bytes = 0
+    store.promote_limit_bytes = 0
     await store.read(dev, 0, 10 * PAGE)
     assert all(where(store, dev, s) == "ssd" for s in range(10))
     assert store.stats().writeback.refaults == 10

@@ -106,6 +106,44 @@ priority = 10
         print(f"kernel swap with a 16 MiB pool: {result.wall_seconds:.1f}s, peak {peak}")
 
 
+def test_kernel_swap_pages_flow_down_and_back_up(swap_ready, mount_factory, tmp_path):
+    """A 16 MiB pool with low watermarks under a 192 MiB working set: writeback
+    moves cold pages to the file tier and refaults promote hot ones back."""
+    m = mount_factory(f"""
+[pool]
+algorithm = "lz4"
+max_bytes = "16M"
+high_watermark = 0.6
+low_watermark = 0.4
+
+[[device]]
+name = "swap0"
+size = "1G"
+
+[[tier]]
+name = "disk"
+kind = "file"
+path = "{tmp_path}/disk.img"
+size = "1G"
+priority = 10
+""")
+    with harness.loop_device(str(m.dev())) as loop, harness.swap_on(loop):
+        result = harness.run_swap_workload(
+            working_set_bytes=192 * MiB, limit_bytes=64 * MiB,
+            cgroup_name=f"swapfs-test-wb-{os.getpid()}", watch_device=loop,
+        )
+        assert result.bad_pages == 0, result.output
+        s = m.stats()
+    wb = s["writeback"]
+    assert wb["moved_pages"] > 0 and wb["pairs"]["pool->disk"]["pages"] == wb["moved_pages"]
+    assert wb["refaults"] > 0
+    assert wb["promotions"] > 0, wb
+    assert s["tiers"]["disk"]["checksum_errors"] == 0 and s["tiers"]["disk"]["io_errors"] == 0
+    print(f"kernel swap, 16 MiB pool: {result.wall_seconds:.1f}s, moved {wb['moved_pages']}, "
+          f"refaults {wb['refaults']}, promotions {wb['promotions']}, aborted {wb['aborted_moves']}, "
+          f"cache hits {s['cache']['hits']}")
+
+
 def test_no_loop_device_left_behind():
     """Runs after the swap test: no loop device over a test's files may stay attached."""
     if os.geteuid() != 0:
