@@ -46,6 +46,7 @@ class PoolStats:
     metadata_bytes: int  # allocator bookkeeping
     arenas: int
     spare_bytes: int  # empty arenas kept for reuse (at most one per class), in pool_bytes
+    used_bytes: int  # size-class bytes of the objects in use (pool_bytes less free objects)
     classes: dict[int, int] = field(default_factory=dict)  # object size -> stored objects
 
 

@@ -156,7 +156,10 @@ class Store:
         self.promote_distance: int | None = None
         # A hot page is promoted while the pool holds less than this (room
         # left; writeback then demotes colder pages below the watermarks).
-        self.promote_limit_bytes = self.pool.max_bytes
+        # Promotion stops short of the high watermark (counted in objects in
+        # use, as writeback drains): a promotion that pushed the pool over it
+        # would only make writeback demote something else at once.
+        self.promote_limit_bytes = self.pool_high_bytes
         # Slots flagged MOVING and destination pages written but not committed.
         self._moving = 0
         self._inflight = [0] * len(self.tiers)
@@ -878,7 +881,7 @@ class Store:
         ``promote_limit_bytes`` and the allocation succeeds.  Like a write, it replaces the info word, so a move of the
         slot in flight aborts at its commit.  No await."""
         pool = self.pool
-        if pool.pool_bytes >= self.promote_limit_bytes:
+        if pool.used_bytes >= self.promote_limit_bytes:
             return False
         c = self.codec.compress(page)
         n = len(c)
@@ -1027,7 +1030,8 @@ class Store:
             huge_pages=huge, compressed_bytes=pool.compressed_bytes,
             pool_bytes=pool.pool_bytes, max_bytes=pool.max_bytes,
             fragmentation=pool.fragmentation, metadata_bytes=pool_meta, arenas=pool.arenas,
-            spare_bytes=pool.spare_bytes(), classes=pool.class_counts())
+            spare_bytes=pool.spare_bytes(), used_bytes=pool.used_bytes,
+            classes=pool.class_counts())
         same = sum(d.same_filled_pages for d in devices)
         # A tier's stored_pages counts the pages slots hold: pages written
         # but not committed yet (writes and moves in flight) and pages freed

@@ -92,11 +92,16 @@ class Writeback:
         above its high one; return the pages moved."""
         store = self.store
         moved = 0
-        if store.tiers and store.pool.pool_bytes > store.pool_high_bytes:
-            moved += await self._drain(0, lambda: store.pool.pool_bytes > store.pool_low_bytes,
+        pool = store.pool
+        if store.tiers and pool.pool_bytes > store.pool_high_bytes:
+            # Drain until the objects in use are under the low watermark: the
+            # holes that demotion leaves in partly used arenas are reused by
+            # the next allocations, so counting them would drain far more
+            # than needed (pool_bytes falls only when an arena empties).
+            moved += await self._drain(0, lambda: pool.used_bytes > store.pool_low_bytes,
                                        urgent=True)
-            if store.pool.pool_bytes > store.pool_low_bytes:
-                store.pool.release_spares()
+            if pool.pool_bytes > store.pool_low_bytes:
+                pool.release_spares()
         last = len(store._groups) - 1
         for ti, (tier, tc) in enumerate(zip(store.tiers, store.config.tiers)):
             if store.group_of(ti) >= last:

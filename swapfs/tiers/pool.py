@@ -84,6 +84,11 @@ class Pool:
         # Totals.
         self.pool_bytes = 0
         self.compressed_bytes = 0
+        # Bytes of the objects in use (size-class bytes): what the pool would
+        # hold with no free object in any arena.  Writeback drains by this,
+        # not by pool_bytes: freeing scattered objects rarely empties an
+        # arena, but the holes are reused by the next allocations.
+        self.used_bytes = 0
         self.objects = 0
         self.arenas = 0
 
@@ -111,6 +116,7 @@ class Pool:
         off = idx * ((cls + 1) << CLASS_SHIFT)
         self.views[aid][off:off + n] = data  # type: ignore[index]
         self.compressed_bytes += n
+        self.used_bytes += (cls + 1) << CLASS_SHIFT
         self.objects += 1
         self.class_objects[cls] += 1
         return aid << INDEX_BITS | idx
@@ -127,6 +133,7 @@ class Pool:
         used[aid] = u
         self.free[aid].append(handle & INDEX_MASK)  # type: ignore[union-attr]
         self.compressed_bytes -= n
+        self.used_bytes -= (cls + 1) << CLASS_SHIFT
         self.objects -= 1
         self.class_objects[cls] -= 1
         if u == 0:
@@ -295,6 +302,10 @@ class Pool:
             class_objects[cls] += used
         if list(self.class_objects) != class_objects:
             raise AssertionError("pool: objects per class disagree with the arenas")
+        used_bytes = sum(c * ((i + 1) << CLASS_SHIFT) for i, c in enumerate(class_objects))
+        if used_bytes != self.used_bytes:
+            raise AssertionError(f"pool: used_bytes {self.used_bytes} counted, objects in use "
+                                 f"hold {used_bytes}")
         if objects != self.objects:
             raise AssertionError(f"pool: {self.objects} objects counted, arenas hold {objects}")
         if pool_bytes != self.pool_bytes or arenas != self.arenas:
