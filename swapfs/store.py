@@ -156,10 +156,7 @@ class Store:
         self.promote_distance: int | None = None
         # A hot page is promoted while the pool holds less than this (room
         # left; writeback then demotes colder pages below the watermarks).
-        # Promotion stops short of the high watermark (counted in objects in
-        # use, as writeback drains): a promotion that pushed the pool over it
-        # would only make writeback demote something else at once.
-        self.promote_limit_bytes = self.pool_high_bytes
+        self.promote_limit_bytes = self.pool.max_bytes
         # Slots flagged MOVING and destination pages written but not committed.
         self._moving = 0
         self._inflight = [0] * len(self.tiers)
@@ -881,7 +878,7 @@ class Store:
         ``promote_limit_bytes`` and the allocation succeeds.  Like a write, it replaces the info word, so a move of the
         slot in flight aborts at its commit.  No await."""
         pool = self.pool
-        if pool.used_bytes >= self.promote_limit_bytes:
+        if pool.pool_bytes >= self.promote_limit_bytes:
             return False
         c = self.codec.compress(page)
         n = len(c)

@@ -94,11 +94,13 @@ class Writeback:
         moved = 0
         pool = store.pool
         if store.tiers and pool.pool_bytes > store.pool_high_bytes:
-            # Drain until the objects in use are under the low watermark: the
-            # holes that demotion leaves in partly used arenas are reused by
-            # the next allocations, so counting them would drain far more
-            # than needed (pool_bytes falls only when an arena empties).
-            moved += await self._drain(0, lambda: pool.used_bytes > store.pool_low_bytes,
+            # Drained by pool_bytes, the memory held: demotion leaves holes in
+            # partly used arenas and pool_bytes falls only as arenas empty, so
+            # this moves more pages than the watermarks alone would (see
+            # docs/writeback.md; compaction would fix it).  Draining by the
+            # objects in use instead (pool.used_bytes) was tried: it stops
+            # early but leaves no arena free, and promotions then fail.
+            moved += await self._drain(0, lambda: pool.pool_bytes > store.pool_low_bytes,
                                        urgent=True)
             if pool.pool_bytes > store.pool_low_bytes:
                 pool.release_spares()
