@@ -282,12 +282,15 @@ def format_stats(stats: dict) -> str:
         f"pool {_fmt_bytes(tot.get('pool_bytes', 0))}, metadata {_fmt_bytes(tot.get('metadata_bytes', 0))}, "
         f"compression ratio {tot.get('compression_ratio', 0.0):.2f}"
     )
-    wb = stats.get("writeback")
-    cache = stats.get("cache")
-    if wb and any(wb.values()):
-        lines.append("writeback: " + ", ".join(f"{k} {v}" for k, v in wb.items()))
-    if cache and any(cache.values()):
-        lines.append("cache: " + ", ".join(f"{k} {v}" for k, v in cache.items()))
+    for section in ("writeback", "cache"):
+        counters = {k: v for k, v in stats.get(section, {}).items() if not isinstance(v, dict)}
+        if section == "writeback":
+            counters.pop("epoch", None)  # a clock, not a counter
+        if any(v for k, v in counters.items() if k != "capacity_pages"):
+            lines.append(f"{section}: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
+    pairs = stats.get("writeback", {}).get("pairs", {})
+    for pair, c in pairs.items():
+        lines.append(f"  moved {pair}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
     return "\n".join(lines)
 
 
