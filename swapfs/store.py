@@ -27,7 +27,7 @@ from swapfs.errors import BackingIOError, Corruption, NoSpace, OutOfRange
 from swapfs.slots import (EMPTY, FILE0, FLAGS, HUGE, KIND_MASK, KIND_NAMES, LENGTH_MASK, MOVING,
                           POOL, SAME, SHADOW, SlotTable)
 from swapfs.stats import CacheStats, DeviceStats, PoolStats, Stats, TotalsStats, WritebackStats
-from swapfs.tiers.file import CLUSTER_PAGES, ChecksumError, FileTier, TierFull, TierIOError
+from swapfs.tiers.file import ChecksumError, FileTier, TierFull, TierIOError
 from swapfs.tiers.pool import INDEX_BITS, INDEX_MASK, Pool, PoolFull, class_size
 
 log = logging.getLogger(__name__)
@@ -289,10 +289,9 @@ class Store:
         compress = self.codec.compress
         pool = self.pool
         alloc = pool.alloc
-        free = pool.free_object
         limit = self.accept_limit
         q = mv.cast("Q")
-        d_stored = d_same = d_pool = d_huge = d_cbytes = d_pbytes = d_file = 0
+        d_stored = d_same = d_pool = d_huge = d_cbytes = d_pbytes = 0
         pool_full = False
         o = 0
         try:
@@ -338,20 +337,8 @@ class Store:
                 old = info[s]
                 if old == EMPTY:
                     d_stored += 1
-                elif old == SAME:
-                    d_same -= 1
-                elif old & KIND_MASK >= FILE0:
-                    self._free_file_page((old & KIND_MASK) - FILE0, handles[s])
-                    d_file -= 1
-                else:
-                    n = (old >> 4) & LENGTH_MASK
-                    free(handles[s], n)
-                    d_cbytes -= n
-                    d_pbytes -= (n + 31) & ~31
-                    if old & KIND_MASK == POOL:
-                        d_pool -= 1
-                    else:
-                        d_huge -= 1
+                else:  # a rewrite: rare on the swap path (freed slots are discarded)
+                    self._free_slot_content(dev, s, old)
                 handles[s] = new_h
                 info[s] = new_i
                 epoch[s] = ep
@@ -361,7 +348,6 @@ class Store:
             dev.same_filled_pages += d_same
             dev.pool_pages += d_pool
             dev.huge_pages += d_huge
-            dev.file_pages += d_file
             dev.compressed_bytes += d_cbytes
             dev.pool_bytes += d_pbytes
 
@@ -968,8 +954,7 @@ class Store:
         handles = table.handles
         info = table.info
         info_bytes = memoryview(info).cast("B")
-        free = self.pool.free_object
-        d_stored = d_same = d_pool = d_huge = d_cbytes = d_pbytes = d_file = 0
+        freed = 0
         for c0 in range(first, end, _DISCARD_CHUNK):
             c1 = min(c0 + _DISCARD_CHUNK, end)
             # Skip runs of empty slots with one memcmp.
@@ -979,31 +964,12 @@ class Store:
                 old = info[s]
                 if old == EMPTY:
                     continue
-                d_stored -= 1
-                if old == SAME:
-                    d_same -= 1
-                elif old & KIND_MASK >= FILE0:
-                    self._free_file_page((old & KIND_MASK) - FILE0, handles[s])
-                    d_file -= 1
-                else:
-                    n = (old >> 4) & LENGTH_MASK
-                    free(handles[s], n)
-                    d_cbytes -= n
-                    d_pbytes -= (n + 31) & ~31
-                    if old & KIND_MASK == POOL:
-                        d_pool -= 1
-                    else:
-                        d_huge -= 1
+                freed += 1
+                self._free_slot_content(dev, s, old)
                 handles[s] = 0
                 info[s] = 0
         info_bytes.release()
-        dev.stored_pages += d_stored
-        dev.same_filled_pages += d_same
-        dev.pool_pages += d_pool
-        dev.huge_pages += d_huge
-        dev.file_pages += d_file
-        dev.compressed_bytes += d_cbytes
-        dev.pool_bytes += d_pbytes
+        dev.stored_pages -= freed
 
     # -- stats and checks -------------------------------------------------
 

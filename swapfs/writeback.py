@@ -29,6 +29,7 @@ import trio
 from .slots import FILE0, KIND_MASK, MOVING, SHADOW
 from .store import EPOCH_MASK, EPOCHS_PER_SECOND, Device, Store
 from .tiers.file import CLUSTER_PAGES
+import trio.lowlevel
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +148,7 @@ class Writeback:
         """Between batches: let every waiting request run first; when not
         urgent and requests keep coming, pause ``throttle`` seconds."""
         before = self._foreground()
-        await trio.sleep(0)
+        await trio.lowlevel.checkpoint()
         if not urgent and self._foreground() != before:
             await trio.sleep(self.throttle)
 

@@ -113,7 +113,6 @@ async def test_discard(store: Store) -> None:
     data = b"".join([compressible_page(rng), random_page(), b"\x01" * P, compressible_page(rng),
                      compressible_page(rng), random_page()])
     await store.write(dev, 0, data)
-    empty = store.stats()
     # Whole pages 1..2.
     await store.discard(dev, P, 2 * P)
     want = bytearray(data)

@@ -16,6 +16,7 @@ from swapfs.store import Store
 from swapfs.writeback import Writeback, open_writeback
 
 from .conftest import compressible_page
+import trio.lowlevel
 
 MiB = 1 << 20
 PAGE = 4096
@@ -213,7 +214,7 @@ async def test_write_during_move_wins_and_the_move_aborts(stores, tmp_path):
         for _ in range(100):  # until the move copied the pages and awaits the tier write
             if store.moves_in_flight:
                 break
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         assert store.moves_in_flight == 8
         assert await store.read(dev, 0, 8 * PAGE) == b"".join(old)  # from the old place
         await store.write(dev, 2 * PAGE, new[2])
@@ -286,7 +287,7 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
             for j in range(n):
                 end(i + j)
             check()
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     async def discarder() -> None:
         for _ in range(50):
@@ -298,7 +299,7 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
             for j in range(n):
                 end(i + j)
             check()
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     async def reader() -> None:
         for _ in range(250):
@@ -312,7 +313,7 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
                 if quiet[j][1] == 0 and quiet[j] == (version[i + j], busy[i + j]):
                     model[i + j] = {page}  # nothing touched it: this is its content
             check()
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     async def requester(wb: Writeback) -> None:
         for _ in range(40):

@@ -7,7 +7,6 @@ mount from the event loop would deadlock the loop that answers it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from dataclasses import dataclass
 from functools import partial

@@ -7,7 +7,6 @@ import os
 import stat
 
 import pytest
-import trio
 
 from swapfs.fuse import wire
 

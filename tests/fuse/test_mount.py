@@ -6,7 +6,6 @@ import os
 import shutil
 
 import pytest
-import trio
 
 from swapfs.fuse import MountError, is_mount_point, mount, unmount
 
@@ -52,6 +51,6 @@ async def test_fusermount_path(mount_memfs):
 @pytest.mark.root
 async def test_default_permissions_mount(mount_memfs):
     async with mount_memfs(MemFS({b"f": b"x"}), default_permissions=True, fsname="memfs-test") as m:
-        line = [l for l in proc_mounts().splitlines() if str(m.path) in l][0]
+        line = [ln for ln in proc_mounts().splitlines() if str(m.path) in ln][0]
         assert line.startswith("memfs-test ") and "default_permissions" in line
         assert await sync(os.access, m.p("f"), os.R_OK)

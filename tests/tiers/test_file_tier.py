@@ -16,6 +16,7 @@ from swapfs.tiers.file import (CLUSTER_PAGES, PAGE, ChecksumError, FileTier, Fil
                                TierFull, TierIOError)
 
 from .conftest import CLUSTER_BYTES, MiB
+import trio.lowlevel
 
 C = CLUSTER_PAGES
 
@@ -293,7 +294,7 @@ async def test_concurrent_io_and_close_while_in_flight(make_tier):
     async with trio.open_nursery() as nursery:
         nursery.start_soon(reader, keys)
         while t._inflight == 0:
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
         t.close()
         assert t._fd != -1  # deferred until the read is done
     with pytest.raises(TierIOError):
@@ -348,7 +349,7 @@ def test_open_reuses_existing_file_and_punches_it(make_tier, tmp_path: Path):
     p = tmp_path / "old.img"
     p.write_bytes(b"\xaa" * (3 * CLUSTER_BYTES))
     os.chmod(p, 0o640)
-    t = make_tier(2 * CLUSTER_BYTES, path=str(p))
+    make_tier(2 * CLUSTER_BYTES, path=str(p))
     st = os.stat(p)
     assert st.st_size == 2 * CLUSTER_BYTES
     assert st.st_blocks == 0

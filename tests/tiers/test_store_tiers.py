@@ -13,6 +13,7 @@ from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
 from swapfs.errors import BackingIOError, Corruption, NoSpace
 from swapfs.store import Store
 from swapfs.tiers.file import CLUSTER_PAGES, PAGE
+import trio.lowlevel
 
 MiB = 1 << 20
 CLUSTER = CLUSTER_PAGES * PAGE
@@ -293,7 +294,7 @@ async def test_concurrent_io_against_a_model(stores, tmp_path, seed):
             await store.write(dev, i * PAGE, b"".join(pages))
             for j in range(n):
                 model.end(i + j, ops[j])
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     async def discarder() -> None:
         for _ in range(60):
@@ -303,7 +304,7 @@ async def test_concurrent_io_against_a_model(stores, tmp_path, seed):
             await store.discard(dev, i * PAGE, n * PAGE)
             for j in range(n):
                 model.end(i + j, ops[j])
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     async def reader() -> None:
         for _ in range(300):
@@ -313,7 +314,7 @@ async def test_concurrent_io_against_a_model(stores, tmp_path, seed):
             for j in range(4):
                 page = bytes(got[j * PAGE:(j + 1) * PAGE])
                 assert page in model.acceptable(i + j, snaps[j]), f"page {i + j} read wrong"
-            await trio.sleep(0)
+            await trio.lowlevel.checkpoint()
 
     async with trio.open_nursery() as n:
         for w in range(3):
