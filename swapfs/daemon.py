@@ -81,8 +81,12 @@ async def serve_mount(
     *,
     on_ready: Callable[[], None] | None = None,
     allow_other: bool = False,
+    poll_us: int = 0,
 ) -> None:
     """Mount swapfs at ``mountpoint`` and serve until it is unmounted.
+
+    ``poll_us``: how long the session busy-polls /dev/fuse after a request
+    before parking (see swapfs.fuse.Session).
 
     Raises fuse.MountError before anything is mounted if the mountpoint is
     unusable.  Returns once the kernel ended the connection.
@@ -91,7 +95,7 @@ async def serve_mount(
     store.writeback = Writeback(store)
     ops = SwapFS(store)
     fd = fuse.mount(mountpoint, fsname="swapfs", subtype="swapfs", allow_other=allow_other)
-    session = fuse.Session(ops, fd)
+    session = fuse.Session(ops, fd, poll_us=poll_us)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import errno
 import json
 import os
+import re
 import signal
 import time
 
 import pytest
 
-from .conftest import _is_mounted, _pid_alive, run_swapfs
+from .conftest import Mount, _is_mounted, _pid_alive, run_swapfs, stop_mount
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -132,3 +133,33 @@ def test_killed_daemon_leaves_a_dead_mount_not_an_empty_directory(mount_factory)
     out = run_swapfs("unmount", str(m.path))  # cleans up the dead mount
     assert out.returncode == 0, out.stderr
     assert not _is_mounted(m.path)
+
+
+def test_poll_option(tmp_path):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = run_swapfs("mount", "--poll-us", "-5", str(mnt))
+    assert out.returncode == 2 and "--poll-us" in out.stderr
+    assert not _is_mounted(mnt)
+
+
+@pytest.mark.parametrize("poll_us", ["0", "1000"])
+def test_mount_without_and_with_long_polling_serves_io(tmp_path, poll_us):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "log"
+    out = run_swapfs("mount", "--no-mlock", "--poll-us", poll_us, "--log-file", str(log), str(mnt))
+    assert out.returncode == 0, out.stderr
+    m = Mount(path=mnt, log=log, pid=int(re.search(r"daemon pid (\d+)", out.stdout).group(1)))
+    try:
+        data = os.urandom(1 << 20)
+        fd = os.open(m.dev(), os.O_RDWR)
+        try:
+            for i in range(16):
+                os.pwrite(fd, data[i * 65536:(i + 1) * 65536], i * 65536)
+            assert os.pread(fd, 1 << 20, 0) == data
+        finally:
+            os.close(fd)
+    finally:
+        stop_mount(m)
+    assert "Traceback" not in m.log_text()
