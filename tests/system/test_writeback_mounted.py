@@ -6,6 +6,7 @@ import errno
 import os
 import random
 import threading
+import time
 
 import pytest
 
@@ -96,6 +97,11 @@ def test_watermarks_under_concurrent_io(mount_factory, tmp_path):
     model = [bytes(PAGE)] * npages
     errors: list[str] = []
     fd = os.open(m.dev(), os.O_RDWR)
+    # Start above the high watermark, so writeback runs while the workers do
+    # (half-random pages: about 2.5 KiB each in the pool, 6 MiB for 1024).
+    fill = [random.Random(i).randbytes(PAGE // 2) + text_page(i)[:PAGE // 2] for i in range(1024)]
+    os.pwrite(fd, b"".join(fill), 0)
+    model[:1024] = fill
 
     def worker(t: int) -> None:
         rng = random.Random(t)
@@ -144,6 +150,10 @@ def test_watermarks_under_concurrent_io(mount_factory, tmp_path):
     finally:
         os.close(fd)
     s = m.stats()
+    deadline = time.monotonic() + 10  # the task runs every 0.25 s, or when kicked
+    while s["writeback"]["moved_pages"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+        s = m.stats()
     assert s["writeback"]["moved_pages"] > 0
     assert s["tiers"]["pool"]["pool_bytes"] <= 4 * MiB
     assert s["writeback"]["watermarks"]["pool"]["high"] == 2 * MiB
