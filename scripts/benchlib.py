@@ -17,6 +17,8 @@ import time
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
+from swapfs.harness import loop_device  # noqa: F401  (re-exported for the bench scripts)
+
 
 @dataclass(frozen=True)
 class FioResult:
@@ -46,28 +48,6 @@ STANDARD_SUITE: tuple[FioJob, ...] = (
 
 def run(cmd: Sequence[str], **kw) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), check=True, text=True, capture_output=True, **kw)
-
-
-@contextlib.contextmanager
-def loop_device(path: str | os.PathLike[str], *, direct_io: bool = True, sector_size: int | None = None) -> Iterator[str]:
-    """Attach a loop device to ``path`` (direct I/O by default); always detach it."""
-    cmd = ["losetup", "-f", "--show"]
-    if direct_io:
-        cmd.append("--direct-io=on")
-    if sector_size:
-        cmd += ["--sector-size", str(sector_size)]
-    dev = run(cmd + [os.fspath(path)]).stdout.strip()
-    try:
-        if direct_io:
-            with open(f"/sys/block/{os.path.basename(dev)}/loop/dio") as f:
-                if f.read().strip() != "1":
-                    raise RuntimeError(f"{dev}: the kernel did not enable direct I/O")
-        yield dev
-    finally:
-        for _ in range(50):
-            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
 
 
 def run_fio(

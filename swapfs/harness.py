@@ -68,13 +68,18 @@ def kernel_swap_unavailable() -> str | None:
 
 
 @contextlib.contextmanager
-def loop_device(path: str, *, direct_io: bool = True) -> Iterator[str]:
-    """Attach a loop device over ``path``; always detach it."""
+def loop_device(path: str | os.PathLike[str], *, direct_io: bool = True) -> Iterator[str]:
+    """Attach a loop device over ``path`` (direct I/O by default, checked);
+    always detach it."""
     cmd = ["losetup", "-f", "--show"]
     if direct_io:
         cmd.append("--direct-io=on")
-    dev = _run(cmd + [path]).strip()
+    dev = _run(cmd + [os.fspath(path)]).strip()
     try:
+        if direct_io:
+            with open(f"/sys/block/{os.path.basename(dev)}/loop/dio") as f:
+                if f.read().strip() != "1":
+                    raise HarnessError(f"{dev}: the kernel did not enable direct I/O")
         yield dev
     finally:
         for _ in range(50):

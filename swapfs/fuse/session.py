@@ -758,6 +758,7 @@ async def serve(
     task_status: trio.TaskStatus[ConnectionInfo] = trio.TASK_STATUS_IGNORED,
     max_inflight: int = 64,
     max_pages: int = 256,
+    poll_us: int = 0,
     session_callback: Callable[[Session], None] | None = None,
     **mount_kwargs: Any,
 ) -> None:
@@ -768,7 +769,7 @@ async def serve(
     use_fusermount = mount_kwargs.get("use_fusermount")
     fd = mount(mountpoint, **mount_kwargs)
     try:
-        session = Session(ops, fd, max_inflight=max_inflight, max_pages=max_pages)
+        session = Session(ops, fd, max_inflight=max_inflight, max_pages=max_pages, poll_us=poll_us)
         if session_callback is not None:
             session_callback(session)
         await session.run(task_status=task_status)

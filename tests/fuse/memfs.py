@@ -8,6 +8,8 @@ MOUNTPOINT --size 512M`` serves one file ``data`` (used by scripts/bench-fuse).
 
 from __future__ import annotations
 
+from functools import partial
+
 import errno
 import os
 import stat
@@ -241,13 +243,13 @@ def _size(text: str) -> int:
     return int(text)
 
 
-async def _main(mountpoint: str, size: int, direct_io: bool) -> None:
+async def _main(mountpoint: str, size: int, direct_io: bool, poll_us: int = 0) -> None:
     from swapfs.fuse import serve
 
     fs = MemFS({b"data": size}, direct_io=direct_io)
     with trio.open_signal_receiver(2, 15) as signals:  # SIGINT, SIGTERM
         async with trio.open_nursery() as nursery:
-            await nursery.start(serve, fs, mountpoint)
+            await nursery.start(partial(serve, fs, mountpoint, poll_us=poll_us))
             print("ready", flush=True)
             nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
 
@@ -265,6 +267,7 @@ if __name__ == "__main__":
     p.add_argument("mountpoint")
     p.add_argument("--size", default="512M")
     p.add_argument("--direct-io", action="store_true", help="open files with FOPEN_DIRECT_IO")
+    p.add_argument("--poll-us", type=int, default=0, help="busy-poll /dev/fuse before parking")
     a = p.parse_args()
-    trio.run(_main, a.mountpoint, _size(a.size), a.direct_io)
+    trio.run(_main, a.mountpoint, _size(a.size), a.direct_io, a.poll_us)
     sys.exit(0)
