@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from swapfs.cli import _active_swaps, _loops_backed_by
+
 SMALL_CONFIG = """
 [pool]
 algorithm = "lz4"
@@ -84,19 +86,12 @@ def _pid_alive(pid: int) -> bool:
 
 
 def detach_loops_under(path: Path) -> None:
-    prefix = str(path) + "/"
-    for name in os.listdir("/sys/block"):
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                backing = f.read().strip()
-        except OSError:
-            continue
-        if backing.startswith(prefix):
-            dev = f"/dev/{name}"
-            with open("/proc/swaps") as f:
-                if any(line.split()[0] == dev for line in f.readlines()[1:]):
-                    subprocess.run(["swapoff", dev], timeout=300)
-            subprocess.run(["losetup", "-d", dev], timeout=30)
+    """swapoff and detach every loop device over a file in ``path``."""
+    swaps = _active_swaps()
+    for dev, _ in _loops_backed_by(str(path)):
+        if dev in swaps:
+            subprocess.run(["swapoff", dev], timeout=300)
+        subprocess.run(["losetup", "-d", dev], timeout=30)
 
 
 def stop_mount(m: Mount) -> None:
