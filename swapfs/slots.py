@@ -4,10 +4,10 @@ Three ``array.array`` columns, no Python object per slot, 16 bytes per slot:
 
 * ``handles`` ('Q', 8 bytes): where the page lives.  EMPTY: 0.  SAME: the
   8-byte fill word.  POOL and HUGE: the pool handle
-  (``arena_id << 16 | object_index``).  FILE kinds (later): a page number in
-  the tier's backing file.
+  (``arena_id << 16 | object_index``).  FILE kinds: the page number in the
+  tier's backing file.
 * ``info`` ('I', 4 bytes): ``length << 4 | kind``.  Kind is the low 4 bits
-  (EMPTY, SAME, POOL, HUGE; 8..15 reserved for file tiers 0..7); length
+  (EMPTY, SAME, POOL, HUGE; 8..15 for file tiers 0..7); length
   (bits 4..16) is the stored payload in bytes: the compressed length for
   POOL, 4096 for HUGE, 0 otherwise.  Bits 17..31 hold flags:
   MOVING (bit 17): writeback is copying this slot's page; any write,
@@ -16,7 +16,7 @@ Three ``array.array`` columns, no Python object per slot, 16 bytes per slot:
   file kinds only): the page was demoted and ``epoch`` holds its shadow.
   An EMPTY slot has info 0 and handle 0.
 * ``epoch`` ('I', 4 bytes): without SHADOW, the last-access epoch (the
-  store's clock, 1/16 s units, see docs/writeback.md); with SHADOW, the
+  store's clock, 1/4 s units, see docs/writeback.md); with SHADOW, the
   store's demotion counter when the page was demoted (mod 2**32).
 """
 
@@ -29,7 +29,7 @@ EMPTY = 0
 SAME = 1
 POOL = 2
 HUGE = 3
-FILE0 = 8  # FILE0 + n: file tier n (later)
+FILE0 = 8  # FILE0 + n: file tier n
 
 KIND_BITS = 4
 KIND_MASK = (1 << KIND_BITS) - 1
