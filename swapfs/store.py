@@ -4,10 +4,11 @@ Usable without FUSE: the FUSE adapter (swapfs/fs.py) translates requests to
 ``Store.read``, ``Store.write`` and ``Store.discard`` and maps the errors of
 swapfs.errors to errnos.
 
-Everything runs in the trio loop.  The methods are ``async def`` for the
-tiers to come, but the pool path never awaits: a request is served from
-start to end in one step, so the FUSE layer answers it inline.  Which state
-relies on that is written down in docs/store.md.
+Everything runs in the trio loop.  The methods are ``async def`` because
+file tiers await worker threads, but the pool path never awaits: a request
+served from the pool goes from start to end in one step, so the FUSE layer
+answers it inline.  Which state relies on that is written down in
+docs/store.md and docs/writeback.md.
 
 Per page, the hot loops bind everything they need to locals and create no
 objects beyond the compressor's output and a memoryview slice.
