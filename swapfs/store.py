@@ -645,14 +645,7 @@ class Store:
                 self.cache.invalidate(ti << _PIN_SHIFT | page)
                 continue
             if src == 0:
-                n = (i >> 4) & LENGTH_MASK
-                self.pool.free_object(h, n)
-                dev.compressed_bytes -= n
-                dev.pool_bytes -= (n + 31) & ~31
-                if i & KIND_MASK == POOL:
-                    dev.pool_pages -= 1
-                else:
-                    dev.huge_pages -= 1
+                self._free_slot_content(dev, s, i)  # the pool object (i still has MOVING)
                 dev.file_pages += 1
             else:
                 self._free_file_page(src - 1, h)  # pinned: freed when the move unpins it
@@ -862,35 +855,19 @@ class Store:
     def _promote(self, dev: Device, s: int, ti: int, page: object) -> bool:
         """Move slot ``s`` (a page of file tier ``ti`` whose content is
         ``page``) to the pool, if the pool holds less than
-        ``promote_limit_bytes`` and the allocation succeeds.  Like a write, it replaces the info word, so a move of the
-        slot in flight aborts at its commit.  No await."""
-        pool = self.pool
-        if pool.pool_bytes >= self.promote_limit_bytes:
+        ``promote_limit_bytes`` and the page goes in: it is stored exactly as
+        a write would store it (a page that does not compress well enough,
+        or finds the pool full, stays where it is).  Like a write, it
+        replaces the info word, so a move of the slot in flight aborts at
+        its commit.  No await."""
+        if self.pool.pool_bytes >= self.promote_limit_bytes:
             return False
-        c = self.codec.compress(page)
-        n = len(c)
-        try:
-            if n > self.accept_limit:
-                h = pool.alloc(page, PAGE_SIZE)
-                new_i = _HUGE_INFO
-                n = PAGE_SIZE
-                dev.huge_pages += 1
-            else:
-                h = pool.alloc(c, n)
-                new_i = n << 4 | POOL
-                dev.pool_pages += 1
-        except PoolFull:
+        stay: list[int] = []
+        self._store_pages(dev, s, memoryview(page), 1, stay)  # type: ignore[arg-type]
+        if stay:
             return False
-        table = dev.table
-        self._free_file_page(ti, table.handles[s])
-        dev.file_pages -= 1
-        dev.compressed_bytes += n
-        dev.pool_bytes += (n + 31) & ~31
-        table.handles[s] = h
-        table.info[s] = new_i
-        table.epoch[s] = self.epoch
         self.wb_promotions[1 + ti] += 1
-        if pool.pool_bytes > self.pool_high_bytes and self.kick_writeback is not None:
+        if self.pool.pool_bytes > self.pool_high_bytes and self.kick_writeback is not None:
             self.kick_writeback()  # make room again: demote what is colder
         return True
 
