@@ -13,6 +13,7 @@ code runs the workload over zram for comparison.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import subprocess
@@ -99,9 +100,33 @@ def active_swaps() -> dict[str, int]:
     return out
 
 
+# Swap devices are machine-wide: while one run's device is on, the kernel may
+# send another run's pages to it.  Runs that swap (tests in several checkouts,
+# the demo, benchmarks) take this lock for as long as their swap is on.
+SWAP_LOCK = "/run/lock/swapfs-swap.lock"
+
+
+@contextlib.contextmanager
+def swap_lock() -> Iterator[None]:
+    """Hold the machine-wide lock of swapfs's swap users (blocks until free)."""
+    os.makedirs(os.path.dirname(SWAP_LOCK), exist_ok=True)
+    fd = os.open(SWAP_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
 def swap_on(dev: str, *, priority: int = 32767, discard: bool = True) -> Iterator[str]:
-    """mkswap and swapon ``dev``; always swapoff (which reads every page back in)."""
+    """mkswap and swapon ``dev`` under :func:`swap_lock`; always swapoff
+    (which reads every page back in)."""
+    with swap_lock():
+        yield from _swap_on(dev, priority=priority, discard=discard)
+
+
+def _swap_on(dev: str, *, priority: int, discard: bool) -> Iterator[str]:
     _run(["mkswap", dev])
     cmd = ["swapon", "-p", str(priority)]
     if discard:
