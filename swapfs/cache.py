@@ -1,9 +1,10 @@
 """The swap cache: a bounded set of uncompressed pages of the file tiers.
 
-Keyed by *file location* (``tier_index << 40 | page``), not by slot: a file
-page's content never changes while it is allocated (the store writes only to
-freshly allocated pages), so an entry stays valid until that page is freed,
-and the store drops it at that moment (``Store._free_file_page``).  No slot
+Keyed by *file location* (:func:`file_key`: ``tier_index << 40 | page``),
+not by slot: a file page's content never changes while it is allocated (the
+store writes only to freshly allocated pages), so an entry stays valid until
+that page is freed, and the file-tier set drops it at that moment
+(``FileTierSet.free_page``).  No slot
 write or discard has to look at the cache: the pool paths never touch it.
 
 What it holds: pages whose move is in flight (the destination copy, inserted
@@ -23,6 +24,13 @@ import sys
 from array import array
 
 PAGE = 4096
+# A file location as one integer: the cache's keys and the file-tier set's pins.
+KEY_SHIFT = 40
+KEY_PAGE_MASK = (1 << KEY_SHIFT) - 1
+
+
+def file_key(tier_index: int, page: int) -> int:
+    return tier_index << KEY_SHIFT | page
 
 
 class SwapCache:
@@ -90,10 +98,6 @@ class SwapCache:
         if e is not None:
             self._ref[e] = 0
             self._free.append(e)
-
-    def clear(self) -> None:
-        for key in list(self._index):
-            self.invalidate(key)
 
     def keys(self) -> list[int]:
         return list(self._index)

@@ -92,8 +92,8 @@ async def serve_mount(
     unusable.  Returns once the kernel ended the connection.
     """
     store = Store(config)
-    store.writeback = Writeback(store)
-    ops = SwapFS(store)
+    writeback = Writeback(store)
+    ops = SwapFS(store, writeback=writeback)
     fd = fuse.mount(mountpoint, fsname="swapfs", subtype="swapfs", allow_other=allow_other)
     session = fuse.Session(ops, fd, poll_us=poll_us)
     try:
@@ -105,7 +105,7 @@ async def serve_mount(
                     finally:
                         nursery.cancel_scope.cancel()  # the kernel ended the connection
 
-                await nursery.start(store.writeback.run)  # cancelled with the nursery
+                await nursery.start(writeback.run)  # cancelled with the nursery
                 conn = await nursery.start(run_session)
                 log.info(
                     "swapfs mounted at %s: %d device(s), max_write %d, protocol 7.%d",

@@ -40,6 +40,7 @@ from .fuse import (
 )
 from .stats import xattr_items
 from .store import Device, Store
+from .writeback import Writeback
 
 log = logging.getLogger(__name__)
 
@@ -87,8 +88,11 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
 class SwapFS(Operations):
     """FUSE operations over a :class:`Store`."""
 
-    def __init__(self, store: Store, *, uid: int | None = None, gid: int | None = None) -> None:
+    def __init__(self, store: Store, *, writeback: Writeback | None = None,
+                 uid: int | None = None, gid: int | None = None) -> None:
         self.store = store
+        # Serves user.swapfs.ctl.writeback; without it the request is EAGAIN.
+        self.writeback = writeback
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.started_ns = time.time_ns()
@@ -301,7 +305,7 @@ class SwapFS(Operations):
         long; on the root for every device, on a device file for that one.
         Returns when the pages are moved."""
         m = _CTL_WRITEBACK_RE.fullmatch(bytes(value))
-        wb = self.store.writeback
+        wb = self.writeback
         if m is None:
             raise FUSEError(errno.EINVAL)
         if wb is None:

@@ -22,24 +22,24 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
-from typing import AsyncIterator
+from typing import Any, AsyncIterator, Callable
 
 import trio
-
-from .slots import FILE0, KIND_MASK, MOVING, SHADOW
-from .store import EPOCH_MASK, EPOCHS_PER_SECOND, Device, Store
-from .tiers.file import CLUSTER_PAGES
 import trio.lowlevel
+
+from .slots import EPOCH_MASK, SCAN_CHUNK, SHADOW, movable
+from .store import Device, Store
+from .tiers.file import CLUSTER_PAGES, FileTier
 
 log = logging.getLogger(__name__)
 
+# The access clock's units per second (store.epoch; see docs/writeback.md).
+EPOCHS_PER_SECOND = 4
 # Pages per migration: one cluster, one pwritev.
 BATCH_PAGES = CLUSTER_PAGES
 # Slots looked at per victim search, and candidates wanted per victim.
 SCAN_SLOTS = 16384
 CANDIDATES_PER_VICTIM = 4
-_CHUNK = 4096
-_ZERO_CHUNK = bytes(4 * _CHUNK)
 
 
 class Writeback:
@@ -51,7 +51,6 @@ class Writeback:
         self._wake = trio.Event()
         self._lock = trio.Lock()
         self._cursor: dict[int, tuple[int, int]] = {}  # source level -> (device index, slot)
-        self.running = False
 
     # -- the task ---------------------------------------------------------
 
@@ -62,12 +61,14 @@ class Writeback:
     def tick(self) -> None:
         self.store.epoch = int(trio.current_time() * EPOCHS_PER_SECOND) & EPOCH_MASK
 
-    async def run(self, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-        """Balance the tiers whenever kicked or every ``interval``; forever."""
+    async def run(self, *, task_status: trio.TaskStatus[Writeback] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Balance the tiers whenever kicked or every ``interval``; forever.
+        While it runs, the store kicks it when the pool passes its high
+        watermark."""
         store = self.store
         self.tick()
         store.kick_writeback = self.kick
-        self.running = True
         try:
             task_status.started(self)
             while True:
@@ -80,13 +81,9 @@ class Writeback:
                 with trio.move_on_after(self.interval):
                     await self._wake.wait()
         finally:
-            self.running = False
             store.kick_writeback = None
 
     # -- policy -----------------------------------------------------------
-
-    def _pool_over(self, mark: int) -> bool:
-        return self.store.pool.pool_bytes > mark
 
     async def balance(self) -> int:
         """Bring every tier above the last under its low watermark if it is
@@ -105,17 +102,20 @@ class Writeback:
                                        urgent=True)
             if pool.pool_bytes > store.pool_low_bytes:
                 pool.release_spares()
-        last = len(store._groups) - 1
         for ti, (tier, tc) in enumerate(zip(store.tiers, store.config.tiers)):
-            if store.group_of(ti) >= last:
+            if not store.files.has_lower(ti):
                 continue
             if tier.stored_pages > tc.high_watermark * tier.capacity_pages:
                 low = tc.low_watermark * tier.capacity_pages
-                moved += await self._drain(1 + ti, lambda t=tier, lo=low: t.stored_pages > lo,
-                                           urgent=True)
+
+                def above_low(t: FileTier = tier, lo: float = low) -> bool:
+                    return t.stored_pages > lo
+
+                moved += await self._drain(1 + ti, above_low, urgent=True)
         return moved
 
-    async def _drain(self, src: int, more, *, urgent: bool, limit: int | None = None,
+    async def _drain(self, src: int, more: Callable[[], bool], *, urgent: bool,
+                     limit: int | None = None,
                      devices: list[Device] | None = None, idle_before: int | None = None,
                      now: int | None = None) -> int:
         moved = 0
@@ -167,10 +167,7 @@ class Writeback:
         devs = self._devices(devices)
         if not devs:
             return []
-        if src == 0:
-            mask, want = MOVING | 0xE, 2  # POOL or HUGE, not moving
-        else:
-            mask, want = MOVING | KIND_MASK, FILE0 + src - 1
+        mask, want = movable(src)
         if now is None:
             now = self.store.epoch
         di, slot = self._cursor.get(src, (0, 0))
@@ -185,11 +182,8 @@ class Writeback:
             dev = devs[di]
             info = dev.table.info
             epoch = dev.table.epoch
-            end = min(slot + _CHUNK, dev.npages, slot + budget - scanned)
-            ib = memoryview(info).cast("B")
-            empty = ib[slot * 4:end * 4] == _ZERO_CHUNK[:(end - slot) * 4]
-            ib.release()
-            if not empty:
+            end = min(slot + SCAN_CHUNK, dev.npages, slot + budget - scanned)
+            if not dev.table.all_empty(slot, end):
                 for s in range(slot, end):
                     i = info[s]
                     if i & mask == want:
@@ -217,7 +211,7 @@ class Writeback:
 
     async def writeback_pages(self, n: int, device: Device | None = None) -> int:
         """Move up to ``n`` of the pool's coldest pages down now."""
-        self.store.wb_requests += 1
+        self.store.moves.requests += 1
         if not self.store.tiers or n <= 0:
             return 0
         return await self._drain(0, lambda: True, urgent=False, limit=n,
@@ -225,7 +219,7 @@ class Writeback:
 
     async def writeback_idle(self, seconds: float, device: Device | None = None) -> int:
         """Move down every pool page not accessed for ``seconds`` or more."""
-        self.store.wb_requests += 1
+        self.store.moves.requests += 1
         if not self.store.tiers:
             return 0
         self.tick()
@@ -242,10 +236,9 @@ class Writeback:
 
 
 @contextlib.asynccontextmanager
-async def open_writeback(store: Store, **kw) -> AsyncIterator[Writeback]:
+async def open_writeback(store: Store, **kw: Any) -> AsyncIterator[Writeback]:
     """Run a store's writeback task for the length of the block."""
     wb = Writeback(store, **kw)
-    store.writeback = wb
     async with trio.open_nursery() as nursery:
         await nursery.start(wb.run)
         try:

@@ -543,6 +543,19 @@ class FileTier:
         return TierIOError(e.errno or errno.EIO, f"tier {self.name!r}: {self.path}: "
                                                  f"{what} failed: {e.strerror}")
 
+    def is_used(self, page: int) -> bool:
+        """Page ``page`` is allocated."""
+        return 0 <= page < self.capacity_pages and bool(self._used[page])
+
+    def read_now(self, page: int) -> bytes:
+        """One page, read and verified synchronously, blocking: for
+        consistency checks, never on the trio loop's serving path."""
+        self._check_read(page)
+        out, sums, _ = _pread_runs(self._fd, [(page, 1)])
+        if sums[0] != self._csum[page]:
+            raise self._bad_page(page)
+        return out[0]
+
     def _check_read(self, page: int) -> None:
         if not (0 <= page < self.capacity_pages) or not self._used[page]:
             raise ValueError(f"tier {self.name!r}: read of page {page!r}, not in use")

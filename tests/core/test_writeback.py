@@ -84,7 +84,6 @@ async def test_ctl_pages_moves_the_coldest_contiguously(stores, tmp_path):
     dev = store.devices[0]
     data = pages_of(64)
     wb = Writeback(store)
-    store.writeback = wb
     for i in range(64):
         store.epoch = 1000 + i  # as the clock would advance
         await store.write(dev, i * PAGE, data[i])
@@ -135,7 +134,6 @@ async def test_no_writeback_device_stays_in_memory(stores, tmp_path):
     assert where(store, keep, 50) == "pool"  # incompressible, yet kept in memory
     assert where(store, dev, 50) == "ssd"
     wb = Writeback(store)
-    store.writeback = wb
     assert await wb.writeback_pages(1000, keep) == 0
     assert await wb.writeback_pages(1000) == 50
     assert all(where(store, keep, s) == "pool" for s in range(51))
@@ -150,7 +148,6 @@ async def test_refault_promotes_a_hot_page_and_leaves_a_cold_one(stores, tmp_pat
     data = pages_of(300)
     await store.write(dev, 0, b"".join(data))
     wb = Writeback(store)
-    store.writeback = wb
     store.promote_distance = 50
     # slot 0 demoted first, then 250 more: a long refault distance
     assert await wb.writeback_pages(1) == 1

@@ -1,0 +1,150 @@
+"""The store's consistency check: every table walked, every counter recounted.
+
+Tests call it after every test and, in the model-based concurrency test,
+after every step; it reads the store and its tiers through their public
+interfaces only.  It raises AssertionError naming the first discrepancy.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .cache import KEY_PAGE_MASK, KEY_SHIFT
+from .slots import EMPTY, FILE0, FLAGS, HUGE, KIND_MASK, KIND_NAMES, LENGTH_MASK, MOVING, POOL, SAME, SHADOW
+from .tiers.pool import INDEX_BITS, INDEX_MASK, class_size
+
+if TYPE_CHECKING:
+    from .store import Device, Store
+
+
+def check_store(store: Store, *, quiescent: bool = True) -> None:
+    """``quiescent``: no request is running (no page may be pinned).  With
+    False, reads may be in flight: pinned pages and the frees they defer are
+    allowed.  The accounting identity is checked at every moment: pages in
+    flight and deferred frees are left out of the tiers' counts."""
+    files = store.files
+    live: dict[int, list[int]] = {}
+    file_owner: list[dict[int, tuple[str, int]]] = [{} for _ in files]
+    total_cbytes = 0
+    moving = 0
+    for dev in store.devices:
+        cbytes, nmoving = _check_device(store, dev, live, file_owner)
+        total_cbytes += cbytes
+        moving += nmoving
+    store.pool.check_invariants(live, total_cbytes)
+    in_moves = store.moves_in_flight
+    if moving > in_moves:
+        raise AssertionError(f"{moving} slots flagged MOVING, {in_moves} in moves")
+    if quiescent and files.pinned_pages:
+        raise AssertionError(f"file pages still pinned: {files.pinned_pages}")
+    for ti, tier in enumerate(files):
+        tier.check_invariants()
+        owned = files.owned_pages(ti)
+        if owned != len(file_owner[ti]):
+            raise AssertionError(f"tier {tier.name}: {owned} pages owned by slots by the counts, "
+                                 f"{len(file_owner[ti])} referenced by slot tables")
+    _check_cache(store, file_owner, quiet=not in_moves)
+    _check_accounting(store)
+
+
+def _check_device(store: Store, dev: Device, live: dict[int, list[int]],
+                  file_owner: list[dict[int, tuple[str, int]]]) -> tuple[int, int]:
+    """Walk one slot table; returns (compressed bytes, slots flagged MOVING)."""
+    pool = store.pool
+    table = dev.table
+    if not (len(table.handles) == len(table.info) == len(table.epoch) == dev.npages):
+        raise AssertionError(f"{dev.name}: slot table columns are not {dev.npages} long")
+    counts = {EMPTY: 0, SAME: 0, POOL: 0, HUGE: 0}
+    nfile = cbytes = pbytes = moving = 0
+    for s, (i, h) in enumerate(zip(table.info, table.handles)):
+        if i == EMPTY:
+            if h:
+                raise AssertionError(f"{dev.name}: empty slot {s} has handle {h:#x}")
+            counts[EMPTY] += 1
+            continue
+        k = i & KIND_MASK
+        n = (i >> 4) & LENGTH_MASK
+        if i & ~(FLAGS | LENGTH_MASK << 4 | KIND_MASK):
+            raise AssertionError(f"{dev.name}: slot {s} has unknown info bits {i:#x}")
+        if i & MOVING:
+            moving += 1
+            if k != POOL and k != HUGE and k < FILE0:
+                raise AssertionError(f"{dev.name}: {KIND_NAMES.get(k, k)} slot {s} is flagged MOVING")
+        if i & SHADOW and k < FILE0:
+            raise AssertionError(f"{dev.name}: slot {s} in memory has a shadow")
+        if k == SAME:
+            if n:
+                raise AssertionError(f"{dev.name}: same-filled slot {s} has length {n}")
+        elif k == POOL or k == HUGE:
+            if k == POOL and not 0 < n <= store.accept_limit:
+                raise AssertionError(f"{dev.name}: pool slot {s} has length {n}, "
+                                     f"accept limit {store.accept_limit}")
+            if k == HUGE and n != 4096:
+                raise AssertionError(f"{dev.name}: huge slot {s} has length {n}")
+            aid = h >> INDEX_BITS
+            if not 0 <= aid < len(pool.bufs) or pool.osize[aid] != class_size(n):
+                raise AssertionError(f"{dev.name}: slot {s} ({KIND_NAMES[k]}, {n} bytes) "
+                                     f"points at arena {aid} of another size class")
+            live.setdefault(aid, []).append(h & INDEX_MASK)
+            cbytes += n
+            pbytes += class_size(n)
+        elif FILE0 <= k < FILE0 + len(file_owner):
+            if n:
+                raise AssertionError(f"{dev.name}: file slot {s} has length {n}")
+            owners = file_owner[k - FILE0]
+            if h in owners:
+                raise AssertionError(f"{dev.name}: slot {s} and {owners[h]} share page {h} "
+                                     f"of tier {store.files[k - FILE0].name}")
+            owners[h] = (dev.name, s)
+            nfile += 1
+            continue
+        else:
+            raise AssertionError(f"{dev.name}: slot {s} has unknown kind {k}")
+        counts[k] += 1
+    want = {
+        "stored_pages": dev.npages - counts[EMPTY],
+        "same_filled_pages": counts[SAME],
+        "pool_pages": counts[POOL],
+        "huge_pages": counts[HUGE],
+        "file_pages": nfile,
+        "compressed_bytes": cbytes,
+        "pool_bytes": pbytes,
+    }
+    for name, value in want.items():
+        if getattr(dev, name) != value:
+            raise AssertionError(f"{dev.name}: {name} counts {getattr(dev, name)}, "
+                                 f"slot table holds {value}")
+    return cbytes, moving
+
+
+def _check_cache(store: Store, file_owner: list[dict[int, tuple[str, int]]], *,
+                 quiet: bool) -> None:
+    """Every cached page is an allocated file page; with no move in flight,
+    a slot's, and equal to what the tier holds."""
+    cache = store.cache
+    files = store.files
+    cache.check_invariants()
+    for key in cache.keys():
+        ti, page = key >> KEY_SHIFT, key & KEY_PAGE_MASK
+        if not (ti < len(files) and files[ti].is_used(page)):
+            raise AssertionError(f"swap cache holds tier {ti} page {page}, not in use")
+        if not quiet:
+            continue
+        if page not in file_owner[ti]:
+            raise AssertionError(f"swap cache holds tier {ti} page {page}, no slot's")
+        if files[ti].read_now(page) != cache.get(key):
+            raise AssertionError(f"swap cache: tier {ti} page {page} differs from disk")
+
+
+def _check_accounting(store: Store) -> None:
+    st = store.stats()
+    t = st.totals
+    tier_pages = sum(tier.stored_pages for tier in st.tiers)
+    dev_pages = sum(d.stored_pages for d in st.devices)
+    if not t.stored_pages == t.same_filled_pages + tier_pages == dev_pages:
+        raise AssertionError(f"accounting: totals.stored_pages {t.stored_pages}, same-filled "
+                             f"{t.same_filled_pages} + tiers {tier_pages}, devices {dev_pages}")
+    if sum(d.compressed_bytes for d in st.devices) != st.pool.compressed_bytes:
+        raise AssertionError("accounting: devices' compressed_bytes do not sum to the pool's")
+    if sum(d.pool_bytes for d in st.devices) > st.pool.pool_bytes:
+        raise AssertionError("accounting: devices' class bytes exceed the pool's memory")

@@ -1,0 +1,100 @@
+"""Stats assembly: the store's counters as one :class:`swapfs.stats.Stats`.
+
+Read-only and await-free, so one snapshot is consistent: a tier's
+``stored_pages`` counts the pages slots hold (pages written but not yet
+committed, and pages whose free waits for a read, are left out), and
+``totals.stored_pages`` = same-filled + every tier's = the devices' sum at
+every moment.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TYPE_CHECKING
+
+from .config import PAGE_SIZE
+from .stats import CacheStats, DeviceStats, PoolStats, Stats, TotalsStats, WritebackStats
+
+if TYPE_CHECKING:
+    from .store import Store
+
+
+def collect(store: Store) -> Stats:
+    pool = store.pool
+    files = store.files
+    devices = tuple(
+        DeviceStats(
+            name=d.name, size_bytes=d.size_bytes, stored_pages=d.stored_pages,
+            same_filled_pages=d.same_filled_pages, pool_pages=d.pool_pages,
+            huge_pages=d.huge_pages, file_pages=d.file_pages,
+            compressed_bytes=d.compressed_bytes,
+            pool_bytes=d.pool_bytes, metadata_bytes=d.table.metadata_bytes(),
+            reads=d.reads, writes=d.writes, discards=d.discards, read_bytes=d.read_bytes,
+            written_bytes=d.written_bytes, discarded_bytes=d.discarded_bytes,
+            nospace_errors=d.nospace_errors)
+        for d in store.devices)
+    huge = sum(d.huge_pages for d in devices)
+    pool_meta = pool.metadata_bytes()
+    pstats = PoolStats(
+        name="pool", kind="pool", algorithm=store.codec.name, stored_pages=pool.objects,
+        huge_pages=huge, compressed_bytes=pool.compressed_bytes,
+        pool_bytes=pool.pool_bytes, max_bytes=pool.max_bytes,
+        fragmentation=pool.fragmentation, metadata_bytes=pool_meta, arenas=pool.arenas,
+        spare_bytes=pool.spare_bytes(), used_bytes=pool.used_bytes,
+        classes=pool.class_counts())
+    same = sum(d.same_filled_pages for d in devices)
+    tier_stats = []
+    for ti, tier in enumerate(files):
+        st = tier.stats()
+        owned = files.owned_pages(ti)
+        tier_stats.append(st if owned == st.stored_pages
+                          else dataclasses.replace(st, stored_pages=owned))
+    file_pages = sum(t.stored_pages for t in tier_stats)
+    totals = TotalsStats(
+        stored_pages=same + pool.objects + file_pages,
+        same_filled_pages=same,
+        huge_pages=huge,
+        compressed_bytes=pool.compressed_bytes,
+        pool_bytes=pool.pool_bytes,
+        metadata_bytes=(sum(d.metadata_bytes for d in devices) + pool_meta
+                        + sum(t.metadata_bytes for t in tier_stats)),
+        compression_ratio=(pool.objects * PAGE_SIZE / pool.pool_bytes
+                           if pool.pool_bytes else 0.0),
+        reads=sum(d.reads for d in devices),
+        writes=sum(d.writes for d in devices),
+        discards=sum(d.discards for d in devices),
+        read_bytes=sum(d.read_bytes for d in devices),
+        written_bytes=sum(d.written_bytes for d in devices))
+    return Stats(devices=devices, tiers=(pstats, *tier_stats), totals=totals,
+                 writeback=_writeback(store), cache=_cache(store))
+
+
+def _writeback(store: Store) -> WritebackStats:
+    c = store.moves
+    files = store.files
+    names = store.level_names
+    pairs = {f"{names[a]}->{names[b]}": {"pages": v[0], "bytes": v[0] * PAGE_SIZE,
+                                           "batches": v[1]}
+             for (a, b), v in sorted(c.pairs.items())}
+    levels = {name: {"demotions": c.demotions[k], "refaults": c.refaults[k],
+                     "promotions": c.promotions[k]} for k, name in enumerate(names)}
+    marks = {"pool": {"high": store.pool_high_bytes, "low": store.pool_low_bytes,
+                      "used": store.pool.pool_bytes}}
+    for ti, (tier, tc) in enumerate(zip(files, store.config.tiers)):
+        if files.has_lower(ti):
+            marks[tier.name] = {"high": int(tc.high_watermark * tier.capacity_pages),
+                                "low": int(tc.low_watermark * tier.capacity_pages),
+                                "used": tier.stored_pages}
+    return WritebackStats(
+        moved_pages=c.moved, aborted_moves=c.aborted,
+        promotions=sum(c.promotions), refaults=sum(c.refaults),
+        moved_bytes=c.moved * PAGE_SIZE, batches=c.batches,
+        failed_batches=c.failed_batches, inflight_pages=sum(files.inflight),
+        requests=c.requests, epoch=store.epoch, demotions_clock=store.demotions,
+        pairs=pairs, levels=levels, watermarks=marks)
+
+
+def _cache(store: Store) -> CacheStats:
+    c = store.cache
+    return CacheStats(pages=len(c), hits=c.hits, misses=c.misses, capacity_pages=c.capacity,
+                      inserts=c.inserts, evictions=c.evictions)
