@@ -31,6 +31,9 @@ def check_store(store: Store, *, quiescent: bool = True) -> None:
         cbytes, nmoving = _check_device(store, dev, live, file_owner)
         total_cbytes += cbytes
         moving += nmoving
+    for h, n in store.staged_pool_objects():  # writes in flight, waiting for a file tier
+        live.setdefault(h >> INDEX_BITS, []).append(h & INDEX_MASK)
+        total_cbytes += n
     store.pool.check_invariants(live, total_cbytes)
     in_moves = store.moves_in_flight
     if moving > in_moves:

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import logging
 import time
+from array import array
 from typing import Callable
 
 from . import invariants, store_stats
@@ -49,8 +50,33 @@ _HUGE_INFO = PAGE_SIZE << 4 | HUGE
 _NOSPACE_LOG_INTERVAL = 10.0
 # Default size of the swap cache, in pages.
 CACHE_PAGES = 1024
+# Requests up to this many pages stage in one preallocated record (1 MiB,
+# the largest FUSE write swapfs asks for).
+_SCRATCH_PAGES = 256
+# Tracked slots (partly written pages) are keyed device index << this | slot.
+_TRACK_SHIFT = 40
 
 assert PAGE_SIZE == 1 << PAGE_SHIFT
+
+
+class _SlotChanged(Exception):
+    """A slot that a read-modify-write read was stored or freed before the
+    write could commit: it must start over."""
+
+
+class _Staged:
+    """The new content of a run of slots, placed but not committed: per
+    page the handle and info word it will get (info 0: not placed yet), the
+    pages bound for file tiers, and the device counter deltas of the pages
+    placed in memory."""
+
+    __slots__ = ("npages", "handles", "info", "spill", "same", "pool", "huge", "cbytes", "pbytes")
+
+    def __init__(self, capacity: int) -> None:
+        self.handles = array("Q", bytes(8 * capacity))
+        self.info = array("I", bytes(4 * capacity))
+        self.spill: list[int] = []
+        self.npages = self.same = self.pool = self.huge = self.cbytes = self.pbytes = 0
 
 
 class Device:
@@ -126,6 +152,14 @@ class Store:
         self.promote_limit_bytes = self.pool.max_bytes
         self._migrator = Migrator(self)
         self.moves = self._migrator.counters
+        # Writes waiting for file tiers: their pool objects and file pages
+        # are allocated, their slots not switched yet.
+        self._staged: list[_Staged] = []
+        self._scratch = _Staged(_SCRATCH_PAGES)
+        # Slots of partly written pages whose read-modify-write is in flight:
+        # key (device index << _TRACK_SHIFT | slot) -> [generation, writers].
+        # Every store or free of such a slot bumps its generation.
+        self._partial: dict[int, list[int]] = {}
 
     def device(self, name: str) -> Device:
         return self._by_name[name]
@@ -162,9 +196,9 @@ class Store:
     async def write(self, dev: Device, offset: int, data: object) -> int:
         """Store ``data`` at ``offset``; return its length.
 
-        OutOfRange (nothing written) if it does not fit in the device.
-        NoSpace if the pool and every file tier are full: the pages that
-        found room are stored, the others keep their old content.
+        All or nothing: OutOfRange if it does not fit in the device; NoSpace
+        if the pool and every file tier are full, BackingIOError if the file
+        tiers failed; in every such case no slot changed.
         """
         mv = memoryview(data)  # type: ignore[arg-type]
         if mv.format != "B" or mv.ndim != 1:
@@ -199,45 +233,80 @@ class Store:
             log.warning("%s: write refused, no space: %s (%s)", dev.name, why, where)
 
     async def _write_unaligned(self, dev: Device, offset: int, mv: memoryview) -> None:
+        """A write that starts or ends inside a page: its pages are read,
+        modified and stored as one run.  The partly written pages' slots are
+        tracked meanwhile; if another store or free of one of them commits
+        first (a concurrent write or discard), the stale copy is dropped and
+        the write starts over (docs/store.md)."""
         n = mv.nbytes
-        end = offset + n
-        slot = offset >> PAGE_SHIFT
-        pos = 0
+        first = offset >> PAGE_SHIFT
+        last = (offset + n - 1) >> PAGE_SHIFT
+        npages = last - first + 1
         head = offset & PAGE_MASK
-        if head or n < PAGE_SIZE:
-            # The first page is partial: read, modify, write.
-            take = min(PAGE_SIZE - head, n)
-            page = bytearray(await self._page(dev, slot))
-            page[head:head + take] = mv[:take]
-            await self._store(dev, slot, memoryview(page), 1)
-            pos = take
-            slot += 1
-        nfull = (end >> PAGE_SHIFT) - slot
-        if nfull > 0:
-            await self._store(dev, slot, mv[pos:pos + (nfull << PAGE_SHIFT)], nfull)
-            pos += nfull << PAGE_SHIFT
-            slot += nfull
-        if pos < n:
-            # The last page is partial.
-            page = bytearray(await self._page(dev, slot))
-            page[:n - pos] = mv[pos:]
-            await self._store(dev, slot, memoryview(page), 1)
-
-    async def _store(self, dev: Device, first: int, mv: memoryview, npages: int) -> None:
-        """Store whole pages: same-filled and compressible ones inline, the
-        rest (and all once the pool is full) in file tiers, if there are any
-        and the device allows its pages to leave memory."""
-        if not self.tiers or not dev.config.writeback:
-            self._store_pages(dev, first, mv, npages, None)
-            self._pool_check()
-            return
-        spill: list[int] = []
-        self._store_pages(dev, first, mv, npages, spill)
-        self._pool_check()
+        partial = [first] if head else []
+        if (offset + n) & PAGE_MASK and last not in partial:
+            partial.append(last)
+        keys = [self._track(dev, s) for s in partial]
         try:
-            if spill:
-                await self._store_file_pages(dev, first, mv, spill)
+            while True:
+                expect = [(key, self._partial[key][0]) for key in keys]
+                buf = bytearray(npages << PAGE_SHIFT)
+                for s in partial:
+                    o = (s - first) << PAGE_SHIFT
+                    buf[o:o + PAGE_SIZE] = await self._page(dev, s)
+                buf[head:head + n] = mv
+                try:
+                    await self._store(dev, first, memoryview(buf), npages, expect)
+                    return
+                except _SlotChanged:
+                    continue
         finally:
+            for key in keys:
+                self._untrack(key)
+
+    def _track(self, dev: Device, slot: int) -> int:
+        key = dev.index << _TRACK_SHIFT | slot
+        entry = self._partial.get(key)
+        if entry is None:
+            self._partial[key] = [0, 1]
+        else:
+            entry[1] += 1
+        return key
+
+    def _untrack(self, key: int) -> None:
+        entry = self._partial[key]
+        entry[1] -= 1
+        if not entry[1]:
+            del self._partial[key]
+
+    async def _store(self, dev: Device, first: int, mv: memoryview, npages: int,
+                     expect: list[tuple[int, int]] | None = None) -> None:
+        """Store whole pages in slots ``first``..., all or nothing.
+
+        Same-filled and compressible pages go to the pool inline; with file
+        tiers (and a device whose pages may leave memory) the rest, and all
+        once the pool is full, are written to file tiers first.  Then every
+        slot is switched in one step.  ``expect``: tracked slots and the
+        generation each must still have (else _SlotChanged, nothing stored).
+        """
+        spill_ok = bool(self.tiers) and dev.config.writeback
+        if spill_ok or npages > _SCRATCH_PAGES:
+            staged = _Staged(npages)
+        else:  # nothing awaits before the commit: one preallocated record serves
+            staged = self._scratch
+        self._stage(mv, npages, staged, spill_ok)
+        if staged.spill:
+            self._staged.append(staged)
+            try:
+                await self._stage_file_pages(dev, mv, staged)
+            except BaseException:
+                self._unstage(staged)
+                raise
+            finally:
+                self._staged.remove(staged)
+        self._commit(dev, first, staged, expect)
+        self._pool_check()
+        if self.tiers:
             await self.files.punch()  # a rewrite may have left a cluster entirely free
 
     def _pool_check(self) -> None:
@@ -245,128 +314,127 @@ class Store:
         if self.pool.pool_bytes > self.pool_high_bytes and self.kick_writeback is not None:
             self.kick_writeback()
 
-    def _store_pages(self, dev: Device, first: int, mv: memoryview, npages: int,
-                     spill: list[int] | None) -> None:
-        """Store ``npages`` whole pages of ``mv`` in slots ``first``...
-
-        For each page the new location is allocated and written before the
-        old one is freed and the handle replaced, all without an await, so a
-        PoolFull leaves the slot as it was.  With ``spill`` (file tiers
-        exist), a page that does not compress well enough, or finds the pool
-        full, is not stored but its index in ``mv`` appended to ``spill``.
-        """
-        table = dev.table
-        handles = table.handles
-        info = table.info
-        epoch = table.epoch
-        ep = self.epoch
+    def _stage(self, mv: memoryview, npages: int, staged: _Staged, spill_ok: bool) -> None:
+        """Place ``npages`` pages of ``mv`` in the pool (or as fill words)
+        without touching a slot.  With ``spill_ok``, a page that does not
+        compress well enough, or finds the pool full, is left for a file
+        tier (its index in ``staged.spill``); without, it is kept raw
+        (huge), and a full pool raises PoolFull with nothing held."""
+        staged.npages = npages
+        handles = staged.handles
+        info = staged.info
+        spill = staged.spill
+        spill.clear()
         compress = self.codec.compress
-        pool = self.pool
-        alloc = pool.alloc
+        alloc = self.pool.alloc
         limit = self.accept_limit
         q = mv.cast("Q")
-        d_stored = d_same = d_pool = d_huge = d_cbytes = d_pbytes = 0
+        n_same = n_pool = n_huge = cbytes = pbytes = 0
         pool_full = False
-        o = 0
+        o = idx = 0
         try:
-            for idx, s in enumerate(range(first, first + npages)):
+            for idx in range(npages):
                 qi = o >> 3
                 if q[qi] == q[qi + _LAST_WORD] and (
                         (w := same_fill_word(mv[o:o + PAGE_SIZE])) is not None):
-                    new_h = w
-                    new_i = SAME
-                    d_same += 1
+                    handles[idx] = w
+                    info[idx] = SAME
+                    n_same += 1
                 elif pool_full:
-                    spill.append(idx)  # type: ignore[union-attr]
-                    o += PAGE_SIZE
-                    continue
+                    info[idx] = 0
+                    spill.append(idx)
                 else:
                     page = mv[o:o + PAGE_SIZE]
                     c = compress(page)
                     n = len(c)
                     try:
-                        if n > limit:
-                            if spill is not None:
-                                spill.append(idx)
-                                o += PAGE_SIZE
-                                continue
-                            new_h = alloc(page, PAGE_SIZE)
-                            new_i = _HUGE_INFO
-                            d_huge += 1
-                            d_cbytes += PAGE_SIZE
-                            d_pbytes += PAGE_SIZE
+                        if n <= limit:
+                            handles[idx] = alloc(c, n)
+                            info[idx] = n << 4 | POOL
+                            n_pool += 1
+                            cbytes += n
+                            pbytes += (n + 31) & ~31
+                        elif spill_ok:
+                            info[idx] = 0
+                            spill.append(idx)
                         else:
-                            new_h = alloc(c, n)
-                            new_i = n << 4 | POOL
-                            d_pool += 1
-                            d_cbytes += n
-                            d_pbytes += (n + 31) & ~31
+                            handles[idx] = alloc(page, PAGE_SIZE)
+                            info[idx] = _HUGE_INFO
+                            n_huge += 1
+                            cbytes += PAGE_SIZE
+                            pbytes += PAGE_SIZE
                     except PoolFull:
-                        if spill is None:
+                        if not spill_ok:
                             raise
                         pool_full = True
+                        info[idx] = 0
                         spill.append(idx)
-                        o += PAGE_SIZE
-                        continue
-                old = info[s]
-                if old == EMPTY:
-                    d_stored += 1
-                else:  # a rewrite: rare on the swap path (freed slots are discarded)
-                    self.free_slot_content(dev, s, old)
-                handles[s] = new_h
-                info[s] = new_i
-                epoch[s] = ep
                 o += PAGE_SIZE
-        finally:
-            dev.stored_pages += d_stored
-            dev.same_filled_pages += d_same
-            dev.pool_pages += d_pool
-            dev.huge_pages += d_huge
-            dev.compressed_bytes += d_cbytes
-            dev.pool_bytes += d_pbytes
+        except BaseException:
+            staged.npages = idx  # pages before the failing one hold what to give back
+            self._unstage(staged)
+            raise
+        staged.same = n_same
+        staged.pool = n_pool
+        staged.huge = n_huge
+        staged.cbytes = cbytes
+        staged.pbytes = pbytes
 
-    async def _store_file_pages(self, dev: Device, first: int, mv: memoryview,
-                                spill: list[int]) -> None:
-        """Write the pages ``spill`` (indexes into ``mv``, slots ``first + k``)
-        to file tiers, then point their slots at them.
+    async def _stage_file_pages(self, dev: Device, mv: memoryview, staged: _Staged) -> None:
+        """Write the pages ``staged.spill`` (indexes into ``mv``) to file
+        tiers and record where they went in ``staged``; no slot changes.
 
         Tiers are tried by priority, round-robin within equal priority; a
         tier whose filesystem says ENOSPC counts as full and the pages move
-        on to the next.  Pages that find no room raise NoSpace after the
-        others are committed.  The slot is switched only after its page is
-        on disk, so a read meanwhile returns the old content; a concurrent
-        write of the same slot that ends first is overwritten (the later
-        completion wins, as with any two overlapping writes).
+        on to the next.  NoSpace (or BackingIOError) if some pages found no
+        room; the caller then gives back everything staged.  The written
+        pages stay counted in flight (``FileTierSet.inflight``) until the
+        commit or the give-back.
         """
         files = self.files
-        todo = spill
+        handles = staged.handles
+        info = staged.info
+        todo = staged.spill
         errors: list[str] = []
         broken: set[int] = set()  # tiers that failed with an I/O error in this request
         while todo:
             grants = files.allocate(len(todo), broken)
             if not grants:
                 break
-            pos = 0
             retry: list[int] = []
-            for ti, runs, count in grants:
-                chunk = todo[pos:pos + count]
-                pos += count
-                pages = [mv[idx << PAGE_SHIFT:(idx + 1) << PAGE_SHIFT] for idx in chunk]
-                files.inflight[ti] += count
-                try:
-                    await files[ti].write(runs, pages)
-                except TierFull as e:  # the filesystem under a sparse tier is full
-                    log.warning("%s; trying the next tier", e)
-                    retry += chunk
-                    continue
-                except TierIOError as e:
-                    errors.append(str(e))
-                    broken.add(ti)
-                    retry += chunk
-                    continue
-                finally:
-                    files.inflight[ti] -= count
-                self._commit_file_pages(dev, first, chunk, ti, runs)
+            pos = 0
+            try:
+                while grants:
+                    ti, runs, count = grants[0]
+                    chunk = todo[pos:pos + count]
+                    pos += count
+                    pages = [mv[idx << PAGE_SHIFT:(idx + 1) << PAGE_SHIFT] for idx in chunk]
+                    del grants[0]  # the tier's write frees the pages if it fails
+                    files.inflight[ti] += count
+                    try:
+                        await files[ti].write(runs, pages)
+                    except TierFull as e:  # the filesystem under a sparse tier is full
+                        log.warning("%s; trying the next tier", e)
+                        retry += chunk
+                        files.inflight[ti] -= count
+                        continue
+                    except TierIOError as e:
+                        errors.append(str(e))
+                        broken.add(ti)
+                        retry += chunk
+                        files.inflight[ti] -= count
+                        continue
+                    except BaseException:
+                        files.inflight[ti] -= count
+                        raise
+                    kind = FILE0 + ti
+                    for idx, page in zip(chunk, run_pages(runs)):
+                        handles[idx] = page
+                        info[idx] = kind
+            finally:
+                for g in grants:  # allocated, never written
+                    files[g.tier].free_runs(g.runs)
+            retry += todo[pos:]  # the tiers had room for fewer pages than asked
             todo = retry
         if todo:
             if errors:
@@ -374,26 +442,81 @@ class Store:
             raise NoSpace(f"{dev.name}: {len(todo)} pages found no room: the pool and every "
                           "file tier are full")
 
-    def _commit_file_pages(self, dev: Device, first: int, chunk: list[int], ti: int,
-                           runs: list[tuple[int, int]]) -> None:
-        handles = dev.table.handles
-        info = dev.table.info
-        epoch = dev.table.epoch
+    def _unstage(self, staged: _Staged) -> None:
+        """Give back everything ``staged`` holds (nothing was committed)."""
+        info = staged.info
+        handles = staged.handles
+        for idx in range(staged.npages):
+            i = info[idx]
+            k = i & KIND_MASK
+            if k == POOL or k == HUGE:
+                self.pool.free_object(handles[idx], (i >> 4) & LENGTH_MASK)
+            elif k >= FILE0:
+                self.files.inflight[k - FILE0] -= 1
+                self.files[k - FILE0].free((handles[idx],))
+            info[idx] = 0
+
+    def _commit(self, dev: Device, first: int, staged: _Staged,
+                expect: list[tuple[int, int]] | None) -> None:
+        """Switch slots ``first``... to what ``staged`` holds, freeing their
+        old content; no await.  _SlotChanged (after giving everything back)
+        if a tracked slot's generation is not what ``expect`` says."""
+        partial = self._partial
+        if expect is not None:
+            for key, gen in expect:
+                if partial[key][0] != gen:
+                    self._unstage(staged)
+                    raise _SlotChanged
+        table = dev.table
+        handles = table.handles
+        info = table.info
+        epoch = table.epoch
+        new_h = staged.handles
+        new_i = staged.info
         ep = self.epoch
-        kind = FILE0 + ti
+        track = partial if partial else None
+        base = dev.index << _TRACK_SHIFT
         stored = 0
-        for idx, page in zip(chunk, run_pages(runs)):
+        for idx in range(staged.npages):
             s = first + idx
             old = info[s]
             if old == EMPTY:
                 stored += 1
-            else:
+            else:  # a rewrite: rare on the swap path (freed slots are discarded)
                 self.free_slot_content(dev, s, old)
-            handles[s] = page
-            info[s] = kind
+            handles[s] = new_h[idx]
+            info[s] = new_i[idx]
             epoch[s] = ep
+            if track is not None and (entry := track.get(base | s)) is not None:
+                entry[0] += 1
+        nfile = len(staged.spill)
+        if nfile:
+            inflight = self.files.inflight
+            for idx in staged.spill:
+                inflight[(new_i[idx] & KIND_MASK) - FILE0] -= 1
         dev.stored_pages += stored
-        dev.file_pages += len(chunk)
+        dev.same_filled_pages += staged.same
+        dev.pool_pages += staged.pool
+        dev.huge_pages += staged.huge
+        dev.compressed_bytes += staged.cbytes
+        dev.pool_bytes += staged.pbytes
+        dev.file_pages += nfile
+
+    def staged_in_pool(self) -> tuple[int, int]:
+        """(objects, payload bytes) of the pool that writes in flight hold
+        and no slot owns yet: the stats leave them out."""
+        return (sum(st.pool + st.huge for st in self._staged),
+                sum(st.cbytes for st in self._staged))
+
+    def staged_pool_objects(self) -> list[tuple[int, int]]:
+        """(handle, length) of the pool objects that writes in flight hold
+        and no slot owns yet (for the consistency check)."""
+        out = []
+        for staged in self._staged:
+            for h, i in zip(staged.handles[:staged.npages], staged.info[:staged.npages]):
+                if i & KIND_MASK == POOL or i & KIND_MASK == HUGE:
+                    out.append((h, (i >> 4) & LENGTH_MASK))
+        return out
 
     def free_slot_content(self, dev: Device, s: int, old: int) -> None:
         """Free what slot ``s`` (info ``old``, not EMPTY) holds, keeping the
@@ -607,10 +730,11 @@ class Store:
         its commit.  No await."""
         if self.pool.pool_bytes >= self.promote_limit_bytes:
             return False
-        stay: list[int] = []
-        self._store_pages(dev, s, memoryview(page), 1, stay)  # type: ignore[arg-type]
-        if stay:
+        staged = _Staged(1)
+        self._stage(memoryview(page), 1, staged, True)  # type: ignore[arg-type]
+        if staged.spill:  # it would not stay in the pool: nothing was allocated
             return False
+        self._commit(dev, s, staged, None)
         self.moves.promotions[1 + ti] += 1
         self._pool_check()  # make room again: demote what is colder
         return True
@@ -653,14 +777,14 @@ class Store:
     async def _zero_part(self, dev: Device, slot: int, a: int, b: int) -> None:
         if dev.table.info[slot] == EMPTY:
             return
-        page = bytearray(await self._page(dev, slot))
-        page[a:b] = bytes(b - a)
-        await self._store(dev, slot, memoryview(page), 1)
+        await self._write_unaligned(dev, (slot << PAGE_SHIFT) + a, memoryview(bytes(b - a)))
 
     def _free_slots(self, dev: Device, first: int, end: int) -> None:
         table = dev.table
         handles = table.handles
         info = table.info
+        track = self._partial if self._partial else None
+        base = dev.index << _TRACK_SHIFT
         freed = 0
         for c0, c1 in table.stored_chunks(first, end):
             for s in range(c0, c1):
@@ -671,5 +795,7 @@ class Store:
                 self.free_slot_content(dev, s, old)
                 handles[s] = 0
                 info[s] = 0
+                if track is not None and (entry := track.get(base | s)) is not None:
+                    entry[0] += 1
         dev.stored_pages -= freed
 

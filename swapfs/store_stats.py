@@ -22,6 +22,10 @@ if TYPE_CHECKING:
 def collect(store: Store) -> Stats:
     pool = store.pool
     files = store.files
+    # Pool objects of writes waiting for a file tier belong to no slot yet.
+    staged_objects, staged_bytes = store.staged_in_pool()
+    pool_pages = pool.objects - staged_objects
+    pool_cbytes = pool.compressed_bytes - staged_bytes
     devices = tuple(
         DeviceStats(
             name=d.name, size_bytes=d.size_bytes, stored_pages=d.stored_pages,
@@ -36,8 +40,8 @@ def collect(store: Store) -> Stats:
     huge = sum(d.huge_pages for d in devices)
     pool_meta = pool.metadata_bytes()
     pstats = PoolStats(
-        name="pool", kind="pool", algorithm=store.codec.name, stored_pages=pool.objects,
-        huge_pages=huge, compressed_bytes=pool.compressed_bytes,
+        name="pool", kind="pool", algorithm=store.codec.name, stored_pages=pool_pages,
+        huge_pages=huge, compressed_bytes=pool_cbytes,
         pool_bytes=pool.pool_bytes, max_bytes=pool.max_bytes,
         fragmentation=pool.fragmentation, metadata_bytes=pool_meta, arenas=pool.arenas,
         spare_bytes=pool.spare_bytes(), used_bytes=pool.used_bytes,
@@ -51,14 +55,14 @@ def collect(store: Store) -> Stats:
                           else dataclasses.replace(st, stored_pages=owned))
     file_pages = sum(t.stored_pages for t in tier_stats)
     totals = TotalsStats(
-        stored_pages=same + pool.objects + file_pages,
+        stored_pages=same + pool_pages + file_pages,
         same_filled_pages=same,
         huge_pages=huge,
-        compressed_bytes=pool.compressed_bytes,
+        compressed_bytes=pool_cbytes,
         pool_bytes=pool.pool_bytes,
         metadata_bytes=(sum(d.metadata_bytes for d in devices) + pool_meta
                         + sum(t.metadata_bytes for t in tier_stats)),
-        compression_ratio=(pool.objects * PAGE_SIZE / pool.pool_bytes
+        compression_ratio=(pool_pages * PAGE_SIZE / pool.pool_bytes
                            if pool.pool_bytes else 0.0),
         reads=sum(d.reads for d in devices),
         writes=sum(d.writes for d in devices),

@@ -193,23 +193,36 @@ async def test_pool_full(make_store: MakeStore, algorithm: str) -> None:
     dev = store.devices[0]
     rng = random.Random(4)
     written = {}
-    # Random pages (huge, 16 per arena) fill the pool; the write that finds
-    # it full is refused with NoSpace.
+    # Random pages (huge, 16 per arena) fill the pool; a write that does
+    # not find room for all its pages is refused with NoSpace and changes
+    # none of them (all or nothing).
     data = b"".join(random_page() for _ in range(100))
     old = compressible_page(rng)
     await store.write(dev, 200 * P, old)  # takes one arena of its class
     written[200] = old
+    first = data[:10 * P]
+    await store.write(dev, 0, first)
+    before = store.stats()
     with pytest.raises(NoSpace, match="max_bytes"):
         await store.write(dev, 0, data)
     st = store.stats()
-    stored = st.pool.huge_pages
-    assert 0 < stored < 100
-    # Pages before the failing one are stored; the rest keep old content.
-    assert await store.read(dev, 0, stored * P) == data[:stored * P]
-    assert await store.read(dev, stored * P, (100 - stored) * P) == bytes((100 - stored) * P)
+    assert st.pool.huge_pages == before.pool.huge_pages == 10
+    assert st.pool.compressed_bytes == before.pool.compressed_bytes  # all given back
+    assert await store.read(dev, 0, 10 * P) == first
+    assert await store.read(dev, 10 * P, 90 * P) == bytes(90 * P)
     assert await store.read(dev, 200 * P, P) == old
     assert st.device(dev.name).nospace_errors == 1
     store.check_invariants()
+    # Pages one at a time fill what is left; the write that finds no room
+    # keeps the slot's old content.
+    stored = 10
+    with pytest.raises(NoSpace):
+        while stored < 100:
+            await store.write(dev, stored * P, data[stored * P:(stored + 1) * P])
+            stored += 1
+    assert 10 < stored < 100
+    assert await store.read(dev, 0, stored * P) == data[:stored * P]
+    assert await store.read(dev, stored * P, P) == bytes(P)
     # Overwriting a stored page with one needing a new arena fails and keeps it.
     with pytest.raises(NoSpace):
         await store.write(dev, 0, b"z" * 200 + bytes(P - 200))
