@@ -57,13 +57,16 @@ def _check_device(store: Store, dev: Device, live: dict[int, list[int]],
     table = dev.table
     if not (len(table.handles) == len(table.info) == len(table.epoch) == dev.npages):
         raise AssertionError(f"{dev.name}: slot table columns are not {dev.npages} long")
+    table.check()
     counts = {EMPTY: 0, SAME: 0, POOL: 0, HUGE: 0}
     nfile = cbytes = pbytes = moving = 0
-    for s, (i, h) in enumerate(zip(table.info, table.handles)):
+    counts[EMPTY] = dev.npages - sum(table.cluster_used)
+    for s in (s for c0, c1 in table.stored_chunks(0, dev.npages) for s in range(c0, c1)):
+        i = table.info[s]
+        h = table.handles[s]
         if i == EMPTY:
             if h:
                 raise AssertionError(f"{dev.name}: empty slot {s} has handle {h:#x}")
-            counts[EMPTY] += 1
             continue
         k = i & KIND_MASK
         n = (i >> 4) & LENGTH_MASK

@@ -1,11 +1,11 @@
-"""The slot table: per device, compact arrays indexed by slot (page number).
+"""The slot table: per device, compact columns indexed by slot (page number).
 
-Three ``array.array`` columns, no Python object per slot, 16 bytes per slot:
+Three columns, no Python object per slot, 16 bytes per slot in use:
 
-* ``handles`` ('Q', 8 bytes): where the page lives.  EMPTY: 0.  SAME: the
+* ``handles`` (64 bits): where the page lives.  EMPTY: 0.  SAME: the
   8-byte fill word.  POOL and HUGE: the pool handle.  FILE kinds: the page
   number in the tier's backing file.
-* ``info`` ('I', 4 bytes): ``length << 4 | kind``, plus flags.  Kind is the
+* ``info`` (32 bits): ``length << 4 | kind``, plus flags.  Kind is the
   low 4 bits (EMPTY, SAME, POOL, HUGE; FILE0 + n, 8..15, for file tier n).
   Length (bits 4..16) is the stored payload in bytes: the compressed length
   for POOL, 4096 for HUGE, 0 otherwise.  Bit 17 is MOVING: writeback is
@@ -14,16 +14,32 @@ Three ``array.array`` columns, no Python object per slot, 16 bytes per slot:
   slot changed under it.  Bit 18 is SHADOW (file kinds only): the page was
   demoted and ``epoch`` holds its shadow.  Bits 19..31 are free.  An EMPTY
   slot has info 0 and handle 0.
-* ``epoch`` ('I', 4 bytes): without SHADOW, the last-access epoch (the
-  store's clock, 1/4 s units, see docs/writeback.md); with SHADOW, the
-  store's demotion counter when the page was demoted (mod 2**32).
+* ``epoch`` (32 bits): without SHADOW, the last-access epoch (the store's
+  clock, 1/4 s units, see docs/writeback.md); with SHADOW, the store's
+  demotion counter when the page was demoted (mod 2**32).
 
-The hot loops of the store test kinds with the masks below inline; code
-off the hot path uses the named predicates.
+Memory follows what is stored, not the capacity.  Each column is a typed
+memoryview over an anonymous mapping reserved for the whole device
+(``MAP_NORESERVE``): the kernel backs a page of it only when it is first
+written, and the daemon's ``mlockall(MCL_ONFAULT)`` locks only pages so
+backed.  Slots are grouped in clusters of CLUSTER_SLOTS (1024: 8 KiB of
+handles, 4 KiB of info and of epochs, each page-aligned); per cluster the
+table counts the slots in use (``cluster_used``) and flags non-empty
+clusters (``nonempty``, one byte each).  When a cluster's last slot is
+freed, its pages are handed back to the kernel (``MADV_DONTNEED``).  An
+unused cluster costs 3 bytes; a 1 TiB device mounts at once.  Scans skip
+empty clusters with one ``bytearray.find``, so their cost follows the
+clusters in use.
+
+The store keeps ``cluster_used`` right: a slot leaves EMPTY only in its
+commit and becomes EMPTY only in its free (see swapfs/store.py).  The hot
+loops test kinds with the masks below inline; code off the hot path uses
+the named predicates.
 """
 
 from __future__ import annotations
 
+import mmap
 import sys
 from array import array
 from typing import Iterator
@@ -50,9 +66,10 @@ BYTES_PER_SLOT = 8 + 4 + 4
 # The epoch column holds 32 bits; the clocks it is compared with wrap the same.
 EPOCH_MASK = 0xFFFFFFFF
 
-# Slots compared at once when a scan skips empty stretches.
-SCAN_CHUNK = 4096
-_ZERO_INFO_CHUNK = bytes(4 * SCAN_CHUNK)
+# Slots per cluster: the unit of table memory and of empty-stretch skipping.
+CLUSTER_SHIFT = 10
+CLUSTER_SLOTS = 1 << CLUSTER_SHIFT
+CLUSTER_MASK = CLUSTER_SLOTS - 1
 
 
 def kind_of(info: int) -> int:
@@ -85,31 +102,96 @@ def movable(level: int) -> tuple[int, int]:
 
 
 class SlotTable:
-    """The handle, info and epoch columns of one device."""
+    """The handle, info and epoch columns of one device, and its cluster counts."""
 
-    __slots__ = ("npages", "handles", "info", "epoch")
+    __slots__ = ("npages", "nclusters", "handles", "info", "epoch", "cluster_used", "nonempty",
+                 "_maps")
 
     def __init__(self, npages: int) -> None:
         self.npages = npages
-        self.handles = array("Q", [0]) * npages
-        self.info = array("I", [0]) * npages
-        self.epoch = array("I", [0]) * npages
-        assert self.handles.itemsize == 8 and self.info.itemsize == 4
+        self.nclusters = -(-npages // CLUSTER_SLOTS)
+        span = self.nclusters * CLUSTER_SLOTS
+        self._maps = (_reserve(span * 8), _reserve(span * 4), _reserve(span * 4))
+        self.handles = memoryview(self._maps[0]).cast("Q")[:npages]
+        self.info = memoryview(self._maps[1]).cast("I")[:npages]
+        self.epoch = memoryview(self._maps[2]).cast("I")[:npages]
+        # Slots in use per cluster, and 1 per cluster that has any.
+        self.cluster_used = array("H", bytes(2 * self.nclusters))
+        self.nonempty = bytearray(self.nclusters)
 
-    def all_empty(self, first: int, end: int) -> bool:
-        """Slots ``first .. end`` (at most SCAN_CHUNK) are all EMPTY: one memcmp."""
-        with memoryview(self.info) as view, view.cast("B") as info_bytes:
-            return info_bytes[first * 4:end * 4] == _ZERO_INFO_CHUNK[:(end - first) * 4]
+    def filled(self, s: int) -> None:
+        """Slot ``s`` left EMPTY."""
+        c = s >> CLUSTER_SHIFT
+        used = self.cluster_used
+        if not used[c]:
+            self.nonempty[c] = 1
+        used[c] += 1
+
+    def emptied(self, s: int) -> None:
+        """Slot ``s`` became EMPTY; a cluster left without slots in use
+        gives its memory back."""
+        c = s >> CLUSTER_SHIFT
+        used = self.cluster_used
+        u = used[c] - 1
+        used[c] = u
+        if not u:
+            self.nonempty[c] = 0
+            for m, width in zip(self._maps, (8, 4, 4)):
+                m.madvise(mmap.MADV_DONTNEED, c * CLUSTER_SLOTS * width, CLUSTER_SLOTS * width)
+
+    @property
+    def clusters_in_use(self) -> int:
+        return self.nclusters - self.nonempty.count(0)
+
+    def next_stored(self, slot: int) -> int:
+        """The first slot at or after ``slot`` in a cluster in use, or npages."""
+        if slot >= self.npages:
+            return self.npages
+        c = slot >> CLUSTER_SHIFT
+        if self.nonempty[c]:
+            return slot
+        c = self.nonempty.find(1, c)
+        return self.npages if c < 0 else c << CLUSTER_SHIFT
 
     def stored_chunks(self, first: int, end: int) -> Iterator[tuple[int, int]]:
-        """``(start, stop)`` chunks of at most SCAN_CHUNK slots covering
-        ``first .. end``, leaving out those whose slots are all EMPTY."""
-        for c0 in range(first, end, SCAN_CHUNK):
-            c1 = min(c0 + SCAN_CHUNK, end)
-            if not self.all_empty(c0, c1):
-                yield c0, c1
+        """``(start, stop)`` chunks covering the slots of ``first .. end``
+        that lie in clusters in use (at most one cluster each)."""
+        s = self.next_stored(first)
+        while s < end:
+            stop = min((s | CLUSTER_MASK) + 1, end)
+            yield s, stop
+            s = self.next_stored(stop)
 
     def metadata_bytes(self) -> int:
-        """Bytes the table holds, array headers included."""
-        return (sys.getsizeof(self.handles) + sys.getsizeof(self.info)
-                + sys.getsizeof(self.epoch))
+        """Bytes the table holds: the clusters in use, and the per-cluster counts."""
+        return (self.clusters_in_use * CLUSTER_SLOTS * BYTES_PER_SLOT
+                + sys.getsizeof(self.cluster_used) + sys.getsizeof(self.nonempty))
+
+    def check(self) -> None:
+        """AssertionError unless the cluster counts match the info column.
+        Clusters flagged empty are read only on devices of up to 2**20
+        slots (reading a large device's empty clusters maps them)."""
+        info = self.info
+        view = memoryview(self.info).cast("B")
+        zero = bytes(4 * CLUSTER_SLOTS)
+        for c in range(self.nclusters):
+            lo = c << CLUSTER_SHIFT
+            hi = min(lo + CLUSTER_SLOTS, self.npages)
+            if self.nonempty[c]:
+                n = sum(1 for s in range(lo, hi) if info[s])
+            elif self.npages <= 1 << 20 and view[lo * 4:hi * 4] != zero[:(hi - lo) * 4]:
+                n = -1
+            else:
+                n = 0
+            if n != self.cluster_used[c] or bool(n) != bool(self.nonempty[c]):
+                raise AssertionError(f"slot table: cluster {c} counts {self.cluster_used[c]} "
+                                     f"slots in use (flag {self.nonempty[c]}), holds "
+                                     f"{'pages' if n < 0 else n}")
+
+
+def _reserve(nbytes: int) -> mmap.mmap:
+    """An anonymous mapping of ``nbytes``, backed by the kernel page by
+    page as it is written."""
+    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
+    return mmap.mmap(-1, max(nbytes, mmap.PAGESIZE), flags=flags,
+                     prot=mmap.PROT_READ | mmap.PROT_WRITE)

@@ -476,12 +476,14 @@ class Store:
         ep = self.epoch
         track = partial if partial else None
         base = dev.index << _TRACK_SHIFT
+        filled = table.filled
         stored = 0
         for idx in range(staged.npages):
             s = first + idx
             old = info[s]
             if old == EMPTY:
                 stored += 1
+                filled(s)
             else:  # a rewrite: rare on the swap path (freed slots are discarded)
                 self.free_slot_content(dev, s, old)
             handles[s] = new_h[idx]
@@ -572,7 +574,8 @@ class Store:
             out = bytearray(PAGE_SIZE)
             await self._read_file_pages(dev, out, [(0, slot)])
             return bytes(out)
-        dev.table.epoch[slot] = self.epoch
+        if dev.table.info[slot]:  # (an empty slot's cluster may hold no memory: leave it so)
+            dev.table.epoch[slot] = self.epoch
         return self.load_page(dev, slot)
 
     def load_page(self, dev: Device, slot: int) -> bytes:
@@ -795,6 +798,7 @@ class Store:
                 self.free_slot_content(dev, s, old)
                 handles[s] = 0
                 info[s] = 0
+                table.emptied(s)
                 if track is not None and (entry := track.get(base | s)) is not None:
                     entry[0] += 1
         dev.stored_pages -= freed

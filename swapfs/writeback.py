@@ -27,7 +27,7 @@ from typing import Any, AsyncIterator, Callable
 import trio
 import trio.lowlevel
 
-from .slots import EPOCH_MASK, SCAN_CHUNK, SHADOW, movable
+from .slots import CLUSTER_MASK, EPOCH_MASK, SHADOW, movable
 from .store import Device, Store
 from .tiers.file import CLUSTER_PAGES, FileTier
 
@@ -177,13 +177,18 @@ class Writeback:
         goal = n if idle_before is not None else n * CANDIDATES_PER_VICTIM
         total = sum(d.npages for d in devs)
         budget = total if idle_before is not None else min(SCAN_SLOTS, total)
-        scanned = 0
-        while scanned < budget and len(cands) < goal:
+        # ``scanned`` counts slots looked at, in clusters in use; ``visited``
+        # also the empty clusters skipped (free): one walk round at most.
+        scanned = visited = 0
+        while visited < total and scanned < budget and len(cands) < goal:
             dev = devs[di]
-            info = dev.table.info
-            epoch = dev.table.epoch
-            end = min(slot + SCAN_CHUNK, dev.npages, slot + budget - scanned)
-            if not dev.table.all_empty(slot, end):
+            nxt = dev.table.next_stored(slot)
+            visited += nxt - slot
+            slot = nxt
+            if slot < dev.npages:
+                info = dev.table.info
+                epoch = dev.table.epoch
+                end = min((slot | CLUSTER_MASK) + 1, dev.npages, slot + budget - scanned)
                 for s in range(slot, end):
                     i = info[s]
                     if i & mask == want:
@@ -197,8 +202,9 @@ class Writeback:
                         if idle_before is not None and len(cands) >= goal:
                             end = s + 1
                             break
-            scanned += end - slot
-            slot = end
+                scanned += end - slot
+                visited += end - slot
+                slot = end
             if slot >= dev.npages:
                 di = (di + 1) % len(devs)
                 slot = 0

@@ -294,6 +294,7 @@ async def test_metadata_budget(make_store: MakeStore) -> None:
     assert BYTES_PER_SLOT == 16
     assert st.metadata_bytes <= 16 * dev.npages + 256
     assert st.metadata_bytes / dev.npages <= 16.001
+    assert st.metadata_bytes < 4096  # nothing stored: no cluster of the table in use
     rng = random.Random(6)
     pages = [compressible_page(rng) for _ in range(64)]
     batch = b"".join(pages)
@@ -302,6 +303,8 @@ async def test_metadata_budget(make_store: MakeStore) -> None:
     pst = store.stats().pool
     assert pst.stored_pages == 20032
     assert pst.metadata_bytes / pst.stored_pages <= 16
+    used = store.stats().device(dev.name).metadata_bytes
+    assert used <= 16 * 20480 + 4096  # the table holds the 20 clusters in use
     # Check only the written part to keep the test fast: the full walk is
     # done at teardown.
     store.check_invariants()
@@ -408,4 +411,31 @@ async def test_small_cases(store: Store) -> None:
     await store.discard(dev, P + 2000, P - 2000 - 1)
     await store.discard(dev, 2 * P - 1, 1)
     assert store.stats().device(dev.name).same_filled_pages == 1
+    store.check_invariants()
+
+
+async def test_a_huge_device_holds_only_what_is_stored(make_store: MakeStore) -> None:
+    # 1 TiB of slots is 4 GiB of table at 16 bytes a slot: reserved, never
+    # backed until written.  Clusters in use cost 16 bytes a slot; a
+    # cluster whose last page is discarded gives its memory back.
+    store = make_store(devices=(("big", 1 << 40),), max_bytes=256 * MiB, arena_bytes=None)
+    dev = store.devices[0]
+    assert dev.npages == 1 << 28
+    empty = store.stats().device("big").metadata_bytes
+    assert empty < 1 << 20  # the per-cluster counts: 3 bytes a cluster
+    rng = random.Random(8)
+    page = compressible_page(rng)
+    far = [(i * 7919 * 1024 + 5) % dev.npages for i in range(1, 201)]
+    for s in far:  # 200 pages in 200 clusters spread over the device
+        await store.write(dev, s * P, page)
+    await store.write(dev, 0, page * 1024)  # one full cluster
+    st = store.stats().device("big")
+    assert st.stored_pages == 200 + 1024
+    assert st.metadata_bytes - empty <= 201 * 1024 * 16
+    for s in far:
+        assert await store.read(dev, s * P, P) == page
+    store.check_invariants()
+    await store.discard(dev, 0, 1 << 40)
+    assert store.stats().device("big").metadata_bytes == empty
+    assert await store.read(dev, far[3] * P, P) == bytes(P)
     store.check_invariants()

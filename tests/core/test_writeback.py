@@ -342,3 +342,22 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
     print(f"seed {seed}: {checks[0]} checked steps, moved {st.writeback.moved_pages}, "
           f"aborted {st.writeback.aborted_moves}, promotions {st.writeback.promotions}, "
           f"cache hits {st.cache.hits}")
+
+
+async def test_victim_search_on_a_device_used_only_at_its_start(stores, tmp_path):
+    # 16M slots, pages only in the first clusters: the search skips the
+    # empty clusters without ending a pass, wherever its cursor stands.
+    store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)], pool_bytes=8 * MiB,
+                   devices=(("big", 64 << 30, True),))
+    dev = store.devices[0]
+    wb = Writeback(store)
+    first, second = pages_of(300, 1), pages_of(300, 2)
+    await store.write(dev, 0, b"".join(first))
+    assert await wb.writeback_pages(300) == 300  # the cursor is now past the pages
+    await store.write(dev, 1000 * PAGE, b"".join(second))
+    assert await wb.writeback_pages(300) == 300
+    assert all(where(store, dev, s) == "ssd" for s in range(1000, 1300))
+    # One search walks the device round at most once: nothing left, nothing found.
+    assert wb.select(0, 10) == []
+    assert await store.read(dev, 1000 * PAGE, 300 * PAGE) == b"".join(second)
+    assert await store.read(dev, 0, 300 * PAGE) == b"".join(first)

@@ -308,3 +308,33 @@ def test_many_concurrent_processes(mnt):
     for p in procs:
         out, err = p.communicate(timeout=60)
         assert p.returncode == 0 and out.strip() == "ok", err
+
+
+def _rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.timeout(120)
+def test_a_1_tib_device_mounts_at_once_and_holds_what_is_stored(mount_factory):
+    # The slot table of 2**28 slots is reserved, not allocated: the daemon
+    # holds what is stored (here 25k pages spread over the whole device).
+    m = mount_factory('[pool]\nmax_bytes = "256M"\n[[device]]\nname = "big"\nsize = "1T"\n')
+    assert os.stat(m.dev("big")).st_size == 1 << 40
+    rng = random.Random(3)
+    chunk = b"".join(bytes(rng.choice(b"swapfs ") for _ in range(64)) * 64 for _ in range(256))
+    fd = os.open(m.dev("big"), os.O_RDWR)
+    try:
+        for i in range(100):  # 100 x 1 MiB = 25,600 pages, one run every 10 GiB
+            assert os.pwrite(fd, chunk, i * (10 << 30)) == len(chunk)
+        for i in (0, 37, 99):
+            assert os.pread(fd, len(chunk), i * (10 << 30)) == chunk
+    finally:
+        os.close(fd)
+    dev = m.stats()["devices"]["big"]
+    assert dev["stored_pages"] == 25_600
+    assert dev["metadata_bytes"] <= 25_600 * 16 + 2 * 1024 * 16 * 100 + (1 << 20)
+    assert _rss_bytes(m.pid) <= 128 << 20, _rss_bytes(m.pid)
