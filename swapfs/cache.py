@@ -22,6 +22,10 @@ from __future__ import annotations
 
 import sys
 from array import array
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 PAGE = 4096
 # A file location as one integer: the cache's keys and the file-tier set's pins.
@@ -68,7 +72,7 @@ class SwapCache:
         self._ref[e] = 1
         return self._view[e * PAGE:(e + 1) * PAGE]
 
-    def put(self, key: int, data: object) -> None:
+    def put(self, key: int, data: Buffer) -> None:
         """Cache one page (4096 bytes) under ``key``, replacing any entry."""
         if not self.capacity:
             return
@@ -78,7 +82,7 @@ class SwapCache:
             self._index[key] = e
             self._keys[e] = key
             self.inserts += 1
-        self._view[e * PAGE:(e + 1) * PAGE] = data  # type: ignore[assignment]
+        self._view[e * PAGE:(e + 1) * PAGE] = data
         self._ref[e] = 0
 
     def _evict(self) -> int:

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable, ClassVar
+from typing import TYPE_CHECKING, Callable, ClassVar
 
 import lz4.block
 import xxhash
 import zstandard
 
 from swapfs.config import PAGE_SIZE
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 ZERO_PAGE = bytes(PAGE_SIZE)
 _WORDS_PER_PAGE = PAGE_SIZE // 8
@@ -31,8 +34,11 @@ class Codec:
 
     id: ClassVar[int]
     name: ClassVar[str]
-    compress: Callable[[object], bytes]
-    decompress: Callable[[object], bytes]
+    compress: Callable[[bytes | bytearray | memoryview], bytes]
+    decompress: Callable[[bytes | bytearray | memoryview], bytes]
+
+    def __init__(self, level: int = 1) -> None:
+        """``level``: the algorithm's compression level, where it has one."""
 
 
 class Lz4Codec(Codec):
@@ -73,14 +79,14 @@ def make_codec(name: str, level: int = 1) -> Codec:
     return cls(level)
 
 
-def same_fill_word(page: object) -> int | None:
+def same_fill_word(page: Buffer) -> int | None:
     """The 8-byte word (native byte order) a page is made of, or None.
 
     Most pages are rejected by comparing their first and last words; only
     the rest are compared in full, as bytes (memcmp in C).  Zero pages, by
     far the most common same-filled pages, are compared with one constant.
     """
-    mv = memoryview(page)  # type: ignore[arg-type]
+    mv = memoryview(page)
     q = mv.cast("Q") if mv.format != "Q" else mv
     w = q[0]
     if w != q[_WORDS_PER_PAGE - 1]:
@@ -104,6 +110,6 @@ def fill_page(word: int) -> bytes:
     return p
 
 
-def checksum(buf: object) -> int:
+def checksum(buf: Buffer) -> int:
     """64-bit xxh3 of a buffer (file tiers store it with each page)."""
-    return xxhash.xxh3_64_intdigest(buf)  # type: ignore[arg-type]
+    return xxhash.xxh3_64_intdigest(buf)

@@ -138,7 +138,8 @@ def _check_cache(store: Store, file_owner: list[dict[int, tuple[str, int]]], *,
             continue
         if page not in file_owner[ti]:
             raise AssertionError(f"swap cache holds tier {ti} page {page}, no slot's")
-        if files[ti].read_now(page) != cache.get(key):
+        cached = cache.get(key)
+        if cached is None or files[ti].read_now(page) != bytes(cached):
             raise AssertionError(f"swap cache: tier {ti} page {page} differs from disk")
 
 

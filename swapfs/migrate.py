@@ -158,11 +158,13 @@ class Migrator:
         ti = grant.tier
         tier = files[ti]
         live: list[Move] = []
+        copies: list[bytes] = []
         dead: list[int] = []
         for mv, page in zip(chunk, run_pages(grant.runs)):
             if mv.data is not None and mv.dev.table.info[mv.slot] == mv.info:
                 mv.dest = page
                 live.append(mv)
+                copies.append(mv.data)
             else:  # the slot changed before the copy was written
                 dead.append(page)
         if dead:
@@ -172,12 +174,11 @@ class Migrator:
         if not live:
             return 0
         cache = self.cache
-        for mv in live:  # the page in flight
-            cache.put(file_key(ti, mv.dest), mv.data)
+        for mv, data in zip(live, copies):  # the page in flight
+            cache.put(file_key(ti, mv.dest), data)
         ok = False
         try:
-            await tier.write(to_runs([mv.dest for mv in live]),
-                             [mv.data for mv in live])  # type: ignore[misc]
+            await tier.write(to_runs([mv.dest for mv in live]), copies)
             ok = True
         except (TierFull, TierIOError) as e:  # the tier gave the pages back
             log.warning("writeback to %s failed: %s", tier.name, e)
