@@ -160,6 +160,10 @@ class Store:
         # key (device index << _TRACK_SHIFT | slot) -> [generation, writers].
         # Every store or free of such a slot bumps its generation.
         self._partial: dict[int, list[int]] = {}
+        # Pages that skipped the pool (zswap's names): it was at its limit,
+        # or they did not compress to accept_ratio (and went to a file tier).
+        self.pool_limit_hit = 0
+        self.reject_compress_poor = 0
 
     def device(self, name: str) -> Device:
         return self._by_name[name]
@@ -329,7 +333,7 @@ class Store:
         alloc = self.pool.alloc
         limit = self.accept_limit
         q = mv.cast("Q")
-        n_same = n_pool = n_huge = cbytes = pbytes = 0
+        n_same = n_pool = n_huge = cbytes = pbytes = poor = 0
         pool_full = False
         o = idx = 0
         try:
@@ -343,6 +347,7 @@ class Store:
                 elif pool_full:
                     info[idx] = 0
                     spill.append(idx)
+                    self.pool_limit_hit += 1
                 else:
                     page = mv[o:o + PAGE_SIZE]
                     c = compress(page)
@@ -357,6 +362,7 @@ class Store:
                         elif spill_ok:
                             info[idx] = 0
                             spill.append(idx)
+                            poor += 1
                         else:
                             handles[idx] = alloc(page, PAGE_SIZE)
                             info[idx] = _HUGE_INFO
@@ -364,6 +370,7 @@ class Store:
                             cbytes += PAGE_SIZE
                             pbytes += PAGE_SIZE
                     except PoolFull:
+                        self.pool_limit_hit += 1
                         if not spill_ok:
                             raise
                         pool_full = True
@@ -374,6 +381,7 @@ class Store:
             staged.npages = idx  # pages before the failing one hold what to give back
             self._unstage(staged)
             raise
+        self.reject_compress_poor += poor
         staged.same = n_same
         staged.pool = n_pool
         staged.huge = n_huge
