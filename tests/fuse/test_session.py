@@ -51,6 +51,23 @@ def direct_read(path: str, size: int = 4096) -> bytes:
         return f.read(size)
 
 
+# open(2), openat(2) and read(2), by machine: what a thread reading a FUSE
+# file is blocked in while its LOOKUP, OPEN or READ request waits.
+_FILE_SYSCALLS = {"x86_64": {"0", "2", "257"}, "aarch64": {"56", "63"}}
+
+
+def blocked_on_file(tid: int) -> bool:
+    """Thread ``tid`` of this process is blocked in open or read (/proc's view)."""
+    want = _FILE_SYSCALLS.get(os.uname().machine)
+    if want is None:
+        pytest.skip(f"system call numbers of {os.uname().machine} not listed")
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            return f.read().split()[0] in want
+    except (OSError, IndexError):
+        return False
+
+
 async def wait_until(cond, timeout: float = 10.0) -> None:
     with trio.fail_after(timeout):
         while not cond():
@@ -81,9 +98,15 @@ async def test_suspended_handler_does_not_block_others(mount_memfs):
 
 async def test_handler_with_trio_sleep(mount_memfs):
     class SleepyFS(MemFS):
+        def __init__(self, files):
+            super().__init__(files)
+            self.sleeping = False
+            self.wake = trio.Event()
+
         async def lookup(self, parent, name, ctx):
             if name == b"small":
-                await trio.sleep(1.0)
+                self.sleeping = True
+                await self.wake.wait()  # a handler parked in trio, as a sleep would be
             return await super().lookup(parent, name, ctx)
 
     fs = SleepyFS(default_files())
@@ -96,10 +119,11 @@ async def test_handler_with_trio_sleep(mount_memfs):
 
         async with trio.open_nursery() as nursery:
             nursery.start_soon(slow_stat)
-            await trio.sleep(0.05)
+            await wait_until(lambda: fs.sleeping)
             for _ in range(20):
                 await sync(direct_read, m.p("hello"))
-            assert done == []  # 20 reads were answered while the stat slept
+            assert done == []  # 20 reads were answered while the lookup was parked
+            fs.wake.set()
         assert done == ["small"]
 
 
@@ -108,17 +132,28 @@ async def test_max_inflight_bound(mount_memfs):
     async with mount_memfs(fs, max_inflight=2) as m:
         out = {}
 
+        tids = {}
+
+        def read_noting_thread(name):
+            tids[name] = threading.get_native_id()
+            return direct_read(m.p(name))
+
         async def reader(name):
-            out[name] = await sync(direct_read, m.p(name))
+            out[name] = await sync(read_noting_thread, name)
 
         async with trio.open_nursery() as nursery:
             for name in ("slow1", "slow2", "slow3"):
                 nursery.start_soon(reader, name)
             await wait_until(lambda: fs.waiting == 2)
-            await trio.sleep(0.2)
-            assert fs.waiting == 2  # the third request is not read while two are suspended
+            # every reader thread is parked in the kernel waiting for FUSE:
+            # the third one's request sits in the queue, unread
+            try:
+                await wait_until(lambda: len(tids) == 3 and all(
+                    blocked_on_file(tid) for tid in tids.values()))
+                assert fs.waiting == 2  # the third request is not read while two are suspended
+            finally:
+                fs.gate.set()  # never leave the readers hanging on the mount
             assert m.session.statistics().max_suspended == 2
-            fs.gate.set()
         assert out == {"slow1": b"one", "slow2": b"two", "slow3": b"three"}
         # reading resumed afterwards
         assert await sync(direct_read, m.p("hello")) == b"hello, world\n"
