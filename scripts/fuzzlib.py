@@ -182,7 +182,8 @@ class Fuzzer:
     async def _run(self, tier_dir: str) -> FuzzStats:
         config = self.config(tier_dir)
         store = self.store = Store(config)
-        store.writeback = Writeback(store)
+        wb = Writeback(store)
+        store.writeback = wb  # type: ignore[assignment]  # (the store types it None)
         ops = SwapFS(store)
         self.devs = [DevModel(d.name, ROOT + 1 + i, d.size) for i, d in enumerate(config.devices)]
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -209,7 +210,7 @@ class Fuzzer:
                                     ) -> None:
                     try:
                         with self._wb_scope:
-                            await store.writeback.run(task_status=task_status)
+                            await wb.run(task_status=task_status)
                     finally:
                         self._wb_done.set()
 
