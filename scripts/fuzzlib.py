@@ -70,7 +70,7 @@ EXTREMES = (0, 1, 0x7F, 0xFF, 0xFFFF, 0x7FFFFFFF, 0xFFFFFFFF, 1 << 63, (1 << 64)
             4095, 1 << 20, (1 << 20) + 1, 1 << 40)
 
 
-_READ_HEAD = struct.Struct("=QQI")  # fh, offset, size: the part of read_in within 24 bytes
+_READ_HEAD = struct.Struct("=QQI")  # fh, offset, size: the head of read_in
 
 
 class FuzzFailure(Exception):
@@ -682,7 +682,7 @@ class Fuzzer:
                 p.payload = msg[start:start + size]
                 if off + size <= dev.size and size:
                     self._ranged(p, dev, off, size, "write")
-        elif p.opcode == wire.READ and n >= _IN + 24:
+        elif p.opcode == wire.READ and n >= _IN + wire.read_in.size:
             fh, off, size = _READ_HEAD.unpack_from(msg, _IN)  # all the session reads of it
             dev = by_inode.get(fh)
             p.size = size
@@ -694,7 +694,7 @@ class Fuzzer:
             if dev is not None and mode & (FALLOC_FL_PUNCH_HOLE | FALLOC_FL_ZERO_RANGE) \
                     and off < dev.size and length:
                 self._ranged(p, dev, off, min(length, dev.size - off), "zero")
-        elif p.opcode in (wire.READDIR,) and n >= _IN + 24:
+        elif p.opcode == wire.READDIR and n >= _IN + wire.read_in.size:
             p.size = _READ_HEAD.unpack_from(msg, _IN)[2]
         elif p.opcode in (wire.GETXATTR, wire.LISTXATTR) and n >= _IN + 8:
             p.size = wire.getxattr_in.unpack_from(msg, _IN)[0]

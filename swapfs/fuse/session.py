@@ -629,7 +629,7 @@ class Session:
     # Each takes (hdr, buf, mv, n) and returns a payload tuple, an errno, or _NO_REPLY.
 
     async def _op_read(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
-        if n < _IN + 24:
+        if n < _IN + wire.read_in.size:  # shorter, the unpack would read a stale buffer tail
             raise _Malformed("READ too short")
         fh, offset, size = wire.read_in.unpack_from(buf, _IN)[:3]
         data = await self._read_op(fh, offset, size)
@@ -739,7 +739,7 @@ class Session:
         return (wire.open_out.pack(fh, 0, 0),)
 
     async def _op_readdir(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, 24)
+        self._need(n, wire.read_in.size)
         fh, offset, size = wire.read_in.unpack_from(buf, _IN)[:3]
         out = bytearray()
         pack = wire.dirent.pack

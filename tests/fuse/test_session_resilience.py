@@ -191,3 +191,15 @@ async def test_persistent_read_errors_end_the_session(monkeypatch: pytest.Monkey
         with trio.fail_after(10):
             await s.done.wait()
         assert s.session.statistics().read_errors == 4
+
+
+async def test_short_read_request_is_malformed_not_read_from_a_stale_buffer() -> None:
+    async with _serving()() as s:
+        full = wire.read_in.pack(2, 0, 10, 0, 0, 0, 0)
+        u = await s.kernel.send(wire.READ, full, 2)
+        unique, error, payload = await s.kernel.reply()
+        assert (unique, error, payload) == (u, 0, b"x" * 10)
+        u = await s.kernel.send(wire.READ, full[:24], 2)  # fh, offset, size: no flags, no lock owner
+        unique, error, payload = await s.kernel.reply()
+        assert (unique, error) == (u, -errno.EIO)
+        assert s.session.statistics().malformed == 1
