@@ -8,6 +8,7 @@ design for the meaning of each key.
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ PAGE_SIZE = 4096
 ALGORITHMS = ("lz4", "zstd")
 ZSTD_LEVELS = range(1, 23)
 TIER_KINDS = ("file",)
+
+# Limits mount would hit later, checked here so that check-config refuses what mount refuses.
+MAX_FILE_TIERS = 8  # the store's slot kinds FILE0 .. FILE0 + 7 (swapfs.store.MAX_FILE_TIERS)
+MIN_POOL_BYTES = 1 << 20  # one pool arena: a smaller pool could store no page at all
+MAX_DEVICE_PAGES = 1 << 40  # 4 PiB: far beyond any real swap device, refused as a typo
 
 # The embedded default.  The pool may hold 20% of RAM: the share zswap uses by
 # default (max_pool_percent=20).  The pool's memory cannot itself be swapped
@@ -73,6 +79,7 @@ class TierConfig:
     high_watermark: float
     low_watermark: float
     preallocate: bool = False
+    encrypt: bool = True  # AES-XTS with a random key per mount (docs/file-tier.md)
 
 
 @dataclass(frozen=True)
@@ -222,6 +229,9 @@ def _parse_pool(data: Any) -> PoolConfig:
         raise ConfigError(f"pool.level: zstd level must be in "
                           f"{ZSTD_LEVELS.start}..{ZSTD_LEVELS.stop - 1}, got {level}")
     max_bytes = t.get_size("max_bytes", "20%", allow_percent=True)
+    if max_bytes < MIN_POOL_BYTES:
+        raise ConfigError(f"pool.max_bytes: {max_bytes} bytes is less than the pool's "
+                          f"allocation unit; must be at least {MIN_POOL_BYTES >> 20} MiB")
     accept_ratio = t.get_ratio("accept_ratio", 0.8)
     high, low = _watermarks(t, 0.9, 0.8)
     return PoolConfig(max_bytes=max_bytes, algorithm=algorithm, level=level,
@@ -240,14 +250,17 @@ def _parse_device(data: Any, key: str) -> DeviceConfig:
     name = t.get_str("name", _REQUIRED)
     _check_file_name(name, t.name("name"))
     size = t.get_size("size", _REQUIRED)
+    if size // PAGE_SIZE > MAX_DEVICE_PAGES:
+        raise ConfigError(f"{t.name('size')}: {size} bytes is more than "
+                          f"{MAX_DEVICE_PAGES} pages of {PAGE_SIZE} bytes")
     group = t.get_str("group", "default")
     writeback = t.get_bool("writeback", True)
     return DeviceConfig(name=name, size=size, group=group, writeback=writeback)
 
 
-def _parse_tier(data: Any, key: str) -> TierConfig:
+def _parse_tier(data: Any, key: str, base_dir: str) -> TierConfig:
     t = _Table(data, key, ("name", "kind", "path", "size", "priority",
-                           "high_watermark", "low_watermark", "preallocate"))
+                           "high_watermark", "low_watermark", "preallocate", "encrypt"))
     name = t.get_str("name", _REQUIRED)
     if name == "pool":
         raise ConfigError(f"{t.name('name')}: 'pool' is the name of the memory tier")
@@ -256,16 +269,27 @@ def _parse_tier(data: Any, key: str) -> TierConfig:
         raise ConfigError(f"{t.name('kind')}: unknown tier kind {kind!r} "
                           f"(known: {', '.join(TIER_KINDS)})")
     path = t.get_str("path", _REQUIRED)
+    if "\0" in path:
+        raise ConfigError(f"{t.name('path')}: contains a NUL byte")
+    # A relative path means the config file's directory (the daemon runs in /).
+    path = os.path.normpath(os.path.join(base_dir, path))
     size = t.get_size("size", _REQUIRED)
     priority = t.get_int("priority", 0)
     high, low = _watermarks(t, 0.95, 0.9)
     preallocate = t.get_bool("preallocate", False)
+    encrypt = t.get_bool("encrypt", True)
     return TierConfig(name=name, kind=kind, path=path, size=size, priority=priority,
-                      high_watermark=high, low_watermark=low, preallocate=preallocate)
+                      high_watermark=high, low_watermark=low, preallocate=preallocate,
+                      encrypt=encrypt)
 
 
-def parse_config(text: str, source: str = "<config>") -> Config:
-    """A Config from TOML text; ConfigError naming the key on any problem."""
+def parse_config(text: str, source: str = "<config>", base_dir: str | None = None) -> Config:
+    """A Config from TOML text; ConfigError naming the key on any problem.
+
+    Relative tier paths are resolved against ``base_dir`` (the config file's directory;
+    default: the current directory, at this call), so every tier path in the result is absolute.
+    """
+    base = os.path.abspath(base_dir if base_dir is not None else os.getcwd())
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -285,8 +309,11 @@ def parse_config(text: str, source: str = "<config>") -> Config:
                 raise ConfigError(f"device[{i}].name: duplicate device name {d.name!r} "
                                   f"(also device[{seen[d.name]}])")
             seen[d.name] = i
-        tiers = tuple(_parse_tier(d, f"tier[{i}]")
+        tiers = tuple(_parse_tier(d, f"tier[{i}]", base)
                       for i, d in enumerate(_array(data.get("tier", []), "tier")))
+        if len(tiers) > MAX_FILE_TIERS:
+            raise ConfigError(f"tier: {len(tiers)} tiers configured, at most "
+                              f"{MAX_FILE_TIERS} are supported")
         tseen: dict[str, int] = {}
         for i, tc in enumerate(tiers):
             if tc.name in tseen:
@@ -299,7 +326,9 @@ def parse_config(text: str, source: str = "<config>") -> Config:
 
 
 def load_config(path: str | None) -> Config:
-    """The config in ``path``, or the embedded default when ``path`` is None."""
+    """The config in ``path``, or the embedded default when ``path`` is None.
+
+    Relative tier paths in the file mean the file's own directory."""
     if path is None:
         return parse_config(DEFAULT_CONFIG_TOML, "<default config>")
     try:
@@ -307,4 +336,4 @@ def load_config(path: str | None) -> Config:
             text = f.read()
     except (OSError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: cannot read config: {e}") from None
-    return parse_config(text, path)
+    return parse_config(text, path, os.path.dirname(os.path.abspath(path)))

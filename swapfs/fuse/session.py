@@ -30,6 +30,14 @@ FORGET, BATCH_FORGET and INTERRUPT get no reply.  INTERRUPT is counted; the
 target handler runs to completion and its late reply, rejected by the kernel
 with ENOENT, is counted as interrupted (handlers are not cancelled: a cancel
 scope per request would cost more than the whole fast path).
+
+The session never dies of a reply or a read: a handler result that cannot be
+sent, or a reply the kernel refuses for a reason other than an interrupt, is
+logged, counted and answered EIO (so the request does not hang); a read that
+fails with an unexpected errno is logged, counted and retried after a short
+backoff, and only a descriptor that is gone for good (EBADF, EINVAL, EFAULT,
+or READ_ERROR_LIMIT failures in a row) ends the session, with a message --
+never an unhandled exception leaving a dead mount under live swap.
 """
 
 from __future__ import annotations
@@ -86,6 +94,11 @@ REQUESTED_FLAGS = (
     | wire.FUSE_INIT_EXT
 )
 
+# A read of the FUSE fd failing this many times in a row ends the session.
+READ_ERROR_LIMIT = 100
+# Errnos after which the fd cannot be read again: the session ends at once.
+_FATAL_READ_ERRNOS = frozenset({errno.EBADF, errno.EINVAL, errno.EFAULT, errno.ENOTCONN})
+
 _NO_REPLY = object()
 _EMPTY: tuple = ()
 _IN = wire.in_header.size
@@ -107,7 +120,9 @@ class SessionStatistics:
     malformed: int = 0  # requests too short or badly formed, answered EIO
     interrupts: int = 0  # INTERRUPT requests received
     interrupted_replies: int = 0  # replies the kernel refused with ENOENT
-    reply_failures: int = 0  # replies refused for any other reason
+    reply_failures: int = 0  # replies refused for any other reason (answered EIO instead)
+    bad_replies: int = 0  # handler results that could not be sent as a reply (answered EIO)
+    read_errors: int = 0  # reads of the FUSE fd failing with an unexpected errno
 
 
 @types.coroutine
@@ -212,6 +227,9 @@ class Session:
         self._interrupts = 0
         self._interrupted_replies = 0
         self._reply_failures = 0
+        self._bad_replies = 0
+        self._read_errors = 0
+        self._read_errors_in_a_row = 0
         o = ops
         self._handlers: dict[int, Callable[..., Awaitable[Any]]] = {
             wire.LOOKUP: self._op_lookup,
@@ -255,6 +273,8 @@ class Session:
             interrupts=self._interrupts,
             interrupted_replies=self._interrupted_replies,
             reply_failures=self._reply_failures,
+            bad_replies=self._bad_replies,
+            read_errors=self._read_errors,
         )
 
     async def run(self, *, task_status: trio.TaskStatus[ConnectionInfo] = trio.TASK_STATUS_IGNORED) -> None:
@@ -349,13 +369,18 @@ class Session:
         return bytearray(self._bufsize)
 
     async def _read(self, buf: bytearray) -> int | None:
-        """One request into ``buf``; None when the connection has ended."""
+        """One request into ``buf``; None when the connection has ended (or the fd
+        cannot be read any more: see the module docstring)."""
         fd = self.fd
         while True:
             try:
-                return os.readv(fd, [buf])
+                n = os.readv(fd, [buf])
             except BlockingIOError:
-                await trio.lowlevel.wait_readable(fd)
+                try:
+                    await trio.lowlevel.wait_readable(fd)
+                except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as e:
+                    if not await self._read_failed(e):
+                        return None
             except InterruptedError:
                 pass
             except OSError as e:
@@ -363,7 +388,28 @@ class Session:
                     return None
                 if e.errno == errno.ENOENT:  # the request was interrupted before we read it
                     continue
-                raise
+                if not await self._read_failed(e):
+                    return None
+            else:
+                self._read_errors_in_a_row = 0
+                return n
+
+    async def _read_failed(self, e: BaseException) -> bool:
+        """An unexpected failure reading the FUSE fd: log and count it; True to try again
+        (after a short backoff), False to end the session."""
+        self._read_errors += 1
+        self._read_errors_in_a_row += 1
+        err = getattr(e, "errno", None)
+        if err in _FATAL_READ_ERRNOS or not isinstance(e, OSError) \
+                or self._read_errors_in_a_row >= READ_ERROR_LIMIT:
+            log.critical("reading the FUSE connection failed (%s), %d time(s) in a row: "
+                         "ending the session; the mount stays (dead) until unmounted",
+                         e, self._read_errors_in_a_row)
+            self._ended = True
+            return False
+        log.error("reading the FUSE connection failed (%s); trying again", e)
+        await trio.sleep(min(0.001 * 2 ** self._read_errors_in_a_row, 0.1))
+        return not self._ended
 
     def _poll(self, buf: bytearray) -> int | None:
         """Busy-poll /dev/fuse for up to ``poll_ns`` before parking in epoll:
@@ -393,6 +439,7 @@ class Session:
         unpack_header = wire.in_header.unpack_from
         fd = self.fd
         readv = os.readv
+        n: int | None
         while not self._ended:
             try:
                 n = readv(fd, [buf])
@@ -400,8 +447,13 @@ class Session:
                 n = self._poll(buf) if self.poll_ns and not self._suspended else None
                 if n is None:
                     n = await self._read(buf)
-            except OSError:
-                n = await self._read(buf)  # EINTR, ENOENT retried, ENODEV -> None
+            except OSError as e:
+                if e.errno == errno.ENODEV:
+                    n = None
+                elif e.errno in (errno.EINTR, errno.ENOENT) or await self._read_failed(e):
+                    n = await self._read(buf)
+                else:
+                    n = None
             if n is None:
                 self._ended = True
                 break
@@ -423,7 +475,7 @@ class Session:
                 continue
             # The handler coroutine is driven directly (no wrapper coroutine):
             # its exceptions surface here, from send() or from _drive().
-            coro = handler(hdr, buf, mv, n)
+            coro: Any = handler(hdr, buf, mv, n)
             try:
                 trap = coro.send(None)
             except StopIteration as stop:
@@ -485,37 +537,62 @@ class Session:
     # -- replies ---------------------------------------------------------------
 
     def _send(self, unique: int, reply: Any) -> None:
+        """Send a handler's reply; never raises.  A reply that cannot be built or that the
+        kernel refuses (other than for an interrupt) becomes EIO, so the request never hangs."""
         if type(reply) is int:
             self._reply_error(unique, reply)
             return
-        if len(reply) == 1:
-            data = reply[0]
-            size = _nbytes(data)
-            self._write([_pack_out(16 + size, 0, unique), data])
-        elif not reply:
-            self._write([_pack_out(16, 0, unique)])
-        else:
-            size = 16 + sum(_nbytes(b) for b in reply)
-            self._write([_pack_out(size, 0, unique), *reply])
+        try:
+            if len(reply) == 1:
+                data = reply[0]
+                size = _nbytes(data)
+                iov = [_pack_out(16 + size, 0, unique), data]
+            elif not reply:
+                iov = [_pack_out(16, 0, unique)]
+            else:
+                size = 16 + sum(_nbytes(b) for b in reply)
+                iov = [_pack_out(size, 0, unique), *reply]
+        except Exception as exc:
+            self._bad_replies += 1
+            log.error("request %d: the handler's result cannot be sent (%r); answered EIO",
+                      unique, exc)
+            self._reply_error(unique, errno.EIO)
+            return
+        if not self._write(iov):
+            self._reply_error(unique, errno.EIO)
 
     def _reply_error(self, unique: int, err: int) -> None:
+        if type(err) is not int or not 0 < err < 4096:  # not an errno: the kernel would refuse it
+            log.error("request %d: %r is not an errno; answered EIO", unique, err)
+            self._bad_replies += 1
+            err = errno.EIO
         name = errno.errorcode.get(err, str(err))
         self._errors[name] = self._errors.get(name, 0) + 1
         self._write([_pack_out(16, -err, unique)])
 
-    def _write(self, iov: list) -> None:
-        try:
-            os.writev(self.fd, iov)
-        except InterruptedError:
-            self._write(iov)
-        except OSError as e:
-            if e.errno == errno.ENOENT:
-                self._interrupted_replies += 1
-            elif e.errno == errno.ENODEV:
-                self._ended = True
-            else:
+    def _write(self, iov: list) -> bool:
+        """Write one reply; never raises.  False if it was refused for a reason that leaves
+        the request unanswered (not an interrupt, not the end of the connection)."""
+        while True:
+            try:
+                os.writev(self.fd, iov)
+                return True
+            except InterruptedError:
+                continue
+            except OSError as e:
+                if e.errno == errno.ENOENT:
+                    self._interrupted_replies += 1
+                    return True
+                if e.errno in (errno.ENODEV, errno.EBADF):
+                    self._ended = True
+                    return True
                 self._reply_failures += 1
                 log.error("reply refused by the kernel: %s", e)
+                return False
+            except Exception as exc:  # a payload that is not a buffer, a huge size ...
+                self._reply_failures += 1
+                log.error("reply cannot be written: %r", exc)
+                return False
 
     # -- request decoding helpers ----------------------------------------------
 
@@ -552,7 +629,7 @@ class Session:
     # Each takes (hdr, buf, mv, n) and returns a payload tuple, an errno, or _NO_REPLY.
 
     async def _op_read(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
-        if n < _IN + 24:
+        if n < _IN + wire.read_in.size:  # shorter, the unpack would read a stale buffer tail
             raise _Malformed("READ too short")
         fh, offset, size = wire.read_in.unpack_from(buf, _IN)[:3]
         data = await self._read_op(fh, offset, size)
@@ -662,7 +739,7 @@ class Session:
         return (wire.open_out.pack(fh, 0, 0),)
 
     async def _op_readdir(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, 24)
+        self._need(n, wire.read_in.size)
         fh, offset, size = wire.read_in.unpack_from(buf, _IN)[:3]
         out = bytearray()
         pack = wire.dirent.pack

@@ -33,7 +33,11 @@ def check_tier_paths(tiers: Sequence[tuple[str, str, int]], mountpoint: str | No
     exist (or is not a directory); a path that is a symlink; an existing path that is not a
     regular file; an existing file owned by a user other than ``uid`` (default: the effective
     uid); a path inside the swapfs mountpoint; two tiers with the same name or the same file
-    (compared after resolving the directory, and by inode for existing files).
+    (compared after resolving the directory, and by inode for existing files); an existing
+    file with more than one link.
+
+    These are early, friendly messages for check-config and mount: the daemon's own open
+    (swapfs.tiers.file) checks the file it opened again, which is what keeps it ours.
     """
     if uid is None:
         uid = os.geteuid()
@@ -41,6 +45,7 @@ def check_tier_paths(tiers: Sequence[tuple[str, str, int]], mountpoint: str | No
     seen_paths: dict[str, str] = {}
     seen_inodes: dict[tuple[int, int], str] = {}
     seen_names: set[str] = set()
+    linked: list[tuple[str, str, int]] = []
     for name, path, size in tiers:
         def fail(problem: str) -> TierConfigError:
             return TierConfigError(f'tier "{name}": {path}: {problem}')
@@ -84,3 +89,8 @@ def check_tier_paths(tiers: Sequence[tuple[str, str, int]], mountpoint: str | No
         if other is not None:
             raise fail(f'same path as tier "{other}"')
         seen_paths[real] = name
+        if st is not None and st.st_nlink != 1:
+            linked.append((name, path, st.st_nlink))
+    for name, path, nlink in linked:  # after the loop: two tiers on one file say so first
+        raise TierConfigError(f'tier "{name}": {path}: has {nlink} links; a backing file must '
+                              f"have exactly one")

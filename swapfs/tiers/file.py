@@ -22,6 +22,12 @@ never await, so each runs atomically between two awaits.  ``write``, ``read``, `
 once.  The pages passed to ``write`` belong to that write until it returns; if it raises
 (any exception, cancellation included) it frees them.  A cluster that becomes entirely free is
 not allocatable again until it has been punched, so a punch can never hit data written after it.
+
+Safety at rest: the backing file is opened without following symlinks, created exclusively when
+absent, and refused unless the open descriptor is a regular file of ours with a single link; it
+is made mode 0600.  Pages are encrypted (AES-256-XTS, a random key per ``open``, never written
+anywhere; the page number is the tweak) unless ``encrypt=False``; checksums are of the plaintext
+and stay in memory.  ``close`` empties the file (truncates it to zero bytes).
 """
 
 from __future__ import annotations
@@ -38,6 +44,7 @@ from typing import Iterable, Sequence
 
 import trio
 import xxhash
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +106,32 @@ class TierIOError(Exception):
         self.errno = err
 
 
+class _PageCipher:
+    """AES-256-XTS, one page per call, the backing file's page number as the tweak.
+
+    As dm-crypt's swap with a random key (``aes-xts-plain64``): the key is 64 random bytes made
+    at open and held only in this object (the daemon's memory is locked); the tweak is the page
+    number as 16 little-endian bytes, so equal pages at different places encrypt differently.
+    A Cipher and an encryptor per page (the tweak is per page): about 4.5 us a page.
+    """
+
+    __slots__ = ("_alg",)
+
+    def __init__(self) -> None:
+        key = os.urandom(64)
+        while key[:32] == key[32:]:  # XTS refuses equal halves (2**-256: never, but be exact)
+            key = os.urandom(64)
+        self._alg = algorithms.AES(key)
+
+    def encrypt(self, page: int, data: memoryview) -> bytes:
+        enc = Cipher(self._alg, modes.XTS(page.to_bytes(16, "little"))).encryptor()
+        return enc.update(data)
+
+    def decrypt(self, page: int, data: memoryview | bytes) -> bytes:
+        dec = Cipher(self._alg, modes.XTS(page.to_bytes(16, "little"))).decryptor()
+        return dec.update(data)
+
+
 class ChecksumError(Exception):
     """A page read back does not match the checksum recorded when it was written."""
 
@@ -155,7 +188,8 @@ class FileTier:
     """A backing file holding 4 KiB pages in clusters.  See the module docstring."""
 
     def __init__(self, name: str, path: str, size_bytes: int, priority: int, *,
-                 preallocate: bool = False, max_inflight: int = 8) -> None:
+                 preallocate: bool = False, max_inflight: int = 8, encrypt: bool = False) -> None:
+        # ``encrypt``: the store passes its TierConfig.encrypt, which defaults to true.
         if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) \
                 or size_bytes <= 0 or size_bytes % PAGE:
             raise ValueError(f"tier {name!r}: size {size_bytes!r} is not a positive whole "
@@ -167,6 +201,8 @@ class FileTier:
         self.size_bytes = size_bytes
         self.priority = priority
         self.preallocate = preallocate
+        self.encrypt = encrypt
+        self._cipher: _PageCipher | None = None  # made by open() when encrypt is set
         self.capacity_pages = size_bytes // PAGE
         self.nclusters = -(-self.capacity_pages // CLUSTER_PAGES)
         self._limiter = trio.CapacityLimiter(max_inflight)
@@ -209,35 +245,27 @@ class FileTier:
     # ------------------------------------------------------------------ open / close
 
     def open(self) -> None:
-        """Open (creating it 0600 if absent) and size the backing file.
+        """Open (creating it if absent) and size the backing file; make a new key.
 
-        An existing file is reused, never truncated to zero first, but its old content is
-        meaningless: it is punched out entirely.  Raises OSError with a message naming the
-        tier and the path.
+        The daemon's own open is the check, with no window between a check and the open:
+        O_NOFOLLOW (a symlink is refused), O_CREAT|O_EXCL when the file is absent, no O_CREAT
+        when it exists; then the open descriptor must be a regular file owned by our effective
+        uid with a single link, and is made mode 0600.  An existing file is reused but its old
+        content is meaningless: it is punched out entirely.  Raises OSError with a message
+        naming the tier and the path.
         """
         if self._fd >= 0:
             raise RuntimeError(f"tier {self.name!r}: already open")
         where = f"tier {self.name!r}: {self.path}"
-        flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
-        existed = os.path.lexists(self.path)
+        fd, created = _open_own_file(self.path, where)
         try:
-            fd = os.open(self.path, flags, 0o600)
-        except OSError as e:
-            if e.errno == errno.ELOOP:
-                raise OSError(e.errno, f"{where}: is a symbolic link (refused)") from e
-            raise OSError(e.errno, f"{where}: cannot open backing file: {e.strerror}") from e
-        created = not existed
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise OSError(errno.EINVAL, f"{where}: not a regular file")
-            old_size = st.st_size
+            old_size = os.fstat(fd).st_size
             try:
                 os.ftruncate(fd, self.size_bytes)
             except OSError as e:
                 raise OSError(e.errno, f"{where}: cannot set size to {self.size_bytes} "
                                        f"bytes: {e.strerror}") from e
-            if old_size and st.st_blocks:
+            if old_size:
                 try:
                     fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, 0, self.size_bytes)
                 except OSError as e:
@@ -253,6 +281,7 @@ class FileTier:
                 except OSError:
                     pass
             raise
+        self._cipher = _PageCipher() if self.encrypt else None
         self._fd = fd
         self._closing = False
 
@@ -275,9 +304,11 @@ class FileTier:
             raise OSError(e.errno, f"{where}: cannot preallocate: {e.strerror}") from e
 
     def close(self) -> None:
-        """Close the backing file; if I/O is in flight, the close happens when it ends.
+        """Empty and close the backing file; if I/O is in flight, both happen when it ends.
 
-        New I/O after close raises TierIOError(EBADF).
+        Emptying (ftruncate to zero bytes) leaves nothing of the swapped pages on disk after
+        a clean unmount; the key is dropped with it.  New I/O after close raises
+        TierIOError(EBADF).
         """
         if self._fd < 0:
             return
@@ -287,7 +318,13 @@ class FileTier:
 
     def _really_close(self) -> None:
         fd, self._fd = self._fd, -1
+        self._cipher = None
         if fd >= 0:
+            try:
+                os.ftruncate(fd, 0)
+            except OSError as e:
+                log.error("tier %r: %s: cannot empty the backing file at close: %s",
+                          self.name, self.path, e.strerror)
             os.close(fd)
 
     def _begin(self) -> int:
@@ -517,7 +554,8 @@ class FileTier:
                 job.error = e
         else:
             try:
-                await trio.to_thread.run_sync(_pwrite_batch, fd, batch, limiter=self._limiter)
+                await trio.to_thread.run_sync(_pwrite_batch, fd, batch, self._cipher,
+                                              limiter=self._limiter)
             except BaseException as e:  # not from the writes themselves: fail the whole batch
                 for job in batch:
                     if not job.finished and job.error is None:
@@ -587,13 +625,14 @@ class FileTier:
         fd = self._begin()
         try:
             got = None
+            cipher = self._cipher
             if self._nowait:
                 try:
-                    got = _pread_runs_nowait(fd, runs)
+                    got = _pread_runs_nowait(fd, runs, cipher)
                 except _NoWaitUnsupported:
                     self._nowait = False
             if got is None:
-                got = await trio.to_thread.run_sync(_pread_runs, fd, runs,
+                got = await trio.to_thread.run_sync(_pread_runs, fd, runs, cipher,
                                                     limiter=self._limiter)
                 self.thread_reads += 1
             else:
@@ -660,6 +699,20 @@ class FileTier:
         return len(clusters)
 
     # ------------------------------------------------------------------ checks and stats
+
+    def peek(self, page: int) -> bytes:
+        """Page ``page`` as stored, decrypted, unverified: for invariant checks only.
+
+        Blocks on a pread: never on the serving path.  (The raw bytes at ``page * PAGE`` of the
+        backing file are ciphertext when the tier encrypts.)
+        """
+        self._check_read(page)
+        if self._fd < 0:
+            raise TierIOError(errno.EBADF, f"tier {self.name!r}: {self.path}: tier is closed")
+        data = os.pread(self._fd, PAGE, page * PAGE)
+        if self._cipher is not None and len(data) == PAGE:
+            data = self._cipher.decrypt(page, data)
+        return data
 
     def check_invariants(self) -> None:
         """Counts vs bitmap vs cluster states and lists; AssertionError names the discrepancy."""
@@ -753,11 +806,16 @@ def _pwritev_full(fd: int, bufs: list[memoryview], offset: int) -> int:
     return calls
 
 
-def _pwrite_runs(fd: int, runs: Sequence[tuple[int, int]], views: list[memoryview]) -> int:
+def _pwrite_runs(fd: int, runs: Sequence[tuple[int, int]], views: list[memoryview],
+                 cipher: _PageCipher | None = None) -> int:
     calls = 0
     i = 0
     for s, k in runs:
-        calls += _pwritev_full(fd, views[i:i + k], s * PAGE)
+        chunk = views[i:i + k]
+        if cipher is not None:
+            enc = cipher.encrypt
+            chunk = [memoryview(enc(s + j, v)) for j, v in enumerate(chunk)]
+        calls += _pwritev_full(fd, chunk, s * PAGE)
         i += k
     return calls
 
@@ -775,11 +833,12 @@ class _WriteJob:
         self.calls = 0
 
 
-def _pwrite_batch(fd: int, batch: list[_WriteJob]) -> None:
-    """In a worker thread: every job's runs; an OSError fails only its own job."""
+def _pwrite_batch(fd: int, batch: list[_WriteJob], cipher: _PageCipher | None) -> None:
+    """In a worker thread: every job's runs (encrypted first if ``cipher``); an OSError fails
+    only its own job."""
     for job in batch:
         try:
-            job.calls = _pwrite_runs(fd, job.runs, job.views)
+            job.calls = _pwrite_runs(fd, job.runs, job.views, cipher)
         except OSError as e:
             job.error = e
 
@@ -797,7 +856,8 @@ def _pread_full(fd: int, size: int, offset: int) -> bytes:
     return bytes(buf)
 
 
-def _pread_runs(fd: int, runs: Sequence[tuple[int, int]]) -> tuple[list[bytes], list[int], int]:
+def _pread_runs(fd: int, runs: Sequence[tuple[int, int]], cipher: _PageCipher | None = None
+                ) -> tuple[list[bytes], list[int], int]:
     out: list[bytes] = []
     sums: list[int] = []
     calls = 0
@@ -812,18 +872,32 @@ def _pread_runs(fd: int, runs: Sequence[tuple[int, int]]) -> tuple[list[bytes], 
             if r <= 0:
                 raise OSError(errno.EIO, "short read: backing file ends early")
             got += r
-        for i in range(0, n, PAGE):
+        _split_pages(mv, s, cipher, out, sums)
+    return out, sums, calls
+
+
+def _split_pages(mv: memoryview, first: int, cipher: _PageCipher | None,
+                 out: list[bytes], sums: list[int]) -> None:
+    """The pages of one run read at page ``first``, decrypted if ``cipher``, and the checksums
+    of their plaintext."""
+    if cipher is None:
+        for i in range(0, mv.nbytes, PAGE):
             page = bytes(mv[i:i + PAGE])
             out.append(page)
             sums.append(_xxh3(page))
-    return out, sums, calls
+    else:
+        dec = cipher.decrypt
+        for j, i in enumerate(range(0, mv.nbytes, PAGE)):
+            page = dec(first + j, mv[i:i + PAGE])
+            out.append(page)
+            sums.append(_xxh3(page))
 
 
 class _NoWaitUnsupported(Exception):
     pass
 
 
-def _pread_runs_nowait(fd: int, runs: Sequence[tuple[int, int]]
+def _pread_runs_nowait(fd: int, runs: Sequence[tuple[int, int]], cipher: _PageCipher | None = None
                        ) -> tuple[list[bytes], list[int], int] | None:
     """_pread_runs without blocking: None unless every byte came from the page cache."""
     out: list[bytes] = []
@@ -841,11 +915,7 @@ def _pread_runs_nowait(fd: int, runs: Sequence[tuple[int, int]]
             raise
         if r != n:
             return None
-        mv = memoryview(buf)
-        for i in range(0, n, PAGE):
-            page = bytes(mv[i:i + PAGE])
-            out.append(page)
-            sums.append(_xxh3(page))
+        _split_pages(memoryview(buf), s, cipher, out, sums)
     return out, sums, len(runs)
 
 
@@ -860,3 +930,67 @@ def _punch_ranges(fd: int, ranges: Sequence[Sequence[int]]) -> None:
                 break
     if err is not None:
         raise err
+
+
+def _open_own_file(path: str, where: str) -> tuple[int, bool]:
+    """Open ``path`` read-write as a backing file that is ours alone: ``(fd, created)``.
+
+    Created with O_CREAT|O_EXCL (mode 0600) when absent; an existing one is opened without
+    O_CREAT.  Never follows a symlink (O_NOFOLLOW), never blocks on a FIFO nor takes a terminal
+    (O_NONBLOCK|O_NOCTTY, cleared after the checks).  The descriptor itself is then checked:
+    a regular file, owned by our effective uid, one link; and made mode 0600.
+    """
+    base = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NOCTTY | os.O_NONBLOCK
+    fd = -1
+    created = False
+    for _ in range(8):  # a file that appears or vanishes between the two opens: try again
+        try:
+            fd = os.open(path, base | os.O_CREAT | os.O_EXCL, 0o600)
+            created = True
+            break
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise _open_error(e, where) from e
+        try:
+            fd = os.open(path, base)
+            break
+        except FileNotFoundError:
+            continue
+        except OSError as e:
+            raise _open_error(e, where) from e
+    else:
+        raise OSError(errno.EAGAIN, f"{where}: cannot open backing file: it keeps appearing "
+                                    f"and vanishing")
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, f"{where}: not a regular file (refused)")
+        uid = os.geteuid()
+        if st.st_uid != uid:
+            raise OSError(errno.EPERM, f"{where}: owned by uid {st.st_uid}, not by uid {uid} "
+                                       f"(refused)")
+        if st.st_nlink != 1:
+            raise OSError(errno.EMLINK, f"{where}: has {st.st_nlink} links; a backing file "
+                                        f"must have exactly one (refused)")
+        os.fchmod(fd, 0o600)
+        os.set_blocking(fd, True)
+    except BaseException as e:
+        os.close(fd)
+        if created:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass
+        if isinstance(e, OSError) and not str(e).startswith(where):
+            raise OSError(e.errno, f"{where}: cannot open backing file: {e.strerror}") from e
+        raise
+    return fd, created
+
+
+def _open_error(e: OSError, where: str) -> OSError:
+    if e.errno == errno.ELOOP:
+        return OSError(e.errno, f"{where}: is a symbolic link (refused)")
+    if e.errno == errno.EISDIR:
+        return OSError(e.errno, f"{where}: not a regular file (refused)")
+    return OSError(e.errno, f"{where}: cannot open backing file: {e.strerror}")

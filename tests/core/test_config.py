@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from swapfs import config as cfg
@@ -182,3 +184,75 @@ def test_load_config_file(tmp_path) -> None:  # type: ignore[no-untyped-def]
     bad.write_text('[[device]]\nname = "a"\nsize = 5\n')
     with pytest.raises(ConfigError, match=r"bad.toml: device\[0\]\.size"):
         load_config(str(bad))
+
+
+# -- safety: encryption, relative tier paths, the limits mount would hit --------------------
+
+TIER = '[[tier]]\nname = "{name}"\npath = "{path}"\nsize = "1G"\n'
+
+
+def test_tier_encrypts_by_default_and_opts_out() -> None:
+    (t,) = parse_config(MINIMAL_DEVICE + TIER.format(name="t", path="/x")).tiers
+    assert t.encrypt is True
+    (t,) = parse_config(MINIMAL_DEVICE + TIER.format(name="t", path="/x") + "encrypt = false\n").tiers
+    assert t.encrypt is False
+    with pytest.raises(ConfigError, match=r"tier\[0\]\.encrypt"):
+        parse_config(MINIMAL_DEVICE + TIER.format(name="t", path="/x") + 'encrypt = "no"\n')
+
+
+def test_relative_tier_path_means_the_config_files_directory(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    conf_dir = tmp_path / "etc"
+    conf_dir.mkdir()
+    f = conf_dir / "main.toml"
+    f.write_text(MINIMAL_DEVICE + TIER.format(name="a", path="ssd.img")
+                 + TIER.format(name="b", path="../var/hdd.img")
+                 + TIER.format(name="c", path="/abs/c.img"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for path in (str(f), os.path.relpath(f)):  # the file given relative or absolute
+        a, b, c = load_config(path).tiers
+        assert a.path == str(conf_dir / "ssd.img")
+        assert b.path == str(tmp_path / "var" / "hdd.img")
+        assert c.path == "/abs/c.img"
+
+
+def test_relative_tier_path_in_a_string_means_the_current_directory(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    monkeypatch.chdir(tmp_path)
+    (t,) = parse_config(MINIMAL_DEVICE + TIER.format(name="t", path="x/ssd.img")).tiers
+    assert t.path == str(tmp_path / "x" / "ssd.img")
+    (t,) = parse_config(MINIMAL_DEVICE + TIER.format(name="t", path="ssd.img"),
+                        base_dir="/srv").tiers
+    assert t.path == "/srv/ssd.img"
+
+
+def test_at_most_eight_tiers() -> None:
+    eight = "".join(TIER.format(name=f"t{i}", path=f"/t{i}") for i in range(8))
+    assert len(parse_config(MINIMAL_DEVICE + eight).tiers) == cfg.MAX_FILE_TIERS == 8
+    with pytest.raises(ConfigError, match="tier: 9 tiers configured, at most 8"):
+        parse_config(MINIMAL_DEVICE + eight + TIER.format(name="t8", path="/t8"))
+
+
+def test_max_file_tiers_matches_the_store() -> None:
+    from swapfs import store
+    assert cfg.MAX_FILE_TIERS == store.MAX_FILE_TIERS
+
+
+@pytest.mark.parametrize("size,ok", [("1M", True), ("1020K", False), ("4K", False),
+                                     (1 << 20, True)])
+def test_pool_at_least_one_mib(size: object, ok: bool) -> None:
+    text = f"[pool]\nmax_bytes = {size!r}\n".replace("'", '"') + MINIMAL_DEVICE
+    if ok:
+        assert parse_config(text).pool.max_bytes == 1 << 20
+    else:
+        with pytest.raises(ConfigError, match=r"pool\.max_bytes: .*at least 1 MiB"):
+            parse_config(text)
+
+
+def test_device_size_upper_bound() -> None:
+    ok = f'[[device]]\nname = "d"\nsize = {(1 << 40) * 4096}\n'
+    assert parse_config(ok).devices[0].size == 1 << 52
+    with pytest.raises(ConfigError, match=r"device\[0\]\.size: .*more than"):
+        parse_config(f'[[device]]\nname = "d"\nsize = {(1 << 40) * 4096 + 4096}\n')
+    with pytest.raises(ConfigError, match=r"device\[0\]\.size"):
+        parse_config('[[device]]\nname = "d"\nsize = 4097\n')

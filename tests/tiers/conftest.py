@@ -16,13 +16,16 @@ MiB = 1 << 20
 CLUSTER_BYTES = CLUSTER_PAGES * PAGE
 
 
-@pytest.fixture
-def make_tier(tmp_path: Path) -> Iterator[Callable[..., FileTier]]:
-    """Build and open tiers; every one passes check_invariants at teardown and is closed."""
+@pytest.fixture(params=[False, True], ids=["plain", "xts"])
+def make_tier(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., FileTier]]:
+    """Build and open tiers; every one passes check_invariants at teardown and is closed.
+
+    Every test using it runs twice: pages stored in the clear and encrypted (AES-XTS)."""
     made: list[FileTier] = []
 
     def make(size_bytes: int = 4 * CLUSTER_BYTES, *, name: str = "t", path: str | None = None,
              priority: int = 100, open: bool = True, **kw: object) -> FileTier:
+        kw.setdefault("encrypt", request.param)
         tier = FileTier(name, path or str(tmp_path / f"{name}.img"), size_bytes, priority,
                         **kw)  # type: ignore[arg-type]
         if open:

@@ -107,3 +107,10 @@ def test_missing_directory(tmp_path: Path):
 
 def test_is_a_value_error():
     assert issubclass(TierConfigError, ValueError)
+
+
+def test_hard_linked_file(tmp_path: Path):
+    (tmp_path / "x.img").write_bytes(b"")
+    os.link(tmp_path / "x.img", tmp_path / "elsewhere.img")
+    with pytest.raises(TierConfigError, match='tier "a": .*has 2 links'):
+        check_tier_paths([("a", str(tmp_path / "x.img"), MiB)], None)
