@@ -14,6 +14,8 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from .slots import MAX_FILE_TIERS
+
 PAGE_SIZE = 4096
 
 ALGORITHMS = ("lz4", "zstd")
@@ -21,9 +23,10 @@ ZSTD_LEVELS = range(1, 23)
 TIER_KINDS = ("file",)
 
 # Limits mount would hit later, checked here so that check-config refuses what mount refuses.
-MAX_FILE_TIERS = 8  # the store's slot kinds FILE0 .. FILE0 + 7 (swapfs.store.MAX_FILE_TIERS)
 MIN_POOL_BYTES = 1 << 20  # one pool arena: a smaller pool could store no page at all
-MAX_DEVICE_PAGES = 1 << 40  # 4 PiB: far beyond any real swap device, refused as a typo
+# 16 TiB a device: a slot table reserves 16 bytes of address space a page and
+# keeps 3 bytes of counts per 1024 pages (12 MiB at this limit).
+MAX_DEVICE_PAGES = 1 << 32
 
 # The embedded default.  The pool may hold 20% of RAM: the share zswap uses by
 # default (max_pool_percent=20).  The pool's memory cannot itself be swapped

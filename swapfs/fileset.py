@@ -64,7 +64,8 @@ class FileTierSet:
         self.tiers: list[FileTier] = []
         try:
             for tc in configs:
-                tier = FileTier(tc.name, tc.path, tc.size, tc.priority, preallocate=tc.preallocate)
+                tier = FileTier(tc.name, tc.path, tc.size, tc.priority, preallocate=tc.preallocate,
+                                encrypt=tc.encrypt)
                 tier.open()
                 self.tiers.append(tier)
         except BaseException:

@@ -100,7 +100,7 @@ READ_ERROR_LIMIT = 100
 _FATAL_READ_ERRNOS = frozenset({errno.EBADF, errno.EINVAL, errno.EFAULT, errno.ENOTCONN})
 
 _NO_REPLY = object()
-_EMPTY: tuple = ()
+_EMPTY: tuple[()] = ()
 _IN = wire.in_header.size
 _pack_out = wire.out_header.pack
 
@@ -153,7 +153,7 @@ def _split_timeout(t: float) -> tuple[int, int]:
     return sec, min(int((t - sec) * 1e9), 999_999_999)
 
 
-def _attr_tuple(a: EntryAttributes) -> tuple:
+def _attr_tuple(a: EntryAttributes) -> tuple[Any, ...]:
     asec, ansec = divmod(a.st_atime_ns, 1_000_000_000)
     msec, mnsec = divmod(a.st_mtime_ns, 1_000_000_000)
     csec, cnsec = divmod(a.st_ctime_ns, 1_000_000_000)
@@ -520,7 +520,7 @@ class Session:
         self._reader_active = True
         self._nursery.start_soon(self._serve, self._get_buffer())
 
-    def _failed(self, hdr: tuple, exc: Exception) -> Any:
+    def _failed(self, hdr: tuple[Any, ...], exc: Exception) -> Any:
         """The reply for a handler that raised: its errno, or EIO (logged)."""
         no_reply = hdr[1] in (wire.FORGET, wire.BATCH_FORGET)
         if isinstance(exc, FUSEError):
@@ -570,7 +570,7 @@ class Session:
         self._errors[name] = self._errors.get(name, 0) + 1
         self._write([_pack_out(16, -err, unique)])
 
-    def _write(self, iov: list) -> bool:
+    def _write(self, iov: list[bytes | bytearray | memoryview]) -> bool:
         """Write one reply; never raises.  False if it was refused for a reason that leaves
         the request unanswered (not an interrupt, not the end of the connection)."""
         while True:
@@ -611,24 +611,24 @@ class Session:
         return bytes(buf[start:end]), end + 1
 
     @staticmethod
-    def _ctx(hdr: tuple) -> RequestContext:
+    def _ctx(hdr: tuple[Any, ...]) -> RequestContext:
         return RequestContext(hdr[4], hdr[5], hdr[6])
 
     @staticmethod
-    def _entry(a: EntryAttributes) -> tuple:
+    def _entry(a: EntryAttributes) -> tuple[Any, ...]:
         esec, ensec = _split_timeout(a.entry_timeout)
         asec, ansec = _split_timeout(a.attr_timeout)
         return (wire.entry_out.pack(a.st_ino, a.generation, esec, asec, ensec, ansec, *_attr_tuple(a)),)
 
     @staticmethod
-    def _attr(a: EntryAttributes) -> tuple:
+    def _attr(a: EntryAttributes) -> tuple[Any, ...]:
         asec, ansec = _split_timeout(a.attr_timeout)
         return (wire.attr_out.pack(asec, ansec, 0, *_attr_tuple(a)),)
 
     # -- opcode handlers ---------------------------------------------------------
     # Each takes (hdr, buf, mv, n) and returns a payload tuple, an errno, or _NO_REPLY.
 
-    async def _op_read(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_read(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         if n < _IN + wire.read_in.size:  # shorter, the unpack would read a stale buffer tail
             raise _Malformed("READ too short")
         fh, offset, size = wire.read_in.unpack_from(buf, _IN)[:3]
@@ -643,7 +643,7 @@ class Session:
                 data = data[:size]
         return (data,)
 
-    async def _op_write(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_write(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         if n < _IN + wire.write_in.size:
             raise _Malformed("WRITE too short")
         fh, offset, size = wire.write_in.unpack_from(buf, _IN)[:3]
@@ -653,17 +653,17 @@ class Session:
         written = await self._write_op(fh, offset, mv[start : start + size])
         return (wire.write_out.pack(written, 0),)
 
-    async def _op_lookup(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_lookup(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         name, _ = self._name(buf, _IN, n)
         return self._entry(await self.ops.lookup(hdr[3], name, self._ctx(hdr)))
 
-    async def _op_forget(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_forget(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.forget_in.size)
         (nlookup,) = wire.forget_in.unpack_from(buf, _IN)
         await self.ops.forget([ForgetItem(hdr[3], nlookup)])
         return _NO_REPLY
 
-    async def _op_batch_forget(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_batch_forget(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.batch_forget_in.size)
         count, _ = wire.batch_forget_in.unpack_from(buf, _IN)
         off = _IN + wire.batch_forget_in.size
@@ -673,10 +673,10 @@ class Session:
         await self.ops.forget(items)
         return _NO_REPLY
 
-    async def _op_getattr(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_getattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         return self._attr(await self.ops.getattr(hdr[3], self._ctx(hdr)))
 
-    async def _op_setattr(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_setattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.setattr_in.size)
         (valid, _, fh, size, _lo, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode, _u4, uid, gid, _u5) = (
             wire.setattr_in.unpack_from(buf, _IN)
@@ -707,7 +707,7 @@ class Session:
             f.fh = fh
         return self._attr(await self.ops.setattr(hdr[3], f, self._ctx(hdr)))
 
-    async def _op_open(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_open(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.open_in.size)
         flags, _ = wire.open_in.unpack_from(buf, _IN)
         fi = await self.ops.open(hdr[3], flags, self._ctx(hdr))
@@ -718,27 +718,27 @@ class Session:
         )
         return (wire.open_out.pack(fi.fh, oflags, 0),)
 
-    async def _op_flush(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_flush(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.flush_in.size)
         await self.ops.flush(wire.flush_in.unpack_from(buf, _IN)[0])
         return _EMPTY
 
-    async def _op_fsync(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_fsync(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.fsync_in.size)
         fh, flags, _ = wire.fsync_in.unpack_from(buf, _IN)
         await self.ops.fsync(fh, bool(flags & wire.FUSE_FSYNC_FDATASYNC))
         return _EMPTY
 
-    async def _op_release(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_release(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.release_in.size)
         await self.ops.release(wire.release_in.unpack_from(buf, _IN)[0])
         return _EMPTY
 
-    async def _op_opendir(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_opendir(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         fh = await self.ops.opendir(hdr[3], self._ctx(hdr))
         return (wire.open_out.pack(fh, 0, 0),)
 
-    async def _op_readdir(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_readdir(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.read_in.size)
         fh, offset, size = wire.read_in.unpack_from(buf, _IN)[:3]
         out = bytearray()
@@ -752,18 +752,18 @@ class Session:
             out += bytes(reclen - wire.DIRENT_NAME_OFFSET - len(name))
         return (out,)
 
-    async def _op_releasedir(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_releasedir(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.release_in.size)
         await self.ops.releasedir(wire.release_in.unpack_from(buf, _IN)[0])
         return _EMPTY
 
-    async def _op_fsyncdir(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_fsyncdir(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.fsync_in.size)
         fh, flags, _ = wire.fsync_in.unpack_from(buf, _IN)
         await self.ops.fsyncdir(fh, bool(flags & wire.FUSE_FSYNC_FDATASYNC))
         return _EMPTY
 
-    async def _op_statfs(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_statfs(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         s = await self.ops.statfs(hdr[3], self._ctx(hdr))
         return (
             wire.kstatfs.pack(
@@ -771,7 +771,7 @@ class Session:
             ),
         )
 
-    async def _op_getxattr(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_getxattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.getxattr_in.size)
         size, _ = wire.getxattr_in.unpack_from(buf, _IN)
         name, _ = self._name(buf, _IN + wire.getxattr_in.size, n)
@@ -786,7 +786,7 @@ class Session:
             return errno.ERANGE
         return (value,)
 
-    async def _op_setxattr(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_setxattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         st = wire.setxattr_in if self._setxattr_ext else wire.setxattr_in_compat
         self._need(n, st.size)
         size, flags = st.unpack_from(buf, _IN)[:2]
@@ -796,30 +796,30 @@ class Session:
         await self.ops.setxattr(hdr[3], name, bytes(buf[off : off + size]), flags, self._ctx(hdr))
         return _EMPTY
 
-    async def _op_listxattr(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_listxattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.getxattr_in.size)
         size, _ = wire.getxattr_in.unpack_from(buf, _IN)
         names = await self.ops.listxattr(hdr[3], self._ctx(hdr))
         return self._sized(b"".join(bytes(x) + b"\0" for x in names), size)
 
-    async def _op_removexattr(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_removexattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         name, _ = self._name(buf, _IN, n)
         await self.ops.removexattr(hdr[3], name, self._ctx(hdr))
         return _EMPTY
 
-    async def _op_fallocate(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_fallocate(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.fallocate_in.size)
         fh, offset, length, mode, _ = wire.fallocate_in.unpack_from(buf, _IN)
         await self.ops.fallocate(fh, offset, length, mode)
         return _EMPTY
 
-    async def _op_access(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_access(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._need(n, wire.access_in.size)
         mask, _ = wire.access_in.unpack_from(buf, _IN)
         await self.ops.access(hdr[3], mask, self._ctx(hdr))
         return _EMPTY
 
-    async def _op_destroy(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
+    async def _op_destroy(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
         self._ended = True
         return _EMPTY
 

@@ -39,7 +39,7 @@ import logging
 import os
 import stat
 from array import array
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import trio
@@ -176,11 +176,8 @@ class FileTierStats:
     cached_reads: int = 0  # reads served inline from the page cache (RWF_NOWAIT)
     thread_reads: int = 0  # reads that went to a worker thread
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-
-def _nbytes(a: array | bytearray) -> int:
+def _nbytes(a: array[int] | bytearray) -> int:
     return len(a) * (a.itemsize if isinstance(a, array) else 1)
 
 
@@ -482,7 +479,8 @@ class FileTier:
 
     # ------------------------------------------------------------------ I/O
 
-    async def write(self, runs: list[tuple[int, int]], pages: Sequence) -> None:
+    async def write(self, runs: list[tuple[int, int]],
+                    pages: Sequence[bytes | bytearray | memoryview]) -> None:
         """Write ``pages`` (bytes-like, PAGE bytes each, in run order) to allocated ``runs``.
 
         One pwritev per run (split only at IOV_MAX), in a worker thread.  Concurrent writes
@@ -586,10 +584,12 @@ class FileTier:
         return 0 <= page < self.capacity_pages and bool(self._used[page])
 
     def read_now(self, page: int) -> bytes:
-        """One page, read and verified synchronously, blocking: for
-        consistency checks, never on the trio loop's serving path."""
+        """One page, read, decrypted and verified synchronously, blocking:
+        for consistency checks, never on the trio loop's serving path."""
         self._check_read(page)
-        out, sums, _ = _pread_runs(self._fd, [(page, 1)])
+        if self._fd < 0:
+            raise TierIOError(errno.EBADF, f"tier {self.name!r}: {self.path}: tier is closed")
+        out, sums, _ = _pread_runs(self._fd, [(page, 1)], self._cipher)
         if sums[0] != self._csum[page]:
             raise self._bad_page(page)
         return out[0]
@@ -699,20 +699,6 @@ class FileTier:
         return len(clusters)
 
     # ------------------------------------------------------------------ checks and stats
-
-    def peek(self, page: int) -> bytes:
-        """Page ``page`` as stored, decrypted, unverified: for invariant checks only.
-
-        Blocks on a pread: never on the serving path.  (The raw bytes at ``page * PAGE`` of the
-        backing file are ciphertext when the tier encrypts.)
-        """
-        self._check_read(page)
-        if self._fd < 0:
-            raise TierIOError(errno.EBADF, f"tier {self.name!r}: {self.path}: tier is closed")
-        data = os.pread(self._fd, PAGE, page * PAGE)
-        if self._cipher is not None and len(data) == PAGE:
-            data = self._cipher.decrypt(page, data)
-        return data
 
     def check_invariants(self) -> None:
         """Counts vs bitmap vs cluster states and lists; AssertionError names the discrepancy."""

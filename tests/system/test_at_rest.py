@@ -110,29 +110,9 @@ def test_hard_linked_backing_file_is_refused(tmp_path: Path, mount_factory) -> N
 @pytest.mark.parametrize("encrypt", [None, False])
 def test_backing_file_holds_plaintext_only_when_encrypt_is_false(mount_factory, tmp_path: Path,
                                                                  encrypt: bool | None) -> None:
-    if encrypt is None and not _store_passes_encrypt(tmp_path):
-        pytest.xfail("the store does not pass TierConfig.encrypt to FileTier yet")
     m = mount_factory(config(str(tmp_path / "ssd.img"), encrypt=encrypt))
     write_device(m, incompressible_marked(512))
     assert m.stats()["tiers"]["ssd"]["stored_pages"] > 300
     with open(tmp_path / "ssd.img", "rb") as f:
         raw = f.read()
     assert (MARK in raw) is (encrypt is False)
-
-
-def _store_passes_encrypt(tmp_path: Path) -> bool:
-    """Whether the store builds its file tiers with TierConfig.encrypt."""
-    import trio
-
-    from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
-    from swapfs.store import Store
-
-    cfg = Config(pool=PoolConfig(max_bytes=MiB), devices=(DeviceConfig("d", MiB),),
-                 tiers=(TierConfig("t", "file", str(tmp_path / "probe.img"), MiB, 0, 0.9, 0.8,
-                                   encrypt=True),))
-    store = Store(cfg)
-    try:
-        return bool(store.tiers[0].encrypt)
-    finally:
-        trio.run(store.aclose)
-        os.unlink(tmp_path / "probe.img")
