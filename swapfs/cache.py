@@ -24,10 +24,11 @@ import sys
 from array import array
 from typing import TYPE_CHECKING
 
+from .kernel import PAGE_SIZE as PAGE
+
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-PAGE = 4096
 # A file location as one integer: the cache's keys and the file-tier set's pins.
 KEY_SHIFT = 40
 KEY_PAGE_MASK = (1 << KEY_SHIFT) - 1

@@ -16,7 +16,7 @@ import lz4.block
 import xxhash
 import zstandard
 
-from swapfs.config import PAGE_SIZE
+from swapfs.kernel import PAGE_SIZE
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer

@@ -14,9 +14,9 @@ import tomllib
 from dataclasses import dataclass
 from typing import Any
 
+from .kernel import PAGE_SIZE
 from .slots import MAX_FILE_TIERS
 
-PAGE_SIZE = 4096
 
 ALGORITHMS = ("lz4", "zstd")
 ZSTD_LEVELS = range(1, 23)

@@ -1,6 +1,10 @@
 """Errors of the store and its tiers.
 
-The store raises only these; the FUSE adapter maps them to errnos in one place.
+Every error the store and its tiers raise derives from StoreError: the
+store's own below, and the tiers' (``PoolFull`` in swapfs/tiers/pool.py;
+``TierFull``, ``TierIOError``, ``ChecksumError`` in swapfs/tiers/file.py),
+which the store turns into these before they reach the FUSE adapter.  The
+adapter maps them to errnos in one place (``swapfs.fs.store_errno``).
 Messages are for logs and the CLI.
 """
 

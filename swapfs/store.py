@@ -31,9 +31,10 @@ from typing import Callable
 from . import invariants, store_stats
 from .cache import SwapCache, file_key
 from .codec import ZERO_PAGE, fill_page, make_codec, same_fill_word
-from .config import PAGE_SIZE, Config, DeviceConfig
+from .config import Config, DeviceConfig
 from .errors import BackingIOError, Corruption, NoSpace, OutOfRange
 from .fileset import FileTierSet, run_pages
+from .kernel import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from .migrate import Migrator
 from .slots import EMPTY, EPOCH_MASK, FILE0, HUGE, KIND_MASK, LENGTH_MASK, POOL, SAME, SHADOW, SlotTable
 from .stats import Stats
@@ -42,8 +43,6 @@ from .tiers.pool import INDEX_BITS, INDEX_MASK, Pool, PoolFull
 
 log = logging.getLogger(__name__)
 
-PAGE_SHIFT = 12
-PAGE_MASK = PAGE_SIZE - 1
 _LAST_WORD = PAGE_SIZE // 8 - 1
 _HUGE_INFO = PAGE_SIZE << 4 | HUGE
 # At most one NoSpace warning per this many seconds (the count is in stats).
@@ -55,8 +54,6 @@ CACHE_PAGES = 1024
 _SCRATCH_PAGES = 256
 # Tracked slots (partly written pages) are keyed device index << this | slot.
 _TRACK_SHIFT = 40
-
-assert PAGE_SIZE == 1 << PAGE_SHIFT
 
 
 class _SlotChanged(Exception):

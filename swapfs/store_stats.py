@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 from typing import TYPE_CHECKING
 
-from .config import PAGE_SIZE
+from .kernel import PAGE_SIZE
 from .stats import CacheStats, DeviceStats, PoolStats, Stats, TotalsStats, WritebackStats
 
 if TYPE_CHECKING:

@@ -32,8 +32,6 @@ and stay in memory.  ``close`` empties the file (truncates it to zero bytes).
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import logging
 import os
@@ -46,9 +44,12 @@ import trio
 import xxhash
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from ..errors import StoreError
+from ..kernel import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
+from ..kernel import PAGE_SIZE as PAGE
+
 log = logging.getLogger(__name__)
 
-PAGE = 4096
 
 # 256 pages = 1 MiB per cluster:
 # * it is the kernel's SWAPFILE_CLUSTER on 4 KiB pages, the unit the kernel's own swap allocator
@@ -61,8 +62,6 @@ PAGE = 4096
 # * a used count per cluster fits array('H').
 CLUSTER_PAGES = 256
 
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
 
 # cluster states
 FREE = 0  # no page used, allocatable
@@ -78,27 +77,14 @@ except (ValueError, OSError):  # pragma: no cover
 if _IOV_MAX <= 0:  # pragma: no cover
     _IOV_MAX = 1024
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
-_fallocate = getattr(_libc, "fallocate64", None) or _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """libc fallocate(2); raises OSError.  Releases the GIL (ctypes)."""
-    if _fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
-
-
 _xxh3 = xxhash.xxh3_64_intdigest
 
 
-class TierFull(Exception):
+class TierFull(StoreError):
     """No free page in the tier, or its filesystem reported ENOSPC."""
 
 
-class TierIOError(Exception):
+class TierIOError(StoreError):
     """A pread/pwrite (or preadv/pwritev) on the backing file failed; ``errno`` says why."""
 
     def __init__(self, err: int, message: str) -> None:
@@ -132,7 +118,7 @@ class _PageCipher:
         return dec.update(data)
 
 
-class ChecksumError(Exception):
+class ChecksumError(StoreError):
     """A page read back does not match the checksum recorded when it was written."""
 
     def __init__(self, page: int, message: str) -> None:

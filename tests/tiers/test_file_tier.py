@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import logging
 import os
@@ -12,8 +13,9 @@ from pathlib import Path
 import pytest
 import trio
 
-from swapfs.tiers.file import (CLUSTER_PAGES, PAGE, ChecksumError, FileTier, FileTierStats,
-                               TierFull, TierIOError)
+from swapfs.kernel import PAGE_SIZE as PAGE
+from swapfs.tiers.file import (CLUSTER_PAGES, ChecksumError, FileTier, FileTierStats, TierFull,
+                               TierIOError)
 
 from .conftest import CLUSTER_BYTES, MiB
 import trio.lowlevel
@@ -385,7 +387,7 @@ async def test_stats_fields(make_tier):
     await t.read_many([1, 2, 3, 9])
     s = t.stats()
     assert isinstance(s, FileTierStats)
-    d = s.to_dict()
+    d = dataclasses.asdict(s)
     for key in ("name", "kind", "path", "priority", "capacity_pages", "stored_pages",
                 "free_pages", "clusters_free", "clusters_partial", "clusters_full",
                 "disk_bytes", "reads", "writes", "read_bytes", "written_bytes",

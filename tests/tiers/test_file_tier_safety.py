@@ -14,7 +14,8 @@ from typing import Any, Callable
 import pytest
 
 from swapfs.tiers import file as file_mod
-from swapfs.tiers.file import CLUSTER_PAGES, PAGE, ChecksumError, FileTier, TierFull, TierIOError
+from swapfs.kernel import PAGE_SIZE as PAGE
+from swapfs.tiers.file import CLUSTER_PAGES, ChecksumError, FileTier, TierFull, TierIOError
 
 CLUSTER_BYTES = CLUSTER_PAGES * PAGE
 # A page nobody would write by chance: a marker repeated, so a search finds any copy of it.

@@ -15,7 +15,7 @@ from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
 from swapfs.errors import BackingIOError, NoSpace, StoreError
 from swapfs.store import Store
 from swapfs.tiers import file as file_mod
-from swapfs.tiers.file import PAGE
+from swapfs.kernel import PAGE_SIZE as PAGE
 
 MiB = 1 << 20
 

@@ -12,7 +12,8 @@ import trio
 from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
 from swapfs.errors import BackingIOError, Corruption, NoSpace
 from swapfs.store import Store
-from swapfs.tiers.file import CLUSTER_PAGES, PAGE
+from swapfs.kernel import PAGE_SIZE as PAGE
+from swapfs.tiers.file import CLUSTER_PAGES
 import trio.lowlevel
 
 MiB = 1 << 20
