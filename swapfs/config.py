@@ -61,6 +61,10 @@ class DeviceConfig:
     size: int
     group: str = "default"
     writeback: bool = True
+    # read by the systemd generator only: swap on at boot, its priority and discard policy
+    swap: bool = False
+    swap_priority: int | None = None  # None: the kernel's default
+    discard: str = "both"
 
 
 @dataclass(frozen=True)
@@ -235,14 +239,33 @@ def _array(data: Any, key: str) -> list[Any]:
     return data
 
 
+# The root's stats object must fit one xattr (the kernel's limit is 64 KiB);
+# the kernel itself swaps to at most about 30 devices at once.
+MAX_DEVICES = 64
+MAX_DEVICE_NAME = 64
+DISCARD_POLICIES = ("once", "pages", "both", "off")
+
+
 def _parse_device(data: Any, key: str) -> DeviceConfig:
-    t = _Table(data, key, ("name", "size", "group", "writeback"))
+    t = _Table(data, key, ("name", "size", "group", "writeback", "swap", "swap_priority", "discard"))
     name = t.get_str("name", _REQUIRED)
     _check_file_name(name, t.name("name"))
+    if len(name.encode()) > MAX_DEVICE_NAME or not name.isprintable():
+        raise ConfigError(f"{t.name('name')}: {name!r}: a device name is at most "
+                          f"{MAX_DEVICE_NAME} bytes of printable characters")
     size = t.get_size("size", _REQUIRED)
     group = t.get_str("group", "default")
     writeback = t.get_bool("writeback", True)
-    return DeviceConfig(name=name, size=size, group=group, writeback=writeback)
+    swap = t.get_bool("swap", False)
+    priority = t.get("swap_priority", (int,), None, "an integer")
+    if priority is not None and not -1 <= priority <= 32767:
+        raise ConfigError(f"{t.name('swap_priority')}: must be in -1..32767 (swapon -p), got {priority}")
+    discard = t.get_str("discard", "both")
+    if discard not in DISCARD_POLICIES:
+        raise ConfigError(f"{t.name('discard')}: unknown discard policy {discard!r} "
+                          f"(known: {', '.join(DISCARD_POLICIES)})")
+    return DeviceConfig(name=name, size=size, group=group, writeback=writeback,
+                        swap=swap, swap_priority=priority, discard=discard)
 
 
 def _parse_tier(data: Any, key: str) -> TierConfig:
@@ -279,6 +302,9 @@ def parse_config(text: str, source: str = "<config>") -> Config:
                         for i, d in enumerate(_array(data["device"], "device")))
         if not devices:
             raise ConfigError("device: at least one [[device]] is required")
+        if len(devices) > MAX_DEVICES:
+            raise ConfigError(f"device: {len(devices)} devices, at most {MAX_DEVICES} "
+                              "(the stats of the mount's root must fit one 64 KiB xattr)")
         seen: dict[str, int] = {}
         for i, d in enumerate(devices):
             if d.name in seen:

@@ -19,13 +19,17 @@ pytestmark = pytest.mark.timeout(90)
 def test_help_explains_each_command():
     top = run_swapfs("--help")
     assert top.returncode == 0
-    for word in ("mount", "unmount", "stats", "check-config", "losetup", "swapon"):
-        assert word in top.stdout
-    for cmd in ("mount", "unmount", "stats", "check-config"):
+    commands = ("mount", "unmount", "swapon", "swapoff", "status", "stats", "writeback", "top",
+                "check-config", "install-units", "generate-units")
+    for word in (*commands, "loop device", "/etc/swapfs"):
+        assert word in top.stdout, word
+    for cmd in commands:
         out = run_swapfs(cmd, "--help")
         assert out.returncode == 0 and "usage: swapfs " + cmd in out.stdout
     assert "--foreground" in run_swapfs("mount", "--help").stdout
-    assert "--json" in run_swapfs("stats", "--help").stdout
+    stats_help = run_swapfs("stats", "--help").stdout
+    assert "--json" in stats_help and "prometheus" in stats_help
+    assert "--priority" in run_swapfs("swapon", "--help").stdout
     none = run_swapfs()
     assert none.returncode == 2
 
