@@ -36,7 +36,6 @@ low_watermark = 0.8
 [[device]]
 name = "swap0"
 size = "1G"
-group = "default"
 writeback = true
 """
 
@@ -59,7 +58,6 @@ class PoolConfig:
 class DeviceConfig:
     name: str
     size: int
-    group: str = "default"
     writeback: bool = True
     # read by the systemd generator only: swap on at boot, its priority and discard policy
     swap: bool = False
@@ -247,14 +245,16 @@ DISCARD_POLICIES = ("once", "pages", "both", "off")
 
 
 def _parse_device(data: Any, key: str) -> DeviceConfig:
-    t = _Table(data, key, ("name", "size", "group", "writeback", "swap", "swap_priority", "discard"))
+    if isinstance(data, dict) and "group" in data:
+        raise ConfigError(f"{key}.group: policy groups do not exist (the key used to be ignored); "
+                          "remove it")
+    t = _Table(data, key, ("name", "size", "writeback", "swap", "swap_priority", "discard"))
     name = t.get_str("name", _REQUIRED)
     _check_file_name(name, t.name("name"))
     if len(name.encode()) > MAX_DEVICE_NAME or not name.isprintable():
         raise ConfigError(f"{t.name('name')}: {name!r}: a device name is at most "
                           f"{MAX_DEVICE_NAME} bytes of printable characters")
     size = t.get_size("size", _REQUIRED)
-    group = t.get_str("group", "default")
     writeback = t.get_bool("writeback", True)
     swap = t.get_bool("swap", False)
     priority = t.get("swap_priority", (int,), None, "an integer")
@@ -264,7 +264,7 @@ def _parse_device(data: Any, key: str) -> DeviceConfig:
     if discard not in DISCARD_POLICIES:
         raise ConfigError(f"{t.name('discard')}: unknown discard policy {discard!r} "
                           f"(known: {', '.join(DISCARD_POLICIES)})")
-    return DeviceConfig(name=name, size=size, group=group, writeback=writeback,
+    return DeviceConfig(name=name, size=size, writeback=writeback,
                         swap=swap, swap_priority=priority, discard=discard)
 
 
