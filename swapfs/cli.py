@@ -1,5 +1,5 @@
 """The swapfs command line: mount, unmount, swapon, swapoff, status, stats,
-writeback, top, check-config, and the systemd generator and installer."""
+writeback, top, record, plot, check-config, and the systemd generator and installer."""
 
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ PAGE = 4096
 # 500-1000 us gained little more.  See docs/fuse.md.
 DEFAULT_POLL_US = 200
 ROOT_LOG_DIR = "/run/swapfs/log"
+# swapfs status reads every mount on the machine: one stuck daemon must not hang it
+STATUS_TIMEOUT = 2.0
 
 DESCRIPTION = """\
 swapfs: a userspace swap store.  It presents virtual swap devices as files
@@ -379,9 +381,14 @@ def status_rows() -> list[dict[str, Any]]:
     loops = sysinfo.loop_devices()
     for mount in sysinfo.swapfs_mounts():
         try:
-            stats = sysinfo.read_stats(mount)
+            stats = sysinfo.read_stats(mount, timeout=STATUS_TIMEOUT)
         except (OSError, ValueError) as exc:
-            why = "daemon gone" if isinstance(exc, OSError) and exc.errno == errno.ENOTCONN else str(exc)
+            if isinstance(exc, TimeoutError):
+                why = f"daemon not answering within {STATUS_TIMEOUT:g} s"
+            elif isinstance(exc, OSError) and exc.errno == errno.ENOTCONN:
+                why = "daemon gone"
+            else:
+                why = str(exc)
             rows.append({"mount": mount, "device": None, "error": why})
             continue
         algorithm = stats.get("tiers", {}).get("pool", {}).get("algorithm", "")
@@ -543,6 +550,47 @@ def cmd_stats(args: argparse.Namespace) -> int:
 # -- writeback ---------------------------------------------------------------
 
 
+def _request_with_progress(path: str, mount: str, request: str, before: dict[str, Any],
+                           total: int | None) -> None:
+    """setxattr the writeback request (it returns when the pages moved); on a
+    terminal, a request that takes over a second shows its progress."""
+    import threading
+
+    error: list[OSError] = []
+
+    def run() -> None:
+        try:
+            os.setxattr(path, CTL_WRITEBACK_XATTR, request.encode())
+        except OSError as exc:
+            error.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    shown = False
+    start = time.monotonic()
+    base = before.get("writeback", {}).get("moved_pages", 0)
+    while worker.is_alive():
+        worker.join(0.2)
+        if worker.is_alive() and sys.stderr.isatty() and time.monotonic() - start > 1.0:
+            try:
+                done = read_stats(mount).get("writeback", {}).get("moved_pages", 0) - base
+            except (OSError, ValueError):
+                continue
+            if total:
+                width = 30
+                fill = min(width, width * done // total)
+                bar = f"[{'#' * fill}{'.' * (width - fill)}] {done}/{total} pages"
+            else:
+                bar = f"{done} pages moved"
+            sys.stderr.write(f"\r{bar} ({time.monotonic() - start:.0f} s)")
+            sys.stderr.flush()
+            shown = True
+    if shown:
+        sys.stderr.write("\n")
+    if error:
+        raise error[0]
+
+
 def cmd_writeback(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.path)
     if args.idle is not None:
@@ -566,7 +614,7 @@ def cmd_writeback(args: argparse.Namespace) -> int:
         return _die(f"{mount} has no file tier: pages have nowhere to go")
     start = time.monotonic()
     try:
-        os.setxattr(path, CTL_WRITEBACK_XATTR, request.encode())
+        _request_with_progress(path, mount, request, before, args.pages)
         moved = int(os.getxattr(path, CTL_WRITEBACK_XATTR))
         after = read_stats(mount)
     except OSError as exc:
@@ -647,6 +695,134 @@ def cmd_top(args: argparse.Namespace) -> int:
                 time.sleep(args.interval)
     except KeyboardInterrupt:
         pass
+    return EXIT_OK
+
+
+# -- record and plot ---------------------------------------------------------
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """One JSON line per sample: {"time": unix seconds, "mount": ..., "stats": {...}}."""
+    mount = os.path.abspath(args.mount)
+    if args.interval <= 0:
+        return _die(f"--interval {args.interval}: must be positive", EXIT_USAGE)
+    n = 0
+    try:
+        out = sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8")
+    except OSError as exc:
+        return _die(f"cannot write {args.output}: {exc.strerror}")
+    try:
+        next_at = time.monotonic()
+        while args.count is None or n < args.count:
+            try:
+                stats = read_stats(mount)
+            except (OSError, ValueError) as exc:
+                if n:  # the mount went away while recording: what was recorded stays
+                    print(f"swapfs: stopped after {n} samples: {exc}", file=sys.stderr)
+                    return EXIT_OK
+                return _stats_error(mount, exc)
+            out.write(json.dumps({"time": round(time.time(), 3), "mount": mount, "stats": stats},
+                                 separators=(",", ":")) + "\n")
+            out.flush()
+            n += 1
+            next_at += args.interval
+            if args.count is None or n < args.count:
+                time.sleep(max(0.0, next_at - time.monotonic()))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return EXIT_OK
+
+
+def load_samples(path: str) -> list[dict[str, Any]]:
+    """The samples of a ``swapfs record`` file; ValueError naming the line if malformed."""
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                float(rec["time"])
+                rec["stats"]["tiers"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{i}: not a swapfs record sample ({exc})") from None
+            samples.append(rec)
+    return samples
+
+
+def plot_series(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the plot draws: seconds since the first sample, pages per tier, and
+    per-interval rates (written/read MiB/s, pages moved down/promoted per s)."""
+    t0 = samples[0]["time"]
+    times = [s["time"] - t0 for s in samples]
+    tiers: dict[str, list[int]] = {}
+    for s in samples:
+        for name in s["stats"]["tiers"]:
+            tiers.setdefault(name, [])
+    for s in samples:
+        for name, series in tiers.items():
+            series.append(s["stats"]["tiers"].get(name, {}).get("stored_pages", 0))
+
+    def rate(section: str, key: str, scale: float = 1.0) -> list[float]:
+        out = [0.0]
+        for a, b in zip(samples, samples[1:]):
+            dt = b["time"] - a["time"]
+            d = b["stats"].get(section, {}).get(key, 0) - a["stats"].get(section, {}).get(key, 0)
+            out.append(max(0.0, d) / dt / scale if dt > 0 else 0.0)
+        return out
+
+    return {
+        "time": times, "tiers": tiers,
+        "written_mib_s": rate("totals", "written_bytes", 1 << 20),
+        "read_mib_s": rate("totals", "read_bytes", 1 << 20),
+        "moved_pages_s": rate("writeback", "moved_pages"),
+        "promotions_s": rate("writeback", "promotions"),
+    }
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    try:
+        samples = load_samples(args.file)
+    except OSError as exc:
+        return _die(f"cannot read {args.file}: {exc.strerror}")
+    except ValueError as exc:
+        return _die(str(exc))
+    if len(samples) < 2:
+        return _die(f"{args.file}: {len(samples)} sample(s); a plot needs at least 2")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return _die("swapfs plot needs matplotlib: pip install 'swapfs[plot]' (or .venv/bin/pip install matplotlib)")
+    series = plot_series(samples)
+    fig, (occ, traffic) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
+    for name, pages in series["tiers"].items():
+        occ.plot(series["time"], [p * PAGE / (1 << 20) for p in pages], label=name)
+    occ.set_ylabel("MiB stored (pages x 4 KiB)")
+    occ.set_title(f"swapfs {samples[0].get('mount', '')}: tier occupancy and traffic")
+    occ.legend()
+    traffic.plot(series["time"], series["written_mib_s"], label="swap-out (writes) MiB/s")
+    traffic.plot(series["time"], series["read_mib_s"], label="swap-in (reads) MiB/s")
+    traffic.plot(series["time"], [p * PAGE / (1 << 20) for p in series["moved_pages_s"]],
+                 label="moved down MiB/s")
+    traffic.plot(series["time"], [p * PAGE / (1 << 20) for p in series["promotions_s"]],
+                 label="promoted MiB/s")
+    traffic.set_xlabel("seconds")
+    traffic.set_ylabel("MiB/s")
+    traffic.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(args.output)
+    except OSError as exc:
+        return _die(f"cannot write {args.output}: {exc.strerror}")
+    finally:
+        plt.close(fig)
+    print(f"{args.output}: {len(samples)} samples over {series['time'][-1]:.0f} s")
     return EXIT_OK
 
 
@@ -852,6 +1028,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", type=float, default=1.0, metavar="S")
     p.add_argument("--count", type=int, metavar="N", help="stop after N frames")
     p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("record", help="record stats samples as JSON lines",
+                       description="Append one JSON line per --interval to FILE: "
+                       '{"time": UNIX_SECONDS, "mount": MOUNT, "stats": {the stats object}}. '
+                       "Stops after --count samples, at Ctrl-C, or when the mount goes away. "
+                       "Example: swapfs record /run/swapfs -o run.jsonl --interval 0.5")
+    p.add_argument("mount", metavar="MOUNT")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="JSON lines file ('-': stdout)")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--count", type=int, metavar="N")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("plot", help="draw a recording: tier occupancy and traffic (needs matplotlib)",
+                       description="Draw a 'swapfs record' file as a PNG: the pages of each tier over "
+                       "time, and swap-out, swap-in, writeback and promotion rates.  matplotlib is "
+                       "an optional extra: pip install 'swapfs[plot]'.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("-o", "--output", required=True, metavar="PNG")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("check-config", help="validate a configuration file",
                        description="Parse and validate a configuration as 'swapfs mount' would.")

@@ -9,9 +9,11 @@ reader: the protocol layer knows nothing of swapfs.)
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -150,16 +152,40 @@ def active_swaps() -> dict[str, Swap]:
         return {}
 
 
-def read_stats(path: str | os.PathLike[str]) -> dict[str, Any]:
+def read_stats(path: str | os.PathLike[str], *, timeout: float | None = None) -> dict[str, Any]:
     """The stats object of a swapfs mount (its root) or of one device file.
 
     Raises OSError (ENODATA or ENOTSUP: not swapfs; ENOTCONN: the daemon is
-    gone) or ValueError (malformed JSON)."""
-    raw = os.getxattr(os.fspath(path), STATS_XATTR)
+    gone; with ``timeout``, TimeoutError when a daemon that is still there does
+    not answer within it) or ValueError (malformed JSON)."""
+    raw = _getxattr(os.fspath(path), timeout)
     obj = json.loads(raw)
     if not isinstance(obj, dict):
         raise ValueError(f"{STATS_XATTR} of {os.fspath(path)} is not a JSON object")
     return obj
+
+
+def _getxattr(path: str, timeout: float | None) -> bytes:
+    if timeout is None:
+        return os.getxattr(path, STATS_XATTR)
+    # A stopped or stuck daemon blocks the call until it answers: wait in a
+    # thread that may be left behind (it ends when the daemon answers or dies).
+    result: list[bytes | OSError] = []
+
+    def get() -> None:
+        try:
+            result.append(os.getxattr(path, STATS_XATTR))
+        except OSError as exc:
+            result.append(exc)
+
+    worker = threading.Thread(target=get, daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not result:
+        raise TimeoutError(errno.ETIMEDOUT, f"no answer within {timeout:g} s", path)
+    if isinstance(result[0], OSError):
+        raise result[0]
+    return result[0]
 
 
 def mount_of(path: str | os.PathLike[str]) -> str | None:

@@ -233,3 +233,53 @@ def test_swapon_and_swapoff_say_they_need_root(monkeypatch, capsys):
     assert "swapon needs root" in capsys.readouterr().err
     assert cli.main(["swapoff", "/run/swapfs/swap0"]) == 1
     assert "swapoff needs root" in capsys.readouterr().err
+
+
+def test_record_then_plot(mount_factory, tmp_path):
+    m = mount_factory(tier_config(tmp_path))
+    rec = tmp_path / "run.jsonl"
+    fill(m.dev(), 50)
+    out = run_swapfs("record", str(m.path), "-o", str(rec), "--count", "2", "--interval", "0.2")
+    assert out.returncode == 0, out.stderr
+    fill(m.dev(), 100, offset=MiB)
+    assert run_swapfs("writeback", str(m.path), "20").returncode == 0
+    out = run_swapfs("record", str(m.path), "-o", str(rec), "--count", "1")
+    assert out.returncode == 0, out.stderr
+    from swapfs.cli import load_samples, plot_series
+
+    samples = load_samples(str(rec))
+    assert len(samples) == 3 and samples[0]["mount"] == str(m.path)
+    series = plot_series(samples)
+    assert series["tiers"]["ssd"][-1] == 20 and series["tiers"]["pool"][0] > 0
+    assert series["written_mib_s"][2] > 0 and series["moved_pages_s"][2] > 0
+
+    png = tmp_path / "run.png"
+    out = run_swapfs("plot", str(rec), "-o", str(png))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert out.returncode == 1 and "matplotlib" in out.stderr
+        pytest.skip("matplotlib (the plot extra) not installed")
+    assert out.returncode == 0, out.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"time": 1}\n')
+    out = run_swapfs("plot", str(bad), "-o", str(png))
+    assert out.returncode == 1 and "bad.jsonl:1" in out.stderr
+
+
+def test_status_does_not_hang_on_a_stopped_daemon(mount_factory):
+    """A daemon that does not answer (here: stopped) is reported, not waited for."""
+    m = mount_factory()
+    os.kill(m.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        out = run_swapfs("status", timeout=60)
+        took = time.monotonic() - start
+    finally:
+        os.kill(m.pid, signal.SIGCONT)
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.startswith(str(m.path)))
+    assert "not answering" in line and took < 30
+    assert "swap0" in run_swapfs("status").stdout
