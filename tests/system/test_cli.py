@@ -167,3 +167,22 @@ def test_mount_without_and_with_long_polling_serves_io(tmp_path, poll_us):
     finally:
         stop_mount(m)
     assert "Traceback" not in m.log_text()
+
+
+def test_background_daemon_logs_under_run_swapfs_as_root(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root (the default log directory of a root daemon)")
+    mnt = tmp_path / "mnt"
+    out = run_swapfs("mount", "--mkdir", "--no-mlock", str(mnt))
+    assert out.returncode == 0, out.stderr
+    m = Mount(path=mnt, log=tmp_path / "unused", pid=int(re.search(r"daemon pid (\d+)", out.stdout).group(1)))
+    try:
+        log = re.search(r"log (\S+)\)", out.stdout).group(1)
+        assert log.startswith("/run/swapfs/log/swapfs-") and os.path.exists(log)
+        with open(log) as f:
+            assert "mounted at " + str(mnt) in f.read()
+        with open(f"/proc/{m.pid}/comm") as f:
+            assert f.read().strip() == "swapfs"
+    finally:
+        stop_mount(m)
+    os.unlink(log)
