@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import subprocess
 import sys
@@ -19,7 +20,9 @@ def say(text: str) -> None:
 
 
 def swapfs(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "swapfs", *args], text=True, capture_output=True)
+    # swapoff reads every page back in; nothing else may take long
+    return subprocess.run([sys.executable, "-m", "swapfs", *args], text=True, capture_output=True,
+                          timeout=600 if args[0] == "swapoff" else 120)
 
 
 def main() -> int:
@@ -88,11 +91,19 @@ def main() -> int:
         say("the kernel swaps into swapfs: 256 MiB working set in a 64 MiB memory cgroup")
         # punch out the demo pages first so the swap area starts clean
         subprocess.run(["fallocate", "--punch-hole", "--keep-size", "-o", "0", "-l", str(16 * MiB), dev], check=True)
-        with harness.loop_device(dev) as loop:
-            print(f"losetup --direct-io=on -f --show {dev}  -> {loop}")
-            with harness.swap_on(loop, priority=32767, discard=True):
-                print(f"mkswap {loop} && swapon --discard -p 32767 {loop}")
-                peak: dict = {"stored": -1, "table": ""}
+        record_file = os.path.join(os.path.dirname(mnt), "swapfs-demo.jsonl")
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(record_file)
+        with harness.swap_lock():  # swap is machine-wide: one swapping run at a time
+            out = swapfs("swapon", dev, "--priority", "32767")
+            print(f"$ swapfs swapon {dev} --priority 32767\n{out.stdout}{out.stderr}", end="")
+            if out.returncode != 0:
+                return 1
+            loop = out.stdout.strip()
+            recorder = subprocess.Popen([sys.executable, "-m", "swapfs", "record", mnt, "-o", record_file,
+                                         "--interval", "0.5"])
+            try:
+                peak: dict = {"stored": -1}
 
                 def sample() -> None:
                     stats = harness.read_stats(mnt)
@@ -107,24 +118,36 @@ def main() -> int:
                 print(f"{result.pages} pages filled and verified twice in {result.wall_seconds:.1f}s, "
                       f"peak {result.peak_swap_kib // 1024} MiB in swap, "
                       f"{'every byte matches' if result.bad_pages == 0 else f'{result.bad_pages} PAGES DIFFER'}")
+                say("swapfs status")
+                print(swapfs("status").stdout, end="")
                 if "stats" in peak:
                     from swapfs.cli import format_stats
 
                     say("swapfs stats at the workload's peak (the kernel frees the slots when it exits)")
                     print(format_stats(peak["stats"]))
-                print(f"swapoff {loop} && losetup -d {loop}")
+            finally:
+                recorder.terminate()
+                recorder.wait()
+                out = swapfs("swapoff", dev)
+                print(f"$ swapfs swapoff {dev}\n{out.stdout}{out.stderr}", end="")
+        out = swapfs("plot", record_file, "-o", os.path.join(os.path.dirname(mnt), "swapfs-demo.png"))
+        say(f"swapfs plot {record_file}")
+        print(out.stdout + out.stderr, end="")
         if result.bad_pages:
             return 1
 
     say(f"getfattr -d -m - {dev}   (the same counters, as xattrs)")
     print(subprocess.run(["getfattr", "-d", "-m", "-", dev], capture_output=True, text=True).stdout, end="")
 
-    say("swapfs is still mounted; to swap into it:")
-    print(f"  losetup --direct-io=on -f --show {dev}      # prints /dev/loopN")
-    print("  mkswap /dev/loopN && swapon --discard -p 100 /dev/loopN")
+    say(f"swapfs stats {mnt} --format prometheus   (the first lines)")
+    print("".join(swapfs("stats", mnt, "--format", "prometheus").stdout.splitlines(True)[:9]), end="")
+
+    say("swapfs is still mounted; to swap into it (as root):")
+    print(f"  .venv/bin/swapfs swapon {dev} --priority 100      # prints /dev/loopN")
+    print("  .venv/bin/swapfs status")
     print(f"  .venv/bin/swapfs stats {mnt}")
     print("and to stop:")
-    print(f"  swapoff /dev/loopN && losetup -d /dev/loopN && .venv/bin/swapfs unmount {mnt}")
+    print(f"  .venv/bin/swapfs swapoff {dev} && .venv/bin/swapfs unmount {mnt}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""The swapfs command line: mount, unmount, stats, check-config."""
+"""The swapfs command line: mount, unmount, swapon, swapoff, status, stats,
+writeback, top, record, plot, check-config, and the systemd generator and installer."""
 
 from __future__ import annotations
 
@@ -7,32 +8,43 @@ import errno
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import time
+from typing import Any
 
-from . import __version__
+from . import __version__, sysinfo
+from .sysinfo import STATS_XATTR
 
 EXIT_OK = 0
 EXIT_FAIL = 1
 EXIT_USAGE = 2
 
-STATS_XATTR = "user.swapfs.stats"
+CTL_WRITEBACK_XATTR = "user.swapfs.ctl.writeback"
+PAGE = 4096
 # Measured here (2-core VM): 200 us of polling took the kernel swap workload
 # from 39 s to 23 s and 4k reads at depth 1 from 11.7k to 25.7k IOPS;
 # 500-1000 us gained little more.  See docs/fuse.md.
 DEFAULT_POLL_US = 200
+ROOT_LOG_DIR = "/run/swapfs/log"
+# swapfs status reads every mount on the machine: one stuck daemon must not hang it
+STATUS_TIMEOUT = 2.0
 
 DESCRIPTION = """\
 swapfs: a userspace swap store.  It presents virtual swap devices as files
-in a FUSE mount and keeps their pages compressed in memory (lz4 or zstd).
+in a FUSE mount and keeps their pages compressed in memory (lz4 or zstd),
+with file tiers below.
 
 To swap into it (as root):
-  swapfs mount /run/swapfs
-  losetup --direct-io=on -f --show /run/swapfs/swap0      # prints /dev/loopN
-  mkswap /dev/loopN && swapon --discard -p 100 /dev/loopN
-  swapfs stats /run/swapfs
-and to stop: swapoff /dev/loopN; losetup -d /dev/loopN; swapfs unmount /run/swapfs
+  swapfs mount /run/swapfs                # the embedded default: swap0 of 1 GiB
+  swapfs swapon /run/swapfs/swap0 --priority 100    # loop device, mkswap, swapon
+  swapfs status                           # every swapfs device, like swapon --show
+  swapfs stats /run/swapfs                # a table; --format json|prometheus
+and to stop: swapfs swapoff /run/swapfs/swap0 && swapfs unmount /run/swapfs
+
+At boot: put the configuration in /etc/swapfs/NAME.toml (devices with
+swap = true) and run 'swapfs install-units' once; see README.md.
 """
 
 
@@ -41,13 +53,46 @@ def _die(message: str, code: int = EXIT_FAIL) -> int:
     return code
 
 
+# -- logging -----------------------------------------------------------------
+
+# syslog priorities (sd-daemon(3) prefixes) of Python's levels
+_JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logging.ERROR: 3,
+                     logging.CRITICAL: 2}
+
+
+class JournalFormatter(logging.Formatter):
+    """``<N>message``: journald reads N as the line's priority; it adds the time."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        prio = _JOURNAL_PRIORITY.get(record.levelno, 6)
+        text = f"{record.name}: {super().format(record)}"
+        return "\n".join(f"<{prio}>{line}" for line in text.splitlines())
+
+
+def stderr_is_journal() -> bool:
+    """Whether stderr is connected to journald (JOURNAL_STREAM=dev:ino matches it)."""
+    stream = os.environ.get("JOURNAL_STREAM")
+    if not stream:
+        return False
+    try:
+        dev, ino = (int(x) for x in stream.split(":"))
+        st = os.fstat(sys.stderr.fileno())
+    except (ValueError, OSError):
+        return False
+    return (st.st_dev, st.st_ino) == (dev, ino)
+
+
 def _setup_logging(level: str, log_file: str | None) -> None:
     handler: logging.Handler
     if log_file:
         handler = logging.FileHandler(log_file)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        if stderr_is_journal():
+            handler.setFormatter(JournalFormatter("%(message)s"))
+        else:
+            handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(getattr(logging, level.upper()))
@@ -55,7 +100,7 @@ def _setup_logging(level: str, log_file: str | None) -> None:
 
 def _mountpoint_problem(path: str) -> str | None:
     if not os.path.exists(path):
-        return f"mountpoint {path} does not exist (create it with mkdir -p {path})"
+        return f"mountpoint {path} does not exist (create it with mkdir -p {path}, or pass --mkdir)"
     if not os.path.isdir(path):
         return f"mountpoint {path} is not a directory"
     if os.path.ismount(path):
@@ -63,8 +108,13 @@ def _mountpoint_problem(path: str) -> str | None:
     return None
 
 
-def _default_log_file(mountpoint: str) -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+def default_log_file(mountpoint: str) -> str:
+    """Where a background daemon logs: /run/swapfs/log as root, else
+    $XDG_RUNTIME_DIR or /tmp."""
+    if os.geteuid() == 0:
+        base = ROOT_LOG_DIR
+    else:
+        base = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
     escaped = os.path.abspath(mountpoint).strip("/").replace("/", "-") or "root"
     return os.path.join(base, f"swapfs-{escaped}.log")
 
@@ -72,7 +122,7 @@ def _default_log_file(mountpoint: str) -> str:
 # -- mount -------------------------------------------------------------------
 
 
-def _load_checked_config(path: str | None, mountpoint: str | None):
+def _load_checked_config(path: str | None, mountpoint: str | None) -> Any:
     """The configuration, with its tiers' backing paths checked; raises ValueError
     (ConfigError or TierConfigError) with a message naming the key or tier."""
     from .config import load_config
@@ -91,6 +141,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return _die(f"invalid configuration: {exc}", EXIT_USAGE)
     if not 0 <= args.poll_us <= 100_000:
         return _die(f"--poll-us {args.poll_us}: must be between 0 and 100000 microseconds", EXIT_USAGE)
+    if args.mkdir and not os.path.lexists(mountpoint):
+        try:
+            os.makedirs(mountpoint, mode=0o755)
+        except OSError as exc:
+            return _die(f"cannot create mountpoint {mountpoint}: {exc.strerror}")
     problem = _mountpoint_problem(mountpoint)
     if problem:
         return _die(problem, EXIT_USAGE)
@@ -99,7 +154,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     return _spawn_background(args, mountpoint)
 
 
-def _run_foreground(args: argparse.Namespace, config, mountpoint: str) -> int:
+def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> int:
     import trio
 
     from . import fuse
@@ -121,11 +176,12 @@ def _run_foreground(args: argparse.Namespace, config, mountpoint: str) -> int:
 
     for warning in protect_process(lock_memory=not args.no_mlock):
         log.warning("%s", warning)
+    config_path = os.path.abspath(args.config) if args.config else None
     try:
         trio.run(
             lambda: serve_mount(
                 config, mountpoint, on_ready=lambda: report("READY"), allow_other=args.allow_other,
-                poll_us=args.poll_us,
+                poll_us=args.poll_us, config_path=config_path,
             )
         )
     except fuse.MountError as exc:
@@ -142,7 +198,11 @@ def _run_foreground(args: argparse.Namespace, config, mountpoint: str) -> int:
 
 
 def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
-    log_file = args.log_file or _default_log_file(mountpoint)
+    log_file = args.log_file or default_log_file(mountpoint)
+    try:
+        os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
+    except OSError as exc:
+        return _die(f"cannot create the log directory of {log_file}: {exc.strerror}")
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "swapfs", "mount", "--foreground", "--ready-fd", str(w)]
     cmd += ["--log-file", log_file, "--log-level", args.log_level]
@@ -178,85 +238,132 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
 # -- unmount -----------------------------------------------------------------
 
 
-def _swapfs_mounts() -> dict[str, str]:
-    """{mountpoint: fstype} of mounted swapfs filesystems."""
-    mounts = {}
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            fields = line.split()
-            sep = fields.index("-")
-            fstype = fields[sep + 1]
-            if fstype == "fuse.swapfs" or fields[sep + 2] == "swapfs":
-                mounts[fields[4].replace("\\040", " ")] = fstype
-    return mounts
-
-
-def _loops_backed_by(mountpoint: str) -> list[tuple[str, str]]:
-    """[(/dev/loopN, backing file)] for loop devices over files in the mount."""
-    found = []
-    try:
-        names = os.listdir("/sys/block")
-    except OSError:
-        return found
-    prefix = mountpoint.rstrip("/") + "/"
-    for name in names:
-        if not name.startswith("loop"):
-            continue
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                backing = f.read().strip()
-        except OSError:
-            continue
-        if backing.startswith(prefix):
-            found.append((f"/dev/{name}", backing))
-    return found
-
-
-def _active_swaps() -> set[str]:
-    try:
-        with open("/proc/swaps") as f:
-            return {line.split()[0] for line in f.readlines()[1:] if line.strip()}
-    except OSError:
-        return set()
-
-
 def cmd_unmount(args: argparse.Namespace) -> int:
     from . import fuse
 
     mountpoint = os.path.abspath(args.mountpoint)
-    if mountpoint not in _swapfs_mounts():
+    if mountpoint not in sysinfo.swapfs_mounts():
         return _die(f"{mountpoint} is not a swapfs mount")
-    loops = _loops_backed_by(mountpoint)
-    swaps = _active_swaps()
-    for dev, backing in loops:
-        if dev in swaps:
-            return _die(
-                f"swap is active on {dev} (over {backing}); run: swapoff {dev} && losetup -d {dev}"
-            )
+    loops = sysinfo.loops_backed_by(mountpoint)
+    swaps = sysinfo.active_swaps()
+    for lo in loops:
+        if lo.device in swaps:
+            return _die(f"swap is active on {lo.device} (over {lo.backing_file}); "
+                        f"run: swapfs swapoff {lo.backing_file}")
     if loops and not args.lazy:
-        devs = " ".join(d for d, _ in loops)
+        devs = " ".join(lo.device for lo in loops)
         return _die(f"loop devices still use the mount: {devs}; run: losetup -d {devs}")
     try:
         fuse.unmount(mountpoint, lazy=args.lazy)
     except (OSError, fuse.MountError) as exc:
         return _die(f"cannot unmount {mountpoint}: {exc}")
     for _ in range(50):  # the daemon exits once the kernel ends the connection
-        if mountpoint not in _swapfs_mounts():
+        if mountpoint not in sysinfo.swapfs_mounts():
             break
         time.sleep(0.1)
     print(f"swapfs unmounted from {mountpoint}")
     return EXIT_OK
 
 
-# -- stats -------------------------------------------------------------------
+# -- swapon / swapoff --------------------------------------------------------
 
 
-def read_stats(mountpoint: str) -> dict:
-    raw = os.getxattr(mountpoint, STATS_XATTR)
-    return json.loads(raw)
+def _run(cmd: list[str], timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
 
 
-def _fmt_bytes(n: float) -> str:
+def _device_file(path: str) -> tuple[str, str] | str:
+    """(absolute device file, its mount) or an error message."""
+    p = os.path.abspath(path)
+    mount = sysinfo.mount_of(p)
+    if mount is None or p == mount:
+        return f"{p} is not a device file of a swapfs mount (see: swapfs status)"
+    if not os.path.isfile(p):
+        return f"{p}: no such device in the swapfs mount {mount} (it has: {', '.join(_listdir(mount))})"
+    return p, mount
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+def cmd_swapon(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        return _die("swapon needs root (it attaches a loop device and turns swap on)")
+    found = _device_file(args.device_file)
+    if isinstance(found, str):
+        return _die(found)
+    path, _ = found
+    swaps = sysinfo.active_swaps()
+    for lo in sysinfo.loops_backed_by(path):
+        if lo.backing_file != path:
+            continue
+        if lo.device in swaps:
+            return _die(f"swap is already on over {path} ({lo.device}, priority {swaps[lo.device].priority})")
+        return _die(f"{path} is busy: loop device {lo.device} already uses it "
+                    f"(losetup -d {lo.device} if nothing else does)")
+    out = _run(["losetup", "--direct-io=on", "-f", "--show", path])
+    if out.returncode != 0:
+        return _die(f"losetup failed: {out.stderr.strip()}")
+    loop = out.stdout.strip()
+    problem = None
+    try:
+        with open(f"/sys/block/{os.path.basename(loop)}/loop/dio") as f:
+            if f.read().strip() != "1":
+                problem = f"the kernel did not enable direct I/O on {loop}"
+    except OSError as exc:
+        problem = f"cannot check direct I/O on {loop}: {exc.strerror}"
+    if problem is None:
+        out = _run(["mkswap", loop])
+        if out.returncode != 0:
+            problem = f"mkswap {loop} failed: {out.stderr.strip()}"
+    if problem is None:
+        cmd = ["swapon"]
+        if args.priority is not None:
+            cmd += ["--priority", str(args.priority)]
+        if args.discard != "off":
+            cmd.append("--discard" if args.discard == "both" else f"--discard={args.discard}")
+        out = _run(cmd + [loop])
+        if out.returncode != 0:
+            problem = f"{' '.join(cmd)} {loop} failed: {out.stderr.strip()}"
+    if problem is not None:
+        _run(["losetup", "-d", loop])
+        return _die(problem)
+    print(loop)
+    return EXIT_OK
+
+
+def cmd_swapoff(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        return _die("swapoff needs root")
+    path = os.path.abspath(args.device_file)
+    loops = [lo for lo in sysinfo.loops_backed_by(path) if lo.backing_file == path]
+    if not loops:
+        if sysinfo.mount_of(path) is None:
+            return _die(f"{path} is not a device file of a swapfs mount")
+        print(f"swapfs: swap is not on over {path}; nothing to do", file=sys.stderr)
+        return EXIT_OK
+    swaps = sysinfo.active_swaps()
+    for lo in loops:
+        if lo.device in swaps:
+            # swapoff reads every page back in: no timeout of ours
+            out = subprocess.run(["swapoff", lo.device], capture_output=True, text=True)
+            if out.returncode != 0:
+                return _die(f"swapoff {lo.device} failed: {out.stderr.strip()} (swap stays on)")
+        out = _run(["losetup", "-d", lo.device])
+        if out.returncode != 0:
+            return _die(f"losetup -d {lo.device} failed: {out.stderr.strip()}")
+        print(f"{lo.device} detached from {path}")
+    return EXIT_OK
+
+
+# -- status ------------------------------------------------------------------
+
+
+def fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
@@ -264,36 +371,140 @@ def _fmt_bytes(n: float) -> str:
     return str(n)
 
 
-def format_stats(stats: dict) -> str:
+_fmt_bytes = fmt_bytes  # the name earlier code imported
+
+
+def status_rows() -> list[dict[str, Any]]:
+    """One record per device of every swapfs mount on this machine."""
+    rows: list[dict[str, Any]] = []
+    swaps = sysinfo.active_swaps()
+    loops = sysinfo.loop_devices()
+    for mount in sysinfo.swapfs_mounts():
+        try:
+            stats = sysinfo.read_stats(mount, timeout=STATUS_TIMEOUT)
+        except (OSError, ValueError) as exc:
+            if isinstance(exc, TimeoutError):
+                why = f"daemon not answering within {STATUS_TIMEOUT:g} s"
+            elif isinstance(exc, OSError) and exc.errno == errno.ENOTCONN:
+                why = "daemon gone"
+            else:
+                why = str(exc)
+            rows.append({"mount": mount, "device": None, "error": why})
+            continue
+        algorithm = stats.get("tiers", {}).get("pool", {}).get("algorithm", "")
+        for name, d in stats.get("devices", {}).items():
+            path = os.path.join(mount, name)
+            loop = next((lo.device for lo in loops if lo.backing_file == path), None)
+            swap = swaps.get(loop) if loop else None
+            rows.append({
+                "mount": mount, "device": name, "loop": loop,
+                "size": d["size_bytes"],
+                "used": swap.used_kib * 1024 if swap else None,
+                "priority": swap.priority if swap else None,
+                "data": d.get("orig_data_size", 0), "compressed": d.get("compr_data_size", 0),
+                "memory": d.get("mem_used_total", d.get("pool_bytes", 0)),
+                "algorithm": algorithm, "file_pages": d.get("file_pages", 0),
+                "stored_pages": d["stored_pages"],
+            })
+    return rows
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    rows = status_rows()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return EXIT_OK
+    if not rows:
+        print("no swapfs mounts")
+        return EXIT_OK
+
+    def b(v: int | None) -> str:
+        if v is None:
+            return "-"
+        return str(v) if args.bytes else fmt_bytes(v).replace(" ", "")
+
+    header = ["MOUNT", "DEVICE", "LOOP", "SIZE", "USED", "PRIO", "DATA", "COMPR", "MEMORY", "ALGO",
+              "FILE-PAGES"]
+    table = [header]
+    for r in rows:
+        if r["device"] is None:
+            table.append([r["mount"], f"({r['error']})"] + [""] * (len(header) - 2))
+            continue
+        table.append([r["mount"], r["device"], r["loop"] or "-", b(r["size"]), b(r["used"]),
+                      "-" if r["priority"] is None else str(r["priority"]), b(r["data"]),
+                      b(r["compressed"]), b(r["memory"]), r["algorithm"], str(r["file_pages"])])
+    widths = [max(len(row[i]) for row in table) for i in range(len(header))]
+    for row in table:
+        cells = [c.ljust(w) if i < 3 or i == 9 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        print("  ".join(cells).rstrip())
+    return EXIT_OK
+
+
+# -- stats -------------------------------------------------------------------
+
+
+def read_stats(path: str) -> dict[str, Any]:
+    return sysinfo.read_stats(path)
+
+
+def format_device(name: str, d: dict[str, Any]) -> str:
+    """One device's object as a table."""
+    lines = [f"device {name}: {fmt_bytes(d['size_bytes'])}, {d['stored_pages']} pages stored"]
+    rows = [
+        ("same-filled pages", d.get("same_filled_pages", 0)),
+        ("pool pages (compressed)", d.get("pool_pages", 0)),
+        ("huge pages (raw in the pool)", d.get("huge_pages", 0)),
+        ("file-tier pages", d.get("file_pages", 0)),
+        ("data (orig_data_size)", fmt_bytes(d.get("orig_data_size", 0))),
+        ("compressed (compr_data_size)", fmt_bytes(d.get("compressed_bytes", 0))),
+        ("pool memory", fmt_bytes(d.get("pool_bytes", 0))),
+        ("slot table", fmt_bytes(d.get("metadata_bytes", 0))),
+        ("reads", f"{d.get('reads', 0)} ({fmt_bytes(d.get('read_bytes', 0))})"),
+        ("writes", f"{d.get('writes', 0)} ({fmt_bytes(d.get('written_bytes', 0))})"),
+        ("discards", f"{d.get('discards', 0)} ({fmt_bytes(d.get('discarded_bytes', 0))})"),
+        ("errors: no space", d.get("nospace_errors", 0)),
+    ]
+    lines += [f"  {k:<30}{v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def format_stats(stats: dict[str, Any]) -> str:
     lines = []
     devs = stats.get("devices", {})
-    lines.append(f"{'device':<12}{'size':>11}{'stored':>10}{'same':>10}{'reads':>10}{'writes':>10}{'discards':>10}")
+    lines.append(f"{'device':<12}{'size':>11}{'stored':>10}{'same':>10}{'huge':>8}{'file':>10}"
+                 f"{'data':>11}{'memory':>11}{'reads':>10}{'writes':>10}{'discards':>10}{'nospace':>9}")
     for name, d in devs.items():
         lines.append(
-            f"{name:<12}{_fmt_bytes(d['size_bytes']):>11}{d['stored_pages']:>10}"
-            f"{d['same_filled_pages']:>10}{d['reads']:>10}{d['writes']:>10}{d['discards']:>10}"
+            f"{name:<12}{fmt_bytes(d['size_bytes']):>11}{d['stored_pages']:>10}"
+            f"{d['same_filled_pages']:>10}{d.get('huge_pages', 0):>8}{d.get('file_pages', 0):>10}"
+            f"{fmt_bytes(d.get('orig_data_size', 0)):>11}{fmt_bytes(d.get('pool_bytes', 0)):>11}"
+            f"{d['reads']:>10}{d['writes']:>10}{d['discards']:>10}{d.get('nospace_errors', 0):>9}"
         )
     lines.append("")
-    lines.append(f"{'tier':<12}{'kind':>6}{'pages':>10}{'payload':>12}{'memory/disk':>13}{'limit':>12}")
+    lines.append(f"{'tier':<12}{'kind':>6}{'pages':>10}{'payload':>12}{'memory/disk':>13}{'limit':>12}"
+                 f"{'checksum':>10}{'io':>6}")
     for name, t in stats.get("tiers", {}).items():
         held = t.get("pool_bytes", t.get("disk_bytes", 0))
-        limit = t.get("max_bytes", t.get("capacity_pages", 0) * 4096)
-        payload = t.get("compressed_bytes", t.get("stored_pages", 0) * 4096)
+        limit = t.get("max_bytes", t.get("capacity_pages", 0) * PAGE)
+        payload = t.get("compressed_bytes", t.get("stored_pages", 0) * PAGE)
         lines.append(
             f"{name:<12}{t.get('kind', ''):>6}{t.get('stored_pages', 0):>10}"
-            f"{_fmt_bytes(payload):>12}{_fmt_bytes(held):>13}{_fmt_bytes(limit):>12}"
+            f"{fmt_bytes(payload):>12}{fmt_bytes(held):>13}{fmt_bytes(limit):>12}"
+            f"{t.get('checksum_errors', 0):>10}{t.get('io_errors', 0):>6}"
         )
     tot = stats.get("totals", {})
     lines.append("")
     lines.append(
         f"total: {tot.get('stored_pages', 0)} pages stored ({tot.get('same_filled_pages', 0)} same-filled), "
-        f"pool {_fmt_bytes(tot.get('pool_bytes', 0))}, metadata {_fmt_bytes(tot.get('metadata_bytes', 0))}, "
+        f"pool {fmt_bytes(tot.get('pool_bytes', 0))} (peak {fmt_bytes(tot.get('mem_used_max', 0))}), "
+        f"metadata {fmt_bytes(tot.get('metadata_bytes', 0))}, "
         f"compression ratio {tot.get('compression_ratio', 0.0):.2f}"
     )
     for section in ("writeback", "cache"):
         counters = {k: v for k, v in stats.get(section, {}).items() if not isinstance(v, dict)}
         if section == "writeback":
             counters.pop("epoch", None)  # a clock, not a counter
+            counters.pop("demotions_clock", None)
         if any(v for k, v in counters.items() if k != "capacity_pages"):
             lines.append(f"{section}: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
     pairs = stats.get("writeback", {}).get("pairs", {})
@@ -302,22 +513,388 @@ def format_stats(stats: dict) -> str:
     return "\n".join(lines)
 
 
-def cmd_stats(args: argparse.Namespace) -> int:
-    path = os.path.abspath(args.mountpoint)
-    try:
-        stats = read_stats(path)
-    except OSError as exc:
+def _stats_error(path: str, exc: Exception) -> int:
+    if isinstance(exc, OSError):
         if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-            return _die(f"{path} is not a swapfs mount (no {STATS_XATTR} attribute)")
+            return _die(f"{path} is not a swapfs mount or device file (no {STATS_XATTR} attribute)")
         if exc.errno == errno.ENOTCONN:
             return _die(f"{path}: the swapfs daemon is gone (transport endpoint not connected)")
+        if exc.errno == errno.ENOENT:
+            return _die(f"{path}: no such file or directory")
         return _die(f"cannot read stats of {path}: {exc.strerror}")
-    except json.JSONDecodeError as exc:
-        return _die(f"malformed stats from {path}: {exc}")
-    if args.json:
+    return _die(f"malformed stats from {path}: {exc}")
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    from .stats import prometheus_text
+
+    path = os.path.abspath(args.path)
+    fmt = "json" if args.json else args.format
+    try:
+        stats = read_stats(path)
+    except (OSError, ValueError) as exc:
+        return _stats_error(path, exc)
+    mount = sysinfo.mount_of(path) or path
+    device = None if mount == path else os.path.basename(path)
+    if fmt == "json":
         print(json.dumps(stats, indent=2))
+    elif fmt == "prometheus":
+        print(prometheus_text(stats, mount, device=device), end="")
+    elif device is not None:
+        print(format_device(device, stats))
     else:
         print(format_stats(stats))
+    return EXIT_OK
+
+
+# -- writeback ---------------------------------------------------------------
+
+
+def _request_with_progress(path: str, mount: str, request: str, before: dict[str, Any],
+                           total: int | None) -> None:
+    """setxattr the writeback request (it returns when the pages moved); on a
+    terminal, a request that takes over a second shows its progress."""
+    import threading
+
+    error: list[OSError] = []
+
+    def run() -> None:
+        try:
+            os.setxattr(path, CTL_WRITEBACK_XATTR, request.encode())
+        except OSError as exc:
+            error.append(exc)
+
+    worker = threading.Thread(target=run, daemon=True)
+    worker.start()
+    shown = False
+    start = time.monotonic()
+    base = before.get("writeback", {}).get("moved_pages", 0)
+    while worker.is_alive():
+        worker.join(0.2)
+        if worker.is_alive() and sys.stderr.isatty() and time.monotonic() - start > 1.0:
+            try:
+                done = read_stats(mount).get("writeback", {}).get("moved_pages", 0) - base
+            except (OSError, ValueError):
+                continue
+            if total:
+                width = 30
+                fill = min(width, width * done // total)
+                bar = f"[{'#' * fill}{'.' * (width - fill)}] {done}/{total} pages"
+            else:
+                bar = f"{done} pages moved"
+            sys.stderr.write(f"\r{bar} ({time.monotonic() - start:.0f} s)")
+            sys.stderr.flush()
+            shown = True
+    if shown:
+        sys.stderr.write("\n")
+    if error:
+        raise error[0]
+
+
+def cmd_writeback(args: argparse.Namespace) -> int:
+    path = os.path.abspath(args.path)
+    if args.idle is not None:
+        if args.pages is not None:
+            return _die("give a page count or --idle SECONDS, not both", EXIT_USAGE)
+        if args.idle < 0:
+            return _die(f"--idle {args.idle}: must not be negative", EXIT_USAGE)
+        request = f"idle:{args.idle:g}"
+        what = f"every pool page idle for {args.idle:g} s"
+    else:
+        if args.pages is None or args.pages <= 0:
+            return _die("how many pages? give N (> 0) or --idle SECONDS", EXIT_USAGE)
+        request = str(args.pages)
+        what = f"up to {args.pages} of the coldest pool pages"
+    mount = sysinfo.mount_of(path) or path
+    try:
+        before = read_stats(mount)
+    except (OSError, ValueError) as exc:
+        return _stats_error(path, exc)
+    if not before.get("tiers") or len(before["tiers"]) < 2:
+        return _die(f"{mount} has no file tier: pages have nowhere to go")
+    start = time.monotonic()
+    try:
+        _request_with_progress(path, mount, request, before, args.pages)
+        moved = int(os.getxattr(path, CTL_WRITEBACK_XATTR))
+        after = read_stats(mount)
+    except OSError as exc:
+        if exc.errno == errno.EINVAL:
+            return _die(f"the daemon refused the request {request!r}")
+        return _die(f"writeback request on {path} failed: {exc.strerror}")
+    except ValueError as exc:
+        return _stats_error(path, exc)
+    took = time.monotonic() - start
+    print(f"asked for {what}: moved {moved} pages ({fmt_bytes(moved * PAGE)}) in {took:.2f} s")
+    old = before.get("writeback", {}).get("pairs", {})
+    for pair, c in after.get("writeback", {}).get("pairs", {}).items():
+        n = c.get("pages", 0) - old.get(pair, {}).get("pages", 0)
+        if n:
+            print(f"  {pair}: {n} pages")
+    return EXIT_OK
+
+
+# -- top ---------------------------------------------------------------------
+
+
+def _top_frame(mount: str, prev: dict[str, Any] | None, cur: dict[str, Any], dt: float) -> str:
+    def rate(section: str, key: str, sub: str | None = None) -> float:
+        if prev is None or dt <= 0:
+            return 0.0
+        a = prev.get(section, {})
+        b = cur.get(section, {})
+        if sub is not None:
+            a, b = a.get(sub, {}), b.get(sub, {})
+        return max(0, b.get(key, 0) - a.get(key, 0)) / dt
+
+    lines = [f"swapfs top {mount}   {time.strftime('%H:%M:%S')}   (q or Ctrl-C to quit)", ""]
+    lines.append(f"{'tier':<12}{'pages':>10}{'held':>12}{'limit':>12}")
+    for name, t in cur.get("tiers", {}).items():
+        held = t.get("pool_bytes", t.get("disk_bytes", 0))
+        limit = t.get("max_bytes", t.get("capacity_pages", 0) * PAGE)
+        lines.append(f"{name:<12}{t.get('stored_pages', 0):>10}{fmt_bytes(held):>12}{fmt_bytes(limit):>12}")
+    tot = cur.get("totals", {})
+    wb = cur.get("writeback", {})
+    cache = cur.get("cache", {})
+    lines += [
+        "",
+        f"in (writes)  {fmt_bytes(rate('totals', 'written_bytes'))}/s   "
+        f"out (reads)  {fmt_bytes(rate('totals', 'read_bytes'))}/s   "
+        f"discards {rate('totals', 'discards'):.0f}/s",
+        f"moved down   {rate('writeback', 'moved_pages'):.0f} pages/s   "
+        f"promotions {rate('writeback', 'promotions'):.0f}/s   refaults {rate('writeback', 'refaults'):.0f}/s",
+        f"cache        {cache.get('pages', 0)} pages, hits {rate('cache', 'hits'):.0f}/s, "
+        f"misses {rate('cache', 'misses'):.0f}/s",
+        f"totals       {tot.get('stored_pages', 0)} pages, ratio {tot.get('compression_ratio', 0.0):.2f}, "
+        f"moved {wb.get('moved_pages', 0)}, promotions {wb.get('promotions', 0)}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_top(args: argparse.Namespace) -> int:
+    mount = os.path.abspath(args.mount)
+    prev: dict[str, Any] | None = None
+    last = time.monotonic()
+    clear = sys.stdout.isatty()
+    n = 0
+    try:
+        while args.count is None or n < args.count:
+            try:
+                cur = read_stats(mount)
+            except (OSError, ValueError) as exc:
+                return _stats_error(mount, exc)
+            now = time.monotonic()
+            frame = _top_frame(mount, prev, cur, now - last)
+            if clear:
+                sys.stdout.write("\x1b[H\x1b[2J")
+            print(frame, flush=True)
+            if not clear:
+                print()
+            prev, last = cur, now
+            n += 1
+            if args.count is None or n < args.count:
+                time.sleep(args.interval)
+    except KeyboardInterrupt:
+        pass
+    return EXIT_OK
+
+
+# -- record and plot ---------------------------------------------------------
+
+
+def cmd_record(args: argparse.Namespace) -> int:
+    """One JSON line per sample: {"time": unix seconds, "mount": ..., "stats": {...}}."""
+    mount = os.path.abspath(args.mount)
+    if args.interval <= 0:
+        return _die(f"--interval {args.interval}: must be positive", EXIT_USAGE)
+    n = 0
+    try:
+        out = sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8")
+    except OSError as exc:
+        return _die(f"cannot write {args.output}: {exc.strerror}")
+    try:
+        next_at = time.monotonic()
+        while args.count is None or n < args.count:
+            try:
+                stats = read_stats(mount)
+            except (OSError, ValueError) as exc:
+                if n:  # the mount went away while recording: what was recorded stays
+                    print(f"swapfs: stopped after {n} samples: {exc}", file=sys.stderr)
+                    return EXIT_OK
+                return _stats_error(mount, exc)
+            out.write(json.dumps({"time": round(time.time(), 3), "mount": mount, "stats": stats},
+                                 separators=(",", ":")) + "\n")
+            out.flush()
+            n += 1
+            next_at += args.interval
+            if args.count is None or n < args.count:
+                time.sleep(max(0.0, next_at - time.monotonic()))
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    return EXIT_OK
+
+
+def load_samples(path: str) -> list[dict[str, Any]]:
+    """The samples of a ``swapfs record`` file; ValueError naming the line if malformed."""
+    samples = []
+    with open(path, encoding="utf-8") as f:
+        for i, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                float(rec["time"])
+                rec["stats"]["tiers"]
+            except (ValueError, KeyError, TypeError) as exc:
+                raise ValueError(f"{path}:{i}: not a swapfs record sample ({exc})") from None
+            samples.append(rec)
+    return samples
+
+
+def plot_series(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """What the plot draws: seconds since the first sample, pages per tier, and
+    per-interval rates (written/read MiB/s, pages moved down/promoted per s)."""
+    t0 = samples[0]["time"]
+    times = [s["time"] - t0 for s in samples]
+    tiers: dict[str, list[int]] = {}
+    for s in samples:
+        for name in s["stats"]["tiers"]:
+            tiers.setdefault(name, [])
+    for s in samples:
+        for name, series in tiers.items():
+            series.append(s["stats"]["tiers"].get(name, {}).get("stored_pages", 0))
+
+    def rate(section: str, key: str, scale: float = 1.0) -> list[float]:
+        out = [0.0]
+        for a, b in zip(samples, samples[1:]):
+            dt = b["time"] - a["time"]
+            d = b["stats"].get(section, {}).get(key, 0) - a["stats"].get(section, {}).get(key, 0)
+            out.append(max(0.0, d) / dt / scale if dt > 0 else 0.0)
+        return out
+
+    return {
+        "time": times, "tiers": tiers,
+        "written_mib_s": rate("totals", "written_bytes", 1 << 20),
+        "read_mib_s": rate("totals", "read_bytes", 1 << 20),
+        "moved_pages_s": rate("writeback", "moved_pages"),
+        "promotions_s": rate("writeback", "promotions"),
+    }
+
+
+def cmd_plot(args: argparse.Namespace) -> int:
+    try:
+        samples = load_samples(args.file)
+    except OSError as exc:
+        return _die(f"cannot read {args.file}: {exc.strerror}")
+    except ValueError as exc:
+        return _die(str(exc))
+    if len(samples) < 2:
+        return _die(f"{args.file}: {len(samples)} sample(s); a plot needs at least 2")
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return _die("swapfs plot needs matplotlib: pip install 'swapfs[plot]' (or .venv/bin/pip install matplotlib)")
+    series = plot_series(samples)
+    fig, (occ, traffic) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
+    for name, pages in series["tiers"].items():
+        occ.plot(series["time"], [p * PAGE / (1 << 20) for p in pages], label=name)
+    occ.set_ylabel("MiB stored (pages x 4 KiB)")
+    occ.set_title(f"swapfs {samples[0].get('mount', '')}: tier occupancy and traffic")
+    occ.legend()
+    traffic.plot(series["time"], series["written_mib_s"], label="swap-out (writes) MiB/s")
+    traffic.plot(series["time"], series["read_mib_s"], label="swap-in (reads) MiB/s")
+    traffic.plot(series["time"], [p * PAGE / (1 << 20) for p in series["moved_pages_s"]],
+                 label="moved down MiB/s")
+    traffic.plot(series["time"], [p * PAGE / (1 << 20) for p in series["promotions_s"]],
+                 label="promoted MiB/s")
+    traffic.set_xlabel("seconds")
+    traffic.set_ylabel("MiB/s")
+    traffic.legend()
+    fig.tight_layout()
+    try:
+        fig.savefig(args.output)
+    except OSError as exc:
+        return _die(f"cannot write {args.output}: {exc.strerror}")
+    finally:
+        plt.close(fig)
+    print(f"{args.output}: {len(samples)} samples over {series['time'][-1]:.0f} s")
+    return EXIT_OK
+
+
+# -- systemd: the generator and the installer --------------------------------
+
+
+def cmd_generate_units(args: argparse.Namespace) -> int:
+    from . import units
+
+    config_dir = args.config_dir or os.environ.get("SWAPFS_CONFIG_DIR") or units.CONFIG_DIR
+    try:
+        result = units.generate(config_dir, args.normal_dir, args.exe)
+    except OSError as exc:
+        return _die(f"generator: {exc}")
+    for problem in result.problems:
+        print(f"swapfs-generator: skipped {problem}", file=sys.stderr)
+    return EXIT_OK
+
+
+def _own_executable() -> str | None:
+    """The swapfs command of this installation (the venv's bin/swapfs)."""
+    candidate = os.path.join(os.path.dirname(sys.executable), "swapfs")
+    if os.access(candidate, os.X_OK):
+        return os.path.abspath(candidate)
+    found = shutil.which("swapfs")
+    return os.path.abspath(found) if found else None
+
+
+def cmd_install_units(args: argparse.Namespace) -> int:
+    from . import units
+
+    root = os.path.abspath(args.root)
+    if root == "/" and os.geteuid() != 0:
+        return _die("install-units writes to /usr/local and /etc: run it as root (or --root DIR)")
+    target = args.target or _own_executable()
+    if target is None:
+        return _die("cannot find this installation's swapfs executable; pass --target PATH")
+
+    def at(path: str) -> str:
+        return os.path.join(root, path.lstrip("/"))
+
+    exe_link = at(units.EXE)
+    os.makedirs(os.path.dirname(exe_link), exist_ok=True)
+    if os.path.islink(exe_link) or not os.path.lexists(exe_link):
+        if os.path.lexists(exe_link):
+            os.unlink(exe_link)
+        os.symlink(target, exe_link)
+    elif os.path.realpath(exe_link) != os.path.realpath(target):
+        return _die(f"{exe_link} exists and is not a symlink; remove it or pass --root")
+    written = [f"{exe_link} -> {target}"]
+    for directory, name, text, mode in [
+        (units.UNIT_DIR, "swapfs@.service", units.template_unit(), 0o644),
+        (units.GENERATOR_DIR, "swapfs-generator", units.GENERATOR_SCRIPT, 0o755),
+    ]:
+        d = at(directory)
+        os.makedirs(d, exist_ok=True)
+        path = os.path.join(d, name)
+        with open(path, "w") as f:
+            f.write(text)
+        os.chmod(path, mode)
+        written.append(path)
+    os.makedirs(at(units.CONFIG_DIR), mode=0o755, exist_ok=True)
+    written.append(at(units.CONFIG_DIR) + "/ (put NAME.toml files here)")
+    for w in written:
+        print(f"installed {w}")
+    if root == "/" and os.path.isdir("/run/systemd/system"):
+        out = _run(["systemctl", "daemon-reload"])
+        if out.returncode != 0:
+            return _die(f"systemctl daemon-reload failed: {out.stderr.strip()}")
+        print("systemctl daemon-reload: done (the generator ran)")
+    else:
+        print("systemd is not running here: run 'systemctl daemon-reload' where it is")
     return EXIT_OK
 
 
@@ -335,11 +912,17 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     except ValueError as exc:
         return _die(f"invalid configuration: {exc}", EXIT_USAGE)
     print(f"configuration OK: {len(config.devices)} device(s), pool {config.pool.algorithm} "
-          f"up to {_fmt_bytes(config.pool.max_bytes)}, {len(config.tiers)} file tier(s)")
+          f"up to {fmt_bytes(config.pool.max_bytes)}, {len(config.tiers)} file tier(s)")
     return EXIT_OK
 
 
 # -- argument parsing --------------------------------------------------------
+
+
+def _discard(value: str) -> str:
+    if value not in ("once", "pages", "both", "off"):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected once, pages, both or off")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -354,12 +937,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="mount swapfs (returns once the mount is live)",
         description="Mount swapfs at MOUNTPOINT.  Without --foreground, returns once the mount "
         "is live and leaves the daemon running in the background; SIGTERM or SIGINT to the "
-        "daemon, or 'swapfs unmount', unmount it cleanly.",
+        "daemon, or 'swapfs unmount', unmount it cleanly (while swap is on over one of its "
+        "devices the daemon keeps serving and unmounts once it is off).  SIGHUP re-reads "
+        "the configuration file and applies the pool's watermarks.",
     )
-    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an existing empty directory")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", help="an empty directory")
     p.add_argument("--config", "-c", metavar="FILE",
                    help="TOML configuration (default: the embedded one; see 'swapfs check-config --print-default')")
-    p.add_argument("--foreground", "-f", action="store_true", help="serve in this process; log to stderr")
+    p.add_argument("--mkdir", action="store_true", help="create MOUNTPOINT (and its parents) if missing")
+    p.add_argument("--foreground", "-f", action="store_true",
+                   help="serve in this process; log to stderr (with journald priorities under systemd)")
     p.add_argument("--allow-other", action="store_true",
                    help="let users other than the mounting one open the device files")
     p.add_argument("--no-mlock", action="store_true",
@@ -369,7 +956,8 @@ def build_parser() -> argparse.ArgumentParser:
                    f"microseconds before sleeping (default {DEFAULT_POLL_US}; 0: never poll). "
                    "Trades some CPU while swapping for latency: each swap-in waits on the daemon")
     p.add_argument("--log-file", metavar="FILE",
-                   help="log here (background default: $XDG_RUNTIME_DIR or /tmp, swapfs-MOUNT.log)")
+                   help=f"log here (background default: {ROOT_LOG_DIR} as root, else "
+                   "$XDG_RUNTIME_DIR or /tmp; swapfs-MOUNT.log)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
@@ -381,18 +969,111 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lazy", action="store_true", help="detach now, finish when no longer busy")
     p.set_defaults(func=cmd_unmount)
 
-    p = sub.add_parser("stats", help="show statistics of a mount",
-                       description="Print the statistics of a swapfs mount (read from its "
-                       "user.swapfs.stats xattr) as a table, or the JSON object with --json.")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
-    p.add_argument("--json", action="store_true", help="print the stats contract's JSON object")
+    p = sub.add_parser("swapon", help="swap on a device file (loop device, mkswap, swapon)",
+                       description="Attach a direct-I/O loop device over DEVICE_FILE, mkswap it and "
+                       "swapon it; prints the loop device.  Needs root.  Example: "
+                       "swapfs swapon /run/swapfs/swap0 --priority 100")
+    p.add_argument("device_file", metavar="DEVICE_FILE", help="a device file of a swapfs mount")
+    p.add_argument("--priority", "-p", type=int, metavar="N",
+                   help="swap priority, -1..32767 (higher is used first; default: the kernel's)")
+    p.add_argument("--discard", nargs="?", const="both", default="both", type=_discard,
+                   metavar="once|pages|both|off",
+                   help="how freed swap slots reach swapfs (default both: the whole area at swapon, "
+                   "then each freed cluster; off: swapfs never learns that slots are free)")
+    p.set_defaults(func=cmd_swapon)
+
+    p = sub.add_parser("swapoff", help="swap off a device file and detach its loop device",
+                       description="swapoff the loop device over DEVICE_FILE (the kernel reads every "
+                       "page back in first), then detach it.  Exits 1 if swapoff fails; 0 if swap "
+                       "was not on.")
+    p.add_argument("device_file", metavar="DEVICE_FILE")
+    p.set_defaults(func=cmd_swapoff)
+
+    p = sub.add_parser("status", help="every swapfs device on this machine, one line each",
+                       description="One line per device of every swapfs mount, like zramctl and "
+                       "swapon --show: its loop device, size, swap used and priority (from "
+                       "/proc/swaps), DATA (uncompressed bytes held in memory), COMPR (their "
+                       "compressed size), MEMORY (pool memory they take), the algorithm and the "
+                       "pages in file tiers.")
+    p.add_argument("--json", action="store_true", help="print the records as JSON")
+    p.add_argument("--bytes", action="store_true", help="sizes in bytes, not KiB/MiB/GiB")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("stats", help="show statistics of a mount or of one device",
+                       description="Print the statistics of a swapfs mount (its user.swapfs.stats "
+                       "xattr) or of one device file.  --format prometheus writes the Prometheus "
+                       "text format for node_exporter's textfile collector, e.g. "
+                       "'swapfs stats /run/swapfs/main --format prometheus > "
+                       "/var/lib/node_exporter/swapfs.prom.$$ && mv ... swapfs.prom'.")
+    p.add_argument("path", metavar="MOUNT|DEVICE_FILE")
+    p.add_argument("--format", choices=["table", "json", "prometheus"], default="table")
+    p.add_argument("--json", action="store_true", help="the same as --format json")
     p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("writeback", help="move cold pages down to the file tiers now",
+                       description="Ask the daemon to move pages from the pool down to the file "
+                       "tiers now, and print what moved.  On the mount: every device; on a device "
+                       "file: that device.  Examples: swapfs writeback /run/swapfs 1000; "
+                       "swapfs writeback /run/swapfs --idle 300")
+    p.add_argument("path", metavar="MOUNT|DEVICE_FILE")
+    p.add_argument("pages", nargs="?", type=int, metavar="N", help="move up to N of the coldest pool pages")
+    p.add_argument("--idle", type=float, metavar="SECONDS",
+                   help="move every pool page not accessed for SECONDS")
+    p.set_defaults(func=cmd_writeback)
+
+    p = sub.add_parser("top", help="a live view of a mount, once a second",
+                       description="Tiers, traffic, moves, promotions, refaults and cache hits of a "
+                       "mount, refreshed every --interval seconds (plain terminal; ssh is fine).")
+    p.add_argument("mount", metavar="MOUNT")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N frames")
+    p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("record", help="record stats samples as JSON lines",
+                       description="Append one JSON line per --interval to FILE: "
+                       '{"time": UNIX_SECONDS, "mount": MOUNT, "stats": {the stats object}}. '
+                       "Stops after --count samples, at Ctrl-C, or when the mount goes away. "
+                       "Example: swapfs record /run/swapfs -o run.jsonl --interval 0.5")
+    p.add_argument("mount", metavar="MOUNT")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="JSON lines file ('-': stdout)")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--count", type=int, metavar="N")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("plot", help="draw a recording: tier occupancy and traffic (needs matplotlib)",
+                       description="Draw a 'swapfs record' file as a PNG: the pages of each tier over "
+                       "time, and swap-out, swap-in, writeback and promotion rates.  matplotlib is "
+                       "an optional extra: pip install 'swapfs[plot]'.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("-o", "--output", required=True, metavar="PNG")
+    p.set_defaults(func=cmd_plot)
 
     p = sub.add_parser("check-config", help="validate a configuration file",
                        description="Parse and validate a configuration as 'swapfs mount' would.")
     p.add_argument("config", nargs="?", metavar="FILE", help="TOML file (default: the embedded one)")
     p.add_argument("--print-default", action="store_true", help="print the embedded default configuration")
     p.set_defaults(func=cmd_check_config)
+
+    p = sub.add_parser("install-units", help="install the systemd generator, unit and /usr/local/bin/swapfs",
+                       description="Install /usr/local/bin/swapfs (a symlink to this installation's "
+                       "swapfs), the unit template swapfs@.service and the generator swapfs-generator "
+                       "under /usr/local/lib/systemd, and create /etc/swapfs; then systemctl "
+                       "daemon-reload.  At boot the generator turns each /etc/swapfs/NAME.toml into "
+                       "swapfs@NAME.service and a swap unit per device with swap = true.")
+    p.add_argument("--root", default="/", metavar="DIR", help="install under DIR instead of / (staging)")
+    p.add_argument("--target", metavar="PATH", help="the swapfs executable to link (default: this one)")
+    p.set_defaults(func=cmd_install_units)
+
+    p = sub.add_parser("generate-units", help="the systemd generator's work (run by swapfs-generator)",
+                       description="Write the units for /etc/swapfs/*.toml ($SWAPFS_CONFIG_DIR, or "
+                       "--config-dir) into NORMAL_DIR, as a systemd generator (systemd.generator(7)).")
+    p.add_argument("normal_dir", metavar="NORMAL_DIR")
+    p.add_argument("early_dir", nargs="?", metavar="EARLY_DIR", help="unused")
+    p.add_argument("late_dir", nargs="?", metavar="LATE_DIR", help="unused")
+    p.add_argument("--config-dir", metavar="DIR")
+    p.add_argument("--exe", default="/usr/local/bin/swapfs", metavar="PATH",
+                   help="the swapfs executable the units run")
+    p.set_defaults(func=cmd_generate_units)
     return parser
 
 
@@ -402,7 +1083,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    return args.func(args)
+    result: int = args.func(args)
+    return result
 
 
 if __name__ == "__main__":

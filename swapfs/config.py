@@ -45,7 +45,6 @@ low_watermark = 0.8
 [[device]]
 name = "swap0"
 size = "1G"
-group = "default"
 writeback = true
 """
 
@@ -68,8 +67,11 @@ class PoolConfig:
 class DeviceConfig:
     name: str
     size: int
-    group: str = "default"
     writeback: bool = True
+    # read by the systemd generator only: swap on at boot, its priority and discard policy
+    swap: bool = False
+    swap_priority: int | None = None  # None: the kernel's default
+    discard: str = "both"
 
 
 @dataclass(frozen=True)
@@ -248,17 +250,38 @@ def _array(data: Any, key: str) -> list[Any]:
     return data
 
 
+# The root's stats object must fit one xattr (the kernel's limit is 64 KiB);
+# the kernel itself swaps to at most about 30 devices at once.
+MAX_DEVICES = 64
+MAX_DEVICE_NAME = 64
+DISCARD_POLICIES = ("once", "pages", "both", "off")
+
+
 def _parse_device(data: Any, key: str) -> DeviceConfig:
-    t = _Table(data, key, ("name", "size", "group", "writeback"))
+    if isinstance(data, dict) and "group" in data:
+        raise ConfigError(f"{key}.group: policy groups do not exist (the key used to be ignored); "
+                          "remove it")
+    t = _Table(data, key, ("name", "size", "writeback", "swap", "swap_priority", "discard"))
     name = t.get_str("name", _REQUIRED)
     _check_file_name(name, t.name("name"))
+    if len(name.encode()) > MAX_DEVICE_NAME or not name.isprintable():
+        raise ConfigError(f"{t.name('name')}: {name!r}: a device name is at most "
+                          f"{MAX_DEVICE_NAME} bytes of printable characters")
     size = t.get_size("size", _REQUIRED)
     if size // PAGE_SIZE > MAX_DEVICE_PAGES:
         raise ConfigError(f"{t.name('size')}: {size} bytes is more than "
                           f"{MAX_DEVICE_PAGES} pages of {PAGE_SIZE} bytes")
-    group = t.get_str("group", "default")
     writeback = t.get_bool("writeback", True)
-    return DeviceConfig(name=name, size=size, group=group, writeback=writeback)
+    swap = t.get_bool("swap", False)
+    priority = t.get("swap_priority", (int,), None, "an integer")
+    if priority is not None and not -1 <= priority <= 32767:
+        raise ConfigError(f"{t.name('swap_priority')}: must be in -1..32767 (swapon -p), got {priority}")
+    discard = t.get_str("discard", "both")
+    if discard not in DISCARD_POLICIES:
+        raise ConfigError(f"{t.name('discard')}: unknown discard policy {discard!r} "
+                          f"(known: {', '.join(DISCARD_POLICIES)})")
+    return DeviceConfig(name=name, size=size, writeback=writeback,
+                        swap=swap, swap_priority=priority, discard=discard)
 
 
 def _parse_tier(data: Any, key: str, base_dir: str) -> TierConfig:
@@ -306,6 +329,9 @@ def parse_config(text: str, source: str = "<config>", base_dir: str | None = Non
                         for i, d in enumerate(_array(data["device"], "device")))
         if not devices:
             raise ConfigError("device: at least one [[device]] is required")
+        if len(devices) > MAX_DEVICES:
+            raise ConfigError(f"device: {len(devices)} devices, at most {MAX_DEVICES} "
+                              "(the stats of the mount's root must fit one 64 KiB xattr)")
         seen: dict[str, int] = {}
         for i, d in enumerate(devices):
             if d.name in seen:

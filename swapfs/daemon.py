@@ -10,14 +10,16 @@ A crash does not unmount: a dead mount answers ENOTCONN, where an empty
 directory would read as zeros and lie.  A clean stop (SIGTERM, SIGINT,
 ``swapfs unmount``) unmounts first; if the kernel still uses a device (swap
 on a loop device over it), unmounting fails with EBUSY and the daemon keeps
-serving rather than pull the floor from under the kernel.
+serving rather than pull the floor from under the kernel: it says why in the
+log and in systemd's STATUS=, retries every few seconds (and at each new
+signal), and sends STOPPING=1 only once the unmount succeeded.  SIGHUP
+re-reads the configuration file and applies what can change live.
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
-import errno
 import logging
 import os
 import signal
@@ -26,8 +28,8 @@ from typing import Callable
 
 import trio
 
-from . import fuse
-from .config import Config
+from . import fuse, sysinfo
+from .config import Config, ConfigError, load_config
 from .fs import SwapFS
 from .store import Store
 from .writeback import Writeback
@@ -37,14 +39,29 @@ log = logging.getLogger(__name__)
 MCL_CURRENT = 1
 MCL_FUTURE = 2
 MCL_ONFAULT = 4
+PR_SET_NAME = 15
 PR_SET_IO_FLUSHER = 57
+PROCESS_NAME = b"swapfs"
+OOM_SCORE_ADJ = -1000
+# While a stop waits for swap to go off: how often the unmount is retried.
+STOP_RETRY_SECONDS = 2.0
 
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 
 
 def protect_process(*, lock_memory: bool = True) -> list[str]:
-    """mlockall and PR_SET_IO_FLUSHER; returns warnings for what failed."""
+    """Name the process ``swapfs`` (ps, top, the OOM killer's log); mlockall,
+    PR_SET_IO_FLUSHER and, as root, oom_score_adj -1000 (the processes whose
+    pages it holds must be killed first, under systemd or not); returns
+    warnings for what failed."""
     warnings = []
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(PROCESS_NAME), 0, 0, 0)
+    if os.geteuid() == 0:
+        try:
+            with open("/proc/self/oom_score_adj", "w") as f:
+                f.write(str(OOM_SCORE_ADJ))
+        except OSError as exc:
+            warnings.append(f"cannot set oom_score_adj {OOM_SCORE_ADJ}: {exc.strerror}")
     if lock_memory:
         # MCL_ONFAULT: lock pages as they are touched, so reserved-but-unused
         # address space (thread stacks, arenas) costs nothing until used.
@@ -82,11 +99,13 @@ async def serve_mount(
     on_ready: Callable[[], None] | None = None,
     allow_other: bool = False,
     poll_us: int = 0,
+    config_path: str | None = None,
 ) -> None:
     """Mount swapfs at ``mountpoint`` and serve until it is unmounted.
 
     ``poll_us``: how long the session busy-polls /dev/fuse after a request
-    before parking (see swapfs.fuse.Session).
+    before parking (see swapfs.fuse.Session).  ``config_path``: the file
+    SIGHUP re-reads (None: the embedded default, nothing to reload).
 
     Raises fuse.MountError before anything is mounted if the mountpoint is
     unusable.  Returns once the kernel ended the connection.
@@ -113,8 +132,8 @@ async def serve_mount(
                 )
                 if on_ready is not None:
                     on_ready()
-                sd_notify("READY=1")
-                nursery.start_soon(_stop_on_signal, signals, mountpoint)
+                sd_notify(f"READY=1\nSTATUS=serving {len(store.devices)} device(s) at {mountpoint}")
+                nursery.start_soon(_handle_signals, signals, mountpoint, store, config_path)
     finally:
         try:
             os.close(fd)
@@ -124,23 +143,94 @@ async def serve_mount(
     log.info("swapfs at %s stopped", mountpoint)
 
 
-async def _stop_on_signal(signals, mountpoint: str) -> None:
-    async for signum in signals:
-        name = signal.Signals(signum).name
-        if signum == signal.SIGHUP:
-            log.info("SIGHUP ignored (configuration is read at mount time)")
-            continue
-        log.info("%s: unmounting %s", name, mountpoint)
-        sd_notify("STOPPING=1")
-        try:
-            await trio.to_thread.run_sync(fuse.unmount, mountpoint)
-        except OSError as exc:
-            if exc.errno == errno.EBUSY:
-                log.error(
-                    "cannot unmount %s: busy (swapoff and detach loop devices first); still serving",
-                    mountpoint,
-                )
+def busy_reason(mountpoint: str) -> str | None:
+    """What keeps the mount busy, said with what to run first; None if nothing
+    known (no swap, no loop device over its files)."""
+    swaps = sysinfo.active_swaps()
+    loops = sysinfo.loops_backed_by(mountpoint)
+    on = [lo for lo in loops if lo.device in swaps]
+    if on:
+        devs = ", ".join(f"{lo.device} ({os.path.basename(lo.backing_file)})" for lo in on)
+        return f"swap is on {devs}; run swapfs swapoff (or swapoff and losetup -d) first"
+    if loops:
+        devs = " ".join(lo.device for lo in loops)
+        return f"loop devices still use the mount: {devs}; run losetup -d {devs}"
+    return None
+
+
+def reload_config(store: Store, config_path: str | None) -> str:
+    """SIGHUP: re-read the configuration and apply what can change live (the
+    pool's watermarks); returns what was done, for the log."""
+    if config_path is None:
+        return "no configuration file (embedded default): nothing to reload"
+    try:
+        new = load_config(config_path)
+    except ConfigError as exc:
+        return f"configuration not reloaded: {exc}"
+    old = store.config
+    high = int(new.pool.high_watermark * store.pool.max_bytes)
+    low = int(new.pool.low_watermark * store.pool.max_bytes)
+    changed = []
+    if (high, low) != (store.pool_high_bytes, store.pool_low_bytes):
+        store.pool_high_bytes, store.pool_low_bytes = high, low
+        changed.append(f"pool watermarks high {new.pool.high_watermark} low {new.pool.low_watermark}")
+        if store.kick_writeback is not None:
+            store.kick_writeback()
+    # Everything else is fixed at mount: the pool's size and codec, devices, tiers.
+    fixed = []
+    if new.pool.max_bytes != old.pool.max_bytes:
+        fixed.append("pool.max_bytes")
+    if (new.pool.algorithm, new.pool.level) != (old.pool.algorithm, old.pool.level):
+        fixed.append("pool.algorithm/level")
+    if new.pool.accept_ratio != old.pool.accept_ratio:
+        fixed.append("pool.accept_ratio")
+    if [(d.name, d.size, d.writeback) for d in new.devices] != [
+            (d.name, d.size, d.writeback) for d in old.devices]:
+        fixed.append("devices")
+    if new.tiers != old.tiers:
+        fixed.append("tiers")
+    parts = ["applied: " + ", ".join(changed) if changed else "no live setting changed"]
+    if fixed:
+        parts.append("needs a remount to change: " + ", ".join(fixed))
+    return "; ".join(parts)
+
+
+async def _handle_signals(signals, mountpoint: str, store: Store, config_path: str | None) -> None:
+    """SIGHUP reloads; SIGTERM and SIGINT ask to stop: unmount as soon as the
+    kernel no longer uses the mount (the session then ends and the daemon exits)."""
+    stop_asked = trio.Event()
+    retry = trio.Event()
+
+    async def wait_for_signals() -> None:
+        nonlocal retry
+        async for signum in signals:
+            name = signal.Signals(signum).name
+            if signum == signal.SIGHUP:
+                log.info("SIGHUP: %s", reload_config(store, config_path))
                 continue
-            log.error("unmount %s failed: %s; still serving", mountpoint, exc)
-        except fuse.MountError as exc:
-            log.error("unmount %s failed: %s; still serving", mountpoint, exc)
+            log.info("%s: unmounting %s", name, mountpoint)
+            stop_asked.set()
+            retry.set()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait_for_signals)
+        await stop_asked.wait()
+        last_reason = None
+        while True:
+            try:
+                await trio.to_thread.run_sync(fuse.unmount, mountpoint)
+            except fuse.MountError as exc:
+                reason = busy_reason(mountpoint) or str(exc)
+                if reason != last_reason:
+                    log.error("cannot unmount %s: %s; still serving, retrying every %.0f s",
+                              mountpoint, reason, STOP_RETRY_SECONDS)
+                    last_reason = reason
+                sd_notify(f"STATUS=waiting to unmount {mountpoint}: {reason}")
+                retry = trio.Event()
+                with trio.move_on_after(STOP_RETRY_SECONDS):
+                    await retry.wait()
+                continue
+            log.info("unmounted %s", mountpoint)
+            sd_notify(f"STOPPING=1\nSTATUS=unmounted {mountpoint}")
+            nursery.cancel_scope.cancel()
+            return

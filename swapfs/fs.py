@@ -17,6 +17,7 @@ purpose, and the loop device uses O_DIRECT anyway).
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import json
 import logging
@@ -38,7 +39,7 @@ from .fuse import (
     SetattrFields,
     StatvfsData,
 )
-from .stats import xattr_items
+from .stats import Stats, xattr_items, xattr_name
 from .store import Device, Store
 from .writeback import Writeback
 
@@ -48,6 +49,8 @@ PAGE = 4096
 XATTR_PREFIX = b"user.swapfs."
 STATS_XATTR = b"user.swapfs.stats"
 CTL_WRITEBACK = b"user.swapfs.ctl.writeback"
+# The kernel refuses xattr values above 64 KiB (XATTR_SIZE_MAX).
+XATTR_SIZE_MAX = 65536
 # "N" (pages) or "idle:SECONDS"; a trailing newline (echo) is tolerated.
 _CTL_WRITEBACK_RE = re.compile(rb"(?:(\d{1,10})|idle:(\d{1,10}(?:\.\d{1,6})?))\n?")
 
@@ -74,14 +77,15 @@ def store_errno(exc: StoreError) -> int:
 
 
 def flatten(d: dict, prefix: str = "") -> dict[str, str]:
-    """Nested stats dict -> {"a.b": "value"}: one xattr per counter."""
+    """Nested stats dict -> {"a.b": "value"}: one xattr per counter, names
+    in ``[a-z0-9_.]`` only (device and tier names are free text)."""
     out: dict[str, str] = {}
     for key, value in d.items():
         if isinstance(value, dict):
-            out.update(flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{xattr_name(str(key))}."))
     leaves = {k: v for k, v in d.items() if not isinstance(v, dict)}
     for name, text in xattr_items(leaves).items():
-        out[prefix + name] = text
+        out[prefix + xattr_name(name)] = text
     return out
 
 
@@ -96,6 +100,11 @@ class SwapFS(Operations):
         self.uid = os.getuid() if uid is None else uid
         self.gid = os.getgid() if gid is None else gid
         self.started_ns = time.time_ns()
+        # zram's mem_used_max: the pool only grows while serving a request
+        # (a write, or a read that promotes), so a look after each one sees
+        # every peak that outlasts a request.
+        self.pool_peak_bytes = 0
+        self._ctl_results: dict[int, int] = {}  # inode -> pages moved by its last writeback request
         self._by_inode: dict[int, Device] = {ROOT_INODE + 1 + d.index: d for d in store.devices}
         self._by_name: dict[bytes, Device] = {d.name.encode(): d for d in store.devices}
         # fh == inode of the device: opening needs no state of its own
@@ -170,6 +179,13 @@ class SwapFS(Operations):
         current = self._attr(inode)
         if attr.update_size and inode != ROOT_INODE and attr.st_size == current.st_size:
             attr.update_size = False  # O_TRUNC-free "truncate to the same size" is harmless
+        if attr.update_size and inode != ROOT_INODE and attr.st_size == 0 and attr.fh is None:
+            # open(O_TRUNC): without FUSE_ATOMIC_O_TRUNC the kernel sends it as a
+            # size-0 SETATTR with no file handle (ftruncate always has one).  A
+            # fixed-size device ignores O_TRUNC as a block device does, so that
+            # `dd of=MOUNT/swap0` works.  truncate(2) by path to 0 is
+            # indistinguishable and ignored too; any other size is refused.
+            attr.update_size = False
         if attr.update_size or attr.update_mode or attr.update_uid or attr.update_gid:
             # devices have a fixed size and fixed ownership
             raise FUSEError(errno.EPERM)
@@ -207,14 +223,16 @@ class SwapFS(Operations):
 
     async def open(self, inode: int, flags: int, ctx: RequestContext) -> FileInfo:
         self._device(inode)
-        if flags & os.O_TRUNC:
-            raise FUSEError(errno.EPERM)
+        # O_TRUNC (passed here only with FUSE_ATOMIC_O_TRUNC) is ignored: the
+        # size of a device never changes, as with a block device.
         return FileInfo(fh=inode, direct_io=True)
 
     async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
         dev = self._device(fh)
         try:
-            return await self.store.read(dev, offset, size)
+            data = await self.store.read(dev, offset, size)
+            self._note_pool_peak()
+            return data
         except StoreError as exc:
             log.error("read %s offset %d size %d: %s", dev.name, offset, size, exc)
             raise FUSEError(store_errno(exc)) from None
@@ -222,7 +240,9 @@ class SwapFS(Operations):
     async def write(self, fh: int, offset: int, data: memoryview) -> int:
         dev = self._device(fh)
         try:
-            return await self.store.write(dev, offset, data)
+            written = await self.store.write(dev, offset, data)
+            self._note_pool_peak()
+            return written
         except OutOfRange:
             raise FUSEError(errno.ENOSPC) from None
         except StoreError as exc:
@@ -260,9 +280,19 @@ class SwapFS(Operations):
 
     # -- xattrs: stats and control ----------------------------------------
 
+    def _note_pool_peak(self) -> None:
+        pool_bytes = self.store.pool.pool_bytes
+        if pool_bytes > self.pool_peak_bytes:
+            self.pool_peak_bytes = pool_bytes
+
+    def stats(self) -> Stats:
+        """The store's stats with what this layer tracks (the pool's peak)."""
+        self._note_pool_peak()
+        return dataclasses.replace(self.store.stats(), pool_peak_bytes=self.pool_peak_bytes)
+
     def _stats_for(self, inode: int) -> tuple[dict, dict[str, str]]:
         """(the JSON object, {counter: text}) describing this inode."""
-        full = self.store.stats().to_dict()
+        full = self.stats().to_dict()
         if inode == ROOT_INODE:
             counters = flatten({k: v for k, v in full.items() if k not in ("devices", "totals")})
             counters.update(flatten(full["totals"]))
@@ -273,15 +303,23 @@ class SwapFS(Operations):
 
     async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
         _, counters = self._stats_for(inode)
-        return [STATS_XATTR] + [XATTR_PREFIX + k.encode() for k in counters]
+        return [STATS_XATTR, CTL_WRITEBACK] + [XATTR_PREFIX + k.encode() for k in counters]
 
     async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
         if not name.startswith(XATTR_PREFIX):
             self._attr(inode)
             raise FUSEError(errno.ENODATA)
+        if name == CTL_WRITEBACK:
+            self._attr(inode)
+            # reading it: the pages its last request on this file moved
+            return str(self._ctl_results.get(inode, 0)).encode()
         obj, counters = self._stats_for(inode)
         if name == STATS_XATTR:
-            return json.dumps(obj, sort_keys=False).encode()
+            blob = json.dumps(obj, separators=(",", ":")).encode()
+            if len(blob) > XATTR_SIZE_MAX:
+                log.error("%s is %d bytes, above the kernel's xattr limit", STATS_XATTR.decode(), len(blob))
+                raise FUSEError(errno.E2BIG)
+            return blob
         text = counters.get(name[len(XATTR_PREFIX):].decode("utf-8", "replace"))
         if text is None:
             raise FUSEError(errno.ENODATA)
@@ -319,6 +357,7 @@ class SwapFS(Operations):
         except StoreError as exc:
             log.error("writeback request failed: %s", exc)
             raise FUSEError(store_errno(exc)) from None
+        self._ctl_results[inode] = moved
         log.info("writeback request %r on %s: %d pages moved", bytes(value),
                  dev.name if dev else "all devices", moved)
 

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from typing import Callable, Iterator
+
+from .sysinfo import active_swaps, read_stats
+
+__all__ = ["active_swaps", "read_stats"]  # re-exported: the tests and the demo use them from here
 
 CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
 CGROUP_V2 = "/sys/fs/cgroup"
@@ -87,17 +90,6 @@ def loop_device(path: str | os.PathLike[str], *, direct_io: bool = True) -> Iter
             if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
                 break
             time.sleep(0.1)
-
-
-def active_swaps() -> dict[str, int]:
-    """{device: used KiB} from /proc/swaps."""
-    out = {}
-    with open("/proc/swaps") as f:
-        for line in f.readlines()[1:]:
-            fields = line.split()
-            if fields:
-                out[fields[0]] = int(fields[3])
-    return out
 
 
 # Swap devices are machine-wide: while one run's device is on, the kernel may
@@ -289,7 +281,8 @@ def run_swap_workload(
         try:
             while child.poll() is None:
                 if watch_device:
-                    peak = max(peak, active_swaps().get(watch_device, 0))
+                    swap = active_swaps().get(watch_device)
+                    peak = max(peak, swap.used_kib if swap else 0)
                 if on_poll is not None:
                     on_poll()
                 if time.monotonic() - start > timeout:
@@ -316,6 +309,3 @@ def run_swap_workload(
         output=output,
     )
 
-
-def read_stats(mountpoint: str) -> dict:
-    return json.loads(os.getxattr(mountpoint, "user.swapfs.stats"))

@@ -1,14 +1,24 @@
-"""Typed stats records, rendered once for xattrs, the CLI and JSON.
+"""Typed stats records, rendered once for xattrs, the CLI, JSON and Prometheus.
 
 ``Stats.to_dict()`` is the stats contract of the design (names never
-change once they exist), plus extra counters.  ``xattr_items`` renders one
-level of it as ``{name: ASCII value}``.
+change once they exist), plus extra counters, the zram/zswap names of the
+counters that mean the same (``orig_data_size`` ...) and a ``schema``
+version.  ``xattr_items`` renders one level of it as ``{name: ASCII value}``;
+``prometheus_text`` renders a whole object (as read back from the xattr) in
+the Prometheus text format, without the prometheus_client package.
 """
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
+
+# 1: the first contract; 2: zram names, writeback pair keys "pool_to_ssd"
+# (were "pool->ssd"), this version field.
+SCHEMA_VERSION = 2
+PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,9 @@ class Stats:
     totals: TotalsStats
     writeback: WritebackStats = WritebackStats()
     cache: CacheStats = CacheStats()
+    # the pool's largest pool_bytes seen (zram's mem_used_max); 0: not tracked,
+    # pool_bytes then stands in
+    pool_peak_bytes: int = 0
 
     def device(self, name: str) -> DeviceStats:
         for d in self.devices:
@@ -127,13 +140,44 @@ class Stats:
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON shape of the stats contract."""
+        devices = {}
+        for d in self.devices:
+            dd = _named(d)
+            dd.update(_zram_names(d.same_filled_pages, d.pool_pages + d.huge_pages, d.huge_pages,
+                                  d.compressed_bytes, d.pool_bytes))
+            devices[d.name] = dd
+        totals = asdict(self.totals)
+        pool_pages = sum(t.stored_pages for t in self.tiers if t.kind == "pool")
+        totals.update(_zram_names(self.totals.same_filled_pages, pool_pages, self.totals.huge_pages,
+                                  self.totals.compressed_bytes, self.totals.pool_bytes))
+        totals["mem_used_max"] = max(self.pool_peak_bytes, self.totals.pool_bytes)
+        totals["written_back_pages"] = self.writeback.moved_pages
+        writeback = asdict(self.writeback)
+        writeback["pairs"] = {pair_key(k): v for k, v in self.writeback.pairs.items()}
         return {
-            "devices": {d.name: _named(d) for d in self.devices},
+            "schema": SCHEMA_VERSION,
+            "devices": devices,
             "tiers": {t.name: _named(t) for t in self.tiers},
-            "totals": asdict(self.totals),
-            "writeback": asdict(self.writeback),
+            "totals": totals,
+            "writeback": writeback,
             "cache": asdict(self.cache),
         }
+
+
+def pair_key(pair: str) -> str:
+    """``"pool->ssd"`` -> ``"pool_to_ssd"``: a name a shell and an xattr take as it is."""
+    src, sep, dst = pair.partition("->")
+    return f"{src}_to_{dst}" if sep else pair
+
+
+def _zram_names(same: int, pool_pages: int, huge: int, compr: int, mem: int) -> dict[str, int]:
+    """The counters zram's mm_stat names, where they mean the same here:
+    ``orig_data_size`` counts the pages held in memory (same-filled and in the
+    pool; pages in file tiers are zram's written-back pages, left out),
+    ``compr_data_size`` their compressed payload, ``mem_used_total`` the
+    pool's memory."""
+    return {"orig_data_size": (same + pool_pages) * PAGE, "compr_data_size": compr,
+            "mem_used_total": mem, "same_pages": same, "huge_pages": huge}
 
 
 def _render(v: Any) -> str:
@@ -158,3 +202,140 @@ def xattr_items(d: dict[str, Any], prefix: str = "") -> dict[str, str]:
         else:
             out[name] = _render(v)
     return out
+
+
+# -- xattr names -------------------------------------------------------------
+
+_XATTR_BAD = re.compile(r"[^a-z0-9_.]")
+
+
+def xattr_name(key: str) -> str:
+    """A stats key as an xattr name component: only ``[a-z0-9_.]`` (device and
+    tier names are free text in the config; other characters become ``_``)."""
+    return _XATTR_BAD.sub("_", key.lower())
+
+
+# -- Prometheus text format --------------------------------------------------
+
+# Counters (monotonic since mount) by section; every other number is a gauge.
+_COUNTERS = {
+    "device": {"reads", "writes", "discards", "read_bytes", "written_bytes", "discarded_bytes",
+               "nospace_errors"},
+    "tier": {"reads", "writes", "read_bytes", "written_bytes", "checksum_errors", "io_errors",
+             "punched_clusters", "cluster_switches", "write_batches", "cached_reads", "thread_reads"},
+    "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages"},
+    "writeback": {"moved_pages", "aborted_moves", "promotions", "refaults", "moved_bytes", "batches",
+                  "failed_batches", "requests"},
+    "cache": {"hits", "misses", "inserts", "evictions"},
+}
+# Numbers that are not measurements of the store (clocks) are left out.
+_SKIP = {"writeback": {"epoch", "demotions_clock"}}
+
+_HELP = {
+    "size_bytes": "Size of the device",
+    "stored_pages": "Pages stored",
+    "same_filled_pages": "Pages stored as a fill word (no storage)",
+    "compressed_bytes": "Compressed payload bytes in the pool",
+    "pool_bytes": "Memory held by the pool",
+    "metadata_bytes": "Bytes of tables and bookkeeping",
+    "orig_data_size": "Uncompressed bytes of the pages held in memory (zram orig_data_size)",
+    "compr_data_size": "Compressed bytes of the pages held in memory (zram compr_data_size)",
+    "mem_used_total": "Memory used by the pool (zram mem_used_total)",
+    "mem_used_max": "Largest memory used by the pool since mount (zram mem_used_max)",
+    "same_pages": "Same-filled pages (zram same_pages)",
+    "huge_pages": "Incompressible pages stored raw (zram huge_pages)",
+    "checksum_errors": "Pages whose checksum did not match on read",
+    "io_errors": "Failed reads and writes of the backing file",
+    "nospace_errors": "Writes refused for lack of space",
+}
+
+
+def _label_value(v: str) -> str:
+    return v.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _metric_name(key: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", key)
+
+
+class _Families:
+    """Samples grouped by metric name, in first-seen order, each family once."""
+
+    def __init__(self) -> None:
+        self.families: dict[str, tuple[str, str, list[tuple[dict[str, str], float]]]] = {}
+
+    def add(self, name: str, kind: str, help_text: str, labels: dict[str, str], value: Any) -> None:
+        if isinstance(value, bool):
+            value = int(value)
+        if not isinstance(value, (int, float)):
+            return
+        if kind == "counter":
+            name += "_total"
+        fam = self.families.setdefault(name, (kind, help_text, []))
+        fam[2].append((labels, value))
+
+    def render(self) -> str:
+        out = []
+        for name, (kind, help_text, samples) in self.families.items():
+            out.append(f"# HELP {name} {help_text}")
+            out.append(f"# TYPE {name} {kind}")
+            for labels, value in samples:
+                lab = ",".join(f'{k}="{_label_value(v)}"' for k, v in labels.items())
+                if isinstance(value, float) and not math.isfinite(value):
+                    text = "NaN" if math.isnan(value) else ("+Inf" if value > 0 else "-Inf")
+                else:
+                    text = repr(value) if isinstance(value, float) else str(value)
+                out.append(f"{name}{{{lab}}} {text}" if lab else f"{name} {text}")
+        return "\n".join(out) + "\n"
+
+
+def _section(fams: _Families, prefix: str, section: str, values: dict[str, Any],
+             labels: dict[str, str]) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) or key in _SKIP.get(section, ()):
+            continue
+        kind = "counter" if key in _COUNTERS.get(section, ()) else "gauge"
+        name = f"swapfs_{prefix}{_metric_name(key)}"
+        help_text = _HELP.get(key, key.replace("_", " ").capitalize())
+        fams.add(name, kind, f"{help_text} ({section})", labels, value)
+
+
+def prometheus_text(stats: dict[str, Any], mount: str, *, device: str | None = None) -> str:
+    """A stats object (``Stats.to_dict()``, as read from ``user.swapfs.stats``)
+    in the Prometheus text format (version 0.0.4), for node_exporter's textfile
+    collector: ``swapfs_*`` names, labels ``mount``, ``device``, ``tier``,
+    counters ending in ``_total``.  With ``device``, ``stats`` is that device's
+    own object and only its metrics are written."""
+    fams = _Families()
+    base = {"mount": mount}
+    if device is not None:
+        _section(fams, "device_", "device", stats, {**base, "device": device})
+        return fams.render()
+    for name, d in stats.get("devices", {}).items():
+        _section(fams, "device_", "device", d, {**base, "device": name})
+    for name, t in stats.get("tiers", {}).items():
+        labels = {**base, "tier": name}
+        info = {k: str(v) for k, v in t.items() if isinstance(v, str)}
+        fams.add("swapfs_tier_info", "gauge", "A tier's kind and settings (value 1)",
+                 {**labels, **{_metric_name(k): v for k, v in info.items()}}, 1)
+        _section(fams, "tier_", "tier", t, labels)
+    _section(fams, "", "totals", stats.get("totals", {}), base)
+    wb = stats.get("writeback", {})
+    _section(fams, "writeback_", "writeback", wb, base)
+    for pair, c in wb.get("pairs", {}).items():
+        src, _, dst = pair.partition("_to_")
+        for key, value in c.items():
+            fams.add(f"swapfs_writeback_pair_{_metric_name(key)}", "counter",
+                     f"Writeback moves from tier from_tier to tier, {key}",
+                     {**base, "tier": dst, "from_tier": src}, value)
+    for tier, c in wb.get("levels", {}).items():
+        for key, value in c.items():
+            fams.add(f"swapfs_writeback_tier_{_metric_name(key)}", "counter",
+                     f"Writeback {key} per tier", {**base, "tier": tier}, value)
+    for tier, c in wb.get("watermarks", {}).items():
+        for key, value in c.items():
+            fams.add(f"swapfs_writeback_watermark_{_metric_name(key)}", "gauge",
+                     f"Writeback watermark {key} (pool: bytes, file tiers: pages)",
+                     {**base, "tier": tier}, value)
+    _section(fams, "cache_", "cache", stats.get("cache", {}), base)
+    return fams.render()

@@ -24,8 +24,10 @@ low_watermark = 0.7
 [[device]]
 name = "swap0"
 size = "1G"
-group = "batch"
 writeback = false
+swap = true
+swap_priority = 5
+discard = "pages"
 
 [[device]]
 name = "swap1"
@@ -63,8 +65,10 @@ def test_every_key() -> None:
     assert (p.algorithm, p.level, p.max_bytes, p.accept_ratio, p.high_watermark,
             p.low_watermark) == ("zstd", 3, 512 << 20, 0.75, 0.85, 0.7)
     d0, d1 = c.devices
-    assert (d0.name, d0.size, d0.group, d0.writeback) == ("swap0", GiB, "batch", False)
-    assert (d1.name, d1.size, d1.group, d1.writeback) == ("swap1", 8192, "default", True)
+    assert (d0.name, d0.size, d0.writeback) == ("swap0", GiB, False)
+    assert (d0.swap, d0.swap_priority, d0.discard) == (True, 5, "pages")
+    assert (d1.name, d1.size, d1.writeback) == ("swap1", 8192, True)
+    assert (d1.swap, d1.swap_priority, d1.discard) == (False, None, "both")
     (t,) = c.tiers
     assert (t.name, t.kind, t.path, t.size, t.priority, t.high_watermark, t.low_watermark,
             t.preallocate) == ("ssd", "file", "/var/lib/swapfs/ssd.img", 8 * GiB, 100, 0.95,
@@ -111,7 +115,12 @@ BAD = [
     ('[[device]]\nname = "a"\nsize = "1G"\nwriteback = 1\n', r"device\[0\]\.writeback"),
     ('[[device]]\nname = "a"\nsize = true\n', r"device\[0\]\.size"),
     ('[[device]]\nname = 3\nsize = "1G"\n', r"device\[0\]\.name"),
-    ('[[device]]\nname = "a"\nsize = "1G"\ngroup = ""\n', r"device\[0\]\.group"),
+    ('[[device]]\nname = "a"\nsize = "1G"\ngroup = "x"\n', r"device\[0\]\.group"),
+    ('[[device]]\nname = "a"\nsize = "1G"\nswap = 1\n', r"device\[0\]\.swap"),
+    ('[[device]]\nname = "a"\nsize = "1G"\nswap_priority = 40000\n', r"device\[0\]\.swap_priority"),
+    ('[[device]]\nname = "a"\nsize = "1G"\ndiscard = "always"\n', r"device\[0\]\.discard"),
+    ('[[device]]\nname = "' + "n" * 65 + '"\nsize = "1G"\n', r"device\[0\]\.name"),
+    ('[[device]]\nname = "a"\nsize = "1M"\n' * 65, r"device: 65 devices"),
     ('[[device]]\nname = "a/b"\nsize = "1G"\n', r"device\[0\]\.name"),
     ('[[device]]\nname = "a"\nsize = -4096\n', r"device\[0\]\.size"),
     ('[[device]]\nname = "a"\nsize = 0\n', r"device\[0\]\.size"),

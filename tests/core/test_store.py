@@ -264,7 +264,7 @@ async def test_stats_dict(store: Store) -> None:
     dev = store.devices[0]
     await store.write(dev, 0, b"\x01" * P)
     d = store.stats().to_dict()
-    assert set(d) == {"devices", "tiers", "totals", "writeback", "cache"}
+    assert set(d) == {"schema", "devices", "tiers", "totals", "writeback", "cache"}
     contract_dev = {"size_bytes", "stored_pages", "same_filled_pages", "reads", "writes",
                     "discards", "read_bytes", "written_bytes", "compressed_bytes", "pool_bytes",
                     "metadata_bytes"}

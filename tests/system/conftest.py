@@ -3,7 +3,6 @@ its own process, exactly as a user starts it, and is always unmounted."""
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -16,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from swapfs.cli import _active_swaps, _loops_backed_by
+from swapfs import sysinfo
 
 SMALL_CONFIG = """
 [pool]
@@ -59,7 +58,7 @@ class Mount:
         return self.path / name
 
     def stats(self) -> dict:
-        return json.loads(os.getxattr(self.path, "user.swapfs.stats"))
+        return sysinfo.read_stats(self.path)
 
     def log_text(self) -> str:
         try:
@@ -69,8 +68,7 @@ class Mount:
 
 
 def _is_mounted(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split()[4] == str(path) for line in f)
+    return sysinfo.is_mounted(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -87,11 +85,11 @@ def _pid_alive(pid: int) -> bool:
 
 def detach_loops_under(path: Path) -> None:
     """swapoff and detach every loop device over a file in ``path``."""
-    swaps = _active_swaps()
-    for dev, _ in _loops_backed_by(str(path)):
-        if dev in swaps:
-            subprocess.run(["swapoff", dev], timeout=300)
-        subprocess.run(["losetup", "-d", dev], timeout=30)
+    swaps = sysinfo.active_swaps()
+    for lo in sysinfo.loops_backed_by(path):
+        if lo.device in swaps:
+            subprocess.run(["swapoff", lo.device], timeout=300)
+        subprocess.run(["losetup", "-d", lo.device], timeout=30)
 
 
 def stop_mount(m: Mount) -> None:

@@ -19,13 +19,17 @@ pytestmark = pytest.mark.timeout(90)
 def test_help_explains_each_command():
     top = run_swapfs("--help")
     assert top.returncode == 0
-    for word in ("mount", "unmount", "stats", "check-config", "losetup", "swapon"):
-        assert word in top.stdout
-    for cmd in ("mount", "unmount", "stats", "check-config"):
+    commands = ("mount", "unmount", "swapon", "swapoff", "status", "stats", "writeback", "top",
+                "check-config", "install-units", "generate-units")
+    for word in (*commands, "loop device", "/etc/swapfs"):
+        assert word in top.stdout, word
+    for cmd in commands:
         out = run_swapfs(cmd, "--help")
         assert out.returncode == 0 and "usage: swapfs " + cmd in out.stdout
     assert "--foreground" in run_swapfs("mount", "--help").stdout
-    assert "--json" in run_swapfs("stats", "--help").stdout
+    stats_help = run_swapfs("stats", "--help").stdout
+    assert "--json" in stats_help and "prometheus" in stats_help
+    assert "--priority" in run_swapfs("swapon", "--help").stdout
     none = run_swapfs()
     assert none.returncode == 2
 
@@ -163,3 +167,22 @@ def test_mount_without_and_with_long_polling_serves_io(tmp_path, poll_us):
     finally:
         stop_mount(m)
     assert "Traceback" not in m.log_text()
+
+
+def test_background_daemon_logs_under_run_swapfs_as_root(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root (the default log directory of a root daemon)")
+    mnt = tmp_path / "mnt"
+    out = run_swapfs("mount", "--mkdir", "--no-mlock", str(mnt))
+    assert out.returncode == 0, out.stderr
+    m = Mount(path=mnt, log=tmp_path / "unused", pid=int(re.search(r"daemon pid (\d+)", out.stdout).group(1)))
+    try:
+        log = re.search(r"log (\S+)\)", out.stdout).group(1)
+        assert log.startswith("/run/swapfs/log/swapfs-") and os.path.exists(log)
+        with open(log) as f:
+            assert "mounted at " + str(mnt) in f.read()
+        with open(f"/proc/{m.pid}/comm") as f:
+            assert f.read().strip() == "swapfs"
+    finally:
+        stop_mount(m)
+    os.unlink(log)

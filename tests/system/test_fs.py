@@ -137,13 +137,14 @@ def test_namespace_and_metadata_changes_are_refused(mnt):
         "mkdir": lambda: os.mkdir(mnt.path / "dir"),
         "unlink": lambda: os.unlink(mnt.dev()),
         "rename": lambda: os.rename(mnt.dev(), mnt.path / "swapX"),
-        "truncate": lambda: os.truncate(mnt.dev(), 0),
+        "truncate": lambda: os.truncate(mnt.dev(), 4096),
+        "truncate_grow": lambda: os.truncate(mnt.dev(), 128 * MiB),
+        "ftruncate": lambda: _ftruncate(mnt.dev(), 0),
         "chmod": lambda: os.chmod(mnt.dev(), 0o666),
         "symlink": lambda: os.symlink("swap0", mnt.path / "link"),
         "link": lambda: os.link(mnt.dev(), mnt.path / "hard"),
         "mknod": lambda: os.mknod(mnt.path / "node", 0o600 | stat.S_IFREG),
         "rmdir": lambda: os.rmdir(mnt.path / "swap1"),
-        "o_trunc": lambda: os.open(mnt.dev(), os.O_WRONLY | os.O_TRUNC),
     }
     for name, op in refused.items():
         with pytest.raises(OSError) as e:
@@ -156,6 +157,36 @@ def test_namespace_and_metadata_changes_are_refused(mnt):
     assert sorted(os.listdir(mnt.path)) == before
     st = os.stat(mnt.dev())
     assert st.st_size == 64 * MiB and stat.S_IMODE(st.st_mode) == 0o600
+
+
+def _ftruncate(path, size: int) -> None:
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, size)
+    finally:
+        os.close(fd)
+
+
+def test_o_trunc_is_ignored_like_a_block_device_and_dd_works(mnt):
+    """A fixed-size device ignores O_TRUNC (a plain `dd of=DEV` opens with it);
+    the size and the stored pages stay."""
+    pwrite_all(mnt.dev(), 8 * MiB, b"kept" * 1024)
+    fd = os.open(mnt.dev(), os.O_WRONLY | os.O_TRUNC)
+    os.close(fd)
+    assert os.stat(mnt.dev()).st_size == 64 * MiB
+    data = os.urandom(4 * MiB)
+    src = mnt.path.parent / "dd-src"
+    src.write_bytes(data)
+    out = subprocess.run(["dd", f"if={src}", f"of={mnt.dev()}", "bs=1M", "count=4"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert os.stat(mnt.dev()).st_size == 64 * MiB
+    fd = os.open(mnt.dev(), os.O_RDONLY)
+    try:
+        assert os.pread(fd, 4 * MiB, 0) == data
+        assert os.pread(fd, 4096, 8 * MiB) == b"kept" * 1024
+    finally:
+        os.close(fd)
 
 
 def test_fsync_and_flush_succeed(mnt):

@@ -135,7 +135,7 @@ priority = 10
         assert result.bad_pages == 0, result.output
         s = m.stats()
     wb = s["writeback"]
-    assert wb["moved_pages"] > 0 and wb["pairs"]["pool->disk"]["pages"] == wb["moved_pages"]
+    assert wb["moved_pages"] > 0 and wb["pairs"]["pool_to_disk"]["pages"] == wb["moved_pages"]
     assert wb["refaults"] > 0
     assert wb["promotions"] > 0, wb
     assert s["tiers"]["disk"]["checksum_errors"] == 0 and s["tiers"]["disk"]["io_errors"] == 0

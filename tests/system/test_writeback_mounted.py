@@ -68,7 +68,7 @@ def test_ctl_writeback_xattr(mount_factory, tmp_path):
     s = m.stats()
     assert s["writeback"]["moved_pages"] == 100
     assert s["tiers"]["ssd"]["stored_pages"] == 100
-    assert s["writeback"]["pairs"]["pool->ssd"]["pages"] == 100
+    assert s["writeback"]["pairs"]["pool_to_ssd"]["pages"] == 100
     # the no-writeback device keeps its pages in memory
     os.setxattr(m.dev("keep"), "user.swapfs.ctl.writeback", b"idle:0")
     os.setxattr(m.path, "user.swapfs.ctl.writeback", b"idle:0")

@@ -1,0 +1,285 @@
+"""The operator's commands, run for real: stats in every format (the Prometheus
+text parsed by prometheus_client's own parser), status, writeback, top, swapon and
+swapoff through a real loop device, SIGHUP reloading the watermarks."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import time
+
+import pytest
+
+from swapfs import harness, sysinfo
+
+from .conftest import run_swapfs
+
+pytestmark = pytest.mark.timeout(120)
+
+MiB = 1 << 20
+PAGE = 4096
+
+
+def tier_config(tmp_path, high: float = 0.9, low: float = 0.8) -> str:
+    return f"""
+[pool]
+max_bytes = "64M"
+high_watermark = {high}
+low_watermark = {low}
+
+[[device]]
+name = "swap0"
+size = "64M"
+
+[[device]]
+name = "swap1"
+size = "8M"
+
+[[tier]]
+name = "ssd"
+path = "{tmp_path}/ssd.img"
+size = "64M"
+"""
+
+
+def fill(path, pages: int, offset: int = 0) -> None:
+    text = b"".join(b"page %06d of some compressible text; " % i for i in range(200))
+    fd = os.open(path, os.O_RDWR)
+    try:
+        for i in range(pages):
+            os.pwrite(fd, text[i % 50:i % 50 + PAGE], offset + i * PAGE)
+    finally:
+        os.close(fd)
+
+
+def test_stats_formats_prometheus_parses_and_names_are_shell_safe(mount_factory, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    m = mount_factory(tier_config(tmp_path))
+    fill(m.dev(), 300)
+    out = run_swapfs("writeback", str(m.path), "100")
+    assert out.returncode == 0, out.stderr
+    assert "moved 100 pages" in out.stdout and "pool_to_ssd: 100 pages" in out.stdout
+
+    js = json.loads(run_swapfs("stats", str(m.path), "--format", "json").stdout)
+    assert js.keys() == json.loads(run_swapfs("stats", str(m.path), "--json").stdout).keys()
+    assert js["schema"] == 2
+    t = js["totals"]
+    assert t["same_pages"] == t["same_filled_pages"]
+    assert t["orig_data_size"] == (t["same_filled_pages"] + js["tiers"]["pool"]["stored_pages"]) * PAGE
+    assert t["compr_data_size"] == t["compressed_bytes"] and t["mem_used_total"] == t["pool_bytes"]
+    assert t["mem_used_max"] >= t["pool_bytes"] > 0
+    assert t["written_back_pages"] == 100
+    assert js["writeback"]["pairs"]["pool_to_ssd"]["pages"] == 100
+    for name in ("orig_data_size", "compr_data_size", "mem_used_total", "same_pages", "huge_pages"):
+        assert name in js["devices"]["swap0"], name
+
+    # every xattr name is shell-safe, the control xattr is listed
+    for path in (m.path, m.dev()):
+        names = os.listxattr(path)
+        assert "user.swapfs.ctl.writeback" in names
+        for n in names:
+            assert re.fullmatch(r"user\.swapfs\.[a-z0-9_.]+", n), n
+    assert os.getxattr(m.path, "user.swapfs.writeback.pairs.pool_to_ssd.pages") == b"100"
+    assert os.getxattr(m.path, "user.swapfs.ctl.writeback") == b"100"
+
+    out = run_swapfs("stats", str(m.path), "--format", "prometheus")
+    assert out.returncode == 0, out.stderr
+    families = {f.name: f for f in text_string_to_metric_families(out.stdout)}
+    assert all(name.startswith("swapfs_") for name in families)
+    for f in families.values():
+        assert f.documentation and f.type in ("counter", "gauge"), f.name
+        for s in f.samples:
+            assert s.labels["mount"] == str(m.path)
+            if f.type == "counter":
+                assert s.name.endswith("_total"), s.name
+    reads = families["swapfs_device_writes"]  # the parser drops _total from a counter's family name
+    assert reads.type == "counter"
+    by_dev = {s.labels["device"]: s.value for s in reads.samples}
+    assert by_dev == {"swap0": js["devices"]["swap0"]["writes"], "swap1": 0}
+    stored = {s.labels["tier"]: s.value for s in families["swapfs_tier_stored_pages"].samples}
+    assert stored["ssd"] == 100 and stored["pool"] == js["tiers"]["pool"]["stored_pages"]
+    pair = families["swapfs_writeback_pair_pages"].samples[0]
+    assert pair.labels["tier"] == "ssd" and pair.labels["from_tier"] == "pool" and pair.value == 100
+    assert families["swapfs_tier_checksum_errors"].type == "counter"
+    assert families["swapfs_mem_used_max"].samples[0].value == t["mem_used_max"]
+
+    # one device: its own table, JSON and metrics
+    out = run_swapfs("stats", str(m.dev("swap1")))
+    assert out.returncode == 0 and "device swap1" in out.stdout and "errors: no space" in out.stdout
+    dev = json.loads(run_swapfs("stats", str(m.dev("swap0")), "--json").stdout)
+    assert dev["stored_pages"] == js["devices"]["swap0"]["stored_pages"]
+    prom = run_swapfs("stats", str(m.dev("swap0")), "--format", "prometheus").stdout
+    fams = list(text_string_to_metric_families(prom))
+    assert fams and all(s.labels["device"] == "swap0" for f in fams for s in f.samples)
+
+    table = run_swapfs("stats", str(m.path)).stdout
+    assert "MiB" in table and "checksum" in table and "nospace" in table
+
+
+def test_writeback_command_errors(mount_factory):
+    m = mount_factory()  # no file tier
+    out = run_swapfs("writeback", str(m.path), "10")
+    assert out.returncode == 1 and "no file tier" in out.stderr
+    out = run_swapfs("writeback", str(m.path))
+    assert out.returncode == 2 and "--idle" in out.stderr
+
+
+def test_status_lists_every_device_of_every_mount(mount_factory, tmp_path):
+    a = mount_factory(tier_config(tmp_path))
+    b = mount_factory()
+    fill(a.dev(), 10)
+    out = run_swapfs("status")
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["MOUNT", "DEVICE", "LOOP", "SIZE", "USED", "PRIO", "DATA", "COMPR",
+                                "MEMORY", "ALGO", "FILE-PAGES"]
+    mine = [line.split() for line in lines[1:] if line.split()[0] in (str(a.path), str(b.path))]
+    assert sorted((r[0], r[1]) for r in mine) == sorted(
+        [(str(a.path), "swap0"), (str(a.path), "swap1"), (str(b.path), "swap0"), (str(b.path), "swap1")])
+    rows = json.loads(run_swapfs("status", "--json").stdout)
+    row = next(r for r in rows if r["mount"] == str(a.path) and r["device"] == "swap0")
+    assert row["size"] == 64 * MiB and row["algorithm"] == "lz4" and row["data"] == 10 * PAGE
+    out = run_swapfs("status", "--bytes").stdout
+    assert str(64 * MiB) in out
+
+
+def test_top_draws_frames_in_a_plain_terminal(mount_factory):
+    m = mount_factory()
+    out = run_swapfs("top", str(m.path), "--count", "2", "--interval", "0.1")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count(f"swapfs top {m.path}") == 2 and "\x1b[" not in out.stdout
+    assert "promotions" in out.stdout and "refaults" in out.stdout and "hits" in out.stdout
+
+
+def test_sighup_reloads_the_pool_watermarks(mount_factory, tmp_path):
+    m = mount_factory(tier_config(tmp_path, 0.9, 0.8), name="hup")
+    before = m.stats()["writeback"]["watermarks"]["pool"]
+    cfg = tmp_path / "hup.toml"
+    cfg.write_text(tier_config(tmp_path, 0.5, 0.25).replace('max_bytes = "64M"', 'max_bytes = "32M"'))
+    os.kill(m.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "SIGHUP" not in m.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    after = m.stats()["writeback"]["watermarks"]["pool"]
+    assert after["high"] == 64 * MiB // 2 and after["low"] == 64 * MiB // 4, (before, after)
+    log = m.log_text()
+    assert "applied: pool watermarks" in log and "needs a remount to change: pool.max_bytes" in log
+    cfg.write_text("[pool]\nhigh_watermark = 2\n")
+    os.kill(m.pid, signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "not reloaded" not in m.log_text() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "configuration not reloaded" in m.log_text() and "high_watermark" in m.log_text()
+    assert m.stats()["writeback"]["watermarks"]["pool"] == after
+
+
+def test_root_stats_of_the_largest_mount_fit_one_xattr(mount_factory, tmp_path):
+    devices = "".join(f'[[device]]\nname = "{"d" * 60}{i:04d}"\nsize = "1M"\n' for i in range(64))
+    m = mount_factory("[pool]\nmax_bytes = \"16M\"\n" + devices)
+    stats = sysinfo.read_stats(m.path)
+    assert len(stats["devices"]) == 64
+    too_many = tmp_path / "many.toml"
+    too_many.write_text(devices + '[[device]]\nname = "one_more"\nsize = "1M"\n')
+    out = run_swapfs("check-config", str(too_many))
+    assert out.returncode == 2 and "device: 65 devices, at most 64" in out.stderr
+
+
+@pytest.mark.root
+@pytest.mark.timeout(300)
+def test_swapon_and_swapoff_commands(mount_factory):
+    why = harness.kernel_swap_unavailable()
+    if why:
+        pytest.skip(why)
+    m = mount_factory()
+    dev = str(m.dev())
+    with harness.swap_lock():
+        out = run_swapfs("swapon", dev, "--priority", "5", "--discard=pages")
+        assert out.returncode == 0, out.stderr
+        loop = out.stdout.strip()
+        try:
+            assert re.fullmatch(r"/dev/loop\d+", loop)
+            assert sysinfo.active_swaps()[loop].priority == 5
+            lo = sysinfo.loops_backed_by(dev)
+            assert [x.device for x in lo] == [loop] and lo[0].direct_io
+            again = run_swapfs("swapon", dev)
+            assert again.returncode == 1 and "already on" in again.stderr and loop in again.stderr
+            row = next(r for r in json.loads(run_swapfs("status", "--json").stdout)
+                       if r["mount"] == str(m.path) and r["device"] == "swap0")
+            assert row["loop"] == loop and row["priority"] == 5
+            assert "swapfs swapoff" in run_swapfs("unmount", str(m.path)).stderr
+        finally:
+            off = run_swapfs("swapoff", dev, timeout=120)
+        assert off.returncode == 0, off.stderr
+        assert loop not in sysinfo.active_swaps() and sysinfo.loops_backed_by(dev) == []
+        out = run_swapfs("swapoff", dev)
+        assert out.returncode == 0 and "not on" in out.stderr
+
+        # busy: a loop device that is not swap already holds the file
+        with harness.loop_device(m.dev("swap1")) as other:
+            out = run_swapfs("swapon", str(m.dev("swap1")))
+            assert out.returncode == 1 and "busy" in out.stderr and other in out.stderr
+        out = run_swapfs("swapon", str(m.path / "nope"))
+        assert out.returncode == 1 and "no such device" in out.stderr
+
+
+def test_swapon_and_swapoff_say_they_need_root(monkeypatch, capsys):
+    from swapfs import cli
+
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert cli.main(["swapon", "/run/swapfs/swap0"]) == 1
+    assert "swapon needs root" in capsys.readouterr().err
+    assert cli.main(["swapoff", "/run/swapfs/swap0"]) == 1
+    assert "swapoff needs root" in capsys.readouterr().err
+
+
+def test_record_then_plot(mount_factory, tmp_path):
+    m = mount_factory(tier_config(tmp_path))
+    rec = tmp_path / "run.jsonl"
+    fill(m.dev(), 50)
+    out = run_swapfs("record", str(m.path), "-o", str(rec), "--count", "2", "--interval", "0.2")
+    assert out.returncode == 0, out.stderr
+    fill(m.dev(), 100, offset=MiB)
+    assert run_swapfs("writeback", str(m.path), "20").returncode == 0
+    out = run_swapfs("record", str(m.path), "-o", str(rec), "--count", "1")
+    assert out.returncode == 0, out.stderr
+    from swapfs.cli import load_samples, plot_series
+
+    samples = load_samples(str(rec))
+    assert len(samples) == 3 and samples[0]["mount"] == str(m.path)
+    series = plot_series(samples)
+    assert series["tiers"]["ssd"][-1] == 20 and series["tiers"]["pool"][0] > 0
+    assert series["written_mib_s"][2] > 0 and series["moved_pages_s"][2] > 0
+
+    png = tmp_path / "run.png"
+    out = run_swapfs("plot", str(rec), "-o", str(png))
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert out.returncode == 1 and "matplotlib" in out.stderr
+        pytest.skip("matplotlib (the plot extra) not installed")
+    assert out.returncode == 0, out.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"time": 1}\n')
+    out = run_swapfs("plot", str(bad), "-o", str(png))
+    assert out.returncode == 1 and "bad.jsonl:1" in out.stderr
+
+
+def test_status_does_not_hang_on_a_stopped_daemon(mount_factory):
+    """A daemon that does not answer (here: stopped) is reported, not waited for."""
+    m = mount_factory()
+    os.kill(m.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        out = run_swapfs("status", timeout=60)
+        took = time.monotonic() - start
+    finally:
+        os.kill(m.pid, signal.SIGCONT)
+    assert out.returncode == 0, out.stderr
+    line = next(line for line in out.stdout.splitlines() if line.startswith(str(m.path)))
+    assert "not answering" in line and took < 30
+    assert "swap0" in run_swapfs("status").stdout
