@@ -15,10 +15,11 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from .kernel import PAGE_SIZE as PAGE
+
 # 1: the first contract; 2: zram names, writeback pair keys "pool_to_ssd"
 # (were "pool->ssd"), this version field.
 SCHEMA_VERSION = 2
-PAGE = 4096
 
 
 @dataclass(frozen=True)
@@ -60,6 +61,44 @@ class PoolStats:
     classes: dict[int, int] = field(default_factory=dict)  # object size -> stored objects
 
 
+@dataclass(frozen=True, kw_only=True)
+class FileTierStats:
+    """One file tier's counters.
+
+    ``reads``/``writes`` count system calls (one pread/preadv per run read, one pwritev per run
+    written), ``read_bytes``/``written_bytes`` count payload bytes.  ``clusters_free`` counts
+    clusters with no page in use, including those waiting for their punch
+    (``clusters_punch_pending``).
+    """
+
+    name: str
+    kind: str = "file"
+    path: str
+    priority: int
+    capacity_pages: int
+    stored_pages: int
+    free_pages: int
+    clusters_free: int
+    clusters_partial: int
+    clusters_full: int
+    disk_bytes: int
+    reads: int
+    writes: int
+    read_bytes: int
+    written_bytes: int
+    checksum_errors: int
+    io_errors: int
+    full: bool
+    metadata_bytes: int
+    clusters_punch_pending: int = 0
+    punched_clusters: int = 0
+    cluster_switches: int = 0
+    write_batches: int = 0  # thread hops that wrote (grouping every write queued meanwhile)
+    cached_reads: int = 0  # reads served inline from the page cache (RWF_NOWAIT)
+    thread_reads: int = 0  # reads that went to a worker thread
+    encrypted: bool = False  # pages are stored encrypted (AES-XTS, a key per mount)
+
+
 @dataclass(frozen=True)
 class TotalsStats:
     stored_pages: int
@@ -89,7 +128,7 @@ class WritebackStats:
     requests: int = 0  # user.swapfs.ctl.writeback requests served
     epoch: int = 0  # the access clock (1/4 s units)
     demotions_clock: int = 0  # demotions ever: the refault clock
-    # "pool->ssd": {"pages", "bytes", "batches"}
+    # "pool_to_ssd": {"pages", "bytes", "batches"}
     pairs: dict[str, dict[str, int]] = field(default_factory=dict)
     # per tier: {"demotions", "refaults", "promotions"}
     levels: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -117,7 +156,7 @@ def _named(record: Any) -> dict[str, Any]:
 @dataclass(frozen=True)
 class Stats:
     devices: tuple[DeviceStats, ...]
-    tiers: tuple[PoolStats, ...]
+    tiers: tuple[PoolStats | FileTierStats, ...]
     totals: TotalsStats
     writeback: WritebackStats = WritebackStats()
     cache: CacheStats = CacheStats()
@@ -134,7 +173,7 @@ class Stats:
     @property
     def pool(self) -> PoolStats:
         for t in self.tiers:
-            if t.kind == "pool":
+            if isinstance(t, PoolStats):
                 return t
         raise KeyError("pool")
 
@@ -153,7 +192,6 @@ class Stats:
         totals["mem_used_max"] = max(self.pool_peak_bytes, self.totals.pool_bytes)
         totals["written_back_pages"] = self.writeback.moved_pages
         writeback = asdict(self.writeback)
-        writeback["pairs"] = {pair_key(k): v for k, v in self.writeback.pairs.items()}
         return {
             "schema": SCHEMA_VERSION,
             "devices": devices,
@@ -162,12 +200,6 @@ class Stats:
             "writeback": writeback,
             "cache": asdict(self.cache),
         }
-
-
-def pair_key(pair: str) -> str:
-    """``"pool->ssd"`` -> ``"pool_to_ssd"``: a name a shell and an xattr take as it is."""
-    src, sep, dst = pair.partition("->")
-    return f"{src}_to_{dst}" if sep else pair
 
 
 def _zram_names(same: int, pool_pages: int, huge: int, compr: int, mem: int) -> dict[str, int]:

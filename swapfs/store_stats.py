@@ -77,7 +77,7 @@ def _writeback(store: Store) -> WritebackStats:
     c = store.moves
     files = store.files
     names = store.level_names
-    pairs = {f"{names[a]}->{names[b]}": {"pages": v[0], "bytes": v[0] * PAGE_SIZE,
+    pairs = {f"{names[a]}_to_{names[b]}": {"pages": v[0], "bytes": v[0] * PAGE_SIZE,
                                            "batches": v[1]}
              for (a, b), v in sorted(c.pairs.items())}
     levels = {name: {"demotions": c.demotions[k], "refaults": c.refaults[k],

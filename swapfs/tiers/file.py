@@ -37,7 +37,6 @@ import logging
 import os
 import stat
 from array import array
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import trio
@@ -47,6 +46,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from ..errors import StoreError
 from ..kernel import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from ..kernel import PAGE_SIZE as PAGE
+from ..stats import FileTierStats
 
 log = logging.getLogger(__name__)
 
@@ -124,43 +124,6 @@ class ChecksumError(StoreError):
     def __init__(self, page: int, message: str) -> None:
         super().__init__(message)
         self.page = page
-
-
-@dataclass(frozen=True, kw_only=True)
-class FileTierStats:
-    """One file tier's counters.
-
-    ``reads``/``writes`` count system calls (one pread/preadv per run read, one pwritev per run
-    written), ``read_bytes``/``written_bytes`` count payload bytes.  ``clusters_free`` counts
-    clusters with no page in use, including those waiting for their punch
-    (``clusters_punch_pending``).
-    """
-
-    name: str
-    kind: str = "file"
-    path: str
-    priority: int
-    capacity_pages: int
-    stored_pages: int
-    free_pages: int
-    clusters_free: int
-    clusters_partial: int
-    clusters_full: int
-    disk_bytes: int
-    reads: int
-    writes: int
-    read_bytes: int
-    written_bytes: int
-    checksum_errors: int
-    io_errors: int
-    full: bool
-    metadata_bytes: int
-    clusters_punch_pending: int = 0
-    punched_clusters: int = 0
-    cluster_switches: int = 0
-    write_batches: int = 0  # thread hops that wrote (grouping every write queued meanwhile)
-    cached_reads: int = 0  # reads served inline from the page cache (RWF_NOWAIT)
-    thread_reads: int = 0  # reads that went to a worker thread
 
 
 def _nbytes(a: array[int] | bytearray) -> int:
@@ -745,7 +708,7 @@ class FileTier:
             clusters_punch_pending=pending, punched_clusters=self.punched_clusters,
             cluster_switches=self.cluster_switches,
             write_batches=self.write_batches, cached_reads=self.cached_reads,
-            thread_reads=self.thread_reads)
+            thread_reads=self.thread_reads, encrypted=self.encrypt)
 
 
 # ---------------------------------------------------------------------- worker-thread bodies

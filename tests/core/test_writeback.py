@@ -73,7 +73,7 @@ async def test_pool_above_high_watermark_drains_below_low(stores, tmp_path):
         st = store.stats()
         assert st.pool.pool_bytes <= store.pool_high_bytes
         assert st.writeback.moved_pages > 0
-        assert st.writeback.pairs["pool->ssd"]["pages"] == st.writeback.moved_pages
+        assert st.writeback.pairs["pool_to_ssd"]["pages"] == st.writeback.moved_pages
         assert st.writeback.watermarks["pool"]["high"] == store.pool_high_bytes
         store.check_invariants()
     assert await store.read(dev, 0, 600 * PAGE) == b"".join(data)
@@ -196,7 +196,7 @@ async def test_file_tier_watermark_moves_down_to_the_next_group(stores, tmp_path
     await wb.balance()
     assert fast.stored_pages <= 64
     st = store.stats().writeback
-    assert st.pairs["fast->slow"]["pages"] == 200 - fast.stored_pages
+    assert st.pairs["fast_to_slow"]["pages"] == 200 - fast.stored_pages
     assert await store.read(dev, 0, 200 * PAGE) == b"".join(data)
     assert "fast" in st.watermarks and "slow" not in st.watermarks
 
@@ -338,7 +338,7 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
     store.check_invariants()
     st = store.stats()
     assert st.writeback.moved_pages > 0
-    assert st.writeback.pairs.get("fast->slow", {}).get("pages", 0) > 0
+    assert st.writeback.pairs.get("fast_to_slow", {}).get("pages", 0) > 0
     if store.promote_distance:
         assert st.writeback.promotions > 0
     print(f"seed {seed}: {checks[0]} checked steps, moved {st.writeback.moved_pages}, "

@@ -14,7 +14,8 @@ import pytest
 import trio
 
 from swapfs.kernel import PAGE_SIZE as PAGE
-from swapfs.tiers.file import (CLUSTER_PAGES, ChecksumError, FileTier, FileTierStats, TierFull,
+from swapfs.stats import FileTierStats
+from swapfs.tiers.file import (CLUSTER_PAGES, ChecksumError, FileTier, TierFull,
                                TierIOError)
 
 from .conftest import CLUSTER_BYTES, MiB
