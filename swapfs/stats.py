@@ -59,6 +59,10 @@ class PoolStats:
     spare_bytes: int  # empty arenas kept for reuse (at most one per class), in pool_bytes
     used_bytes: int  # size-class bytes of the objects in use (pool_bytes less free objects)
     classes: dict[int, int] = field(default_factory=dict)  # object size -> stored objects
+    # pages that skipped the pool (zswap's names): it was at its limit, or
+    # they compressed worse than accept_ratio and went to a file tier
+    pool_limit_hit: int = 0
+    reject_compress_poor: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -254,7 +258,8 @@ _COUNTERS = {
     "device": {"reads", "writes", "discards", "read_bytes", "written_bytes", "discarded_bytes",
                "nospace_errors"},
     "tier": {"reads", "writes", "read_bytes", "written_bytes", "checksum_errors", "io_errors",
-             "punched_clusters", "cluster_switches", "write_batches", "cached_reads", "thread_reads"},
+             "punched_clusters", "cluster_switches", "write_batches", "cached_reads", "thread_reads",
+             "pool_limit_hit", "reject_compress_poor"},
     "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages"},
     "writeback": {"moved_pages", "aborted_moves", "promotions", "refaults", "moved_bytes", "batches",
                   "failed_batches", "requests"},
@@ -269,6 +274,8 @@ _HELP = {
     "same_filled_pages": "Pages stored as a fill word (no storage)",
     "compressed_bytes": "Compressed payload bytes in the pool",
     "pool_bytes": "Memory held by the pool",
+    "pool_limit_hit": "Pages that found the pool at its limit (zswap pool_limit_hit)",
+    "reject_compress_poor": "Pages that compressed too poorly for the pool (zswap reject_compress_poor)",
     "metadata_bytes": "Bytes of tables and bookkeeping",
     "orig_data_size": "Uncompressed bytes of the pages held in memory (zram orig_data_size)",
     "compr_data_size": "Compressed bytes of the pages held in memory (zram compr_data_size)",

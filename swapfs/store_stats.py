@@ -45,7 +45,8 @@ def collect(store: Store) -> Stats:
         pool_bytes=pool.pool_bytes, max_bytes=pool.max_bytes,
         fragmentation=pool.fragmentation, metadata_bytes=pool_meta, arenas=pool.arenas,
         spare_bytes=pool.spare_bytes(), used_bytes=pool.used_bytes,
-        classes=pool.class_counts())
+        classes=pool.class_counts(), pool_limit_hit=store.pool_limit_hit,
+        reject_compress_poor=store.reject_compress_poor)
     same = sum(d.same_filled_pages for d in devices)
     tier_stats = []
     for ti, tier in enumerate(files):
