@@ -400,3 +400,20 @@ async def test_a_write_that_finds_no_room_changes_nothing(stores, tmp_path):
     # A write that fits still goes through, and the space is really free.
     await store.write(dev, 100 * PAGE, new[:50 * PAGE])
     assert await store.read(dev, 100 * PAGE, 50 * PAGE) == new[:50 * PAGE]
+
+
+async def test_pages_that_skip_the_pool_are_counted(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 8 * MiB)], pool_bytes=1 * MiB)
+    dev = store.devices[0]
+    await store.write(dev, 0, b"".join(os.urandom(PAGE) for _ in range(10)))
+    pool = store.stats().pool
+    assert (pool.reject_compress_poor, pool.pool_limit_hit) == (10, 0)
+    words = [b"swap", b"page", b"tier", b"pool"]
+    rng = random.Random(1)
+    text = b"".join(rng.choice(words) for _ in range(600 * PAGE // 4))
+    await store.write(dev, 16 * PAGE, text[:600 * PAGE])  # compressible: fills the 1 MiB pool
+    pool = store.stats().pool
+    assert pool.reject_compress_poor == 10
+    assert pool.pool_limit_hit > 0  # the rest found the pool at its limit and went to the tier
+    assert tier_stats(store)["ssd"].stored_pages == 10 + pool.pool_limit_hit
+    assert await store.read(dev, 16 * PAGE, 600 * PAGE) == text[:600 * PAGE]
