@@ -16,6 +16,7 @@ from typing import Any
 
 from .kernel import PAGE_SIZE
 from .slots import MAX_FILE_TIERS
+from .stats import xattr_name
 
 
 ALGORITHMS = ("lz4", "zstd")
@@ -334,21 +335,25 @@ def parse_config(text: str, source: str = "<config>", base_dir: str | None = Non
                               "(the stats of the mount's root must fit one 64 KiB xattr)")
         seen: dict[str, int] = {}
         for i, d in enumerate(devices):
-            if d.name in seen:
-                raise ConfigError(f"device[{i}].name: duplicate device name {d.name!r} "
-                                  f"(also device[{seen[d.name]}])")
-            seen[d.name] = i
+            # two names that the stats render alike (xattr names: [a-z0-9_.]) are one
+            key = xattr_name(d.name)
+            if key in seen:
+                raise ConfigError(f"device[{i}].name: device name {d.name!r} is the same as "
+                                  f"device[{seen[key]}]'s in the stats ({key!r})")
+            seen[key] = i
         tiers = tuple(_parse_tier(d, f"tier[{i}]", base)
                       for i, d in enumerate(_array(data.get("tier", []), "tier")))
         if len(tiers) > MAX_FILE_TIERS:
             raise ConfigError(f"tier: {len(tiers)} tiers configured, at most "
                               f"{MAX_FILE_TIERS} are supported")
-        tseen: dict[str, int] = {}
+        tseen: dict[str, int] = {"pool": -1}
         for i, tc in enumerate(tiers):
-            if tc.name in tseen:
-                raise ConfigError(f"tier[{i}].name: duplicate tier name {tc.name!r} "
-                                  f"(also tier[{tseen[tc.name]}])")
-            tseen[tc.name] = i
+            key = xattr_name(tc.name)
+            if key in tseen:
+                other = "the pool's" if tseen[key] < 0 else f"tier[{tseen[key]}]'s"
+                raise ConfigError(f"tier[{i}].name: tier name {tc.name!r} is the same as "
+                                  f"{other} in the stats ({key!r})")
+            tseen[key] = i
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
     return Config(pool=pool, devices=devices, tiers=tiers)

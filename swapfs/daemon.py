@@ -168,14 +168,9 @@ def reload_config(store: Store, config_path: str | None) -> str:
     except ConfigError as exc:
         return f"configuration not reloaded: {exc}"
     old = store.config
-    high = int(new.pool.high_watermark * store.pool.max_bytes)
-    low = int(new.pool.low_watermark * store.pool.max_bytes)
     changed = []
-    if (high, low) != (store.pool_high_bytes, store.pool_low_bytes):
-        store.pool_high_bytes, store.pool_low_bytes = high, low
+    if store.set_pool_watermarks(new.pool.high_watermark, new.pool.low_watermark):
         changed.append(f"pool watermarks high {new.pool.high_watermark} low {new.pool.low_watermark}")
-        if store.kick_writeback is not None:
-            store.kick_writeback()
     # Everything else is fixed at mount: the pool's size and codec, devices, tiers.
     fixed = []
     if new.pool.max_bytes != old.pool.max_bytes:

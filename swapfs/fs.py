@@ -179,13 +179,6 @@ class SwapFS(Operations):
         current = self._attr(inode)
         if attr.update_size and inode != ROOT_INODE and attr.st_size == current.st_size:
             attr.update_size = False  # O_TRUNC-free "truncate to the same size" is harmless
-        if attr.update_size and inode != ROOT_INODE and attr.st_size == 0 and attr.fh is None:
-            # open(O_TRUNC): without FUSE_ATOMIC_O_TRUNC the kernel sends it as a
-            # size-0 SETATTR with no file handle (ftruncate always has one).  A
-            # fixed-size device ignores O_TRUNC as a block device does, so that
-            # `dd of=MOUNT/swap0` works.  truncate(2) by path to 0 is
-            # indistinguishable and ignored too; any other size is refused.
-            attr.update_size = False
         if attr.update_size or attr.update_mode or attr.update_uid or attr.update_gid:
             # devices have a fixed size and fixed ownership
             raise FUSEError(errno.EPERM)

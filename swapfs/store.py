@@ -165,6 +165,17 @@ class Store:
     def device(self, name: str) -> Device:
         return self._by_name[name]
 
+    def set_pool_watermarks(self, high: float, low: float) -> bool:
+        """New pool watermarks (shares of max_bytes), live; True if they
+        changed, and then a writeback pass is asked for."""
+        marks = int(high * self.pool.max_bytes), int(low * self.pool.max_bytes)
+        if marks == (self.pool_high_bytes, self.pool_low_bytes):
+            return False
+        self.pool_high_bytes, self.pool_low_bytes = marks
+        if self.kick_writeback is not None:
+            self.kick_writeback()
+        return True
+
     def device_stored_pages(self, dev: Device) -> int:
         """Slots of ``dev`` holding a page (same-filled ones included)."""
         return dev.stored_pages

@@ -91,6 +91,7 @@ REQUESTED_FLAGS = (
     | wire.FUSE_ASYNC_DIO
     | wire.FUSE_MAX_PAGES
     | wire.FUSE_PARALLEL_DIROPS
+    | wire.FUSE_ATOMIC_O_TRUNC  # O_TRUNC arrives with OPEN, not as a separate SETATTR
     | wire.FUSE_INIT_EXT
 )
 

@@ -148,6 +148,8 @@ class MemFS(Operations):
         node = self._node(inode)
         if node is self.root:
             raise FUSEError(errno.EISDIR)
+        if flags & os.O_TRUNC:  # FUSE_ATOMIC_O_TRUNC: the truncation comes with the open
+            node.data = bytearray()
         return FileInfo(fh=inode, direct_io=self.direct_io)
 
     async def read(self, fh: int, offset: int, size: int):

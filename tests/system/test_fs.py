@@ -138,6 +138,7 @@ def test_namespace_and_metadata_changes_are_refused(mnt):
         "unlink": lambda: os.unlink(mnt.dev()),
         "rename": lambda: os.rename(mnt.dev(), mnt.path / "swapX"),
         "truncate": lambda: os.truncate(mnt.dev(), 4096),
+        "truncate_to_zero": lambda: os.truncate(mnt.dev(), 0),
         "truncate_grow": lambda: os.truncate(mnt.dev(), 128 * MiB),
         "ftruncate": lambda: _ftruncate(mnt.dev(), 0),
         "chmod": lambda: os.chmod(mnt.dev(), 0o666),
