@@ -1,7 +1,9 @@
 """Compression, same-filled page detection and checksums.
 
-One small class per algorithm, each with a stable one-byte id (stored with
-pages in file tiers later; never reuse an id).  The store binds
+One small class per algorithm, each with a stable one-byte id (for any
+record that will name the codec of a stored page; never reuse an id).  Pages
+in file tiers are stored raw (incompressible ones, or demoted pages
+decompressed first), so no id is written today.  The store binds
 ``codec.compress`` and ``codec.decompress`` once and calls them per page, so
 they are plain C callables where possible.
 """

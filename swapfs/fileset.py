@@ -64,6 +64,8 @@ class FileTierSet:
         self.tiers: list[FileTier] = []
         try:
             for tc in configs:
+                if tc.kind != "file":
+                    raise ValueError(f"tier {tc.name!r}: kind {tc.kind!r}: only file tiers exist")
                 tier = FileTier(tc.name, tc.path, tc.size, tc.priority, preallocate=tc.preallocate,
                                 encrypt=tc.encrypt)
                 tier.open()

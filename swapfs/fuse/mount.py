@@ -93,9 +93,7 @@ def _check_mountpoint(mountpoint: str) -> str:
     return path
 
 
-def _opt_list(
-    fsname: str, subtype: str, allow_other: bool, default_permissions: bool, options: Iterable[str]
-) -> list[str]:
+def _opt_list(allow_other: bool, default_permissions: bool, options: Iterable[str]) -> list[str]:
     opts = []
     if default_permissions:
         opts.append("default_permissions")
@@ -123,7 +121,7 @@ def mount(
     ``use_fusermount``: None picks mount(2) as root and fusermount3 otherwise.
     """
     mp = _check_mountpoint(os.fspath(mountpoint))
-    opts = _opt_list(fsname, subtype, allow_other, default_permissions, options)
+    opts = _opt_list(allow_other, default_permissions, options)
     if use_fusermount is None:
         use_fusermount = os.geteuid() != 0
     if use_fusermount:

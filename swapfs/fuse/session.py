@@ -215,7 +215,6 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._reader_active = False
         self._ended = False
-        self._setxattr_ext = False
         # counters
         self._requests = 0
         self._inline = 0
@@ -788,7 +787,7 @@ class Session:
         return (value,)
 
     async def _op_setxattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        st = wire.setxattr_in if self._setxattr_ext else wire.setxattr_in_compat
+        st = wire.setxattr_in_compat  # FUSE_SETXATTR_EXT is not asked for
         self._need(n, st.size)
         size, flags = st.unpack_from(buf, _IN)[:2]
         name, off = self._name(buf, _IN + st.size, n)

@@ -778,19 +778,6 @@ def _pwrite_batch(fd: int, batch: list[_WriteJob], cipher: _PageCipher | None) -
             job.error = e
 
 
-def _pread_full(fd: int, size: int, offset: int) -> bytes:
-    data = os.pread(fd, size, offset)
-    if len(data) == size:
-        return data
-    buf = bytearray(data)
-    while len(buf) < size:  # short read: go on, and a read past the end is an error
-        more = os.pread(fd, size - len(buf), offset + len(buf))
-        if not more:
-            raise OSError(errno.EIO, "short read: backing file ends early")
-        buf += more
-    return bytes(buf)
-
-
 def _pread_runs(fd: int, runs: Sequence[tuple[int, int]], cipher: _PageCipher | None = None
                 ) -> tuple[list[bytes], list[int], int]:
     out: list[bytes] = []
