@@ -139,7 +139,9 @@ def _check_cache(store: Store, file_owner: list[dict[int, tuple[str, int]]], *,
         if page not in file_owner[ti]:
             raise AssertionError(f"swap cache holds tier {ti} page {page}, no slot's")
         cached = cache.get(key)
-        if cached is None or files[ti].read_now(page) != bytes(cached):
+        if cached is None:
+            raise AssertionError(f"swap cache: key {key:#x} listed but not held")
+        if files[ti].is_open and files[ti].read_now(page) != bytes(cached):
             raise AssertionError(f"swap cache: tier {ti} page {page} differs from disk")
 
 

@@ -528,6 +528,10 @@ class FileTier:
         return TierIOError(e.errno or errno.EIO, f"tier {self.name!r}: {self.path}: "
                                                  f"{what} failed: {e.strerror}")
 
+    @property
+    def is_open(self) -> bool:
+        return self._fd >= 0 and not self._closing
+
     def is_used(self, page: int) -> bool:
         """Page ``page`` is allocated."""
         return 0 <= page < self.capacity_pages and bool(self._used[page])

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import random
 import sys
-from typing import Callable
 
 import pytest
 
@@ -12,10 +11,10 @@ from swapfs.errors import NoSpace, OutOfRange, StoreError
 from swapfs.slots import BYTES_PER_SLOT
 from swapfs.store import Store
 
+from ..conftest import MakeStore
 from .conftest import MiB, compressible_page, random_page
 
 P = 4096
-MakeStore = Callable[..., Store]
 
 
 async def test_devices(make_store: MakeStore) -> None:
@@ -189,7 +188,7 @@ async def test_write_past_end(store: Store) -> None:
 
 @pytest.mark.parametrize("algorithm", ["lz4", "zstd"])
 async def test_pool_full(make_store: MakeStore, algorithm: str) -> None:
-    store = make_store(max_bytes=256 * 1024, algorithm=algorithm)  # four 64 KiB arenas
+    store = make_store(pool_bytes=256 * 1024, algorithm=algorithm)  # four 64 KiB arenas
     dev = store.devices[0]
     rng = random.Random(4)
     written = {}
@@ -288,7 +287,7 @@ async def test_stats_dict(store: Store) -> None:
 
 
 async def test_metadata_budget(make_store: MakeStore) -> None:
-    store = make_store(devices=(("swap0", 1 << 30),), max_bytes=512 * MiB, arena_bytes=None)
+    store = make_store(devices=(("swap0", 1 << 30),), pool_bytes=512 * MiB, arena_bytes=None)
     dev = store.devices[0]
     st = store.stats().device(dev.name)
     assert BYTES_PER_SLOT == 16
@@ -418,7 +417,7 @@ async def test_a_huge_device_holds_only_what_is_stored(make_store: MakeStore) ->
     # 1 TiB of slots is 4 GiB of table at 16 bytes a slot: reserved, never
     # backed until written.  Clusters in use cost 16 bytes a slot; a
     # cluster whose last page is discarded gives its memory back.
-    store = make_store(devices=(("big", 1 << 40),), max_bytes=256 * MiB, arena_bytes=None)
+    store = make_store(devices=(("big", 1 << 40),), pool_bytes=256 * MiB, arena_bytes=None)
     dev = store.devices[0]
     assert dev.npages == 1 << 28
     empty = store.stats().device("big").metadata_bytes

@@ -3,14 +3,13 @@ and a model-based concurrency test of moves against writes, reads and discards."
 
 from __future__ import annotations
 
+import functools
 import os
 import random
-from pathlib import Path
 
 import pytest
 import trio
 
-from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
 from swapfs.slots import FILE0, KIND_MASK, POOL, SHADOW
 from swapfs.store import Store
 from swapfs.writeback import Writeback, open_writeback
@@ -18,36 +17,17 @@ from swapfs.writeback import Writeback, open_writeback
 from .conftest import compressible_page
 import trio.lowlevel
 
+from ..conftest import MakeStore, tier
+
 MiB = 1 << 20
 PAGE = 4096
 
 
-def tier(name: str, path: Path, size: int, priority: int = 100, high: float = 0.95,
-         low: float = 0.9) -> TierConfig:
-    return TierConfig(name=name, kind="file", path=str(path), size=size, priority=priority,
-                      high_watermark=high, low_watermark=low)
-
-
 @pytest.fixture
-def stores():
-    made: list[Store] = []
-
-    def make(tiers, *, pool_bytes=256 * 1024, high=0.9, low=0.8, devices=(("swap0", 8 * MiB, True),),
-             cache_pages=64) -> Store:
-        cfg = Config(pool=PoolConfig(max_bytes=pool_bytes, algorithm="lz4", high_watermark=high,
-                                     low_watermark=low),
-                     devices=tuple(DeviceConfig(name=n, size=sz, writeback=wb)
-                                   for n, sz, wb in devices),
-                     tiers=tuple(tiers))
-        s = Store(cfg, arena_bytes=16 * 1024, cache_pages=cache_pages)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.check_invariants()
-        for t in s.tiers:
-            t.close()
+def stores(make_store: MakeStore) -> MakeStore:
+    """Small pools over file tiers; small arenas so that pools fill fast."""
+    return functools.partial(make_store, pool_bytes=256 * 1024, arena_bytes=16 * 1024,
+                             cache_pages=64, devices=(("swap0", 8 * MiB, True),))
 
 
 def pages_of(n: int, seed: int = 0) -> list[bytes]:

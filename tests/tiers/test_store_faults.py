@@ -7,26 +7,33 @@ import errno
 import os
 import random
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import pytest
 
-from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
 from swapfs.errors import BackingIOError, NoSpace, StoreError
 from swapfs.store import Store
 from swapfs.tiers import file as file_mod
 from swapfs.kernel import PAGE_SIZE as PAGE
 
+from ..conftest import MakeStore, tier
+
 MiB = 1 << 20
 
 
-def make_store(tmp_path: Path, prios: tuple[int, int] = (100, 100)) -> Store:
-    tiers = tuple(TierConfig(name=n, kind="file", path=str(tmp_path / f"{n}.img"), size=8 * MiB,
-                             priority=p, high_watermark=0.95, low_watermark=0.9)
-                  for n, p in zip(("a", "b"), prios))
-    cfg = Config(pool=PoolConfig(max_bytes=MiB, algorithm="lz4"),
-                 devices=(DeviceConfig(name="swap0", size=16 * MiB),), tiers=tiers)
-    return Store(cfg, arena_bytes=64 * 1024)
+TwoTiers = Callable[..., Store]
+
+
+@pytest.fixture
+def two_tiers(make_store: MakeStore, tmp_path: Path) -> TwoTiers:
+    """A store over file tiers a and b (8 MiB each, priorities ``prios``).
+    Ask for it before monkeypatch: its teardown check then runs after the
+    faults are undone."""
+    def make(prios: tuple[int, int] = (100, 100)) -> Store:
+        return make_store([tier(n, tmp_path / f"{n}.img", 8 * MiB, p)
+                           for n, p in zip(("a", "b"), prios)],
+                          pool_bytes=MiB, devices=(("swap0", 16 * MiB),))
+    return make
 
 
 class SickFd:
@@ -76,9 +83,9 @@ async def check(store: Store, model: dict[int, bytes]) -> None:
         assert await store.read(dev, i * PAGE, PAGE) == want, f"page {i}"
 
 
-async def test_enospc_on_one_tier_moves_on_to_the_other(tmp_path: Path,
+async def test_enospc_on_one_tier_moves_on_to_the_other(two_tiers: TwoTiers, tmp_path: Path,
                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    store = make_store(tmp_path)
+    store = two_tiers()
     sick = SickFd(monkeypatch)
     rng = random.Random(1)
     model: dict[int, bytes] = {}
@@ -97,10 +104,10 @@ async def test_enospc_on_one_tier_moves_on_to_the_other(tmp_path: Path,
 
 
 @pytest.mark.parametrize("prios", [(100, 100), (100, 10)])
-async def test_write_eio_on_one_tier_loses_nothing_stored(tmp_path: Path,
+async def test_write_eio_on_one_tier_loses_nothing_stored(two_tiers: TwoTiers, tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch,
                                                           prios: tuple[int, int]) -> None:
-    store = make_store(tmp_path, prios)
+    store = two_tiers(prios)
     sick = SickFd(monkeypatch)
     rng = random.Random(2)
     model: dict[int, bytes] = {}
@@ -119,10 +126,10 @@ async def test_write_eio_on_one_tier_loses_nothing_stored(tmp_path: Path,
         await store.aclose()
 
 
-async def test_read_eio_on_one_tier_is_eio_for_its_pages_only(tmp_path: Path,
+async def test_read_eio_on_one_tier_is_eio_for_its_pages_only(two_tiers: TwoTiers, tmp_path: Path,
                                                               monkeypatch: pytest.MonkeyPatch
                                                               ) -> None:
-    store = make_store(tmp_path)
+    store = two_tiers()
     sick = SickFd(monkeypatch)
     rng = random.Random(3)
     model: dict[int, bytes] = {}
@@ -151,9 +158,9 @@ async def test_read_eio_on_one_tier_is_eio_for_its_pages_only(tmp_path: Path,
         await store.aclose()
 
 
-async def test_short_writes_under_the_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+async def test_short_writes_under_the_store(two_tiers: TwoTiers, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                             ) -> None:
-    store = make_store(tmp_path)
+    store = two_tiers()
     sick = SickFd(monkeypatch)
     rng = random.Random(4)
     model: dict[int, bytes] = {}
@@ -168,10 +175,10 @@ async def test_short_writes_under_the_store(tmp_path: Path, monkeypatch: pytest.
         await store.aclose()
 
 
-async def test_every_tier_failing_is_an_error_never_wrong_bytes(tmp_path: Path,
+async def test_every_tier_failing_is_an_error_never_wrong_bytes(two_tiers: TwoTiers, tmp_path: Path,
                                                                 monkeypatch: pytest.MonkeyPatch
                                                                 ) -> None:
-    store = make_store(tmp_path)
+    store = two_tiers()
     rng = random.Random(5)
     model: dict[int, bytes] = {}
     real = os.pwritev

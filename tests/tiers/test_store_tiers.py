@@ -2,49 +2,28 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
-from pathlib import Path
 
 import pytest
 import trio
 
-from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
 from swapfs.errors import BackingIOError, Corruption, NoSpace
 from swapfs.store import Store
 from swapfs.kernel import PAGE_SIZE as PAGE
 from swapfs.tiers.file import CLUSTER_PAGES
 import trio.lowlevel
 
+from ..conftest import MakeStore, tier
+
 MiB = 1 << 20
 CLUSTER = CLUSTER_PAGES * PAGE
 
 
-def tier(name: str, path: Path, size: int, priority: int = 100) -> TierConfig:
-    return TierConfig(name=name, kind="file", path=str(path), size=size, priority=priority,
-                      high_watermark=0.95, low_watermark=0.9)
-
-
-def make_store(tiers: list[TierConfig], *, pool_bytes: int = 1 * MiB, device: int = 32 * MiB) -> Store:
-    cfg = Config(pool=PoolConfig(max_bytes=pool_bytes, algorithm="lz4"),
-                 devices=(DeviceConfig(name="swap0", size=device),), tiers=tuple(tiers))
-    return Store(cfg, arena_bytes=64 * 1024)
-
-
 @pytest.fixture
-def stores():
-    made: list[Store] = []
-
-    def make(*a, **kw) -> Store:
-        s = make_store(*a, **kw)
-        made.append(s)
-        return s
-
-    yield make
-    for s in made:
-        s.check_invariants()
-        for t in s.tiers:
-            t.close()
+def stores(make_store: MakeStore) -> MakeStore:
+    return functools.partial(make_store, pool_bytes=1 * MiB, devices=(("swap0", 32 * MiB),))
 
 
 def tier_stats(store: Store) -> dict:
@@ -212,7 +191,7 @@ async def test_backing_filesystem_really_fills_up(stores, tmp_path, small_ext4):
     store = stores([
         tier("small", small_ext4 / "tier.img", 64 * MiB, priority=100),
         tier("big", tmp_path / "big.img", 64 * MiB, priority=10),
-    ], pool_bytes=64 * 1024, device=64 * MiB)
+    ], pool_bytes=64 * 1024, devices=(("swap0", 64 * MiB),))
     dev = store.devices[0]
     written = []
     for i in range(3000):  # ~12 MiB of raw pages
@@ -273,7 +252,7 @@ async def test_concurrent_io_against_a_model(stores, tmp_path, seed):
     """Writers, readers and discarders interleave at every await of the file tier."""
     store = stores([tier("a", tmp_path / "a.img", 4 * MiB, priority=5),
                     tier("b", tmp_path / "b.img", 4 * MiB, priority=5)],
-                   pool_bytes=128 * 1024, device=2 * MiB)
+                   pool_bytes=128 * 1024, devices=(("swap0", 2 * MiB),))
     dev = store.devices[0]
     npages = 2 * MiB // PAGE
     model = PageModel(npages)

@@ -1,0 +1,60 @@
+"""What every layer's tests share: building stores (and file tier configs)
+that are checked after every test and always closed."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import pytest
+
+from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
+from swapfs.store import CACHE_PAGES, Store
+
+MiB = 1 << 20
+
+MakeStore = Callable[..., Store]
+
+
+def tier(name: str, path: Path | str, size: int, priority: int = 100, high: float = 0.95,
+         low: float = 0.9, encrypt: bool = True) -> TierConfig:
+    """A file tier's config."""
+    return TierConfig(name=name, kind="file", path=str(path), size=size, priority=priority,
+                      high_watermark=high, low_watermark=low, encrypt=encrypt)
+
+
+def store_config(tiers: Sequence[TierConfig] = (), *, pool_bytes: int = 64 * MiB,
+                 algorithm: str = "lz4", level: int = 1, accept_ratio: float = 0.8,
+                 high: float = 0.9, low: float = 0.8,
+                 devices: Sequence[tuple[str, int] | tuple[str, int, bool]] = (("swap0", 4 * MiB),),
+                 ) -> Config:
+    """A config; ``devices`` as (name, size) or (name, size, writeback)."""
+    return Config(
+        pool=PoolConfig(max_bytes=pool_bytes, algorithm=algorithm, level=level,
+                        accept_ratio=accept_ratio, high_watermark=high, low_watermark=low),
+        devices=tuple(DeviceConfig(name=d[0], size=d[1], writeback=d[2] if len(d) > 2 else True)
+                      for d in devices),
+        tiers=tuple(tiers))
+
+
+@pytest.fixture
+def make_store() -> Iterator[MakeStore]:
+    """``make_store(tiers=(), *, arena_bytes=64 KiB, cache_pages=..., **store_config)``.
+    Every store made passes check_invariants at teardown, and its file tiers
+    are closed.  Test modules bind their own defaults with functools.partial."""
+    made: list[Store] = []
+
+    def factory(tiers: Sequence[TierConfig] = (), *, arena_bytes: int | None = 64 * 1024,
+                cache_pages: int = CACHE_PAGES, **kw: object) -> Store:
+        store = Store(store_config(tiers, **kw), arena_bytes=arena_bytes,  # type: ignore[arg-type]
+                      cache_pages=cache_pages)
+        made.append(store)
+        return store
+
+    yield factory
+    try:
+        for store in made:
+            store.check_invariants()
+    finally:
+        for store in made:
+            store.files.close()
