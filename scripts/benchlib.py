@@ -14,8 +14,8 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 from swapfs.harness import loop_device  # noqa: F401  (re-exported for the bench scripts)
 

@@ -36,8 +36,9 @@ import struct
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import trio
 
@@ -454,7 +455,7 @@ class Fuzzer:
             for p in batch:
                 await self._wait(lambda: len(self.pending) < self.window)
                 if self._conflicts(p):
-                    await self._wait(lambda: not self._conflicts(p))
+                    await self._wait(lambda p=p: not self._conflicts(p))
                 await self._send(p)
             if self.check_every and self.stats.requests // self.check_every != \
                     (self.stats.requests - len(batch)) // self.check_every:

@@ -190,7 +190,7 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
         return _die(str(exc))
     except KeyboardInterrupt:
         return EXIT_OK
-    except Exception as exc:  # noqa: BLE001 - last resort: say why before dying
+    except Exception as exc:
         log.exception("swapfs daemon failed")
         report(f"ERROR {exc}")
         return _die(f"daemon failed: {exc}")

@@ -18,7 +18,6 @@ from .kernel import PAGE_SIZE
 from .slots import MAX_FILE_TIERS
 from .stats import xattr_name
 
-
 ALGORITHMS = ("lz4", "zstd")
 ZSTD_LEVELS = range(1, 23)
 TIER_KINDS = ("file",)

@@ -24,7 +24,7 @@ import logging
 import os
 import signal
 import socket
-from typing import Callable
+from collections.abc import Callable
 
 import trio
 

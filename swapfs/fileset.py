@@ -21,7 +21,8 @@ Nothing here awaits except :meth:`punch`.
 
 from __future__ import annotations
 
-from typing import Iterator, NamedTuple, Sequence
+from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 from .cache import KEY_PAGE_MASK, KEY_SHIFT, SwapCache, file_key
 from .config import TierConfig

@@ -25,7 +25,7 @@ import os
 import re
 import stat
 import time
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from .errors import BackingIOError, Corruption, NoSpace, OutOfRange, StoreError
 from .fuse import (

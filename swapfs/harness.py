@@ -18,8 +18,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 from .sysinfo import active_swaps, read_stats
 

@@ -11,7 +11,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
-from typing import Callable
+from collections.abc import Callable
 
 # The unit of every tier, and of the kernel's swap I/O.
 PAGE_SIZE = 4096

@@ -42,7 +42,7 @@ from __future__ import annotations
 import mmap
 import sys
 from array import array
-from typing import Iterator
+from collections.abc import Iterator
 
 EMPTY = 0
 SAME = 1

@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from array import array
-from typing import Callable
+from collections.abc import Callable
 
 from . import invariants, store_stats
 from .cache import SwapCache, file_key

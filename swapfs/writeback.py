@@ -22,7 +22,8 @@ from __future__ import annotations
 import contextlib
 import heapq
 import logging
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import trio
 import trio.lowlevel

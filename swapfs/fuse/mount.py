@@ -15,7 +15,7 @@ import shutil
 import socket
 import stat
 import subprocess
-from typing import Iterable
+from collections.abc import Iterable
 
 MS_NOSUID = 2
 MS_NODEV = 4

@@ -26,8 +26,9 @@ next request is read by that task.
 from __future__ import annotations
 
 import errno
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Iterable, NamedTuple, Sequence
+from typing import NamedTuple
 
 ROOT_INODE = 1
 

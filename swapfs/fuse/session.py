@@ -47,8 +47,9 @@ import logging
 import os
 import time
 import types
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable, Mapping
+from typing import Any
 
 import trio
 
@@ -133,7 +134,7 @@ def _drive(coro: Any, trap: Any) -> Any:
     while True:
         try:
             value = yield trap
-        except BaseException as exc:  # noqa: BLE001 - forwarded into the handler
+        except BaseException as exc:
             try:
                 trap = coro.throw(exc)
             except StopIteration as stop:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import stat
-from typing import Sequence
+from collections.abc import Sequence
 
 PAGE = 4096
 
@@ -47,7 +47,7 @@ def check_tier_paths(tiers: Sequence[tuple[str, str, int]], mountpoint: str | No
     seen_names: set[str] = set()
     linked: list[tuple[str, str, int]] = []
     for name, path, size in tiers:
-        def fail(problem: str) -> TierConfigError:
+        def fail(problem: str, name: str = name, path: str = path) -> TierConfigError:
             return TierConfigError(f'tier "{name}": {path}: {problem}')
 
         if name in seen_names:

@@ -37,7 +37,7 @@ import logging
 import os
 import stat
 from array import array
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import trio
 import xxhash

@@ -9,8 +9,7 @@ import sys
 import pytest
 import xxhash
 
-from swapfs.codec import (CODECS, CODECS_BY_ID, ZERO_PAGE, checksum, fill_page, make_codec,
-                          same_fill_word)
+from swapfs.codec import CODECS, CODECS_BY_ID, ZERO_PAGE, checksum, fill_page, make_codec, same_fill_word
 
 from .conftest import compressible_page
 

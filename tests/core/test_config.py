@@ -7,8 +7,7 @@ import os
 import pytest
 
 from swapfs import config as cfg
-from swapfs.config import (DEFAULT_CONFIG_TOML, Config, ConfigError, load_config, parse_config,
-                           parse_size)
+from swapfs.config import DEFAULT_CONFIG_TOML, Config, ConfigError, load_config, parse_config, parse_size
 
 GiB = 1 << 30
 

@@ -9,15 +9,14 @@ import random
 
 import pytest
 import trio
+import trio.lowlevel
 
 from swapfs.slots import FILE0, KIND_MASK, POOL, SHADOW
 from swapfs.store import Store
 from swapfs.writeback import Writeback, open_writeback
 
-from .conftest import compressible_page
-import trio.lowlevel
-
 from ..conftest import MakeStore, tier
+from .conftest import compressible_page
 
 MiB = 1 << 20
 PAGE = 4096

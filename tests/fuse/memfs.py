@@ -8,14 +8,13 @@ MOUNTPOINT --size 512M`` serves one file ``data`` (used by scripts/bench-fuse).
 
 from __future__ import annotations
 
-from functools import partial
-
 import errno
 import os
 import stat
 import sys
 import time
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 

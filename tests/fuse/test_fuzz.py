@@ -12,12 +12,11 @@ import pytest
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
 
-from fuzzlib import Fuzzer, FuzzFailure  # noqa: E402
+import trio
+from fuzzlib import Fuzzer, FuzzFailure
 
-import trio  # noqa: E402
-
-from swapfs.fs import SwapFS  # noqa: E402
-from swapfs.fuse import FUSEError, Session  # noqa: E402
+from swapfs.fs import SwapFS
+from swapfs.fuse import FUSEError, Session
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 import errno
 import os
 import socket
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import pytest
 import trio

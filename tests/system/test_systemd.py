@@ -18,7 +18,7 @@ import pytest
 
 from swapfs import harness, sysinfo, units
 
-from .conftest import fuse_available, run_swapfs, stop_mount, Mount
+from .conftest import Mount, fuse_available, run_swapfs, stop_mount
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 import subprocess
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -64,7 +64,7 @@ def small_ext4(tmp_path: Path) -> Iterator[Path]:
     try:
         yield mnt
     finally:
-        for attempt in range(50):
+        for _ in range(50):
             r = subprocess.run(["umount", str(mnt)], capture_output=True, text=True)
             if r.returncode == 0 or not os.path.ismount(mnt):
                 break

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.lowlevel
 
 from swapfs.kernel import PAGE_SIZE as PAGE
 from swapfs.stats import FileTierStats
-from swapfs.tiers.file import (CLUSTER_PAGES, ChecksumError, FileTier, TierFull,
-                               TierIOError)
+from swapfs.tiers.file import CLUSTER_PAGES, ChecksumError, FileTier, TierFull, TierIOError
 
 from .conftest import CLUSTER_BYTES, MiB
-import trio.lowlevel
 
 C = CLUSTER_PAGES
 
@@ -479,7 +478,7 @@ async def test_random_allocate_free_punch_against_a_model(make_tier):
             assert len(set(got)) == len(got)
             assert not owned & set(got), "a page handed out twice"
             assert not freed_since_punch & set(got), "a cluster reused before its punch"
-            for s, k in runs:
+            for _, k in runs:
                 assert k > 0
             owned.update(got)
         elif op < 0.9 and owned:

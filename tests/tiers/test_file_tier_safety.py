@@ -8,13 +8,14 @@ import errno
 import os
 import random
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
-from swapfs.tiers import file as file_mod
 from swapfs.kernel import PAGE_SIZE as PAGE
+from swapfs.tiers import file as file_mod
 from swapfs.tiers.file import CLUSTER_PAGES, ChecksumError, FileTier, TierFull, TierIOError
 
 CLUSTER_BYTES = CLUSTER_PAGES * PAGE

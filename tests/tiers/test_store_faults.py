@@ -6,15 +6,16 @@ from __future__ import annotations
 import errno
 import os
 import random
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from swapfs.errors import BackingIOError, NoSpace, StoreError
+from swapfs.kernel import PAGE_SIZE as PAGE
 from swapfs.store import Store
 from swapfs.tiers import file as file_mod
-from swapfs.kernel import PAGE_SIZE as PAGE
 
 from ..conftest import MakeStore, tier
 

@@ -8,12 +8,12 @@ import random
 
 import pytest
 import trio
+import trio.lowlevel
 
 from swapfs.errors import BackingIOError, Corruption, NoSpace
-from swapfs.store import Store
 from swapfs.kernel import PAGE_SIZE as PAGE
+from swapfs.store import Store
 from swapfs.tiers.file import CLUSTER_PAGES
-import trio.lowlevel
 
 from ..conftest import MakeStore, tier
 
