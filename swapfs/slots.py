@@ -39,10 +39,15 @@ the named predicates.
 
 from __future__ import annotations
 
+import logging
 import mmap
 import sys
 from array import array
 from collections.abc import Iterator
+
+from .kernel import buffer_address, release_memory
+
+log = logging.getLogger(__name__)
 
 EMPTY = 0
 SAME = 1
@@ -105,13 +110,15 @@ class SlotTable:
     """The handle, info and epoch columns of one device, and its cluster counts."""
 
     __slots__ = ("npages", "nclusters", "handles", "info", "epoch", "cluster_used", "nonempty",
-                 "_maps")
+                 "_maps", "_addresses", "release_errors")
 
     def __init__(self, npages: int) -> None:
         self.npages = npages
         self.nclusters = -(-npages // CLUSTER_SLOTS)
         span = self.nclusters * CLUSTER_SLOTS
         self._maps = (_reserve(span * 8), _reserve(span * 4), _reserve(span * 4))
+        self._addresses = tuple(buffer_address(m) for m in self._maps)
+        self.release_errors = 0  # clusters whose memory could not be given back
         self.handles = memoryview(self._maps[0]).cast("Q")[:npages]
         self.info = memoryview(self._maps[1]).cast("I")[:npages]
         self.epoch = memoryview(self._maps[2]).cast("I")[:npages]
@@ -136,8 +143,13 @@ class SlotTable:
         used[c] = u
         if not u:
             self.nonempty[c] = 0
-            for m, width in zip(self._maps, (8, 4, 4)):
-                m.madvise(mmap.MADV_DONTNEED, c * CLUSTER_SLOTS * width, CLUSTER_SLOTS * width)
+            try:
+                for address, width in zip(self._addresses, (8, 4, 4)):
+                    release_memory(address + c * CLUSTER_SLOTS * width, CLUSTER_SLOTS * width)
+            except OSError as e:  # the memory stays held (and zero): nothing is lost
+                self.release_errors += 1
+                if self.release_errors == 1:
+                    log.warning("slot table: cannot give a free cluster's memory back: %s", e)
 
     @property
     def clusters_in_use(self) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import subprocess
 import sys
 
 import pytest
@@ -438,3 +439,45 @@ async def test_a_huge_device_holds_only_what_is_stored(make_store: MakeStore) ->
     assert store.stats().device("big").metadata_bytes == empty
     assert await store.read(dev, far[3] * P, P) == bytes(P)
     store.check_invariants()
+
+
+def test_freed_clusters_give_memory_back_in_a_locked_process() -> None:
+    # The daemon runs mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT), and
+    # MADV_DONTNEED refuses locked pages: a freed cluster must still give its
+    # memory back (and be locked again when written).  In a child process,
+    # so that this test process's memory is not locked.
+    code = """
+import ctypes, sys
+from swapfs.kernel import libc
+from swapfs.slots import CLUSTER_SLOTS, SlotTable
+if libc().mlockall(1 | 2 | 4) != 0:
+    print("SKIP mlockall failed errno", ctypes.get_errno()); sys.exit(0)
+def locked_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+t = SlotTable(1 << 24)  # 16M slots: 256 MiB of table reserved
+base = locked_kib()
+for s in range(64 * CLUSTER_SLOTS):  # 64 clusters written: 1 MiB of table
+    t.info[s] = 2
+    t.handles[s] = s + 1
+    t.filled(s)
+grown = locked_kib() - base
+for s in range(64 * CLUSTER_SLOTS):
+    t.info[s] = 0
+    t.handles[s] = 0
+    t.emptied(s)
+t.check()
+shrunk = locked_kib() - base
+t.info[5] = 2; t.filled(5)  # written again after the release: still works
+print("OK", grown, shrunk, t.release_errors)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    words = out.stdout.split()
+    if words[0] == "SKIP":
+        pytest.skip(out.stdout.strip())
+    grown, shrunk, errors = int(words[1]), int(words[2]), int(words[3])
+    assert errors == 0
+    assert grown >= 700  # KiB: 64 clusters, 12 bytes a slot written (handle and info)
+    assert shrunk < grown / 4, (grown, shrunk)
