@@ -29,7 +29,7 @@ from swapfs.slots import (EMPTY, FILE0, FLAGS, HUGE, KIND_MASK, KIND_NAMES, LENG
                           POOL, SAME, SHADOW, SlotTable)
 from swapfs.stats import CacheStats, DeviceStats, PoolStats, Stats, TotalsStats, WritebackStats
 from swapfs.tiers.file import ChecksumError, FileTier, TierFull, TierIOError
-from swapfs.tiers.pool import INDEX_BITS, INDEX_MASK, Pool, PoolFull, class_size
+from swapfs.tiers.pool import OBJECT_BYTES, Pool, PoolFull
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,9 @@ MAX_FILE_TIERS = 8
 # cache uses the same keys).
 _PIN_SHIFT = 40
 _PAGE_OF_KEY = (1 << _PIN_SHIFT) - 1
+# A pool object's owner word is device_index << _OWNER_SHIFT | slot.
+_OWNER_SHIFT = 40
+_OWNER_SLOT = (1 << _OWNER_SHIFT) - 1
 # Epochs: the store's clock, in these units per second (see docs/writeback.md).
 EPOCHS_PER_SECOND = 4
 EPOCH_MASK = 0xFFFFFFFF
@@ -109,8 +112,8 @@ class Store:
                  cache_pages: int = CACHE_PAGES) -> None:
         self.config = config
         self.codec = make_codec(config.pool.algorithm, config.pool.level)
-        self.pool = Pool(config.pool.max_bytes, **({"arena_bytes": arena_bytes}
-                                                    if arena_bytes else {}))
+        # (arena_bytes: no longer used; the pool carves small spans.)
+        self.pool = Pool(config.pool.max_bytes)
         # A page is kept compressed only if it compresses to at most this.
         self.accept_limit = int(config.pool.accept_ratio * PAGE_SIZE)
         self.devices = [Device(i, dc) for i, dc in enumerate(config.devices)]
@@ -290,6 +293,7 @@ class Store:
         compress = self.codec.compress
         pool = self.pool
         alloc = pool.alloc
+        obase = dev.index << _OWNER_SHIFT  # the pool object's owner: obase | slot
         limit = self.accept_limit
         q = mv.cast("Q")
         d_stored = d_same = d_pool = d_huge = d_cbytes = d_pbytes = 0
@@ -317,17 +321,17 @@ class Store:
                                 spill.append(k)
                                 o += PAGE_SIZE
                                 continue
-                            new_h = alloc(page, PAGE_SIZE)
+                            new_h = alloc(page, PAGE_SIZE, obase | s)
                             new_i = _HUGE_INFO
                             d_huge += 1
                             d_cbytes += PAGE_SIZE
                             d_pbytes += PAGE_SIZE
                         else:
-                            new_h = alloc(c, n)
+                            new_h = alloc(c, n, obase | s)
                             new_i = n << 4 | POOL
                             d_pool += 1
                             d_cbytes += n
-                            d_pbytes += (n + 31) & ~31
+                            d_pbytes += OBJECT_BYTES[n]
                     except PoolFull:
                         if spill is None:
                             raise
@@ -464,7 +468,7 @@ class Store:
             n = (old >> 4) & LENGTH_MASK
             self.pool.free_object(h, n)
             dev.compressed_bytes -= n
-            dev.pool_bytes -= (n + 31) & ~31
+            dev.pool_bytes -= OBJECT_BYTES[n]
             if old & KIND_MASK == POOL:
                 dev.pool_pages -= 1
             else:
@@ -726,8 +730,7 @@ class Store:
         epoch = table.epoch
         ep = self.epoch
         pool = self.pool
-        views = pool.views
-        osize = pool.osize
+        mem = pool.mem
         decompress = self.codec.decompress
         on_disk: list[tuple[int, int]] | None = None
         o = 0
@@ -737,18 +740,13 @@ class Store:
                 k = i & KIND_MASK
                 h = handles[s]
                 if k == POOL:
-                    aid = h >> INDEX_BITS
-                    off = (h & INDEX_MASK) * osize[aid]
-                    out[o:o + PAGE_SIZE] = decompress(
-                        views[aid][off:off + ((i >> 4) & LENGTH_MASK)])  # type: ignore[index]
+                    out[o:o + PAGE_SIZE] = decompress(mem[h:h + ((i >> 4) & LENGTH_MASK)])
                     epoch[s] = ep
                 elif k == SAME:
                     if h:
                         out[o:o + PAGE_SIZE] = fill_page(h)
                 elif k == HUGE:
-                    aid = h >> INDEX_BITS
-                    off = (h & INDEX_MASK) * PAGE_SIZE
-                    out[o:o + PAGE_SIZE] = views[aid][off:off + PAGE_SIZE]  # type: ignore[index]
+                    out[o:o + PAGE_SIZE] = mem[h:h + PAGE_SIZE]
                     epoch[s] = ep
                 elif k >= FILE0:
                     if on_disk is None:
@@ -949,6 +947,26 @@ class Store:
         info_bytes.release()
         dev.stored_pages -= freed
 
+    # -- pool compaction ----------------------------------------------------
+
+    def compact(self, budget: int | None = None) -> tuple[int, int]:
+        """Compact the pool now (no await); return (objects moved, bytes released)."""
+        return self.pool.compact(self._relocate, budget)
+
+    def _relocate(self, owner: int, old: int, new: int) -> bool:
+        """The pool moved slot ``owner``'s object from handle ``old`` to
+        ``new`` (called by Pool.compact, in the same step: no await): point
+        the slot at it.  A slot flagged MOVING keeps its object (False):
+        its migration commits only if the handle is unchanged."""
+        dev = self.devices[owner >> _OWNER_SHIFT]
+        s = owner & _OWNER_SLOT
+        i = dev.table.info[s]
+        if dev.table.handles[s] != old or i & MOVING or not (
+                i & KIND_MASK == POOL or i & KIND_MASK == HUGE):
+            return False
+        dev.table.handles[s] = new
+        return True
+
     # -- stats and checks -------------------------------------------------
 
     def stats(self) -> Stats:
@@ -1039,7 +1057,7 @@ class Store:
         are allowed.  The accounting identity is checked whenever no move is
         in flight."""
         pool = self.pool
-        live: dict[int, list[int]] = {}
+        live: dict[int, tuple[int, int]] = {}
         file_owner: list[dict[int, tuple[str, int]]] = [{} for _ in self.tiers]
         total_cbytes = 0
         moving = 0
@@ -1076,13 +1094,11 @@ class Store:
                                              f"accept limit {self.accept_limit}")
                     if k == HUGE and n != PAGE_SIZE:
                         raise AssertionError(f"{dev.name}: huge slot {s} has length {n}")
-                    aid = h >> INDEX_BITS
-                    if not 0 <= aid < len(pool.bufs) or pool.osize[aid] != class_size(n):
-                        raise AssertionError(f"{dev.name}: slot {s} ({KIND_NAMES[k]}, {n} bytes) "
-                                             f"points at arena {aid} of another size class")
-                    live.setdefault(aid, []).append(h & INDEX_MASK)
+                    if h in live:
+                        raise AssertionError(f"{dev.name}: slot {s} shares pool object {h:#x}")
+                    live[h] = (n, dev.index << _OWNER_SHIFT | s)
                     cbytes += n
-                    pbytes += class_size(n)
+                    pbytes += OBJECT_BYTES[n]
                 elif FILE0 <= k < FILE0 + len(self.tiers):
                     if n:
                         raise AssertionError(f"{dev.name}: file slot {s} has length {n}")
