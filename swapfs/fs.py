@@ -49,6 +49,9 @@ PAGE = 4096
 XATTR_PREFIX = b"user.swapfs."
 STATS_XATTR = b"user.swapfs.stats"
 CTL_WRITEBACK = b"user.swapfs.ctl.writeback"
+# Any value: compact the pool now; reading it gives "OBJECTS BYTES", what the
+# last compaction requested moved and released.
+CTL_COMPACT = b"user.swapfs.ctl.compact"
 # The kernel refuses xattr values above 64 KiB (XATTR_SIZE_MAX).
 XATTR_SIZE_MAX = 65536
 # "N" (pages) or "idle:SECONDS"; a trailing newline (echo) is tolerated.
@@ -105,6 +108,7 @@ class SwapFS(Operations):
         # every peak that outlasts a request.
         self.pool_peak_bytes = 0
         self._ctl_results: dict[int, int] = {}  # inode -> pages moved by its last writeback request
+        self._compacted = (0, 0)  # (objects moved, bytes released) by the last compaction request
         self._by_inode: dict[int, Device] = {ROOT_INODE + 1 + d.index: d for d in store.devices}
         self._by_name: dict[bytes, Device] = {d.name.encode(): d for d in store.devices}
         # fh == inode of the device: opening needs no state of its own
@@ -296,7 +300,8 @@ class SwapFS(Operations):
 
     async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
         _, counters = self._stats_for(inode)
-        return [STATS_XATTR, CTL_WRITEBACK] + [XATTR_PREFIX + k.encode() for k in counters]
+        ctl = [CTL_WRITEBACK, CTL_COMPACT] if inode == ROOT_INODE else [CTL_WRITEBACK]
+        return [STATS_XATTR, *ctl] + [XATTR_PREFIX + k.encode() for k in counters]
 
     async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
         if not name.startswith(XATTR_PREFIX):
@@ -306,6 +311,8 @@ class SwapFS(Operations):
             self._attr(inode)
             # reading it: the pages its last request on this file moved
             return str(self._ctl_results.get(inode, 0)).encode()
+        if name == CTL_COMPACT and inode == ROOT_INODE:
+            return f"{self._compacted[0]} {self._compacted[1]}".encode()
         obj, counters = self._stats_for(inode)
         if name == STATS_XATTR:
             blob = json.dumps(obj, separators=(",", ":")).encode()
@@ -324,6 +331,12 @@ class SwapFS(Operations):
         self._attr(inode)
         if name == CTL_WRITEBACK:
             await self._ctl_writeback(inode, value)
+            return
+        if name == CTL_COMPACT and inode == ROOT_INODE:
+            if self.writeback is None:
+                raise FUSEError(errno.EAGAIN)
+            self._compacted = await self.writeback.compact()
+            log.info("compaction request: %d objects moved, %d bytes released", *self._compacted)
             return
         if name.startswith(XATTR_PREFIX):
             log.warning("setxattr %r refused: swapfs statistics are read-only", name)

@@ -10,8 +10,21 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .cache import KEY_PAGE_MASK, KEY_SHIFT
-from .slots import EMPTY, FILE0, FLAGS, HUGE, KIND_MASK, KIND_NAMES, LENGTH_MASK, MOVING, POOL, SAME, SHADOW
-from .tiers.pool import INDEX_BITS, INDEX_MASK, class_size
+from .slots import (
+    EMPTY,
+    FILE0,
+    FLAGS,
+    HUGE,
+    KIND_MASK,
+    KIND_NAMES,
+    LENGTH_MASK,
+    MOVING,
+    POOL,
+    SAME,
+    SHADOW,
+    SLOT_SHIFT,
+)
+from .tiers.pool import OBJECT_BYTES
 
 if TYPE_CHECKING:
     from .store import Device, Store
@@ -23,7 +36,7 @@ def check_store(store: Store, *, quiescent: bool = True) -> None:
     allowed.  The accounting identity is checked at every moment: pages in
     flight and deferred frees are left out of the tiers' counts."""
     files = store.files
-    live: dict[int, list[int]] = {}
+    live: dict[int, tuple[int, int]] = {}  # pool handle -> (payload bytes, owner)
     file_owner: list[dict[int, tuple[str, int]]] = [{} for _ in files]
     total_cbytes = 0
     moving = 0
@@ -31,8 +44,10 @@ def check_store(store: Store, *, quiescent: bool = True) -> None:
         cbytes, nmoving = _check_device(store, dev, live, file_owner)
         total_cbytes += cbytes
         moving += nmoving
-    for h, n in store.staged_pool_objects():  # writes in flight, waiting for a file tier
-        live.setdefault(h >> INDEX_BITS, []).append(h & INDEX_MASK)
+    for h, n, owner in store.staged_pool_objects():  # writes waiting for a file tier
+        if h in live:
+            raise AssertionError(f"a staged write and a slot share pool object {h:#x}")
+        live[h] = (n, owner)
         total_cbytes += n
     store.pool.check_invariants(live, total_cbytes)
     in_moves = store.moves_in_flight
@@ -50,10 +65,9 @@ def check_store(store: Store, *, quiescent: bool = True) -> None:
     _check_accounting(store)
 
 
-def _check_device(store: Store, dev: Device, live: dict[int, list[int]],
+def _check_device(store: Store, dev: Device, live: dict[int, tuple[int, int]],
                   file_owner: list[dict[int, tuple[str, int]]]) -> tuple[int, int]:
     """Walk one slot table; returns (compressed bytes, slots flagged MOVING)."""
-    pool = store.pool
     table = dev.table
     if not (len(table.handles) == len(table.info) == len(table.epoch) == dev.npages):
         raise AssertionError(f"{dev.name}: slot table columns are not {dev.npages} long")
@@ -87,13 +101,12 @@ def _check_device(store: Store, dev: Device, live: dict[int, list[int]],
                                      f"accept limit {store.accept_limit}")
             if k == HUGE and n != 4096:
                 raise AssertionError(f"{dev.name}: huge slot {s} has length {n}")
-            aid = h >> INDEX_BITS
-            if not 0 <= aid < len(pool.bufs) or pool.osize[aid] != class_size(n):
-                raise AssertionError(f"{dev.name}: slot {s} ({KIND_NAMES[k]}, {n} bytes) "
-                                     f"points at arena {aid} of another size class")
-            live.setdefault(aid, []).append(h & INDEX_MASK)
+            if h in live:
+                raise AssertionError(f"{dev.name}: slot {s} ({KIND_NAMES[k]}) shares pool object "
+                                     f"{h:#x}")
+            live[h] = (n, dev.index << SLOT_SHIFT | s)
             cbytes += n
-            pbytes += class_size(n)
+            pbytes += OBJECT_BYTES[n]
         elif FILE0 <= k < FILE0 + len(file_owner):
             if n:
                 raise AssertionError(f"{dev.name}: file slot {s} has length {n}")

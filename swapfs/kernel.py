@@ -21,8 +21,9 @@ PAGE_SHIFT = 12
 PAGE_MASK = PAGE_SIZE - 1
 assert PAGE_SIZE == 1 << PAGE_SHIFT
 
-MADV_DONTNEED = 4
-MLOCK_ONFAULT = 1
+# madvise(2): drop pages, locked ones too (Linux 5.18+)
+MADV_DONTNEED_LOCKED = 24
+_advice = [MADV_DONTNEED_LOCKED]
 
 # fallocate(2) modes (linux/falloc.h)
 FALLOC_FL_KEEP_SIZE = 0x01
@@ -53,26 +54,18 @@ def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
         raise OSError(e, os.strerror(e))
 
 
-def buffer_address(buf: mmap.mmap) -> int:
-    """The address of a writable mapping (keeps an export of it: the mapping
-    can no longer be closed or resized)."""
-    return ctypes.addressof(ctypes.c_char.from_buffer(buf))
-
-
-def release_memory(address: int, length: int) -> None:
-    """Give the pages of ``address .. + length`` (page-aligned, anonymous,
-    private) back to the kernel: they read as zeros afterwards and hold no
-    memory until written.  In a process that locked its memory
-    (``mlockall``) the range is unlocked, dropped and locked again on fault,
-    since MADV_DONTNEED refuses locked pages.  Raises OSError."""
-    lib = libc()
-    if lib.madvise(ctypes.c_void_p(address), ctypes.c_size_t(length), MADV_DONTNEED) == 0:
-        return
-    e = ctypes.get_errno()
-    if e != errno.EINVAL:
-        raise OSError(e, f"madvise(MADV_DONTNEED): {os.strerror(e)}")
-    for call, args in (("munlock", ()), ("madvise", (MADV_DONTNEED,)), ("mlock2", (MLOCK_ONFAULT,))):
-        fn = getattr(lib, call)
-        if fn(ctypes.c_void_p(address), ctypes.c_size_t(length), *args) != 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"{call}: {os.strerror(e)}")
+def release_memory(mapping: mmap.mmap, offset: int, length: int) -> None:
+    """Give the pages of ``mapping[offset:offset + length]`` (page-aligned,
+    anonymous, private) back to the kernel: they read as zeros afterwards and
+    hold no memory until written.  MADV_DONTNEED_LOCKED (Linux 5.18) also
+    drops pages that the daemon's ``mlockall`` locked, which MADV_DONTNEED
+    refuses; a kernel without it falls back to MADV_DONTNEED.  Raises
+    OSError (an older kernel and a locked process: the memory stays held)."""
+    advice = _advice[0]
+    try:
+        mapping.madvise(advice, offset, length)
+    except OSError as e:
+        if advice != MADV_DONTNEED_LOCKED or e.errno != errno.EINVAL:
+            raise
+        _advice[0] = mmap.MADV_DONTNEED  # a kernel before 5.18
+        mapping.madvise(mmap.MADV_DONTNEED, offset, length)

@@ -45,7 +45,7 @@ import sys
 from array import array
 from collections.abc import Iterator
 
-from .kernel import buffer_address, release_memory
+from .kernel import release_memory
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,11 @@ _IN_POOL_MASK = KIND_MASK & ~1
 BYTES_PER_SLOT = 8 + 4 + 4
 # The epoch column holds 32 bits; the clocks it is compared with wrap the same.
 EPOCH_MASK = 0xFFFFFFFF
+
+# A slot as one integer, device index << SLOT_SHIFT | slot: the owner word of
+# its pool object, and the key of a tracked (partly written) slot.
+SLOT_SHIFT = 40
+SLOT_MASK = (1 << SLOT_SHIFT) - 1
 
 # Slots per cluster: the unit of table memory and of empty-stretch skipping.
 CLUSTER_SHIFT = 10
@@ -110,14 +115,13 @@ class SlotTable:
     """The handle, info and epoch columns of one device, and its cluster counts."""
 
     __slots__ = ("npages", "nclusters", "handles", "info", "epoch", "cluster_used", "nonempty",
-                 "_maps", "_addresses", "release_errors")
+                 "_maps", "release_errors")
 
     def __init__(self, npages: int) -> None:
         self.npages = npages
         self.nclusters = -(-npages // CLUSTER_SLOTS)
         span = self.nclusters * CLUSTER_SLOTS
         self._maps = (_reserve(span * 8), _reserve(span * 4), _reserve(span * 4))
-        self._addresses = tuple(buffer_address(m) for m in self._maps)
         self.release_errors = 0  # clusters whose memory could not be given back
         self.handles = memoryview(self._maps[0]).cast("Q")[:npages]
         self.info = memoryview(self._maps[1]).cast("I")[:npages]
@@ -144,8 +148,8 @@ class SlotTable:
         if not u:
             self.nonempty[c] = 0
             try:
-                for address, width in zip(self._addresses, (8, 4, 4)):
-                    release_memory(address + c * CLUSTER_SLOTS * width, CLUSTER_SLOTS * width)
+                for m, width in zip(self._maps, (8, 4, 4)):
+                    release_memory(m, c * CLUSTER_SLOTS * width, CLUSTER_SLOTS * width)
             except OSError as e:  # the memory stays held (and zero): nothing is lost
                 self.release_errors += 1
                 if self.release_errors == 1:

@@ -63,6 +63,10 @@ class PoolStats:
     # they compressed worse than accept_ratio and went to a file tier
     pool_limit_hit: int = 0
     reject_compress_poor: int = 0
+    holes: float = 0.0  # share of pool_bytes no object uses (free objects, span tails, spares)
+    compactions: int = 0  # compaction passes
+    compacted_objects: int = 0  # objects moved by compaction
+    compacted_bytes: int = 0  # memory compaction released
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -259,7 +263,8 @@ _COUNTERS = {
                "nospace_errors"},
     "tier": {"reads", "writes", "read_bytes", "written_bytes", "checksum_errors", "io_errors",
              "punched_clusters", "cluster_switches", "write_batches", "cached_reads", "thread_reads",
-             "pool_limit_hit", "reject_compress_poor"},
+             "pool_limit_hit", "reject_compress_poor", "compactions", "compacted_objects",
+             "compacted_bytes"},
     "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages"},
     "writeback": {"moved_pages", "aborted_moves", "promotions", "refaults", "moved_bytes", "batches",
                   "failed_batches", "requests"},
@@ -275,6 +280,10 @@ _HELP = {
     "compressed_bytes": "Compressed payload bytes in the pool",
     "pool_bytes": "Memory held by the pool",
     "pool_limit_hit": "Pages that found the pool at its limit (zswap pool_limit_hit)",
+    "holes": "Share of the pool's memory that no object uses",
+    "compactions": "Pool compaction passes",
+    "compacted_objects": "Objects moved by pool compaction",
+    "compacted_bytes": "Pool memory released by compaction",
     "reject_compress_poor": "Pages that compressed too poorly for the pool (zswap reject_compress_poor)",
     "metadata_bytes": "Bytes of tables and bookkeeping",
     "orig_data_size": "Uncompressed bytes of the pages held in memory (zram orig_data_size)",

@@ -36,15 +36,31 @@ from .errors import BackingIOError, Corruption, NoSpace, OutOfRange
 from .fileset import FileTierSet, run_pages
 from .kernel import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from .migrate import Migrator
-from .slots import EMPTY, EPOCH_MASK, FILE0, HUGE, KIND_MASK, LENGTH_MASK, POOL, SAME, SHADOW, SlotTable
+from .slots import (
+    EMPTY,
+    EPOCH_MASK,
+    FILE0,
+    HUGE,
+    KIND_MASK,
+    LENGTH_MASK,
+    MOVING,
+    POOL,
+    SAME,
+    SHADOW,
+    SLOT_MASK,
+    SLOT_SHIFT,
+    SlotTable,
+    in_pool,
+)
 from .stats import Stats
 from .tiers.file import ChecksumError, FileTier, TierFull, TierIOError
-from .tiers.pool import INDEX_BITS, INDEX_MASK, Pool, PoolFull
+from .tiers.pool import OBJECT_BYTES, Pool, PoolFull
 
 log = logging.getLogger(__name__)
 
 _LAST_WORD = PAGE_SIZE // 8 - 1
 _HUGE_INFO = PAGE_SIZE << 4 | HUGE
+_HUGE_BYTES = OBJECT_BYTES[PAGE_SIZE]
 # At most one NoSpace warning per this many seconds (the count is in stats).
 _NOSPACE_LOG_INTERVAL = 10.0
 # Default size of the swap cache, in pages.
@@ -52,8 +68,6 @@ CACHE_PAGES = 1024
 # Requests up to this many pages stage in one preallocated record (1 MiB,
 # the largest FUSE write swapfs asks for).
 _SCRATCH_PAGES = 256
-# Tracked slots (partly written pages) are keyed device index << this | slot.
-_TRACK_SHIFT = 40
 
 
 class _SlotChanged(Exception):
@@ -67,13 +81,14 @@ class _Staged:
     pages bound for file tiers, and the device counter deltas of the pages
     placed in memory."""
 
-    __slots__ = ("npages", "handles", "info", "spill", "same", "pool", "huge", "cbytes", "pbytes")
+    __slots__ = ("npages", "owner", "handles", "info", "spill", "same", "pool", "huge", "cbytes",
+                 "pbytes")
 
     def __init__(self, capacity: int) -> None:
         self.handles = array("Q", bytes(8 * capacity))
         self.info = array("I", bytes(4 * capacity))
         self.spill: list[int] = []
-        self.npages = self.same = self.pool = self.huge = self.cbytes = self.pbytes = 0
+        self.npages = self.owner = self.same = self.pool = self.huge = self.cbytes = self.pbytes = 0
 
 
 class Device:
@@ -113,12 +128,10 @@ class Device:
 class Store:
     """Devices over a compressed memory pool and, below it, file tiers."""
 
-    def __init__(self, config: Config, *, arena_bytes: int | None = None,
-                 cache_pages: int = CACHE_PAGES) -> None:
+    def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES) -> None:
         self.config = config
         self.codec = make_codec(config.pool.algorithm, config.pool.level)
-        self.pool = (Pool(config.pool.max_bytes, arena_bytes) if arena_bytes
-                     else Pool(config.pool.max_bytes))
+        self.pool = Pool(config.pool.max_bytes)
         # A page is kept compressed only if it compresses to at most this.
         self.accept_limit = int(config.pool.accept_ratio * PAGE_SIZE)
         self.devices = [Device(i, dc) for i, dc in enumerate(config.devices)]
@@ -154,7 +167,7 @@ class Store:
         self._staged: list[_Staged] = []
         self._scratch = _Staged(_SCRATCH_PAGES)
         # Slots of partly written pages whose read-modify-write is in flight:
-        # key (device index << _TRACK_SHIFT | slot) -> [generation, writers].
+        # key (device index << SLOT_SHIFT | slot) -> [generation, writers].
         # Every store or free of such a slot bumps its generation.
         self._partial: dict[int, list[int]] = {}
         # Pages that skipped the pool (zswap's names): it was at its limit,
@@ -197,6 +210,27 @@ class Store:
 
     def stats(self) -> Stats:
         return store_stats.collect(self)
+
+    # -- pool compaction ----------------------------------------------------------
+
+    def compact(self, budget: int | None = None) -> tuple[int, int]:
+        """Compact the pool now (no await); (objects moved, bytes released)."""
+        return self.pool.compact(self._relocate, budget)
+
+    def _relocate(self, owner: int, old: int, new: int) -> bool:
+        """The pool copied slot ``owner``'s object from handle ``old`` to
+        ``new`` (Pool.compact, in the same step: no await): point the slot at
+        it.  Refused (False: the pool keeps the object where it was) if the
+        slot no longer holds ``old`` (a write in flight owns it, not yet
+        committed) or is being migrated (its commit compares the handle)."""
+        dev = self.devices[owner >> SLOT_SHIFT]
+        s = owner & SLOT_MASK
+        table = dev.table
+        i = table.info[s]
+        if table.handles[s] != old or i & MOVING or not in_pool(i):
+            return False
+        table.handles[s] = new
+        return True
 
     def check_invariants(self, *, quiescent: bool = True) -> None:
         """Walk every table; AssertionError naming the first discrepancy
@@ -277,7 +311,7 @@ class Store:
                 self._untrack(key)
 
     def _track(self, dev: Device, slot: int) -> int:
-        key = dev.index << _TRACK_SHIFT | slot
+        key = dev.index << SLOT_SHIFT | slot
         entry = self._partial.get(key)
         if entry is None:
             self._partial[key] = [0, 1]
@@ -306,7 +340,7 @@ class Store:
             staged = _Staged(npages)
         else:  # nothing awaits before the commit: one preallocated record serves
             staged = self._scratch
-        self._stage(mv, npages, staged, spill_ok)
+        self._stage(dev, first, mv, npages, staged, spill_ok)
         if staged.spill:
             self._staged.append(staged)
             try:
@@ -326,13 +360,15 @@ class Store:
         if self.pool.pool_bytes > self.pool_high_bytes and self.kick_writeback is not None:
             self.kick_writeback()
 
-    def _stage(self, mv: memoryview, npages: int, staged: _Staged, spill_ok: bool) -> None:
+    def _stage(self, dev: Device, first: int, mv: memoryview, npages: int, staged: _Staged,
+               spill_ok: bool) -> None:
         """Place ``npages`` pages of ``mv`` in the pool (or as fill words)
         without touching a slot.  With ``spill_ok``, a page that does not
         compress well enough, or finds the pool full, is left for a file
         tier (its index in ``staged.spill``); without, it is kept raw
         (huge), and a full pool raises PoolFull with nothing held."""
         staged.npages = npages
+        staged.owner = owner = dev.index << SLOT_SHIFT | first  # + idx: each object's slot
         handles = staged.handles
         info = staged.info
         spill = staged.spill
@@ -362,21 +398,21 @@ class Store:
                     n = len(c)
                     try:
                         if n <= limit:
-                            handles[idx] = alloc(c, n)
+                            handles[idx] = alloc(c, n, owner + idx)
                             info[idx] = n << 4 | POOL
                             n_pool += 1
                             cbytes += n
-                            pbytes += (n + 31) & ~31
+                            pbytes += OBJECT_BYTES[n]
                         elif spill_ok:
                             info[idx] = 0
                             spill.append(idx)
                             poor += 1
                         else:
-                            handles[idx] = alloc(page, PAGE_SIZE)
+                            handles[idx] = alloc(page, PAGE_SIZE, owner + idx)
                             info[idx] = _HUGE_INFO
                             n_huge += 1
                             cbytes += PAGE_SIZE
-                            pbytes += PAGE_SIZE
+                            pbytes += _HUGE_BYTES
                     except PoolFull:
                         self.pool_limit_hit += 1
                         if not spill_ok:
@@ -491,7 +527,7 @@ class Store:
         new_i = staged.info
         ep = self.epoch
         track = partial if partial else None
-        base = dev.index << _TRACK_SHIFT
+        base = dev.index << SLOT_SHIFT
         filled = table.filled
         stored = 0
         for idx in range(staged.npages):
@@ -526,14 +562,16 @@ class Store:
         return (sum(st.pool + st.huge for st in self._staged),
                 sum(st.cbytes for st in self._staged))
 
-    def staged_pool_objects(self) -> list[tuple[int, int]]:
-        """(handle, length) of the pool objects that writes in flight hold
-        and no slot owns yet (for the consistency check)."""
+    def staged_pool_objects(self) -> list[tuple[int, int, int]]:
+        """(handle, length, owner) of the pool objects that writes in flight
+        hold and no slot owns yet (for the consistency check)."""
         out = []
         for staged in self._staged:
-            for h, i in zip(staged.handles[:staged.npages], staged.info[:staged.npages]):
-                if i & KIND_MASK == POOL or i & KIND_MASK == HUGE:
-                    out.append((h, (i >> 4) & LENGTH_MASK))
+            base = staged.owner
+            for idx in range(staged.npages):
+                i = staged.info[idx]
+                if in_pool(i):
+                    out.append((staged.handles[idx], (i >> 4) & LENGTH_MASK, base + idx))
         return out
 
     def free_slot_content(self, dev: Device, s: int, old: int) -> None:
@@ -549,7 +587,7 @@ class Store:
             n = (old >> 4) & LENGTH_MASK
             self.pool.free_object(h, n)
             dev.compressed_bytes -= n
-            dev.pool_bytes -= (n + 31) & ~31
+            dev.pool_bytes -= OBJECT_BYTES[n]
             if old & KIND_MASK == POOL:
                 dev.pool_pages -= 1
             else:
@@ -617,8 +655,7 @@ class Store:
         epoch = table.epoch
         ep = self.epoch
         pool = self.pool
-        views = pool.views
-        osize = pool.osize
+        mem = pool.mem
         decompress = self.codec.decompress
         on_disk: list[tuple[int, int]] | None = None
         o = 0
@@ -628,18 +665,13 @@ class Store:
                 k = i & KIND_MASK
                 h = handles[s]
                 if k == POOL:
-                    aid = h >> INDEX_BITS
-                    off = (h & INDEX_MASK) * osize[aid]
-                    out[o:o + PAGE_SIZE] = decompress(
-                        views[aid][off:off + ((i >> 4) & LENGTH_MASK)])  # type: ignore[index]
+                    out[o:o + PAGE_SIZE] = decompress(mem[h:h + ((i >> 4) & LENGTH_MASK)])
                     epoch[s] = ep
                 elif k == SAME:
                     if h:
                         out[o:o + PAGE_SIZE] = fill_page(h)
                 elif k == HUGE:
-                    aid = h >> INDEX_BITS
-                    off = (h & INDEX_MASK) * PAGE_SIZE
-                    out[o:o + PAGE_SIZE] = views[aid][off:off + PAGE_SIZE]  # type: ignore[index]
+                    out[o:o + PAGE_SIZE] = mem[h:h + PAGE_SIZE]
                     epoch[s] = ep
                 elif k >= FILE0:
                     if on_disk is None:
@@ -750,7 +782,7 @@ class Store:
         if self.pool.pool_bytes >= self.promote_limit_bytes:
             return False
         staged = _Staged(1)
-        self._stage(memoryview(page), 1, staged, True)  # type: ignore[arg-type]
+        self._stage(dev, s, memoryview(page), 1, staged, True)  # type: ignore[arg-type]
         if staged.spill:  # it would not stay in the pool: nothing was allocated
             return False
         self._commit(dev, s, staged, None)
@@ -803,7 +835,7 @@ class Store:
         handles = table.handles
         info = table.info
         track = self._partial if self._partial else None
-        base = dev.index << _TRACK_SHIFT
+        base = dev.index << SLOT_SHIFT
         freed = 0
         for c0, c1 in table.stored_chunks(first, end):
             for s in range(c0, c1):

@@ -46,7 +46,9 @@ def collect(store: Store) -> Stats:
         fragmentation=pool.fragmentation, metadata_bytes=pool_meta, arenas=pool.arenas,
         spare_bytes=pool.spare_bytes(), used_bytes=pool.used_bytes,
         classes=pool.class_counts(), pool_limit_hit=store.pool_limit_hit,
-        reject_compress_poor=store.reject_compress_poor)
+        reject_compress_poor=store.reject_compress_poor, holes=pool.holes,
+        compactions=pool.compactions, compacted_objects=pool.compacted_objects,
+        compacted_bytes=pool.compacted_bytes)
     same = sum(d.same_filled_pages for d in devices)
     tier_stats = []
     for ti, tier in enumerate(files):

@@ -38,6 +38,11 @@ log = logging.getLogger(__name__)
 EPOCHS_PER_SECOND = 4
 # Pages per migration: one cluster, one pwritev.
 BATCH_PAGES = CLUSTER_PAGES
+# The pool is compacted when holes (memory held that no object uses) pass
+# this share of its memory, in steps of at most COMPACT_STEP objects (one
+# step of the trio loop: a few milliseconds).
+COMPACT_HOLES = 0.10
+COMPACT_STEP = 2048
 # Slots looked at per victim search, and candidates wanted per victim.
 SCAN_SLOTS = 16384
 CANDIDATES_PER_VICTIM = 4
@@ -92,28 +97,54 @@ class Writeback:
         store = self.store
         moved = 0
         pool = store.pool
-        if store.tiers and pool.pool_bytes > store.pool_high_bytes:
-            # Drained by pool_bytes, the memory held: demotion leaves holes in
-            # partly used arenas and pool_bytes falls only as arenas empty, so
-            # this moves more pages than the watermarks alone would (see
-            # docs/writeback.md; compaction would fix it).  Draining by the
-            # objects in use instead (pool.used_bytes) was tried: it stops
-            # early but leaves no arena free, and promotions then fail.
-            moved += await self._drain(0, lambda: pool.pool_bytes > store.pool_low_bytes,
-                                       urgent=True)
-            if pool.pool_bytes > store.pool_low_bytes:
+        if pool.pool_bytes > store.pool_high_bytes:
+            # The memory held, after compaction, is what is drained to the low
+            # watermark: demotion frees objects scattered over spans, and
+            # compaction turns those holes into released spans.
+            low = store.pool_low_bytes
+            await self.compact(until_bytes=low)
+            if store.tiers and pool.pool_bytes > low:
+                moved += await self._drain(0, lambda: self._pool_above(low), urgent=True)
+            if pool.pool_bytes > low:
                 pool.release_spares()
         for ti, (tier, tc) in enumerate(zip(store.tiers, store.config.tiers)):
             if not store.files.has_lower(ti):
                 continue
             if tier.stored_pages > tc.high_watermark * tier.capacity_pages:
-                low = tc.low_watermark * tier.capacity_pages
+                low_pages = tc.low_watermark * tier.capacity_pages
 
-                def above_low(t: FileTier = tier, lo: float = low) -> bool:
+                def above_low(t: FileTier = tier, lo: float = low_pages) -> bool:
                     return t.stored_pages > lo
 
                 moved += await self._drain(1 + ti, above_low, urgent=True)
         return moved
+
+    def _pool_above(self, mark: int) -> bool:
+        """The pool holds more than ``mark`` bytes, after a compaction step
+        if its holes passed COMPACT_HOLES (no await)."""
+        pool = self.store.pool
+        if pool.pool_bytes <= mark:
+            return False
+        if pool.holes > COMPACT_HOLES:
+            self.store.compact(COMPACT_STEP)
+        return pool.pool_bytes > mark
+
+    async def compact(self, *, until_bytes: int = 0) -> tuple[int, int]:
+        """Compact the pool in steps (checkpoints between them) while its
+        holes pass COMPACT_HOLES and it holds more than ``until_bytes``;
+        return (objects moved, bytes released).  ``until_bytes=0`` with
+        holes at any share: a full compaction (``user.swapfs.ctl.compact``)."""
+        pool = self.store.pool
+        threshold = COMPACT_HOLES if until_bytes else 0.0
+        moved = freed = 0
+        while pool.pool_bytes > until_bytes and pool.holes > threshold:
+            m, f = self.store.compact(COMPACT_STEP)
+            moved += m
+            freed += f
+            if not m:
+                break
+            await trio.lowlevel.checkpoint()
+        return moved, freed
 
     async def _drain(self, src: int, more: Callable[[], bool], *, urgent: bool,
                      limit: int | None = None,

@@ -39,15 +39,14 @@ def store_config(tiers: Sequence[TierConfig] = (), *, pool_bytes: int = 64 * MiB
 
 @pytest.fixture
 def make_store() -> Iterator[MakeStore]:
-    """``make_store(tiers=(), *, arena_bytes=64 KiB, cache_pages=..., **store_config)``.
+    """``make_store(tiers=(), *, cache_pages=..., **store_config)``.
     Every store made passes check_invariants at teardown, and its file tiers
     are closed.  Test modules bind their own defaults with functools.partial."""
     made: list[Store] = []
 
-    def factory(tiers: Sequence[TierConfig] = (), *, arena_bytes: int | None = 64 * 1024,
-                cache_pages: int = CACHE_PAGES, **kw: object) -> Store:
-        store = Store(store_config(tiers, **kw), arena_bytes=arena_bytes,  # type: ignore[arg-type]
-                      cache_pages=cache_pages)
+    def factory(tiers: Sequence[TierConfig] = (), *, cache_pages: int = CACHE_PAGES,
+                **kw: object) -> Store:
+        store = Store(store_config(tiers, **kw), cache_pages=cache_pages)  # type: ignore[arg-type]
         made.append(store)
         return store
 

@@ -1,219 +1,536 @@
-"""The compressed memory pool: size-classed objects carved from large arenas.
+"""The compressed memory pool: size-classed objects in small spans, compacted.
 
-zsmalloc-shaped.  An object of ``n`` bytes (1 <= n <= 4096) lives in size
-class ``(n - 1) >> 5``, whose objects are ``(class + 1) * 32`` bytes; the
-last class (4096 bytes) holds raw, incompressible ("huge") pages.  Each class
-is carved from arenas: one anonymous mapping of ``arena_bytes`` (256 KiB by
-default; ``MAP_POPULATE``: one system call, no page faults afterwards, and
-the memory goes back to the system when the arena is released) cut into
-equal objects.  Arenas are allocated and released whole,
-so the pool's memory (``pool_bytes``) grows and shrinks in arena steps and
-never holds one Python object per page.
+zsmalloc-shaped (mm/zsmalloc.c: size classes, zspages, class merging,
+compaction), built for Python: no Python object per page, per span or per
+object; all bookkeeping lives in ``array`` columns.
 
-A handle is ``arena_id << 16 | object_index``: the object lives at byte
-``object_index * object_size[arena_id]`` of arena ``arena_id``.  Per arena the
-bookkeeping is a few compact array entries (object size, used count, bump
-pointer) and a free stack (``array('H')``) of freed object indices; objects
-never handed out are taken from the bump pointer, so a new arena costs no
-per-object work.  Per class, ``partial[class]`` lists the arenas with room;
-allocation takes the last one.  An arena that becomes empty is released,
-except one spare per class (kept to absorb alloc/free churn at a boundary).
+**Classes.**  An object of ``n`` bytes takes ``n + 8`` bytes: an 8-byte
+header (the object's *owner* word, see below) and the payload, rounded up
+to a 16-byte class.  For each class the **span** (zsmalloc's zspage) is the
+run of 1..4 contiguous 4 KiB pages that wastes least; objects straddle page
+boundaries inside a span (the pages are contiguous in the address space, so
+a read is still one ``memoryview`` slice).  Neighbouring classes whose spans
+have the same page count and hold the same number of objects are merged
+into the larger one, as zsmalloc does: they cost the same memory per span,
+and fewer classes leave fewer partly used spans.  Objects of more than
+``4096 - 8`` bytes (raw "huge" pages) are in the last class: one page each,
+no header, no span bookkeeping (see ``page_word``).
+
+**Memory.**  Everything lives in one anonymous mapping reserved at
+``4 * max_bytes`` of address space (``MAP_NORESERVE``, never populated): a
+page costs memory only once touched, and the daemon's
+``mlockall(MCL_ONFAULT)`` locks it only then.  Spans are carved from it by
+a bump pointer.  A released span's pages go back to the system with
+``madvise(MADV_DONTNEED_LOCKED)`` (``MADV_DONTNEED`` fails on locked memory;
+plain DONTNEED on kernels before 5.18) and its first page goes on the free
+list for its page count (``cold[k]``), reused before any new address space.
+Up to ``spare_pages`` (64: 256 KiB) pages stay resident instead, as
+*spares*, to absorb alloc/free churn: a span that becomes empty stays listed
+in its class (its next object costs no span set-up), and a freed huge page
+or released span's pages wait on ``spare[k]``; spares are released first
+when the pool nears ``max_bytes``.  ``pool_bytes`` is the memory
+really held: pages of live spans, huge pages and spares.  An empty pool
+holds at most the spares.  Address space used by k-page spans never exceeds
+``max_bytes`` (free ones are reused first), hence the 4x reservation.
+
+**Handles.**  A handle is the payload's byte offset in the mapping:
+``view(h, n)`` is ``mem[h:h + n]`` (the store's read loop inlines it).
+
+**Per page** (``page_word``, ``array('Q')`` over the pages carved so far):
+the span id of a page of a span, or ``HUGE_TAG | owner`` for a huge page.
+
+**Per span** (indexed by span id; released ids are reused): first page,
+class, objects in use, objects ever handed out (a bump index: a new span
+costs no per-object work), and the head of the span's free list (index +
+1, 0 when empty; each free object's header holds ``FREE_TAG | next``).  Per
+class, ``partial[class]`` (an ``array('I')``) lists the spans with room,
+each span knowing its position (``pos``) so it leaves the list in O(1);
+allocation takes the last listed span.
+
+**Owners and compaction.**  ``alloc(data, n, owner)`` records ``owner``, an
+opaque integer below 2**63 given by the store (``device_index << 40 |
+slot``), in the object's header (a huge page's in its ``page_word``).
+``compact(relocate)`` moves objects out of the sparsest spans of each class
+into the fullest ones with room (only in classes whose free objects add up
+to at least one span), and releases the spans it empties.  For each object
+moved it calls ``relocate(owner, old_handle, new_handle)`` synchronously,
+after the copy: the callee points its reference at the new handle and
+returns True, or returns False and the pool drops the copy and keeps the
+object where it was (the store refuses a slot being migrated, see
+docs/store.md).  Huge pages are never moved (nothing to gain).
 
 Nothing here awaits: every method runs to completion in the caller's step
-of the trio loop (see docs/store.md).
+of the trio loop, so a copy, its relocate call and the free of the old
+object happen in one step and no reader sees a handle about to be freed
+(see docs/store.md).
 """
 
 from __future__ import annotations
 
+import logging
 import mmap
 import sys
 from array import array
+from collections.abc import Callable
 
-from swapfs.config import PAGE_SIZE
+from ..errors import StoreError
+from ..kernel import PAGE_SIZE, release_memory
 
-CLASS_SHIFT = 5
-CLASS_STEP = 1 << CLASS_SHIFT  # 32 bytes
-NCLASSES = PAGE_SIZE // CLASS_STEP  # 128
-HUGE_CLASS = NCLASSES - 1  # objects of 4096 bytes
-ARENA_BYTES = 256 * 1024
-INDEX_BITS = 16
-INDEX_MASK = (1 << INDEX_BITS) - 1
-_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+log = logging.getLogger(__name__)
+
+HEADER = 8  # the owner word before each (non-huge) object
+CLASS_STEP = 16
+MAX_SPAN_PAGES = 4
+SPARE_PAGES = 64
+FREE_TAG = 1 << 63  # a free object's header: FREE_TAG | next free index + 1
+HUGE_TAG = 1 << 63  # a huge page's page_word: HUGE_TAG | owner
+OWNER_LIMIT = 1 << 63
+PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
+_NO_CLASS = 0xFFFF
+_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
-def _new_buffer(nbytes: int) -> mmap.mmap:
-    return mmap.mmap(-1, nbytes, flags=_MAP_FLAGS, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+def _build_classes() -> tuple[list[int], list[int], list[int]]:
+    """Class object sizes, span pages and objects per span; the huge class last."""
+    raw = []
+    for size in range(CLASS_STEP, PAGE_SIZE + 1, CLASS_STEP):
+        best = None
+        for k in range(1, MAX_SPAN_PAGES + 1):
+            cap = k * PAGE_SIZE // size
+            used = cap * size / (k * PAGE_SIZE)
+            if best is None or used > best[0] + 1e-12:
+                best = (used, k, cap)
+        assert best is not None
+        raw.append((size, best[1], best[2]))
+    merged: list[tuple[int, int, int]] = []
+    for c in reversed(raw):  # a class merges into the next larger one of the same shape
+        if merged and merged[-1][1:] == c[1:]:
+            continue
+        merged.append(c)
+    merged.reverse()
+    sizes = [c[0] for c in merged] + [PAGE_SIZE]
+    pages = [c[1] for c in merged] + [1]
+    caps = [c[2] for c in merged] + [1]
+    return sizes, pages, caps
+
+
+CLASS_SIZE, CLASS_PAGES, CLASS_CAP = _build_classes()
+NCLASSES = len(CLASS_SIZE)
+HUGE_CLASS = NCLASSES - 1
+MAX_OBJECT = PAGE_SIZE - HEADER  # larger objects are huge: stored raw, no header
+
+
+def _class_table() -> list[int]:
+    table = [0] * (PAGE_SIZE + 1)
+    c = 0
+    for n in range(1, PAGE_SIZE + 1):
+        if n > MAX_OBJECT:
+            table[n] = HUGE_CLASS
+            continue
+        while CLASS_SIZE[c] < n + HEADER:
+            c += 1
+        table[n] = c
+    return table
+
+
+SIZE_CLASS = _class_table()  # n -> class, n in 1..4096
+OBJECT_BYTES = [CLASS_SIZE[c] for c in SIZE_CLASS]  # n -> bytes the object takes
+OBJECT_BYTES[0] = 0
 
 
 def class_of(n: int) -> int:
     """Size class of an object of ``n`` bytes."""
-    return (n - 1) >> CLASS_SHIFT
+    return SIZE_CLASS[n]
 
 
 def class_size(n: int) -> int:
-    """Bytes an object of ``n`` bytes occupies in its class."""
-    return (n + CLASS_STEP - 1) & ~(CLASS_STEP - 1)
+    """Bytes an object of ``n`` bytes takes in the pool, header included."""
+    return OBJECT_BYTES[n]
 
 
-class PoolFull(Exception):
-    """Allocating would take the pool's memory above max_bytes."""
+class PoolFull(StoreError):
+    """Allocating would take the pool's memory above max_bytes (or the
+    system has no memory for the pool's bookkeeping)."""
+
+
+Relocate = Callable[[int, int, int], bool]
 
 
 class Pool:
-    """Size-classed arenas holding compressed (and raw huge) pages."""
+    """Size-classed spans holding compressed (and raw huge) pages."""
 
-    def __init__(self, max_bytes: int, arena_bytes: int = ARENA_BYTES) -> None:
-        if not PAGE_SIZE <= arena_bytes <= CLASS_STEP << INDEX_BITS:
-            raise ValueError(f"arena_bytes must be in {PAGE_SIZE}..{CLASS_STEP << INDEX_BITS}")
+    def __init__(self, max_bytes: int, spare_pages: int = SPARE_PAGES) -> None:
         self.max_bytes = max_bytes
-        self.arena_bytes = arena_bytes
-        # Objects per arena, by class.
-        self.class_cap = [arena_bytes // ((c + 1) * CLASS_STEP) for c in range(NCLASSES)]
-        # Per arena, indexed by arena id; a released id has osize 0 and no buffer.
-        self.bufs: list[mmap.mmap | None] = []
-        self.views: list[memoryview | None] = []
-        self.free: list[array | None] = []
-        self.osize = array("I")
-        self.used = array("I")
-        self.fresh = array("I")
-        self.free_ids: list[int] = []
+        self.spare_limit = spare_pages
+        # The mapping: address space for every span the pool may ever need.
+        self.reserve_pages = max(MAX_SPAN_PAGES * -(-max_bytes // PAGE_SIZE), MAX_SPAN_PAGES)
+        try:
+            self._map = mmap.mmap(-1, self.reserve_pages * PAGE_SIZE, flags=_MAP_FLAGS,
+                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        except OSError as e:
+            raise OSError(e.errno, f"cannot reserve {self.reserve_pages * PAGE_SIZE} bytes of "
+                                   f"address space for a pool of {max_bytes} bytes: "
+                                   f"{e.strerror}") from e
+        self.mem = memoryview(self._map)
+        self.words = self.mem.cast("Q")
+        self.page_word = array("Q")  # per page carved: span id, or HUGE_TAG | owner
+        # Free spans' first pages by page count: spares (resident, counted in
+        # pool_bytes) and released ones (pages given back).
+        self.spare: list[array[int]] = [array("I") for _ in range(MAX_SPAN_PAGES + 1)]
+        self.cold: list[array[int]] = [array("I") for _ in range(MAX_SPAN_PAGES + 1)]
+        self.spare_pages = 0
+        # Per span, by span id.
+        self.s_page = array("I")
+        self.s_cls = array("H")
+        self.s_used = array("H")
+        self.s_fresh = array("H")
+        self.s_free = array("Q")
+        self.s_pos = array("I")
+        self.free_ids = array("I")
         # Per class.
-        self.partial: list[list[int]] = [[] for _ in range(NCLASSES)]
-        self.spare = array("i", [-1]) * NCLASSES
+        self.partial: list[array[int]] = [array("I") for _ in range(NCLASSES)]
         self.class_objects = array("Q", [0]) * NCLASSES
+        self.class_spans = array("Q", [0]) * NCLASSES  # huge: pages
         # Totals.
         self.pool_bytes = 0
         self.compressed_bytes = 0
-        # Bytes of the objects in use (size-class bytes): what the pool would
-        # hold with no free object in any arena.  Writeback drains by this,
-        # not by pool_bytes: freeing scattered objects rarely empties an
-        # arena, but the holes are reused by the next allocations.
-        self.used_bytes = 0
-        self.objects = 0
-        self.arenas = 0
+        self.spans = 0  # huge pages included
+        # Compaction.
+        self.compactions = 0
+        self.compacted_objects = 0
+        self.compacted_bytes = 0  # memory released by compaction
+        self.release_errors = 0  # page ranges the kernel would not take back
+
+    @property
+    def arenas(self) -> int:
+        """Spans held, huge pages included (the stats' historical name)."""
+        return self.spans
 
     # -- hot path ---------------------------------------------------------
 
-    def alloc(self, data: object, n: int) -> int:
-        """Store ``n`` bytes of ``data``; return the handle.  Raises PoolFull."""
-        cls = (n - 1) >> CLASS_SHIFT
+    def alloc(self, data: bytes | memoryview, n: int, owner: int = 0) -> int:
+        """Store ``n`` bytes of ``data`` for ``owner`` (< 2**63); return the
+        handle.  Raises PoolFull."""
+        if n > MAX_OBJECT:
+            g = self._take_pages(1, HUGE_CLASS)
+            self.page_word[g] = HUGE_TAG | owner
+            self.compressed_bytes += n
+            self.class_objects[HUGE_CLASS] += 1
+            self.class_spans[HUGE_CLASS] += 1
+            self.spans += 1
+            off = g << PAGE_SHIFT
+            self.mem[off:off + n] = data
+            return off
+        cls = SIZE_CLASS[n]
         part = self.partial[cls]
-        aid = part[-1] if part else self._new_arena(cls)
-        fs = self.free[aid]
-        if fs:
-            idx = fs.pop()
-        else:
-            fresh = self.fresh
-            idx = fresh[aid]
-            fresh[aid] = idx + 1
-        used = self.used
-        u = used[aid] + 1
-        used[aid] = u
-        if u == 1 and self.spare[cls] == aid:
-            self.spare[cls] = -1
-        if u == self.class_cap[cls]:
+        sid = part[-1] if part else self._new_span(cls)
+        used = self.s_used
+        u = used[sid] + 1
+        used[sid] = u
+        if u == 1:  # the span was empty: no longer a spare
+            self.spare_pages -= CLASS_PAGES[cls]
+        if u == CLASS_CAP[cls]:
             part.pop()
-        off = idx * ((cls + 1) << CLASS_SHIFT)
-        self.views[aid][off:off + n] = data  # type: ignore[index]
         self.compressed_bytes += n
-        self.used_bytes += (cls + 1) << CLASS_SHIFT
-        self.objects += 1
         self.class_objects[cls] += 1
-        return aid << INDEX_BITS | idx
+        words = self.words
+        off = self.s_free[sid]
+        if off:  # the free list's head: header offset + 1
+            off -= 1
+            self.s_free[sid] = words[off >> 3] ^ FREE_TAG
+        else:
+            idx = self.s_fresh[sid]
+            self.s_fresh[sid] = idx + 1
+            off = (self.s_page[sid] << PAGE_SHIFT) + idx * CLASS_SIZE[cls]
+        words[off >> 3] = owner
+        off += HEADER
+        self.mem[off:off + n] = data
+        return off
 
     def free_object(self, handle: int, n: int) -> None:
         """Free the object ``handle`` of ``n`` bytes."""
-        aid = handle >> INDEX_BITS
-        cls = (self.osize[aid] >> CLASS_SHIFT) - 1
-        used = self.used
-        u = used[aid]
-        if u == self.class_cap[cls]:
-            self.partial[cls].append(aid)
-        u -= 1
-        used[aid] = u
-        self.free[aid].append(handle & INDEX_MASK)  # type: ignore[union-attr]
         self.compressed_bytes -= n
-        self.used_bytes -= (cls + 1) << CLASS_SHIFT
-        self.objects -= 1
+        if n > MAX_OBJECT:
+            self.class_objects[HUGE_CLASS] -= 1
+            self.class_spans[HUGE_CLASS] -= 1
+            self.spans -= 1
+            self._free_pages(handle >> PAGE_SHIFT, 1, keep=True)
+            return
+        sid = self.page_word[handle >> PAGE_SHIFT]
+        cls = self.s_cls[sid]
         self.class_objects[cls] -= 1
-        if u == 0:
-            self._arena_empty(aid, cls)
+        used = self.s_used
+        u = used[sid]
+        if u == 1:
+            k = CLASS_PAGES[cls]
+            if self.spare_pages + k > self.spare_limit:
+                self._release_span(sid, cls, listed=CLASS_CAP[cls] > 1)
+                return
+            self.spare_pages += k  # the span stays, empty, as a spare
+        used[sid] = u - 1
+        if u == CLASS_CAP[cls]:
+            part = self.partial[cls]
+            self.s_pos[sid] = len(part)
+            part.append(sid)
+        handle -= HEADER
+        self.words[handle >> 3] = FREE_TAG | self.s_free[sid]
+        self.s_free[sid] = handle + 1
 
     def view(self, handle: int, n: int) -> memoryview:
         """The ``n`` stored bytes of ``handle``, without a copy.
 
-        Valid until the object is freed; the store only hands it to the
-        decompressor or copies it within the same step.
+        Valid until the object is freed or moved; the store only hands it to
+        the decompressor or copies it within the same step.
         """
-        aid = handle >> INDEX_BITS
-        off = (handle & INDEX_MASK) * self.osize[aid]
-        return self.views[aid][off:off + n]  # type: ignore[index]
+        return self.mem[handle:handle + n]
 
-    # -- arenas -----------------------------------------------------------
+    def owner(self, handle: int, n: int) -> int:
+        """The owner word the object ``handle`` of ``n`` bytes was stored with."""
+        if n > MAX_OBJECT:
+            return self.page_word[handle >> PAGE_SHIFT] ^ HUGE_TAG
+        return self.words[(handle - HEADER) >> 3]
 
-    def _new_arena(self, cls: int) -> int:
-        osize = (cls + 1) << CLASS_SHIFT
-        nbytes = self.class_cap[cls] * osize
+    @property
+    def objects(self) -> int:
+        """Objects stored (compressed and huge)."""
+        return sum(self.class_objects)
+
+    @property
+    def used_bytes(self) -> int:
+        """Bytes of the objects in use (class bytes, headers included): what
+        the pool would hold with no free object in any span."""
+        return sum(c * n for c, n in zip(CLASS_SIZE, self.class_objects))
+
+    # -- objects within spans, for compaction (payload totals unchanged) --
+
+    def _take_slot(self, sid: int, cls: int) -> int:
+        """Hand out a free object of span ``sid`` (listed as having room);
+        return the offset of its header."""
+        off = self.s_free[sid]
+        if off:
+            off -= 1
+            self.s_free[sid] = self.words[off >> 3] ^ FREE_TAG
+        else:
+            idx = self.s_fresh[sid]
+            self.s_fresh[sid] = idx + 1
+            off = (self.s_page[sid] << PAGE_SHIFT) + idx * CLASS_SIZE[cls]
+        u = self.s_used[sid] + 1
+        self.s_used[sid] = u
+        if u == 1:
+            self.spare_pages -= CLASS_PAGES[cls]
+        if u == CLASS_CAP[cls]:
+            self._unlist(sid, cls)
+        return off
+
+    def _drop_slot(self, sid: int, cls: int, hdr: int) -> None:
+        """Return the object whose header is at ``hdr`` to span ``sid``'s free
+        list (the span keeps at least one object)."""
+        u = self.s_used[sid]
+        assert u > 1
+        self.s_used[sid] = u - 1
+        if u == CLASS_CAP[cls]:
+            part = self.partial[cls]
+            self.s_pos[sid] = len(part)
+            part.append(sid)
+        self.words[hdr >> 3] = FREE_TAG | self.s_free[sid]
+        self.s_free[sid] = hdr + 1
+
+    def _unlist(self, sid: int, cls: int) -> None:
+        part = self.partial[cls]
+        pos = self.s_pos[sid]
+        last = part.pop()
+        if last != sid:
+            part[pos] = last
+            self.s_pos[last] = pos
+
+    # -- spans and pages --------------------------------------------------
+
+    def _take_pages(self, k: int, cls: int) -> int:
+        """First page of ``k`` free pages: a spare, a released span or new
+        address space.  Raises PoolFull."""
+        spare = self.spare[k]
+        if spare:
+            self.spare_pages -= k
+            return spare.pop()
+        nbytes = k * PAGE_SIZE
         if self.pool_bytes + nbytes > self.max_bytes:
             self.release_spares()
             if self.pool_bytes + nbytes > self.max_bytes:
                 raise PoolFull(
                     f"pool holds {self.pool_bytes} of max_bytes {self.max_bytes}: no room for "
-                    f"another arena of {nbytes} bytes for {osize}-byte objects")
-        buf = _new_buffer(nbytes)
-        if self.free_ids:
-            aid = self.free_ids.pop()
-            self.bufs[aid] = buf
-            self.views[aid] = memoryview(buf)
-            self.free[aid] = array("H")
-            self.osize[aid] = osize
-            self.used[aid] = 0
-            self.fresh[aid] = 0
+                    f"another {k}-page span for {CLASS_SIZE[cls]}-byte objects")
+        cold = self.cold[k]
+        if cold:
+            g = cold.pop()
         else:
-            aid = len(self.bufs)
-            self.bufs.append(buf)
-            self.views.append(memoryview(buf))
-            self.free.append(array("H"))
-            self.osize.append(osize)
-            self.used.append(0)
-            self.fresh.append(0)
-        self.partial[cls].append(aid)
+            g = len(self.page_word)
+            if g + k > self.reserve_pages:  # cannot happen: see the module docstring
+                raise PoolFull(f"pool address space ({self.reserve_pages} pages) exhausted")
+            try:
+                self.page_word.frombytes(bytes(8 * k))
+            except MemoryError:  # the system is out of memory: as good as full
+                raise PoolFull(f"no memory for the pool's bookkeeping of {k} more pages") from None
         self.pool_bytes += nbytes
-        self.arenas += 1
-        return aid
+        return g
 
-    def _arena_empty(self, aid: int, cls: int) -> None:
-        if self.spare[cls] < 0:
-            # Keep it as the class's spare, reset to a fresh arena.
-            self.spare[cls] = aid
-            self.fresh[aid] = 0
-            del self.free[aid][:]  # type: ignore[index]
+    def _free_pages(self, g: int, k: int, *, keep: bool) -> None:
+        """Free ``k`` pages from page ``g``: a spare (``keep`` and room among
+        the spares) or back to the system."""
+        if not (keep and self.spare_pages + k <= self.spare_limit) and self._give_back(g, k):
+            self.cold[k].append(g)
+            self.pool_bytes -= k * PAGE_SIZE
+            return
+        self.spare[k].append(g)  # kept resident (or could not be given back)
+        self.spare_pages += k
+
+    def _give_back(self, g: int, k: int) -> bool:
+        """Return ``k`` pages from page ``g`` to the system; False (the pages
+        stay held, and are counted) if the kernel refuses."""
+        try:
+            release_memory(self._map, g << PAGE_SHIFT, k * PAGE_SIZE)
+            return True
+        except OSError as e:
+            self.release_errors += 1
+            if self.release_errors == 1:
+                log.warning("pool: cannot give free pages back to the system (%s); they stay "
+                            "held as spares", e)
+            return False
+
+    def _new_span(self, cls: int) -> int:
+        k = CLASS_PAGES[cls]
+        g = self._take_pages(k, cls)
+        if self.free_ids:
+            sid = self.free_ids.pop()
+            self.s_page[sid] = g
+            self.s_cls[sid] = cls
+            self.s_used[sid] = 0
+            self.s_fresh[sid] = 0
+            self.s_free[sid] = 0
         else:
-            self._release(aid, cls)
+            sid = len(self.s_page)
+            self.s_page.append(g)
+            self.s_cls.append(cls)
+            self.s_used.append(0)
+            self.s_fresh.append(0)
+            self.s_free.append(0)
+            self.s_pos.append(0)
+        pw = self.page_word
+        for p in range(g, g + k):
+            pw[p] = sid
+        part = self.partial[cls]
+        self.s_pos[sid] = len(part)
+        part.append(sid)
+        self.spans += 1
+        self.class_spans[cls] += 1
+        self.spare_pages += k  # empty until its first object
+        return sid
 
-    def _release(self, aid: int, cls: int) -> None:
-        self.partial[cls].remove(aid)
-        # Dropping the last references unmaps the arena (no view outlives a
-        # request, see docs/store.md).
-        buf = self.bufs[aid]
-        assert buf is not None
-        self.pool_bytes -= len(buf)
-        self.arenas -= 1
-        self.bufs[aid] = None
-        self.views[aid] = None
-        self.free[aid] = None
-        self.osize[aid] = 0
-        self.used[aid] = 0
-        self.fresh[aid] = 0
-        self.free_ids.append(aid)
+    def _release_span(self, sid: int, cls: int, *, listed: bool, keep: bool = True) -> None:
+        if listed:
+            self._unlist(sid, cls)
+        self._free_pages(self.s_page[sid], CLASS_PAGES[cls], keep=keep)
+        self.s_cls[sid] = _NO_CLASS
+        self.s_used[sid] = 0
+        self.free_ids.append(sid)
+        self.spans -= 1
+        self.class_spans[cls] -= 1
 
     def release_spares(self) -> None:
-        """Release every class's empty spare arena."""
-        for cls in range(NCLASSES):
-            aid = self.spare[cls]
-            if aid >= 0:
-                self.spare[cls] = -1
-                self._release(aid, cls)
+        """Give every spare's pages back to the system: empty spans and free
+        pages kept resident."""
+        s_used = self.s_used
+        for cls in range(HUGE_CLASS):
+            part = self.partial[cls]
+            for sid in [sid for sid in part if not s_used[sid]]:
+                self.spare_pages -= CLASS_PAGES[cls]
+                self._release_span(sid, cls, listed=True, keep=False)
+        for k in range(1, MAX_SPAN_PAGES + 1):
+            spare = self.spare[k]
+            stuck = array("I")
+            while spare:
+                g = spare.pop()
+                if self._give_back(g, k):
+                    self.cold[k].append(g)
+                    self.pool_bytes -= k * PAGE_SIZE
+                else:
+                    stuck.append(g)
+            spare.extend(stuck)
+        self.spare_pages = sum(k * len(self.spare[k]) for k in range(1, MAX_SPAN_PAGES + 1))
+
+    # -- compaction -------------------------------------------------------
+
+    def compactable_bytes(self) -> int:
+        """Memory compaction could release now: per class, whole spans' worth
+        of free objects in partly used spans."""
+        total = 0
+        s_used = self.s_used
+        for cls in range(HUGE_CLASS):
+            part = self.partial[cls]
+            if len(part) < 2:
+                continue
+            cap = CLASS_CAP[cls]
+            free = len(part) * cap - sum(s_used[s] for s in part)
+            total += free // cap * CLASS_PAGES[cls] * PAGE_SIZE
+        return total
+
+    def compact(self, relocate: Relocate, budget: int | None = None) -> tuple[int, int]:
+        """Move objects out of the sparsest spans into the fullest with room,
+        class by class, and release the spans emptied; return (objects
+        moved, bytes of memory released).
+
+        ``relocate(owner, old_handle, new_handle)`` is called for every
+        object copied, before the old one is freed; it returns True once the
+        owner refers to the new handle, or False to keep the object where it
+        was (the copy is dropped).  ``budget``: at most this many objects
+        are moved.  Spans emptied here give their pages back at once (they
+        do not become spares)."""
+        moved = 0
+        freed = 0
+        s_used = self.s_used
+        s_fresh = self.s_fresh
+        words = self.words
+        mem = self.mem
+        for cls in range(HUGE_CLASS):
+            if budget is not None and moved >= budget:
+                break
+            part = self.partial[cls]
+            if len(part) < 2:
+                continue
+            cap = CLASS_CAP[cls]
+            if len(part) * cap - sum(s_used[s] for s in part) < cap:
+                continue  # the free objects do not add up to a span
+            size = CLASS_SIZE[cls]
+            order = sorted(part, key=s_used.__getitem__)
+            lo, hi = 0, len(order) - 1
+            while lo < hi and (budget is None or moved < budget):
+                src = order[lo]
+                first = self.s_page[src] << PAGE_SHIFT
+                for idx in range(s_fresh[src]):
+                    hdr = first + idx * size
+                    owner = words[hdr >> 3]
+                    if owner & FREE_TAG:
+                        continue
+                    while hi > lo and s_used[order[hi]] == cap:
+                        hi -= 1
+                    if hi <= lo or (budget is not None and moved >= budget):
+                        break
+                    dst = order[hi]
+                    new = self._take_slot(dst, cls)
+                    mem[new:new + size] = mem[hdr:hdr + size]
+                    if not relocate(owner, hdr + HEADER, new + HEADER):
+                        self._drop_slot(dst, cls, new)
+                        continue
+                    moved += 1
+                    if s_used[src] == 1:
+                        self._release_span(src, cls, listed=True, keep=False)
+                        freed += CLASS_PAGES[cls] * PAGE_SIZE
+                        break
+                    self._drop_slot(src, cls, hdr)
+                lo += 1
+        self.compactions += 1
+        self.compacted_objects += moved
+        self.compacted_bytes += freed
+        return moved, freed
 
     # -- accounting -------------------------------------------------------
 
@@ -224,100 +541,156 @@ class Pool:
             return 0.0
         return 1.0 - self.compressed_bytes / self.pool_bytes
 
+    @property
+    def holes(self) -> float:
+        """Share of the pool's memory held but not taken by an object in use
+        (free objects, span tails, spares): 1 - used_bytes/pool_bytes.  What
+        compaction can win back, at most; cheap enough to read per write."""
+        if not self.pool_bytes:
+            return 0.0
+        return 1.0 - self.used_bytes / self.pool_bytes
+
     def metadata_bytes(self) -> int:
-        """Bytes of allocator bookkeeping: arrays, lists, arena headers, free stacks."""
+        """Bytes of allocator bookkeeping: page, span and class columns, free
+        lists (object headers are in pool_bytes)."""
         size = sys.getsizeof
-        total = (size(self.bufs) + size(self.views) + size(self.free) + size(self.osize)
-                 + size(self.used) + size(self.fresh) + size(self.free_ids)
-                 + size(self.spare) + size(self.class_objects) + size(self.class_cap)
-                 + size(self.partial) + sum(size(p) for p in self.partial))
-        for buf, view, fs in zip(self.bufs, self.views, self.free):
-            if buf is not None:
-                total += size(buf) + size(view) + size(fs)
+        total = (size(self.page_word) + size(self.s_page) + size(self.s_cls)
+                 + size(self.s_used) + size(self.s_fresh) + size(self.s_free)
+                 + size(self.s_pos) + size(self.free_ids) + size(self.class_objects)
+                 + size(self.class_spans) + size(self.partial) + size(self.spare)
+                 + size(self.cold) + size(self._map) + size(self.mem) + size(self.words))
+        total += sum(size(a) for a in self.partial)
+        total += sum(size(a) for a in self.spare) + sum(size(a) for a in self.cold)
         return total
 
     def spare_bytes(self) -> int:
-        """Memory held by empty spare arenas (released under pressure)."""
-        return sum(len(self.bufs[aid]) for aid in self.spare if aid >= 0)  # type: ignore[arg-type]
+        """Memory held by spare spans (released under pressure)."""
+        return self.spare_pages * PAGE_SIZE
 
     def class_counts(self) -> dict[int, int]:
-        """Stored objects by object size, for classes that hold any."""
-        return {(c + 1) * CLASS_STEP: n for c, n in enumerate(self.class_objects) if n}
+        """Stored objects by object size (header included), for classes that hold any."""
+        return {CLASS_SIZE[c]: n for c, n in enumerate(self.class_objects) if n}
 
-    def check_invariants(self, live: dict[int, list[int]], compressed_bytes: int) -> None:
-        """Check the bookkeeping against the live handles the slot tables hold.
+    def check_invariants(self, live: dict[int, tuple[int, int]], compressed_bytes: int) -> None:
+        """Check the bookkeeping against the live objects the slot tables hold.
 
-        ``live`` maps arena id to the object indices referenced from slots;
-        ``compressed_bytes`` is the payload the slot tables account for.
-        """
-        objects = 0
-        pool_bytes = 0
-        arenas = 0
+        ``live`` maps each handle referenced from a slot to (payload bytes,
+        owner); ``compressed_bytes`` is the payload the slot tables account
+        for."""
+        nspans = len(self.s_page)
+        npages = len(self.page_word)
+        per_span: dict[int, list[int]] = {}
         class_objects = [0] * NCLASSES
-        for aid in live:
-            if not (0 <= aid < len(self.bufs)) or self.bufs[aid] is None:
-                raise AssertionError(f"pool: a slot references released arena {aid}")
-        for aid, buf in enumerate(self.bufs):
-            if buf is None:
-                if self.osize[aid] or self.used[aid] or aid not in self.free_ids:
-                    raise AssertionError(f"pool: released arena {aid} has state left")
-                if aid in live:
-                    raise AssertionError(f"pool: slots reference released arena {aid}")
+        huge_pages: set[int] = set()
+        cbytes = 0
+        for h, (n, owner) in live.items():
+            g = h >> PAGE_SHIFT
+            if not 0 <= g < npages:
+                raise AssertionError(f"pool: handle {h:#x} is outside the pages carved")
+            cbytes += n
+            if n > MAX_OBJECT:
+                if h & (PAGE_SIZE - 1) or self.page_word[g] != HUGE_TAG | owner:
+                    raise AssertionError(f"pool: huge handle {h:#x} is not a page of {owner:#x}")
+                huge_pages.add(g)
+                class_objects[HUGE_CLASS] += 1
                 continue
-            arenas += 1
-            osize = self.osize[aid]
-            cls = (osize >> CLASS_SHIFT) - 1
-            cap = self.class_cap[cls]
-            if len(buf) != cap * osize:
-                raise AssertionError(f"pool: arena {aid} has {len(buf)} bytes, want {cap * osize}")
-            pool_bytes += len(buf)
-            fs = self.free[aid]
-            assert fs is not None
-            fresh = self.fresh[aid]
-            used = self.used[aid]
-            free_set = set(fs)
-            if len(free_set) != len(fs):
-                raise AssertionError(f"pool: arena {aid} has an object twice on its free stack")
-            if any(i >= fresh for i in fs):
-                raise AssertionError(f"pool: arena {aid} free stack holds a never-used object")
-            if used != fresh - len(fs) or not 0 <= used <= cap or fresh > cap:
-                raise AssertionError(f"pool: arena {aid} used={used} fresh={fresh} "
-                                     f"free={len(fs)} cap={cap}")
-            idxs = live.get(aid, [])
-            if len(idxs) != used:
-                raise AssertionError(f"pool: arena {aid} counts {used} used objects, "
-                                     f"slots reference {len(idxs)}")
+            sid = self.page_word[g]
+            if sid >= nspans or self.s_cls[sid] == _NO_CLASS:
+                raise AssertionError(f"pool: handle {h:#x} is in released span {sid}")
+            cls = self.s_cls[sid]
+            if SIZE_CLASS[n] != cls:
+                raise AssertionError(f"pool: handle {h:#x} of {n} bytes is in a span of "
+                                     f"class {CLASS_SIZE[cls]}")
+            rel = h - HEADER - (self.s_page[sid] << PAGE_SHIFT)
+            if rel < 0 or rel % CLASS_SIZE[cls] or rel // CLASS_SIZE[cls] >= self.s_fresh[sid]:
+                raise AssertionError(f"pool: handle {h:#x} is not an object of span {sid}")
+            if self.owner(h, n) != owner:
+                raise AssertionError(f"pool: object {h:#x} has owner {self.owner(h, n):#x}, "
+                                     f"its slot is {owner:#x}")
+            per_span.setdefault(sid, []).append(rel // CLASS_SIZE[cls])
+            class_objects[cls] += 1
+        spans = len(huge_pages)
+        page_spares = sum(k * len(self.spare[k]) for k in range(MAX_SPAN_PAGES + 1))
+        empty_pages = 0
+        pool_bytes = (page_spares + len(huge_pages)) * PAGE_SIZE
+        free_ids = set(self.free_ids)
+        if len(free_ids) != len(self.free_ids):
+            raise AssertionError("pool: a span id is free twice")
+        taken: set[int] = set(huge_pages)
+        class_spans = [0] * NCLASSES
+        class_spans[HUGE_CLASS] = len(huge_pages)
+        for sid in range(nspans):
+            cls = self.s_cls[sid]
+            if cls == _NO_CLASS:
+                if sid not in free_ids:
+                    raise AssertionError(f"pool: span {sid} is neither live nor free")
+                continue
+            if sid in free_ids:
+                raise AssertionError(f"pool: live span {sid} is on the free list")
+            spans += 1
+            class_spans[cls] += 1
+            k = CLASS_PAGES[cls]
+            cap = CLASS_CAP[cls]
+            pool_bytes += k * PAGE_SIZE
+            g = self.s_page[sid]
+            for p in range(g, g + k):
+                if p >= npages or self.page_word[p] != sid or p in taken:
+                    raise AssertionError(f"pool: page {p} of span {sid} is not its own")
+                taken.add(p)
+            used = self.s_used[sid]
+            fresh = self.s_fresh[sid]
+            idxs = per_span.get(sid, [])
+            if not used:
+                empty_pages += k
+            if len(idxs) != used or not 0 <= used <= cap:
+                raise AssertionError(f"pool: span {sid} counts {used} objects, slots "
+                                     f"reference {len(idxs)} (cap {cap})")
             if len(set(idxs)) != len(idxs):
-                raise AssertionError(f"pool: two slots share an object in arena {aid}")
-            for i in idxs:
-                if i >= fresh or i in free_set:
-                    raise AssertionError(f"pool: slot references free object {i} of arena {aid}")
-            in_partial = self.partial[cls].count(aid)
-            if in_partial != (1 if used < cap else 0):
-                raise AssertionError(f"pool: arena {aid} ({used}/{cap} used) is listed "
-                                     f"{in_partial} times as having room")
-            if used == 0 and self.spare[cls] != aid:
-                raise AssertionError(f"pool: empty arena {aid} is not its class's spare")
-            objects += used
-            class_objects[cls] += used
+                raise AssertionError(f"pool: two slots share an object of span {sid}")
+            # Walk the free list: every free object once, none in use.
+            size = CLASS_SIZE[cls]
+            seen = set()
+            head = self.s_free[sid]
+            while head:
+                rel = head - 1 - (g << PAGE_SHIFT)
+                i = rel // size
+                if rel % size or i in seen or not 0 <= i < fresh or i in idxs:
+                    raise AssertionError(f"pool: span {sid} free list is broken at {head - 1}")
+                seen.add(i)
+                w = self.words[(head - 1) >> 3]
+                if not w & FREE_TAG:
+                    raise AssertionError(f"pool: free object {i} of span {sid} is untagged")
+                head = w ^ FREE_TAG
+            if used + len(seen) != fresh or fresh > cap:
+                raise AssertionError(f"pool: span {sid} used={used} free={len(seen)} "
+                                     f"fresh={fresh} cap={cap}")
+            listed = self.partial[cls].count(sid)
+            if listed != (1 if used < cap else 0):
+                raise AssertionError(f"pool: span {sid} ({used}/{cap}) is listed {listed} times "
+                                     "as having room")
+            if listed and self.partial[cls][self.s_pos[sid]] != sid:
+                raise AssertionError(f"pool: span {sid} has a stale list position")
+        for k in range(1, MAX_SPAN_PAGES + 1):
+            for g in list(self.spare[k]) + list(self.cold[k]):
+                for p in range(g, g + k):
+                    if p >= npages or p in taken:
+                        raise AssertionError(f"pool: free page {p} is in use or not carved")
+                    taken.add(p)
+        if len(taken) != npages:
+            raise AssertionError(f"pool: {npages - len(taken)} carved pages are lost")
+        if page_spares + empty_pages != self.spare_pages or self.spare_pages > max(
+                self.spare_limit, MAX_SPAN_PAGES):
+            raise AssertionError(f"pool: {self.spare_pages} spare pages counted, "
+                                 f"{page_spares} free and {empty_pages} in empty spans")
         if list(self.class_objects) != class_objects:
-            raise AssertionError("pool: objects per class disagree with the arenas")
-        used_bytes = sum(c * ((i + 1) << CLASS_SHIFT) for i, c in enumerate(class_objects))
-        if used_bytes != self.used_bytes:
-            raise AssertionError(f"pool: used_bytes {self.used_bytes} counted, objects in use "
-                                 f"hold {used_bytes}")
-        if objects != self.objects:
-            raise AssertionError(f"pool: {self.objects} objects counted, arenas hold {objects}")
-        if pool_bytes != self.pool_bytes or arenas != self.arenas:
-            raise AssertionError(f"pool: pool_bytes {self.pool_bytes}/arenas {self.arenas} "
-                                 f"counted, arenas sum to {pool_bytes}/{arenas}")
+            raise AssertionError("pool: objects per class disagree with the spans")
+        if list(self.class_spans) != class_spans:
+            raise AssertionError("pool: spans per class miscounted")
+        if pool_bytes != self.pool_bytes or spans != self.spans:
+            raise AssertionError(f"pool: pool_bytes {self.pool_bytes}/spans {self.spans} "
+                                 f"counted, spans sum to {pool_bytes}/{spans}")
         if self.pool_bytes > self.max_bytes:
             raise AssertionError(f"pool: pool_bytes {self.pool_bytes} above max {self.max_bytes}")
-        if compressed_bytes != self.compressed_bytes:
+        if compressed_bytes != self.compressed_bytes or cbytes != compressed_bytes:
             raise AssertionError(f"pool: compressed_bytes {self.compressed_bytes} counted, "
                                  f"slots hold {compressed_bytes}")
-        for cls in range(NCLASSES):
-            aid = self.spare[cls]
-            if aid >= 0 and (self.bufs[aid] is None or self.used[aid]
-                             or (self.osize[aid] >> CLASS_SHIFT) - 1 != cls):
-                raise AssertionError(f"pool: spare {aid} of class {cls} is not an empty arena of it")

@@ -288,7 +288,7 @@ async def test_stats_dict(store: Store) -> None:
 
 
 async def test_metadata_budget(make_store: MakeStore) -> None:
-    store = make_store(devices=(("swap0", 1 << 30),), pool_bytes=512 * MiB, arena_bytes=None)
+    store = make_store(devices=(("swap0", 1 << 30),), pool_bytes=512 * MiB)
     dev = store.devices[0]
     st = store.stats().device(dev.name)
     assert BYTES_PER_SLOT == 16
@@ -339,7 +339,7 @@ async def test_multiple_devices_independent(make_store: MakeStore) -> None:
 @pytest.mark.parametrize("seed", [1, 2])
 async def test_random_against_model(make_store: MakeStore, algorithm: str, seed: int) -> None:
     size = 64 * P
-    store = make_store(algorithm=algorithm, devices=(("m", size),), arena_bytes=16 * 1024)
+    store = make_store(algorithm=algorithm, devices=(("m", size),))
     dev = store.devices[0]
     model = bytearray(size)
     rng = random.Random(seed)
@@ -418,7 +418,7 @@ async def test_a_huge_device_holds_only_what_is_stored(make_store: MakeStore) ->
     # 1 TiB of slots is 4 GiB of table at 16 bytes a slot: reserved, never
     # backed until written.  Clusters in use cost 16 bytes a slot; a
     # cluster whose last page is discarded gives its memory back.
-    store = make_store(devices=(("big", 1 << 40),), pool_bytes=256 * MiB, arena_bytes=None)
+    store = make_store(devices=(("big", 1 << 40),), pool_bytes=256 * MiB)
     dev = store.devices[0]
     assert dev.npages == 1 << 28
     empty = store.stats().device("big").metadata_bytes

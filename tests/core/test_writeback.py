@@ -24,9 +24,9 @@ PAGE = 4096
 
 @pytest.fixture
 def stores(make_store: MakeStore) -> MakeStore:
-    """Small pools over file tiers; small arenas so that pools fill fast."""
-    return functools.partial(make_store, pool_bytes=256 * 1024, arena_bytes=16 * 1024,
-                             cache_pages=64, devices=(("swap0", 8 * MiB, True),))
+    """Small pools over file tiers, so that pools fill fast."""
+    return functools.partial(make_store, pool_bytes=256 * 1024, cache_pages=64,
+                             devices=(("swap0", 8 * MiB, True),))
 
 
 def pages_of(n: int, seed: int = 0) -> list[bytes]:
@@ -302,6 +302,14 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
             check()
             await trio.sleep(0.001)
 
+    async def compactor() -> None:
+        # compaction in small steps at any point, between any two awaits of
+        # the others (the writeback task also compacts as it drains)
+        for _ in range(200):
+            store.compact(rng.randrange(1, 16))
+            check()
+            await trio.sleep(0.0005)
+
     async with open_writeback(store, interval=0.001) as wb:
         async with trio.open_nursery() as n:
             for w in range(3):
@@ -310,6 +318,7 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
             for _ in range(3):
                 n.start_soon(reader)
             n.start_soon(requester, wb)
+            n.start_soon(compactor)
     for i in range(npages):
         page = bytes(await store.read(dev, i * PAGE, PAGE))
         assert page in model[i], f"page {i}"
@@ -320,9 +329,10 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
     assert st.writeback.pairs.get("fast_to_slow", {}).get("pages", 0) > 0
     if store.promote_distance:
         assert st.writeback.promotions > 0
+    assert st.pool.compacted_objects > 0
     print(f"seed {seed}: {checks[0]} checked steps, moved {st.writeback.moved_pages}, "
           f"aborted {st.writeback.aborted_moves}, promotions {st.writeback.promotions}, "
-          f"cache hits {st.cache.hits}")
+          f"cache hits {st.cache.hits}, compacted {st.pool.compacted_objects}")
 
 
 async def test_victim_search_on_a_device_used_only_at_its_start(stores, tmp_path):
@@ -342,3 +352,26 @@ async def test_victim_search_on_a_device_used_only_at_its_start(stores, tmp_path
     assert wb.select(0, 10) == []
     assert await store.read(dev, 1000 * PAGE, 300 * PAGE) == b"".join(second)
     assert await store.read(dev, 0, 300 * PAGE) == b"".join(first)
+
+
+async def test_writeback_compacts_the_holes_it_leaves(stores, tmp_path):
+    # Demotion frees objects scattered over the pool's spans; the drain
+    # compacts them, so the memory held follows what stays in the pool and the
+    # drain stops at the low watermark of memory really held.
+    store = stores([tier("ssd", tmp_path / "ssd.img", 64 * MiB)], pool_bytes=16 * MiB,
+                   high=0.5, low=0.3, devices=(("swap0", 64 * MiB, True),))
+    dev = store.devices[0]
+    data = pages_of(8000, 7)
+    await store.write(dev, 0, b"".join(data))  # more than the high watermark
+    wb = Writeback(store)
+    store.epoch = 100
+    for s in range(0, 8000, 2):  # touch every other page: the others are the coldest
+        await store.read(dev, s * PAGE, PAGE)
+    assert store.pool.pool_bytes > store.pool_high_bytes
+    await wb.balance()
+    pool = store.stats().pool
+    assert pool.pool_bytes <= store.pool_low_bytes
+    assert pool.pool_bytes > store.pool_low_bytes * 0.8  # it stopped at the watermark
+    assert pool.compactions > 0 and pool.compacted_objects > 0
+    assert pool.holes <= 0.15
+    assert await store.read(dev, 0, 8000 * PAGE) == b"".join(data)

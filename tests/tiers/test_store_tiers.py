@@ -389,10 +389,10 @@ async def test_pages_that_skip_the_pool_are_counted(stores, tmp_path):
     assert (pool.reject_compress_poor, pool.pool_limit_hit) == (10, 0)
     words = [b"swap", b"page", b"tier", b"pool"]
     rng = random.Random(1)
-    text = b"".join(rng.choice(words) for _ in range(600 * PAGE // 4))
-    await store.write(dev, 16 * PAGE, text[:600 * PAGE])  # compressible: fills the 1 MiB pool
+    text = b"".join(rng.choice(words) for _ in range(1200 * PAGE // 4))
+    await store.write(dev, 16 * PAGE, text)  # compressible, 1200 pages: more than the 1 MiB pool holds
     pool = store.stats().pool
     assert pool.reject_compress_poor == 10
     assert pool.pool_limit_hit > 0  # the rest found the pool at its limit and went to the tier
     assert tier_stats(store)["ssd"].stored_pages == 10 + pool.pool_limit_hit
-    assert await store.read(dev, 16 * PAGE, 600 * PAGE) == text[:600 * PAGE]
+    assert await store.read(dev, 16 * PAGE, 1200 * PAGE) == text
