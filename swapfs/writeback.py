@@ -29,6 +29,7 @@ import trio
 from .slots import FILE0, KIND_MASK, MOVING, SHADOW
 from .store import EPOCH_MASK, EPOCHS_PER_SECOND, Device, Store
 from .tiers.file import CLUSTER_PAGES
+from .tiers.pool import COMPACT_HOLES
 import trio.lowlevel
 
 log = logging.getLogger(__name__)
@@ -96,13 +97,19 @@ class Writeback:
         pool = store.pool
         if store.tiers and pool.pool_bytes > store.pool_high_bytes:
             # Drained by pool_bytes, the memory held: demotion leaves holes in
-            # partly used arenas and pool_bytes falls only as arenas empty, so
-            # this moves more pages than the watermarks alone would (see
-            # docs/writeback.md; compaction would fix it).  Draining by the
-            # objects in use instead (pool.used_bytes) was tried: it stops
-            # early but leaves no arena free, and promotions then fail.
-            moved += await self._drain(0, lambda: pool.pool_bytes > store.pool_low_bytes,
-                                       urgent=True)
+            # partly used spans and pool_bytes falls only as spans empty, so
+            # the drain compacts between batches once the holes pass
+            # COMPACT_HOLES.  Draining by the objects in use instead
+            # (pool.used_bytes) was tried: it stops early but leaves no span
+            # free, and promotions then fail.
+            def above_low() -> bool:
+                # Between batches (no await): demotion leaves holes in spans;
+                # compaction gives whole spans back before more pages move.
+                if pool.pool_bytes > store.pool_low_bytes and pool.holes > COMPACT_HOLES:
+                    store.compact()
+                return pool.pool_bytes > store.pool_low_bytes
+
+            moved += await self._drain(0, above_low, urgent=True)
             if pool.pool_bytes > store.pool_low_bytes:
                 pool.release_spares()
         last = len(store._groups) - 1

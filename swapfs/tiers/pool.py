@@ -78,6 +78,8 @@ HEADER = 8  # the owner word before each (non-huge) object
 CLASS_STEP = 16
 MAX_SPAN_PAGES = 4
 SPARE_PAGES = 64
+# Holes (see Pool.holes) above which the store compacts after writeback.
+COMPACT_HOLES = 0.15
 FREE_TAG = 1 << 63  # a free object's header: FREE_TAG | next free index + 1
 HUGE_TAG = 1 << 63  # a huge page's page_word: HUGE_TAG | owner
 OWNER_LIMIT = 1 << 63
