@@ -41,8 +41,9 @@ the span id of a page of a span, or ``HUGE_TAG | owner`` for a huge page.
 
 **Per span** (indexed by span id; released ids are reused): first page,
 class, objects in use, objects ever handed out (a bump index: a new span
-costs no per-object work), and the head of the span's free list (index +
-1, 0 when empty; each free object's header holds ``FREE_TAG | next``).  Per
+costs no per-object work), and the head of the span's free list (the
+header offset + 1, 0 when empty; each free object's header holds
+``FREE_TAG | next``).  Per
 class, ``partial[class]`` (an ``array('I')``) lists the spans with room,
 each span knowing its position (``pos``) so it leaves the list in O(1);
 allocation takes the last listed span.
