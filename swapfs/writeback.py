@@ -31,6 +31,7 @@ import trio.lowlevel
 from .slots import CLUSTER_MASK, EPOCH_MASK, SHADOW, movable
 from .store import Device, Store
 from .tiers.file import CLUSTER_PAGES, FileTier
+from .tiers.pool import COMPACT_HOLES
 
 log = logging.getLogger(__name__)
 
@@ -38,10 +39,9 @@ log = logging.getLogger(__name__)
 EPOCHS_PER_SECOND = 4
 # Pages per migration: one cluster, one pwritev.
 BATCH_PAGES = CLUSTER_PAGES
-# The pool is compacted when holes (memory held that no object uses) pass
-# this share of its memory, in steps of at most COMPACT_STEP objects (one
-# step of the trio loop: a few milliseconds).
-COMPACT_HOLES = 0.10
+# The pool is compacted when its holes pass COMPACT_HOLES (swapfs.tiers.pool),
+# in steps of at most this many objects (one step of the trio loop: a few
+# milliseconds).
 COMPACT_STEP = 2048
 # Slots looked at per victim search, and candidates wanted per victim.
 SCAN_SLOTS = 16384

@@ -41,8 +41,9 @@ the span id of a page of a span, or ``HUGE_TAG | owner`` for a huge page.
 
 **Per span** (indexed by span id; released ids are reused): first page,
 class, objects in use, objects ever handed out (a bump index: a new span
-costs no per-object work), and the head of the span's free list (index +
-1, 0 when empty; each free object's header holds ``FREE_TAG | next``).  Per
+costs no per-object work), and the head of the span's free list (the
+header offset + 1, 0 when empty; each free object's header holds
+``FREE_TAG | next``).  Per
 class, ``partial[class]`` (an ``array('I')``) lists the spans with room,
 each span knowing its position (``pos``) so it leaves the list in O(1);
 allocation takes the last listed span.
@@ -82,6 +83,8 @@ HEADER = 8  # the owner word before each (non-huge) object
 CLASS_STEP = 16
 MAX_SPAN_PAGES = 4
 SPARE_PAGES = 64
+# Holes (see Pool.holes) above which the store compacts after writeback.
+COMPACT_HOLES = 0.10
 FREE_TAG = 1 << 63  # a free object's header: FREE_TAG | next free index + 1
 HUGE_TAG = 1 << 63  # a huge page's page_word: HUGE_TAG | owner
 OWNER_LIMIT = 1 << 63

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 
@@ -18,6 +19,13 @@ MiB = 1 << 20
 @pytest.fixture
 def store(make_store: MakeStore) -> Store:
     return make_store()
+
+
+@pytest.fixture
+def stores(make_store: MakeStore) -> MakeStore:
+    """Small pools over file tiers, so that pools fill fast."""
+    return functools.partial(make_store, pool_bytes=256 * 1024, cache_pages=64,
+                             devices=(("swap0", 8 * MiB, True),))
 
 
 _WORDS = [bytes(random.Random(i).choice(b"abcdefghijklmnopqrstuvwxyz")

@@ -10,9 +10,21 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from swapfs.tiers.pool import (CLASS_CAP, CLASS_PAGES, CLASS_SIZE, HEADER, HUGE_CLASS,
-                               MAX_OBJECT, MAX_SPAN_PAGES, NCLASSES, SPARE_PAGES, Pool, PoolFull,
-                               class_of, class_size)
+from swapfs.tiers.pool import (
+    CLASS_CAP,
+    CLASS_PAGES,
+    CLASS_SIZE,
+    HEADER,
+    HUGE_CLASS,
+    MAX_OBJECT,
+    MAX_SPAN_PAGES,
+    NCLASSES,
+    SPARE_PAGES,
+    Pool,
+    PoolFull,
+    class_of,
+    class_size,
+)
 
 KiB = 1024
 MiB = 1 << 20

@@ -3,7 +3,6 @@ and a model-based concurrency test of moves against writes, reads and discards."
 
 from __future__ import annotations
 
-import functools
 import os
 import random
 
@@ -15,18 +14,11 @@ from swapfs.slots import FILE0, KIND_MASK, POOL, SHADOW
 from swapfs.store import Store
 from swapfs.writeback import Writeback, open_writeback
 
-from ..conftest import MakeStore, tier
+from ..conftest import tier
 from .conftest import compressible_page
 
 MiB = 1 << 20
 PAGE = 4096
-
-
-@pytest.fixture
-def stores(make_store: MakeStore) -> MakeStore:
-    """Small pools over file tiers, so that pools fill fast."""
-    return functools.partial(make_store, pool_bytes=256 * 1024, cache_pages=64,
-                             devices=(("swap0", 8 * MiB, True),))
 
 
 def pages_of(n: int, seed: int = 0) -> list[bytes]:
