@@ -23,7 +23,7 @@ ZSTD_LEVELS = range(1, 23)
 TIER_KINDS = ("file",)
 
 # Limits mount would hit later, checked here so that check-config refuses what mount refuses.
-MIN_POOL_BYTES = 1 << 20  # one pool arena: a smaller pool could store no page at all
+MIN_POOL_BYTES = 1 << 20  # smaller, the pool's spares alone would fill it
 # 16 TiB a device: a slot table reserves 16 bytes of address space a page and
 # keeps 3 bytes of counts per 1024 pages (12 MiB at this limit).
 MAX_DEVICE_PAGES = 1 << 32

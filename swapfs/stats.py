@@ -32,7 +32,7 @@ class DeviceStats:
     huge_pages: int  # pages stored raw in the pool
     file_pages: int  # pages in file tiers
     compressed_bytes: int  # payload in the pool (huge pages count 4096)
-    pool_bytes: int  # size-class bytes of the payload (arena slack not included)
+    pool_bytes: int  # size-class bytes of the payload (span slack not included)
     metadata_bytes: int  # the device's slot table
     reads: int  # requests
     writes: int
@@ -51,12 +51,12 @@ class PoolStats:
     stored_pages: int  # compressed + huge
     huge_pages: int
     compressed_bytes: int  # payload bytes (huge pages count 4096)
-    pool_bytes: int  # memory held by arenas, fragmentation included
+    pool_bytes: int  # memory held by spans, huge pages and spares, holes included
     max_bytes: int
     fragmentation: float  # 1 - compressed_bytes / pool_bytes (0.0 when empty)
     metadata_bytes: int  # allocator bookkeeping
-    arenas: int
-    spare_bytes: int  # empty arenas kept for reuse (at most one per class), in pool_bytes
+    arenas: int  # spans held (huge pages included); the name predates spans
+    spare_bytes: int  # free pages kept resident for reuse (at most 256 KiB), in pool_bytes
     used_bytes: int  # size-class bytes of the objects in use (pool_bytes less free objects)
     classes: dict[int, int] = field(default_factory=dict)  # object size -> stored objects
     # pages that skipped the pool (zswap's names): it was at its limit, or
