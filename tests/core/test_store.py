@@ -5,6 +5,8 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+from array import array
+from pathlib import Path
 
 import pytest
 
@@ -481,3 +483,32 @@ print("OK", grown, shrunk, t.release_errors)
     assert errors == 0
     assert grown >= 700  # KiB: 64 clusters, 12 bytes a slot written (handle and info)
     assert shrunk < grown / 4, (grown, shrunk)
+
+
+class _NoMemory(array):  # type: ignore[type-arg]
+    def frombytes(self, b: object) -> None:
+        raise MemoryError
+
+
+async def test_pool_out_of_memory_is_a_full_pool(make_store: MakeStore, tmp_path: Path) -> None:
+    # The system refusing the pool memory for its bookkeeping is a full pool:
+    # no slot changes, NoSpace without a file tier, the file tier with one.
+    from ..conftest import tier
+
+    for tiers in ((), (tier("ssd", tmp_path / "ssd.img", 8 * MiB),)):
+        store = make_store(tiers)
+        dev = store.devices[0]
+        rng = random.Random(9)
+        old = compressible_page(rng)
+        await store.write(dev, 0, old)
+        store.pool.page_word = _NoMemory("Q", store.pool.page_word)
+        new = b"".join(compressible_page(rng) for _ in range(64))  # needs new spans
+        if not tiers:
+            with pytest.raises(NoSpace):
+                await store.write(dev, 0, new)
+            assert await store.read(dev, 0, P) == old
+        else:
+            await store.write(dev, 0, new)
+            assert await store.read(dev, 0, 64 * P) == new
+            assert store.stats().pool.pool_limit_hit > 0
+        store.check_invariants()
