@@ -1,20 +1,14 @@
-"""Pool compaction through the store: slots follow their objects, memory goes
-back, and compaction interleaved with writes, discards, reads and migrations
-against a model."""
+"""Pool compaction through the store: slots follow their objects and memory
+goes back.  (Compaction interleaved with writes, discards, reads and
+migrations against a model is part of the model test in test_writeback.py.)"""
 
 from __future__ import annotations
 
 import random
 
-import pytest
-import trio
-import trio.lowlevel
-
 from swapfs.slots import MOVING
-from swapfs.store import Store
-from swapfs.writeback import Writeback, open_writeback
 
-from ..conftest import MakeStore, tier
+from ..conftest import MakeStore
 from .conftest import MiB, compressible_page, random_page
 
 PAGE = 4096
@@ -59,95 +53,3 @@ async def test_relocate_refuses_a_moving_slot(make_store: MakeStore) -> None:
     dev.table.info[3] &= ~MOVING
     assert not store._relocate(owner, h + 16, h)  # not the slot's handle
     assert store.pool.owner(h, (dev.table.info[3] >> 4) & 0x1FFF) == owner
-
-
-@pytest.mark.parametrize("seed", range(4))
-async def test_compaction_interleaved_against_a_model(stores, tmp_path, seed):
-    """Writers, discarders, readers, writeback (pool to file, with promotions)
-    and compaction in between; every page reads back as the model says."""
-    store: Store = stores([tier("ssd", tmp_path / "ssd.img", 8 * MiB)], pool_bytes=128 * 1024,
-                          high=0.5, low=0.3, devices=(("swap0", 1 * MiB, True),))
-    dev = store.devices[0]
-    npages = dev.npages
-    rng = random.Random(seed)
-    model: list[set[bytes]] = [{bytes(PAGE)} for _ in range(npages)]
-    busy = [0] * npages
-    episode: list[set[bytes]] = [set() for _ in range(npages)]
-    compactions = [0, 0]
-
-    def begin(i: int, value: bytes) -> None:
-        if not busy[i]:
-            episode[i] = set()
-        busy[i] += 1
-        episode[i].add(value)
-        model[i].add(value)
-
-    def end(i: int) -> None:
-        busy[i] -= 1
-        if not busy[i]:
-            model[i] = set(episode[i])
-
-    async def writer(w: int) -> None:
-        for k in range(100):
-            i = rng.randrange(npages - 4)
-            n = rng.randrange(1, 4)
-            r = random.Random(seed * 7919 + w * 1000 + k)
-            data = [compressible_page(r) if r.random() < 0.8 else r.randbytes(PAGE)
-                    for _ in range(n)]
-            for j in range(n):
-                begin(i + j, data[j])
-            await store.write(dev, i * PAGE, b"".join(data))
-            for j in range(n):
-                end(i + j)
-            store.check_invariants(quiescent=False)
-            await trio.lowlevel.checkpoint()
-
-    async def discarder() -> None:
-        for _ in range(60):
-            i = rng.randrange(npages - 8)
-            n = rng.randrange(1, 8)
-            for j in range(n):
-                begin(i + j, bytes(PAGE))
-            await store.discard(dev, i * PAGE, n * PAGE)
-            for j in range(n):
-                end(i + j)
-            await trio.lowlevel.checkpoint()
-
-    async def reader() -> None:
-        for _ in range(150):
-            i = rng.randrange(npages - 4)
-            before = [set(model[i + j]) for j in range(4)]
-            got = await store.read(dev, i * PAGE, 4 * PAGE)
-            for j in range(4):
-                page = bytes(got[j * PAGE:(j + 1) * PAGE])
-                assert page in before[j] or page in model[i + j], f"page {i + j} read wrong"
-            await trio.lowlevel.checkpoint()
-
-    async def compactor() -> None:
-        for _ in range(120):
-            moved, _ = store.compact(budget=rng.choice([None, 1, 8]))
-            compactions[0] += 1
-            compactions[1] += moved
-            store.check_invariants(quiescent=False)
-            await trio.sleep(0.0005)
-
-    async def requester(wb: Writeback) -> None:
-        for _ in range(30):
-            await wb.writeback_pages(rng.randrange(1, 30))
-            await trio.sleep(0.001)
-
-    async with open_writeback(store, interval=0.001) as wb:
-        async with trio.open_nursery() as n:
-            for w in range(3):
-                n.start_soon(writer, w)
-            n.start_soon(discarder)
-            n.start_soon(reader)
-            n.start_soon(reader)
-            n.start_soon(compactor)
-            n.start_soon(requester, wb)
-    for i in range(npages):
-        page = bytes(await store.read(dev, i * PAGE, PAGE))
-        assert page in model[i], f"page {i}"
-    store.check_invariants()
-    assert compactions[1] > 0
-    assert store.stats().writeback.moved_pages > 0
