@@ -121,7 +121,7 @@ def main() -> int:
                 say("swapfs status")
                 print(swapfs("status").stdout, end="")
                 if "stats" in peak:
-                    from swapfs.cli import format_stats
+                    from swapfs.report import format_stats
 
                     say("swapfs stats at the workload's peak (the kernel frees the slots when it exits)")
                     print(format_stats(peak["stats"]))

@@ -15,15 +15,12 @@ import time
 from typing import Any
 
 from . import __version__, sysinfo
-from .sysinfo import STATS_XATTR
-
-EXIT_OK = 0
-EXIT_FAIL = 1
-EXIT_USAGE = 2
+from .kernel import PAGE_SIZE as PAGE
+from .monitor import cmd_plot, cmd_record, cmd_top
+from .report import EXIT_OK, EXIT_USAGE, die, fmt_bytes, format_device, format_stats, read_stats, stats_error
 
 CTL_WRITEBACK_XATTR = "user.swapfs.ctl.writeback"
 CTL_COMPACT_XATTR = "user.swapfs.ctl.compact"
-PAGE = 4096
 # Measured here (2-core VM): 200 us of polling took the kernel swap workload
 # from 39 s to 23 s and 4k reads at depth 1 from 11.7k to 25.7k IOPS;
 # 500-1000 us gained little more.  See docs/fuse.md.
@@ -47,11 +44,6 @@ and to stop: swapfs swapoff /run/swapfs/swap0 && swapfs unmount /run/swapfs
 At boot: put the configuration in /etc/swapfs/NAME.toml (devices with
 swap = true) and run 'swapfs install-units' once; see README.md.
 """
-
-
-def _die(message: str, code: int = EXIT_FAIL) -> int:
-    print(f"swapfs: {message}", file=sys.stderr)
-    return code
 
 
 # -- logging -----------------------------------------------------------------
@@ -139,17 +131,17 @@ def cmd_mount(args: argparse.Namespace) -> int:
     try:
         config = _load_checked_config(args.config, mountpoint)
     except ValueError as exc:
-        return _die(f"invalid configuration: {exc}", EXIT_USAGE)
+        return die(f"invalid configuration: {exc}", EXIT_USAGE)
     if not 0 <= args.poll_us <= 100_000:
-        return _die(f"--poll-us {args.poll_us}: must be between 0 and 100000 microseconds", EXIT_USAGE)
+        return die(f"--poll-us {args.poll_us}: must be between 0 and 100000 microseconds", EXIT_USAGE)
     if args.mkdir and not os.path.lexists(mountpoint):
         try:
             os.makedirs(mountpoint, mode=0o755)
         except OSError as exc:
-            return _die(f"cannot create mountpoint {mountpoint}: {exc.strerror}")
+            return die(f"cannot create mountpoint {mountpoint}: {exc.strerror}")
     problem = _mountpoint_problem(mountpoint)
     if problem:
-        return _die(problem, EXIT_USAGE)
+        return die(problem, EXIT_USAGE)
     if args.foreground:
         return _run_foreground(args, config, mountpoint)
     return _spawn_background(args, mountpoint)
@@ -188,13 +180,13 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
     except fuse.MountError as exc:
         report(f"ERROR {exc}")
         log.error("%s", exc)
-        return _die(str(exc))
+        return die(str(exc))
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception as exc:
         log.exception("swapfs daemon failed")
         report(f"ERROR {exc}")
-        return _die(f"daemon failed: {exc}")
+        return die(f"daemon failed: {exc}")
     return EXIT_OK
 
 
@@ -203,7 +195,7 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
     try:
         os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
     except OSError as exc:
-        return _die(f"cannot create the log directory of {log_file}: {exc.strerror}")
+        return die(f"cannot create the log directory of {log_file}: {exc.strerror}")
     r, w = os.pipe()
     cmd = [sys.executable, "-m", "swapfs", "mount", "--foreground", "--ready-fd", str(w)]
     cmd += ["--log-file", log_file, "--log-level", args.log_level]
@@ -232,8 +224,8 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
         return EXIT_OK
     proc.wait(timeout=30)
     if line.startswith("ERROR "):
-        return _die(line[len("ERROR "):])
-    return _die(f"the daemon exited (status {proc.returncode}) before mounting; see {log_file}")
+        return die(line[len("ERROR "):])
+    return die(f"the daemon exited (status {proc.returncode}) before mounting; see {log_file}")
 
 
 # -- unmount -----------------------------------------------------------------
@@ -244,20 +236,20 @@ def cmd_unmount(args: argparse.Namespace) -> int:
 
     mountpoint = os.path.abspath(args.mountpoint)
     if mountpoint not in sysinfo.swapfs_mounts():
-        return _die(f"{mountpoint} is not a swapfs mount")
+        return die(f"{mountpoint} is not a swapfs mount")
     loops = sysinfo.loops_backed_by(mountpoint)
     swaps = sysinfo.active_swaps()
     for lo in loops:
         if lo.device in swaps:
-            return _die(f"swap is active on {lo.device} (over {lo.backing_file}); "
+            return die(f"swap is active on {lo.device} (over {lo.backing_file}); "
                         f"run: swapfs swapoff {lo.backing_file}")
     if loops and not args.lazy:
         devs = " ".join(lo.device for lo in loops)
-        return _die(f"loop devices still use the mount: {devs}; run: losetup -d {devs}")
+        return die(f"loop devices still use the mount: {devs}; run: losetup -d {devs}")
     try:
         fuse.unmount(mountpoint, lazy=args.lazy)
     except (OSError, fuse.MountError) as exc:
-        return _die(f"cannot unmount {mountpoint}: {exc}")
+        return die(f"cannot unmount {mountpoint}: {exc}")
     for _ in range(50):  # the daemon exits once the kernel ends the connection
         if mountpoint not in sysinfo.swapfs_mounts():
             break
@@ -293,22 +285,22 @@ def _listdir(path: str) -> list[str]:
 
 def cmd_swapon(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
-        return _die("swapon needs root (it attaches a loop device and turns swap on)")
+        return die("swapon needs root (it attaches a loop device and turns swap on)")
     found = _device_file(args.device_file)
     if isinstance(found, str):
-        return _die(found)
+        return die(found)
     path, _ = found
     swaps = sysinfo.active_swaps()
     for lo in sysinfo.loops_backed_by(path):
         if lo.backing_file != path:
             continue
         if lo.device in swaps:
-            return _die(f"swap is already on over {path} ({lo.device}, priority {swaps[lo.device].priority})")
-        return _die(f"{path} is busy: loop device {lo.device} already uses it "
+            return die(f"swap is already on over {path} ({lo.device}, priority {swaps[lo.device].priority})")
+        return die(f"{path} is busy: loop device {lo.device} already uses it "
                     f"(losetup -d {lo.device} if nothing else does)")
     out = _run(["losetup", "--direct-io=on", "-f", "--show", path])
     if out.returncode != 0:
-        return _die(f"losetup failed: {out.stderr.strip()}")
+        return die(f"losetup failed: {out.stderr.strip()}")
     loop = out.stdout.strip()
     problem = None
     try:
@@ -332,19 +324,19 @@ def cmd_swapon(args: argparse.Namespace) -> int:
             problem = f"{' '.join(cmd)} {loop} failed: {out.stderr.strip()}"
     if problem is not None:
         _run(["losetup", "-d", loop])
-        return _die(problem)
+        return die(problem)
     print(loop)
     return EXIT_OK
 
 
 def cmd_swapoff(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
-        return _die("swapoff needs root")
+        return die("swapoff needs root")
     path = os.path.abspath(args.device_file)
     loops = [lo for lo in sysinfo.loops_backed_by(path) if lo.backing_file == path]
     if not loops:
         if sysinfo.mount_of(path) is None:
-            return _die(f"{path} is not a device file of a swapfs mount")
+            return die(f"{path} is not a device file of a swapfs mount")
         print(f"swapfs: swap is not on over {path}; nothing to do", file=sys.stderr)
         return EXIT_OK
     swaps = sysinfo.active_swaps()
@@ -353,26 +345,15 @@ def cmd_swapoff(args: argparse.Namespace) -> int:
             # swapoff reads every page back in: no timeout of ours
             out = subprocess.run(["swapoff", lo.device], capture_output=True, text=True)
             if out.returncode != 0:
-                return _die(f"swapoff {lo.device} failed: {out.stderr.strip()} (swap stays on)")
+                return die(f"swapoff {lo.device} failed: {out.stderr.strip()} (swap stays on)")
         out = _run(["losetup", "-d", lo.device])
         if out.returncode != 0:
-            return _die(f"losetup -d {lo.device} failed: {out.stderr.strip()}")
+            return die(f"losetup -d {lo.device} failed: {out.stderr.strip()}")
         print(f"{lo.device} detached from {path}")
     return EXIT_OK
 
 
 # -- status ------------------------------------------------------------------
-
-
-def fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
-
-
-_fmt_bytes = fmt_bytes  # the name earlier code imported
 
 
 def status_rows() -> list[dict[str, Any]]:
@@ -444,88 +425,6 @@ def cmd_status(args: argparse.Namespace) -> int:
 # -- stats -------------------------------------------------------------------
 
 
-def read_stats(path: str) -> dict[str, Any]:
-    return sysinfo.read_stats(path)
-
-
-def format_device(name: str, d: dict[str, Any]) -> str:
-    """One device's object as a table."""
-    lines = [f"device {name}: {fmt_bytes(d['size_bytes'])}, {d['stored_pages']} pages stored"]
-    rows = [
-        ("same-filled pages", d.get("same_filled_pages", 0)),
-        ("pool pages (compressed)", d.get("pool_pages", 0)),
-        ("huge pages (raw in the pool)", d.get("huge_pages", 0)),
-        ("file-tier pages", d.get("file_pages", 0)),
-        ("data (orig_data_size)", fmt_bytes(d.get("orig_data_size", 0))),
-        ("compressed (compr_data_size)", fmt_bytes(d.get("compressed_bytes", 0))),
-        ("pool memory", fmt_bytes(d.get("pool_bytes", 0))),
-        ("slot table", fmt_bytes(d.get("metadata_bytes", 0))),
-        ("reads", f"{d.get('reads', 0)} ({fmt_bytes(d.get('read_bytes', 0))})"),
-        ("writes", f"{d.get('writes', 0)} ({fmt_bytes(d.get('written_bytes', 0))})"),
-        ("discards", f"{d.get('discards', 0)} ({fmt_bytes(d.get('discarded_bytes', 0))})"),
-        ("errors: no space", d.get("nospace_errors", 0)),
-    ]
-    lines += [f"  {k:<30}{v}" for k, v in rows]
-    return "\n".join(lines)
-
-
-def format_stats(stats: dict[str, Any]) -> str:
-    lines = []
-    devs = stats.get("devices", {})
-    lines.append(f"{'device':<12}{'size':>11}{'stored':>10}{'same':>10}{'huge':>8}{'file':>10}"
-                 f"{'data':>11}{'memory':>11}{'reads':>10}{'writes':>10}{'discards':>10}{'nospace':>9}")
-    for name, d in devs.items():
-        lines.append(
-            f"{name:<12}{fmt_bytes(d['size_bytes']):>11}{d['stored_pages']:>10}"
-            f"{d['same_filled_pages']:>10}{d.get('huge_pages', 0):>8}{d.get('file_pages', 0):>10}"
-            f"{fmt_bytes(d.get('orig_data_size', 0)):>11}{fmt_bytes(d.get('pool_bytes', 0)):>11}"
-            f"{d['reads']:>10}{d['writes']:>10}{d['discards']:>10}{d.get('nospace_errors', 0):>9}"
-        )
-    lines.append("")
-    lines.append(f"{'tier':<12}{'kind':>6}{'pages':>10}{'payload':>12}{'memory/disk':>13}{'limit':>12}"
-                 f"{'checksum':>10}{'io':>6}")
-    for name, t in stats.get("tiers", {}).items():
-        held = t.get("pool_bytes", t.get("disk_bytes", 0))
-        limit = t.get("max_bytes", t.get("capacity_pages", 0) * PAGE)
-        payload = t.get("compressed_bytes", t.get("stored_pages", 0) * PAGE)
-        lines.append(
-            f"{name:<12}{t.get('kind', ''):>6}{t.get('stored_pages', 0):>10}"
-            f"{fmt_bytes(payload):>12}{fmt_bytes(held):>13}{fmt_bytes(limit):>12}"
-            f"{t.get('checksum_errors', 0):>10}{t.get('io_errors', 0):>6}"
-        )
-    tot = stats.get("totals", {})
-    lines.append("")
-    lines.append(
-        f"total: {tot.get('stored_pages', 0)} pages stored ({tot.get('same_filled_pages', 0)} same-filled), "
-        f"pool {fmt_bytes(tot.get('pool_bytes', 0))} (peak {fmt_bytes(tot.get('mem_used_max', 0))}), "
-        f"metadata {fmt_bytes(tot.get('metadata_bytes', 0))}, "
-        f"compression ratio {tot.get('compression_ratio', 0.0):.2f}"
-    )
-    for section in ("writeback", "cache"):
-        counters = {k: v for k, v in stats.get(section, {}).items() if not isinstance(v, dict)}
-        if section == "writeback":
-            counters.pop("epoch", None)  # a clock, not a counter
-            counters.pop("demotions_clock", None)
-        if any(v for k, v in counters.items() if k != "capacity_pages"):
-            lines.append(f"{section}: " + ", ".join(f"{k} {v}" for k, v in counters.items()))
-    pairs = stats.get("writeback", {}).get("pairs", {})
-    for pair, c in pairs.items():
-        lines.append(f"  moved {pair}: " + ", ".join(f"{k} {v}" for k, v in c.items()))
-    return "\n".join(lines)
-
-
-def _stats_error(path: str, exc: Exception) -> int:
-    if isinstance(exc, OSError):
-        if exc.errno in (errno.ENODATA, errno.ENOTSUP):
-            return _die(f"{path} is not a swapfs mount or device file (no {STATS_XATTR} attribute)")
-        if exc.errno == errno.ENOTCONN:
-            return _die(f"{path}: the swapfs daemon is gone (transport endpoint not connected)")
-        if exc.errno == errno.ENOENT:
-            return _die(f"{path}: no such file or directory")
-        return _die(f"cannot read stats of {path}: {exc.strerror}")
-    return _die(f"malformed stats from {path}: {exc}")
-
-
 def cmd_stats(args: argparse.Namespace) -> int:
     from .stats import prometheus_text
 
@@ -534,7 +433,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     try:
         stats = read_stats(path)
     except (OSError, ValueError) as exc:
-        return _stats_error(path, exc)
+        return stats_error(path, exc)
     mount = sysinfo.mount_of(path) or path
     device = None if mount == path else os.path.basename(path)
     if fmt == "json":
@@ -595,7 +494,7 @@ def _request_with_progress(path: str, mount: str, request: str, before: dict[str
 def cmd_compact(args: argparse.Namespace) -> int:
     mount = os.path.abspath(args.mount)
     if sysinfo.mount_of(mount) != mount:
-        return _die(f"{mount} is not a swapfs mount (give the mount, not a device file)")
+        return die(f"{mount} is not a swapfs mount (give the mount, not a device file)")
     try:
         before = read_stats(mount)["tiers"]["pool"]
         start = time.monotonic()
@@ -603,9 +502,9 @@ def cmd_compact(args: argparse.Namespace) -> int:
         moved, freed = (int(w) for w in os.getxattr(mount, CTL_COMPACT_XATTR).split())
         after = read_stats(mount)["tiers"]["pool"]
     except OSError as exc:
-        return _die(f"compaction request on {mount} failed: {exc.strerror}")
+        return die(f"compaction request on {mount} failed: {exc.strerror}")
     except (ValueError, KeyError) as exc:
-        return _stats_error(mount, exc)
+        return stats_error(mount, exc)
     took = time.monotonic() - start
     print(f"compacted the pool of {mount} in {took:.2f} s: moved {moved} objects, released "
           f"{fmt_bytes(freed)}; pool memory {fmt_bytes(before['pool_bytes'])} -> "
@@ -617,23 +516,23 @@ def cmd_writeback(args: argparse.Namespace) -> int:
     path = os.path.abspath(args.path)
     if args.idle is not None:
         if args.pages is not None:
-            return _die("give a page count or --idle SECONDS, not both", EXIT_USAGE)
+            return die("give a page count or --idle SECONDS, not both", EXIT_USAGE)
         if args.idle < 0:
-            return _die(f"--idle {args.idle}: must not be negative", EXIT_USAGE)
+            return die(f"--idle {args.idle}: must not be negative", EXIT_USAGE)
         request = f"idle:{args.idle:g}"
         what = f"every pool page idle for {args.idle:g} s"
     else:
         if args.pages is None or args.pages <= 0:
-            return _die("how many pages? give N (> 0) or --idle SECONDS", EXIT_USAGE)
+            return die("how many pages? give N (> 0) or --idle SECONDS", EXIT_USAGE)
         request = str(args.pages)
         what = f"up to {args.pages} of the coldest pool pages"
     mount = sysinfo.mount_of(path) or path
     try:
         before = read_stats(mount)
     except (OSError, ValueError) as exc:
-        return _stats_error(path, exc)
+        return stats_error(path, exc)
     if not before.get("tiers") or len(before["tiers"]) < 2:
-        return _die(f"{mount} has no file tier: pages have nowhere to go")
+        return die(f"{mount} has no file tier: pages have nowhere to go")
     start = time.monotonic()
     try:
         _request_with_progress(path, mount, request, before, args.pages)
@@ -641,10 +540,10 @@ def cmd_writeback(args: argparse.Namespace) -> int:
         after = read_stats(mount)
     except OSError as exc:
         if exc.errno == errno.EINVAL:
-            return _die(f"the daemon refused the request {request!r}")
-        return _die(f"writeback request on {path} failed: {exc.strerror}")
+            return die(f"the daemon refused the request {request!r}")
+        return die(f"writeback request on {path} failed: {exc.strerror}")
     except ValueError as exc:
-        return _stats_error(path, exc)
+        return stats_error(path, exc)
     took = time.monotonic() - start
     print(f"asked for {what}: moved {moved} pages ({fmt_bytes(moved * PAGE)}) in {took:.2f} s")
     old = before.get("writeback", {}).get("pairs", {})
@@ -652,199 +551,6 @@ def cmd_writeback(args: argparse.Namespace) -> int:
         n = c.get("pages", 0) - old.get(pair, {}).get("pages", 0)
         if n:
             print(f"  {pair}: {n} pages")
-    return EXIT_OK
-
-
-# -- top ---------------------------------------------------------------------
-
-
-def _top_frame(mount: str, prev: dict[str, Any] | None, cur: dict[str, Any], dt: float) -> str:
-    def rate(section: str, key: str, sub: str | None = None) -> float:
-        if prev is None or dt <= 0:
-            return 0.0
-        a = prev.get(section, {})
-        b = cur.get(section, {})
-        if sub is not None:
-            a, b = a.get(sub, {}), b.get(sub, {})
-        return max(0, b.get(key, 0) - a.get(key, 0)) / dt
-
-    lines = [f"swapfs top {mount}   {time.strftime('%H:%M:%S')}   (q or Ctrl-C to quit)", ""]
-    lines.append(f"{'tier':<12}{'pages':>10}{'held':>12}{'limit':>12}")
-    for name, t in cur.get("tiers", {}).items():
-        held = t.get("pool_bytes", t.get("disk_bytes", 0))
-        limit = t.get("max_bytes", t.get("capacity_pages", 0) * PAGE)
-        lines.append(f"{name:<12}{t.get('stored_pages', 0):>10}{fmt_bytes(held):>12}{fmt_bytes(limit):>12}")
-    tot = cur.get("totals", {})
-    wb = cur.get("writeback", {})
-    cache = cur.get("cache", {})
-    lines += [
-        "",
-        f"in (writes)  {fmt_bytes(rate('totals', 'written_bytes'))}/s   "
-        f"out (reads)  {fmt_bytes(rate('totals', 'read_bytes'))}/s   "
-        f"discards {rate('totals', 'discards'):.0f}/s",
-        f"moved down   {rate('writeback', 'moved_pages'):.0f} pages/s   "
-        f"promotions {rate('writeback', 'promotions'):.0f}/s   refaults {rate('writeback', 'refaults'):.0f}/s",
-        f"cache        {cache.get('pages', 0)} pages, hits {rate('cache', 'hits'):.0f}/s, "
-        f"misses {rate('cache', 'misses'):.0f}/s",
-        f"totals       {tot.get('stored_pages', 0)} pages, ratio {tot.get('compression_ratio', 0.0):.2f}, "
-        f"moved {wb.get('moved_pages', 0)}, promotions {wb.get('promotions', 0)}",
-    ]
-    return "\n".join(lines)
-
-
-def cmd_top(args: argparse.Namespace) -> int:
-    mount = os.path.abspath(args.mount)
-    prev: dict[str, Any] | None = None
-    last = time.monotonic()
-    clear = sys.stdout.isatty()
-    n = 0
-    try:
-        while args.count is None or n < args.count:
-            try:
-                cur = read_stats(mount)
-            except (OSError, ValueError) as exc:
-                return _stats_error(mount, exc)
-            now = time.monotonic()
-            frame = _top_frame(mount, prev, cur, now - last)
-            if clear:
-                sys.stdout.write("\x1b[H\x1b[2J")
-            print(frame, flush=True)
-            if not clear:
-                print()
-            prev, last = cur, now
-            n += 1
-            if args.count is None or n < args.count:
-                time.sleep(args.interval)
-    except KeyboardInterrupt:
-        pass
-    return EXIT_OK
-
-
-# -- record and plot ---------------------------------------------------------
-
-
-def cmd_record(args: argparse.Namespace) -> int:
-    """One JSON line per sample: {"time": unix seconds, "mount": ..., "stats": {...}}."""
-    mount = os.path.abspath(args.mount)
-    if args.interval <= 0:
-        return _die(f"--interval {args.interval}: must be positive", EXIT_USAGE)
-    n = 0
-    try:
-        out = sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8")
-    except OSError as exc:
-        return _die(f"cannot write {args.output}: {exc.strerror}")
-    try:
-        next_at = time.monotonic()
-        while args.count is None or n < args.count:
-            try:
-                stats = read_stats(mount)
-            except (OSError, ValueError) as exc:
-                if n:  # the mount went away while recording: what was recorded stays
-                    print(f"swapfs: stopped after {n} samples: {exc}", file=sys.stderr)
-                    return EXIT_OK
-                return _stats_error(mount, exc)
-            out.write(json.dumps({"time": round(time.time(), 3), "mount": mount, "stats": stats},
-                                 separators=(",", ":")) + "\n")
-            out.flush()
-            n += 1
-            next_at += args.interval
-            if args.count is None or n < args.count:
-                time.sleep(max(0.0, next_at - time.monotonic()))
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if out is not sys.stdout:
-            out.close()
-    return EXIT_OK
-
-
-def load_samples(path: str) -> list[dict[str, Any]]:
-    """The samples of a ``swapfs record`` file; ValueError naming the line if malformed."""
-    samples = []
-    with open(path, encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                float(rec["time"])
-                rec["stats"]["tiers"]
-            except (ValueError, KeyError, TypeError) as exc:
-                raise ValueError(f"{path}:{i}: not a swapfs record sample ({exc})") from None
-            samples.append(rec)
-    return samples
-
-
-def plot_series(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the plot draws: seconds since the first sample, pages per tier, and
-    per-interval rates (written/read MiB/s, pages moved down/promoted per s)."""
-    t0 = samples[0]["time"]
-    times = [s["time"] - t0 for s in samples]
-    tiers: dict[str, list[int]] = {}
-    for s in samples:
-        for name in s["stats"]["tiers"]:
-            tiers.setdefault(name, [])
-    for s in samples:
-        for name, series in tiers.items():
-            series.append(s["stats"]["tiers"].get(name, {}).get("stored_pages", 0))
-
-    def rate(section: str, key: str, scale: float = 1.0) -> list[float]:
-        out = [0.0]
-        for a, b in zip(samples, samples[1:]):
-            dt = b["time"] - a["time"]
-            d = b["stats"].get(section, {}).get(key, 0) - a["stats"].get(section, {}).get(key, 0)
-            out.append(max(0.0, d) / dt / scale if dt > 0 else 0.0)
-        return out
-
-    return {
-        "time": times, "tiers": tiers,
-        "written_mib_s": rate("totals", "written_bytes", 1 << 20),
-        "read_mib_s": rate("totals", "read_bytes", 1 << 20),
-        "moved_pages_s": rate("writeback", "moved_pages"),
-        "promotions_s": rate("writeback", "promotions"),
-    }
-
-
-def cmd_plot(args: argparse.Namespace) -> int:
-    try:
-        samples = load_samples(args.file)
-    except OSError as exc:
-        return _die(f"cannot read {args.file}: {exc.strerror}")
-    except ValueError as exc:
-        return _die(str(exc))
-    if len(samples) < 2:
-        return _die(f"{args.file}: {len(samples)} sample(s); a plot needs at least 2")
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return _die("swapfs plot needs matplotlib: pip install 'swapfs[plot]' (or .venv/bin/pip install matplotlib)")
-    series = plot_series(samples)
-    fig, (occ, traffic) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
-    for name, pages in series["tiers"].items():
-        occ.plot(series["time"], [p * PAGE / (1 << 20) for p in pages], label=name)
-    occ.set_ylabel("MiB stored (pages x 4 KiB)")
-    occ.set_title(f"swapfs {samples[0].get('mount', '')}: tier occupancy and traffic")
-    occ.legend()
-    traffic.plot(series["time"], series["written_mib_s"], label="swap-out (writes) MiB/s")
-    traffic.plot(series["time"], series["read_mib_s"], label="swap-in (reads) MiB/s")
-    traffic.plot(series["time"], [p * PAGE / (1 << 20) for p in series["moved_pages_s"]],
-                 label="moved down MiB/s")
-    traffic.plot(series["time"], [p * PAGE / (1 << 20) for p in series["promotions_s"]],
-                 label="promoted MiB/s")
-    traffic.set_xlabel("seconds")
-    traffic.set_ylabel("MiB/s")
-    traffic.legend()
-    fig.tight_layout()
-    try:
-        fig.savefig(args.output)
-    except OSError as exc:
-        return _die(f"cannot write {args.output}: {exc.strerror}")
-    finally:
-        plt.close(fig)
-    print(f"{args.output}: {len(samples)} samples over {series['time'][-1]:.0f} s")
     return EXIT_OK
 
 
@@ -858,7 +564,7 @@ def cmd_generate_units(args: argparse.Namespace) -> int:
     try:
         result = units.generate(config_dir, args.normal_dir, args.exe)
     except OSError as exc:
-        return _die(f"generator: {exc}")
+        return die(f"generator: {exc}")
     for problem in result.problems:
         print(f"swapfs-generator: skipped {problem}", file=sys.stderr)
     return EXIT_OK
@@ -878,10 +584,10 @@ def cmd_install_units(args: argparse.Namespace) -> int:
 
     root = os.path.abspath(args.root)
     if root == "/" and os.geteuid() != 0:
-        return _die("install-units writes to /usr/local and /etc: run it as root (or --root DIR)")
+        return die("install-units writes to /usr/local and /etc: run it as root (or --root DIR)")
     target = args.target or _own_executable()
     if target is None:
-        return _die("cannot find this installation's swapfs executable; pass --target PATH")
+        return die("cannot find this installation's swapfs executable; pass --target PATH")
 
     def at(path: str) -> str:
         return os.path.join(root, path.lstrip("/"))
@@ -893,7 +599,7 @@ def cmd_install_units(args: argparse.Namespace) -> int:
             os.unlink(exe_link)
         os.symlink(target, exe_link)
     elif os.path.realpath(exe_link) != os.path.realpath(target):
-        return _die(f"{exe_link} exists and is not a symlink; remove it or pass --root")
+        return die(f"{exe_link} exists and is not a symlink; remove it or pass --root")
     written = [f"{exe_link} -> {target}"]
     for directory, name, text, mode in [
         (units.UNIT_DIR, "swapfs@.service", units.template_unit(), 0o644),
@@ -913,7 +619,7 @@ def cmd_install_units(args: argparse.Namespace) -> int:
     if root == "/" and os.path.isdir("/run/systemd/system"):
         out = _run(["systemctl", "daemon-reload"])
         if out.returncode != 0:
-            return _die(f"systemctl daemon-reload failed: {out.stderr.strip()}")
+            return die(f"systemctl daemon-reload failed: {out.stderr.strip()}")
         print("systemctl daemon-reload: done (the generator ran)")
     else:
         print("systemd is not running here: run 'systemctl daemon-reload' where it is")
@@ -932,7 +638,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     try:
         config = _load_checked_config(args.config, None)
     except ValueError as exc:
-        return _die(f"invalid configuration: {exc}", EXIT_USAGE)
+        return die(f"invalid configuration: {exc}", EXIT_USAGE)
     print(f"configuration OK: {len(config.devices)} device(s), pool {config.pool.algorithm} "
           f"up to {fmt_bytes(config.pool.max_bytes)}, {len(config.tiers)} file tier(s)")
     return EXIT_OK

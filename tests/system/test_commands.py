@@ -246,7 +246,7 @@ def test_record_then_plot(mount_factory, tmp_path):
     assert run_swapfs("writeback", str(m.path), "20").returncode == 0
     out = run_swapfs("record", str(m.path), "-o", str(rec), "--count", "1")
     assert out.returncode == 0, out.stderr
-    from swapfs.cli import load_samples, plot_series
+    from swapfs.monitor import load_samples, plot_series
 
     samples = load_samples(str(rec))
     assert len(samples) == 3 and samples[0]["mount"] == str(m.path)
