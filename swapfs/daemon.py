@@ -28,7 +28,7 @@ from collections.abc import Callable
 
 import trio
 
-from . import fuse, sysinfo
+from . import fuse, kernel, sysinfo
 from .config import Config, ConfigError, load_config
 from .fs import SwapFS
 from .store import Store
@@ -46,7 +46,7 @@ OOM_SCORE_ADJ = -1000
 # While a stop waits for swap to go off: how often the unmount is retried.
 STOP_RETRY_SECONDS = 2.0
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_libc = kernel.libc()
 
 
 def protect_process(*, lock_memory: bool = True) -> list[str]:

@@ -39,13 +39,14 @@ from .fuse import (
     SetattrFields,
     StatvfsData,
 )
+from .kernel import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
+from .kernel import PAGE_SIZE as PAGE
 from .stats import Stats, xattr_items, xattr_name
 from .store import Device, Store
 from .writeback import Writeback
 
 log = logging.getLogger(__name__)
 
-PAGE = 4096
 XATTR_PREFIX = b"user.swapfs."
 STATS_XATTR = b"user.swapfs.stats"
 CTL_WRITEBACK = b"user.swapfs.ctl.writeback"
@@ -56,11 +57,6 @@ CTL_COMPACT = b"user.swapfs.ctl.compact"
 XATTR_SIZE_MAX = 65536
 # "N" (pages) or "idle:SECONDS"; a trailing newline (echo) is tolerated.
 _CTL_WRITEBACK_RE = re.compile(rb"(?:(\d{1,10})|idle:(\d{1,10}(?:\.\d{1,6})?))\n?")
-
-# fallocate(2) modes (linux/falloc.h)
-FALLOC_FL_KEEP_SIZE = 0x01
-FALLOC_FL_PUNCH_HOLE = 0x02
-FALLOC_FL_ZERO_RANGE = 0x10
 
 # Attributes never change behind the kernel's back except st_blocks, which
 # only informs; a second of caching saves a GETATTR per stat() burst.

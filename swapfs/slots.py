@@ -26,7 +26,8 @@ backed.  Slots are grouped in clusters of CLUSTER_SLOTS (1024: 8 KiB of
 handles, 4 KiB of info and of epochs, each page-aligned); per cluster the
 table counts the slots in use (``cluster_used``) and flags non-empty
 clusters (``nonempty``, one byte each).  When a cluster's last slot is
-freed, its pages are handed back to the kernel (``MADV_DONTNEED``).  An
+freed, its pages are handed back to the kernel (``MADV_DONTNEED_LOCKED``,
+see swapfs.kernel.release_memory).  An
 unused cluster costs 3 bytes; a 1 TiB device mounts at once.  Scans skip
 empty clusters with one ``bytearray.find``, so their cost follows the
 clusters in use.

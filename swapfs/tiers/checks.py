@@ -11,7 +11,7 @@ import os
 import stat
 from collections.abc import Sequence
 
-PAGE = 4096
+from ..kernel import PAGE_SIZE as PAGE
 
 
 class TierConfigError(ValueError):

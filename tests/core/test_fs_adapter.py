@@ -12,22 +12,19 @@ import pytest
 
 from swapfs.config import Config, DeviceConfig, PoolConfig
 from swapfs.errors import BackingIOError, Corruption, NoSpace, OutOfRange, StoreError
-from swapfs.fs import (
-    CTL_WRITEBACK,
+from swapfs.fs import CTL_WRITEBACK, STATS_XATTR, SwapFS, store_errno
+from swapfs.fuse import ROOT_INODE, FUSEError, RequestContext, SetattrFields
+from swapfs.kernel import (
+    FALLOC_FL_COLLAPSE_RANGE,
     FALLOC_FL_KEEP_SIZE,
     FALLOC_FL_PUNCH_HOLE,
     FALLOC_FL_ZERO_RANGE,
-    STATS_XATTR,
-    SwapFS,
-    store_errno,
 )
-from swapfs.fuse import ROOT_INODE, FUSEError, RequestContext, SetattrFields
 from swapfs.store import Store
 
 MiB = 1 << 20
 CTX = RequestContext(uid=0, gid=0, pid=1)
 DEV = ROOT_INODE + 1  # the first device's inode
-FALLOC_FL_COLLAPSE_RANGE = 0x08
 
 
 class FakeStore(Store):
