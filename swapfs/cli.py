@@ -174,7 +174,7 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
         trio.run(
             lambda: serve_mount(
                 config, mountpoint, on_ready=lambda: report("READY"), allow_other=args.allow_other,
-                poll_us=args.poll_us, config_path=config_path,
+                poll_us=args.poll_us, config_path=config_path, transport=args.transport,
             )
         )
     except fuse.MountError as exc:
@@ -206,6 +206,7 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
     if args.no_mlock:
         cmd.append("--no-mlock")
     cmd += ["--poll-us", str(args.poll_us)]
+    cmd += ["--transport", args.transport]
     cmd.append(mountpoint)
     proc = subprocess.Popen(
         cmd,
@@ -683,6 +684,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after answering a request, busy-poll for the next one for up to N "
                    f"microseconds before sleeping (default {DEFAULT_POLL_US}; 0: never poll). "
                    "Trades some CPU while swapping for latency: each swap-in waits on the daemon")
+    p.add_argument("--transport", choices=["classic", "uring", "auto"], default="classic",
+                   help="how FUSE requests reach the daemon: classic (/dev/fuse reads, the default), "
+                   "uring (FUSE over io_uring; fails with the reason if the kernel cannot: needs "
+                   "/sys/module/fuse/parameters/enable_uring = Y) or auto (uring when available). "
+                   "The log says which is used and why")
     p.add_argument("--log-file", metavar="FILE",
                    help=f"log here (background default: {ROOT_LOG_DIR} as root, else "
                    "$XDG_RUNTIME_DIR or /tmp; swapfs-MOUNT.log)")

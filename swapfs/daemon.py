@@ -31,6 +31,7 @@ import trio
 from . import fuse, kernel, sysinfo
 from .config import Config, ConfigError, load_config
 from .fs import SwapFS
+from .fuse import uring
 from .store import Store
 from .writeback import Writeback
 
@@ -100,21 +101,31 @@ async def serve_mount(
     allow_other: bool = False,
     poll_us: int = 0,
     config_path: str | None = None,
+    transport: str = "classic",
 ) -> None:
     """Mount swapfs at ``mountpoint`` and serve until it is unmounted.
 
     ``poll_us``: how long the session busy-polls /dev/fuse after a request
     before parking (see swapfs.fuse.Session).  ``config_path``: the file
     SIGHUP re-reads (None: the embedded default, nothing to reload).
+    ``transport``: how FUSE requests arrive: "classic" (/dev/fuse), "uring"
+    (FUSE over io_uring, or fuse.MountError naming the reason) or "auto"
+    (io_uring when every check passes, else classic); the log says which.
 
     Raises fuse.MountError before anything is mounted if the mountpoint is
     unusable.  Returns once the kernel ended the connection.
     """
+    if transport == "uring":  # nothing is mounted if io_uring cannot be used
+        reason = uring.unavailable_reason()
+        if reason:
+            raise uring.TransportUnavailable(f"transport uring unavailable: {reason}")
     store = Store(config)
     writeback = Writeback(store)
     ops = SwapFS(store, writeback=writeback)
+    path = uring.resolve(mountpoint)  # before mounting: afterwards a stat would wait for INIT
     fd = fuse.mount(mountpoint, fsname="swapfs", subtype="swapfs", allow_other=allow_other)
-    session = fuse.Session(ops, fd, poll_us=poll_us)
+    session = fuse.Session(ops, fd, poll_us=poll_us, transport=transport,
+                           connection=uring.connection_id(path) if transport != "classic" else None)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -127,8 +138,9 @@ async def serve_mount(
                 await nursery.start(writeback.run)  # cancelled with the nursery
                 conn = await nursery.start(run_session)
                 log.info(
-                    "swapfs mounted at %s: %d device(s), max_write %d, protocol 7.%d",
+                    "swapfs mounted at %s: %d device(s), max_write %d, protocol 7.%d, transport %s",
                     mountpoint, len(store.devices), conn.max_write, conn.proto_minor,
+                    session.transport_used,
                 )
                 if on_ready is not None:
                     on_ready()

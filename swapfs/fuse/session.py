@@ -336,6 +336,9 @@ class Session:
             self._ended = True
             self._nursery = None
             if self._uring is not None:
+                # Abort first: closing the fd does not end the connection while the ring holds
+                # it, and a request handed to the ring waits for this thread's task work.
+                uring.abort_connection(self.connection, quiet=True)
                 self._uring.close()
             if initialized:
                 with trio.CancelScope(shield=True):
@@ -402,7 +405,8 @@ class Session:
         """The io_uring transport if every check passes (before the INIT reply declares it);
         None (classic) under "auto", TransportUnavailable under "uring"."""
         try:
-            t = uring.UringTransport.create(self, self.fd, kflags, max_write, self.uring_depth)
+            t = uring.UringTransport.create(self, self.fd, kflags, max_write, self.uring_depth,
+                                            self.connection)
         except uring.TransportUnavailable as exc:
             if self.transport == "uring":
                 raise uring.TransportUnavailable(f"transport uring unavailable: {exc}") from None

@@ -221,14 +221,19 @@ def connection_id(path: str) -> int | None:
     return found
 
 
-def abort_connection(conn_id: int | None) -> bool:
-    """Abort FUSE connection ``conn_id`` through fusectl; True if it was written."""
+def abort_connection(conn_id: int | None, *, quiet: bool = False) -> bool:
+    """Abort FUSE connection ``conn_id`` through fusectl; True if it was written
+    (``quiet``: a connection already gone is not an error)."""
     if conn_id is None:
         return False
     try:
         with open(f"{FUSECTL}/{conn_id}/abort", "w") as f:
             f.write("1")
         return True
+    except FileNotFoundError:
+        if not quiet:
+            log.error("cannot abort FUSE connection %d: %s/%d does not exist", conn_id, FUSECTL, conn_id)
+        return False
     except OSError as exc:
         log.error("cannot abort FUSE connection %d: %s", conn_id, exc)
         return False
@@ -455,12 +460,20 @@ class UringTransport:
 
     @classmethod
     def create(cls, session: Session, fuse_fd: int, kernel_flags: int, max_payload: int,
-               depth: int) -> UringTransport:
+               depth: int, conn_id: int | None) -> UringTransport:
         """Everything checked before INIT may declare FUSE_OVER_IO_URING; raises
         TransportUnavailable with the reason."""
         reason = unavailable_reason()
         if reason:
             raise TransportUnavailable(reason)
+        # The way out of every failure: a request handed to the ring waits for this thread,
+        # and only an abort through fusectl ends it while the ring lives.
+        if conn_id is None:
+            raise TransportUnavailable("the FUSE connection number of the mount is not known")
+        if not os.path.exists(f"{FUSECTL}/{conn_id}/abort"):
+            raise TransportUnavailable(
+                f"{FUSECTL}/{conn_id}/abort does not exist (fusectl not mounted? "
+                f"mount -t fusectl fusectl {FUSECTL}): the connection could not be aborted")
         if not kernel_flags & wire.FUSE_OVER_IO_URING:
             raise TransportUnavailable("the kernel did not offer FUSE_OVER_IO_URING at INIT")
         nr_queues = possible_cpus()

@@ -7,6 +7,7 @@ mount from the event loop would deadlock the loop that answers it.
 
 from __future__ import annotations
 
+import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from typing import Any
 import pytest
 import trio
 
-from swapfs.fuse import ConnectionInfo, Session, serve, unmount_quietly
+from swapfs.fuse import ConnectionInfo, Session, serve, unmount_quietly, uring
 
 from .memfs import MemFS
 
@@ -68,9 +69,39 @@ def _cleanup(path: Path) -> None:
     unmount_quietly(path)
 
 
+@pytest.fixture(scope="session")
+def uring_enabled():
+    """FUSE over io_uring usable for this test session: as root, the fuse module's
+    enable_uring is set to Y and restored afterwards; otherwise skip with the reason."""
+    state = uring.enable_uring()
+    if state is None:
+        pytest.skip(f"kernel without FUSE over io_uring ({uring.ENABLE_URING} does not exist)")
+    if state != "Y" and os.geteuid() != 0:
+        pytest.skip(f"{uring.ENABLE_URING} is {state} and setting it needs root")
+    try:
+        if state != "Y":
+            uring.set_enable_uring("Y")
+        reason = uring.unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        yield
+    finally:
+        if state != "Y":
+            uring.set_enable_uring(state)
+
+
+@pytest.fixture(params=["classic", "uring"])
+def transport(request) -> str:
+    """Every test that mounts runs on both transports."""
+    if request.param == "uring":
+        request.getfixturevalue("uring_enabled")
+    return request.param
+
+
 @pytest.fixture
-def mount_memfs(tmp_path: Path):
-    """An async context factory: ``async with mount_memfs(fs, **serve_kwargs) as m``."""
+def mount_memfs(tmp_path: Path, transport: str):
+    """An async context factory: ``async with mount_memfs(fs, **serve_kwargs) as m``,
+    on the test's transport (``transport`` in serve_kwargs overrides it)."""
     from contextlib import asynccontextmanager
 
     made: list[Path] = []
@@ -82,6 +113,7 @@ def mount_memfs(tmp_path: Path):
         mp.mkdir()
         made.append(mp)
         kwargs.setdefault("default_permissions", False)
+        kwargs.setdefault("transport", transport)
         sessions: list[Session] = []
         done = trio.Event()
 
@@ -95,6 +127,8 @@ def mount_memfs(tmp_path: Path):
             async with trio.open_nursery() as nursery:
                 conn = await nursery.start(run)
                 m = Mounted(mp, fs, sessions[0], conn, nursery.cancel_scope, done)
+                if kwargs["transport"] == "uring":  # never a silent fallback
+                    assert m.session.transport_used == "uring", m.session.transport_reason
                 try:
                     yield m
                 finally:
