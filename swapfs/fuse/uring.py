@@ -396,6 +396,8 @@ class Ring:
 class UringTransport:
     """The ring entries of one FUSE connection and the loop serving them."""
 
+    inject_register_failure = False  # tests: the last REGISTER names a queue that does not exist
+
     def __init__(self, session: Session, fuse_fd: int, nr_queues: int, depth: int,
                  payload_size: int) -> None:
         from . import session as classic  # (circular at import time)
@@ -443,7 +445,6 @@ class UringTransport:
         self.requests = 0
         self.enters = 0
         self.entry_failures = 0
-        self.inject_register_failure = False  # tests: make the last REGISTER fail (bad qid)
         self._reregistering: set[int] = set()
 
     def _fill_sqe(self, idx: int, iov: int, qid: int, user_data: int) -> None:
