@@ -3,12 +3,14 @@ that are checked after every test and always closed."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
+from swapfs.fuse import uring
 from swapfs.store import CACHE_PAGES, Store
 
 MiB = 1 << 20
@@ -57,3 +59,27 @@ def make_store() -> Iterator[MakeStore]:
     finally:
         for store in made:
             store.files.close()
+
+
+@pytest.fixture(scope="session")
+def uring_enabled():
+    """FUSE over io_uring usable for this test session: as root, the fuse module's
+    enable_uring is set to Y and restored afterwards; otherwise skip with the reason."""
+    state = uring.enable_uring()
+    if state is None:
+        pytest.skip(f"kernel without FUSE over io_uring ({uring.ENABLE_URING} does not exist)")
+    if state != "Y" and os.geteuid() != 0:
+        pytest.skip(f"{uring.ENABLE_URING} is {state} and setting it needs root")
+    try:
+        if state != "Y":
+            uring.set_enable_uring("Y")
+        reason = uring.unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        if not os.path.ismount(uring.FUSECTL):
+            pytest.skip(f"fusectl is not mounted at {uring.FUSECTL}: the transport refuses to run "
+                        "without a way to abort its connection")
+        yield
+    finally:
+        if state != "Y":
+            uring.set_enable_uring(state)

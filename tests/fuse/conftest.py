@@ -7,7 +7,6 @@ mount from the event loop would deadlock the loop that answers it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from swapfs.fuse import ConnectionInfo, Session, serve, unmount_quietly, uring
+from swapfs.fuse import ConnectionInfo, Session, serve, unmount_quietly
 
 from .memfs import MemFS
 
@@ -67,27 +66,6 @@ def proc_mounts() -> str:
 
 def _cleanup(path: Path) -> None:
     unmount_quietly(path)
-
-
-@pytest.fixture(scope="session")
-def uring_enabled():
-    """FUSE over io_uring usable for this test session: as root, the fuse module's
-    enable_uring is set to Y and restored afterwards; otherwise skip with the reason."""
-    state = uring.enable_uring()
-    if state is None:
-        pytest.skip(f"kernel without FUSE over io_uring ({uring.ENABLE_URING} does not exist)")
-    if state != "Y" and os.geteuid() != 0:
-        pytest.skip(f"{uring.ENABLE_URING} is {state} and setting it needs root")
-    try:
-        if state != "Y":
-            uring.set_enable_uring("Y")
-        reason = uring.unavailable_reason()
-        if reason:
-            pytest.skip(reason)
-        yield
-    finally:
-        if state != "Y":
-            uring.set_enable_uring(state)
 
 
 @pytest.fixture(params=["classic", "uring"])
