@@ -25,6 +25,10 @@ class FioResult:
     iops: float
     mbps: float  # MB/s (10^6 bytes)
     lat_us: float  # mean completion latency
+    p50_us: float = 0.0  # completion latency percentiles
+    p99_us: float = 0.0
+    p999_us: float = 0.0
+    ios: int = 0  # I/Os completed (ramp time excluded)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ def run_fio(
         "--norandommap",
         "--randrepeat=0",
         "--output-format=json",
+        "--percentile_list=50:99:99.9",
         *extra,
     ]
     if size:
@@ -86,8 +91,11 @@ def run_fio(
     data = json.loads(out[out.index("{") :])
     job = data["jobs"][0]
     side = job["write"] if "write" in rw and "read" not in rw else job["read"]
-    lat = side.get("clat_ns", {}).get("mean", 0.0) / 1000
-    return FioResult(iops=side["iops"], mbps=side["bw_bytes"] / 1e6, lat_us=lat)
+    clat = side.get("clat_ns", {})
+    pct = clat.get("percentile", {})
+    return FioResult(iops=side["iops"], mbps=side["bw_bytes"] / 1e6, lat_us=clat.get("mean", 0.0) / 1000,
+                     p50_us=pct.get("50.000000", 0) / 1000, p99_us=pct.get("99.000000", 0) / 1000,
+                     p999_us=pct.get("99.900000", 0) / 1000, ios=side.get("total_ios", 0))
 
 
 def run_suite(

@@ -32,6 +32,7 @@ from . import fuse, kernel, sysinfo
 from .config import Config, ConfigError, load_config
 from .fs import SwapFS
 from .store import Store
+from .wakeup import WakeLatency
 from .writeback import Writeback
 
 log = logging.getLogger(__name__)
@@ -99,12 +100,15 @@ async def serve_mount(
     on_ready: Callable[[], None] | None = None,
     allow_other: bool = False,
     poll_us: int = 0,
+    cpu_latency_us: int | None = None,
     config_path: str | None = None,
 ) -> None:
     """Mount swapfs at ``mountpoint`` and serve until it is unmounted.
 
     ``poll_us``: how long the session busy-polls /dev/fuse after a request
-    before parking (see swapfs.fuse.Session).  ``config_path``: the file
+    before parking (see swapfs.fuse.Session).  ``cpu_latency_us``: the CPU
+    wake-up latency asked of the kernel while requests flow (see
+    swapfs.wakeup; None: never asked).  ``config_path``: the file
     SIGHUP re-reads (None: the embedded default, nothing to reload).
 
     Raises fuse.MountError before anything is mounted if the mountpoint is
@@ -130,6 +134,8 @@ async def serve_mount(
                     "swapfs mounted at %s: %d device(s), max_write %d, protocol 7.%d",
                     mountpoint, len(store.devices), conn.max_write, conn.proto_minor,
                 )
+                if cpu_latency_us is not None:
+                    _start_wake_latency(nursery, session, cpu_latency_us)
                 if on_ready is not None:
                     on_ready()
                 sd_notify(f"READY=1\nSTATUS=serving {len(store.devices)} device(s) at {mountpoint}")
@@ -141,6 +147,17 @@ async def serve_mount(
             pass
         await store.aclose()
     log.info("swapfs at %s stopped", mountpoint)
+
+
+def _start_wake_latency(nursery: trio.Nursery, session: fuse.Session, latency_us: int) -> None:
+    wake = WakeLatency(latency_us)
+    problem = wake.open()
+    if problem:
+        log.warning("CPU wake-up latency not bounded (%s): swap-ins may wait longer on "
+                    "sleeping CPUs", problem)
+        return
+    log.info("CPU wake-up latency: at most %d us asked of the kernel while requests flow", latency_us)
+    nursery.start_soon(wake.run, lambda: session.statistics().requests)
 
 
 def busy_reason(mountpoint: str) -> str | None:
