@@ -111,11 +111,12 @@ def loop_devices() -> list[Loop]:
 
 
 # The loop device's request queue as swap through swapfs wants it (measured
-# in docs/latency.md).  rq_affinity 2: a request completes on the CPU that
+# in docs/latency.md): rq_affinity 2 completes a request on the CPU that
 # submitted it, where the task waiting for it sleeps -- the daemon answering
-# pays an interrupt to that CPU, the waiter then wakes without one and without
-# being pulled onto the daemon's CPU.  iostats 0: no per-request accounting.
-LOOP_QUEUE_TUNING = (("rq_affinity", "2"), ("iostats", "0"))
+# pays an interrupt to that CPU (none while that CPU polls, see
+# swapfs/wakeup.py), and the waiter wakes where it is instead of being
+# pulled onto the daemon's CPU.
+LOOP_QUEUE_TUNING = (("rq_affinity", "2"),)
 
 
 def tune_loop_queue(device: str) -> list[str]:
