@@ -36,7 +36,9 @@ from .errors import BackingIOError, Corruption, NoSpace, OutOfRange
 from .fileset import FileTierSet, run_pages
 from .kernel import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from .migrate import Migrator
+from .recompress import Recompressor
 from .slots import (
+    ALT,
     EMPTY,
     EPOCH_MASK,
     FILE0,
@@ -131,6 +133,10 @@ class Store:
     def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES) -> None:
         self.config = config
         self.codec = make_codec(config.pool.algorithm, config.pool.level)
+        # The second codec idle pages are recompressed with (slots flagged
+        # ALT; see swapfs/recompress.py), or None.
+        self.recodec = (make_codec(config.pool.recompress, config.pool.level)
+                        if config.pool.recompress else None)
         self.pool = Pool(config.pool.max_bytes)
         # A page is kept compressed only if it compresses to at most this.
         self.accept_limit = int(config.pool.accept_ratio * PAGE_SIZE)
@@ -161,6 +167,7 @@ class Store:
         # left; writeback then demotes colder pages below the watermarks).
         self.promote_limit_bytes = self.pool.max_bytes
         self._migrator = Migrator(self)
+        self.recompressor = Recompressor(self)
         self.moves = self._migrator.counters
         # Writes waiting for file tiers: their pool objects and file pages
         # are allocated, their slots not switched yet.
@@ -652,7 +659,8 @@ class Store:
         if k == SAME:
             return fill_page(h)
         if k == POOL:
-            return self.codec.decompress(self.pool.view(h, (i >> 4) & LENGTH_MASK))
+            codec = self.recodec if i & ALT and self.recodec is not None else self.codec
+            return codec.decompress(self.pool.view(h, (i >> 4) & LENGTH_MASK))
         if k == HUGE:
             return bytes(self.pool.view(h, PAGE_SIZE))
         raise AssertionError(f"{dev.name}: slot {slot} has kind {k}, not in memory")
@@ -667,6 +675,7 @@ class Store:
         pool = self.pool
         mem = pool.mem
         decompress = self.codec.decompress
+        redecompress = self.recodec.decompress if self.recodec is not None else decompress
         on_disk: list[tuple[int, int]] | None = None
         o = 0
         for s in range(first, first + npages):
@@ -675,7 +684,8 @@ class Store:
                 k = i & KIND_MASK
                 h = handles[s]
                 if k == POOL:
-                    out[o:o + PAGE_SIZE] = decompress(mem[h:h + ((i >> 4) & LENGTH_MASK)])
+                    out[o:o + PAGE_SIZE] = (redecompress if i & ALT else decompress)(
+                        mem[h:h + ((i >> 4) & LENGTH_MASK)])
                     epoch[s] = ep
                 elif k == SAME:
                     if h:
