@@ -263,6 +263,13 @@ class Store:
         dev.writes += 1
         if n == 0:
             return 0
+        if n == PAGE_SIZE and not offset & PAGE_MASK and not self._partial \
+                and self._store_page(dev, offset >> PAGE_SHIFT, mv):
+            dev.written_bytes += n
+            self._pool_check()
+            if self.tiers:
+                await self.files.punch()  # the page it replaced may have left a cluster free
+            return n
         try:
             if not (offset | n) & PAGE_MASK:
                 await self._store(dev, offset >> PAGE_SHIFT, mv, n >> PAGE_SHIFT)
@@ -276,6 +283,39 @@ class Store:
             raise
         dev.written_bytes += n
         return n
+
+    def _store_page(self, dev: Device, s: int, mv: memoryview) -> bool:
+        """One whole page into slot ``s`` of the pool, in this step: what a
+        swap-out is, without the staging the general path needs for many
+        pages and file tiers.  False, with nothing changed, for every other
+        case (a possibly same-filled page, one that compresses too poorly,
+        a full pool): the general path (_store) then decides.  Not while a
+        sub-page write is in flight (its generations are _commit's)."""
+        q = mv.cast("Q")
+        if q[0] == q[_LAST_WORD]:
+            return False
+        c = self.codec.compress(mv)
+        n = len(c)
+        if n > self.accept_limit:
+            return False
+        try:
+            h = self.pool.alloc(c, n, dev.index << SLOT_SHIFT | s)
+        except PoolFull:
+            return False
+        table = dev.table
+        old = table.info[s]
+        if old == EMPTY:
+            table.filled(s)
+            dev.stored_pages += 1
+        else:
+            self.free_slot_content(dev, s, old)
+        table.handles[s] = h
+        table.info[s] = n << 4 | POOL
+        table.epoch[s] = self.epoch
+        dev.pool_pages += 1
+        dev.compressed_bytes += n
+        dev.pool_bytes += OBJECT_BYTES[n]
+        return True
 
     def _nospace(self, dev: Device, why: str) -> None:
         dev.nospace_errors += 1
