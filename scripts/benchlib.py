@@ -28,6 +28,7 @@ class FioResult:
     p50_us: float = 0.0  # completion latency percentiles
     p99_us: float = 0.0
     p999_us: float = 0.0
+    ios: int = 0  # I/Os completed (ramp time excluded)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def run_fio(
         "--norandommap",
         "--randrepeat=0",
         "--output-format=json",
+        "--percentile_list=50:99:99.9",
         *extra,
     ]
     if size:
@@ -93,7 +95,7 @@ def run_fio(
     pct = clat.get("percentile", {})
     return FioResult(iops=side["iops"], mbps=side["bw_bytes"] / 1e6, lat_us=clat.get("mean", 0.0) / 1000,
                      p50_us=pct.get("50.000000", 0) / 1000, p99_us=pct.get("99.000000", 0) / 1000,
-                     p999_us=pct.get("99.900000", 0) / 1000)
+                     p999_us=pct.get("99.900000", 0) / 1000, ios=side.get("total_ios", 0))
 
 
 def run_suite(

@@ -67,6 +67,9 @@ class PoolStats:
     compactions: int = 0  # compaction passes
     compacted_objects: int = 0  # objects moved by compaction
     compacted_bytes: int = 0  # memory compaction released
+    recompress: str = ""  # the codec idle pages are recompressed with ("": none)
+    recompressed_pages: int = 0  # pages switched to it (pool.recompress)
+    recompress_saved_bytes: int = 0  # pool memory those switches saved (size-class bytes)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,7 +267,7 @@ _COUNTERS = {
     "tier": {"reads", "writes", "read_bytes", "written_bytes", "checksum_errors", "io_errors",
              "punched_clusters", "cluster_switches", "write_batches", "cached_reads", "thread_reads",
              "pool_limit_hit", "reject_compress_poor", "compactions", "compacted_objects",
-             "compacted_bytes"},
+             "compacted_bytes", "recompressed_pages", "recompress_saved_bytes"},
     "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages"},
     "writeback": {"moved_pages", "aborted_moves", "promotions", "refaults", "moved_bytes", "batches",
                   "failed_batches", "requests"},
@@ -284,6 +287,8 @@ _HELP = {
     "compactions": "Pool compaction passes",
     "compacted_objects": "Objects moved by pool compaction",
     "compacted_bytes": "Pool memory released by compaction",
+    "recompressed_pages": "Idle pool pages recompressed with the denser codec",
+    "recompress_saved_bytes": "Pool memory saved by recompressing idle pages",
     "reject_compress_poor": "Pages that compressed too poorly for the pool (zswap reject_compress_poor)",
     "metadata_bytes": "Bytes of tables and bookkeeping",
     "orig_data_size": "Uncompressed bytes of the pages held in memory (zram orig_data_size)",

@@ -48,7 +48,10 @@ def collect(store: Store) -> Stats:
         classes=pool.class_counts(), pool_limit_hit=store.pool_limit_hit,
         reject_compress_poor=store.reject_compress_poor, holes=pool.holes,
         compactions=pool.compactions, compacted_objects=pool.compacted_objects,
-        compacted_bytes=pool.compacted_bytes)
+        compacted_bytes=pool.compacted_bytes,
+        recompress=store.recodec.name if store.recodec is not None else "",
+        recompressed_pages=store.recompressor.recompressed_pages,
+        recompress_saved_bytes=store.recompressor.saved_bytes)
     same = sum(d.same_filled_pages for d in devices)
     tier_stats = []
     for ti, tier in enumerate(files):

@@ -207,7 +207,7 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
     store = stores([tier("fast", tmp_path / "fast.img", 1 * MiB, priority=100, high=0.3, low=0.1),
                     tier("slow", tmp_path / "slow.img", 8 * MiB, priority=10)],
                    pool_bytes=64 * 1024, high=0.3, low=0.1, devices=(("swap0", 1 * MiB, True),),
-                   cache_pages=int(os.environ.get("WB_CACHE", "16")))
+                   cache_pages=int(os.environ.get("WB_CACHE", "16")), recompress="zstd")
     dev = store.devices[0]
     npages = dev.npages
     rng = random.Random(seed)
@@ -302,6 +302,14 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
             check()
             await trio.sleep(0.0005)
 
+    async def recompressor() -> None:
+        # idle pages recompressed with zstd in small steps, between any two
+        # awaits of the others (the writeback task also does it each pass)
+        for _ in range(200):
+            store.recompressor.step(rng.randrange(1, 16), 0)
+            check()
+            await trio.sleep(0.0005)
+
     async with open_writeback(store, interval=0.001) as wb:
         async with trio.open_nursery() as n:
             for w in range(3):
@@ -311,6 +319,7 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
                 n.start_soon(reader)
             n.start_soon(requester, wb)
             n.start_soon(compactor)
+            n.start_soon(recompressor)
     for i in range(npages):
         page = bytes(await store.read(dev, i * PAGE, PAGE))
         assert page in model[i], f"page {i}"
@@ -322,9 +331,11 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
     if store.promote_distance:
         assert st.writeback.promotions > 0
     assert st.pool.compacted_objects > 0
+    assert st.pool.recompressed_pages > 0
     print(f"seed {seed}: {checks[0]} checked steps, moved {st.writeback.moved_pages}, "
           f"aborted {st.writeback.aborted_moves}, promotions {st.writeback.promotions}, "
-          f"cache hits {st.cache.hits}, compacted {st.pool.compacted_objects}")
+          f"cache hits {st.cache.hits}, compacted {st.pool.compacted_objects}, "
+          f"recompressed {st.pool.recompressed_pages}")
 
 
 async def test_victim_search_on_a_device_used_only_at_its_start(stores, tmp_path):

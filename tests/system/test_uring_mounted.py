@@ -34,11 +34,11 @@ def enable_uring_set(value: str):
 
 @pytest.mark.timeout(60)
 def test_mount_says_which_transport_and_why(uring_enabled, mount_factory):
-    m = mount_factory(SMALL_CONFIG, extra_args=("--transport", "auto"))
+    m = mount_factory(SMALL_CONFIG, args=("--transport", "auto"))
     assert "transport uring: FUSE over io_uring offered and every check passed" in m.log_text()
     assert "transport uring" in m.log_text().split("swapfs mounted at", 1)[1]
     with enable_uring_set("N"):
-        c = mount_factory(SMALL_CONFIG, extra_args=("--transport", "auto"))
+        c = mount_factory(SMALL_CONFIG, args=("--transport", "auto"))
         assert f"transport classic: {uring.ENABLE_URING} is N" in c.log_text()
 
 
@@ -56,7 +56,7 @@ def test_mount_uring_unavailable_fails_with_the_reason_and_mounts_nothing(uring_
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_fio_verify_through_a_loop_device_on_uring(uring_enabled, mount_factory):
-    m = mount_factory(SMALL_CONFIG, extra_args=URING)
+    m = mount_factory(SMALL_CONFIG, args=URING)
     assert "transport uring" in m.log_text()
     with harness.loop_device(str(m.dev())) as loop:
         fio(loop, "--rw=randwrite", "--bs=4k", "--size=32M", "--iodepth=16")
@@ -73,7 +73,7 @@ def test_kernel_swaps_into_swapfs_on_uring(uring_enabled, mount_factory):
     why = harness.kernel_swap_unavailable()
     if why:
         pytest.skip(f"kernel swap test: {why}")
-    m = mount_factory(SWAP_CONFIG, extra_args=URING)
+    m = mount_factory(SWAP_CONFIG, args=URING)
     assert "transport uring" in m.log_text()
     # the transport proved itself with plain file I/O before any swap goes on it
     fio(m.dev(), "--rw=randwrite", "--bs=4k", "--size=8M", "--iodepth=16")
