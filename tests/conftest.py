@@ -4,6 +4,7 @@ that are checked after every test and always closed."""
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
@@ -72,12 +73,17 @@ def uring_enabled():
         pytest.skip(f"kernel without FUSE over io_uring ({uring.ENABLE_URING} does not exist)")
     if state != "Y" and os.geteuid() != 0:
         pytest.skip(f"{uring.ENABLE_URING} is {state} and setting it needs root")
+    mounted_fusectl = False
     try:
         if state != "Y":
             uring.set_enable_uring("Y")
         reason = uring.unavailable_reason()
         if reason:
             pytest.skip(reason)
+        if not os.path.ismount(uring.FUSECTL) and os.geteuid() == 0:
+            # what systemd's sys-fs-fuse-connections.mount does at boot; a bare machine lacks it
+            mounted_fusectl = subprocess.run(["mount", "-t", "fusectl", "fusectl", uring.FUSECTL],
+                                             capture_output=True).returncode == 0
         if not os.path.ismount(uring.FUSECTL):
             pytest.skip(f"fusectl is not mounted at {uring.FUSECTL}: the transport refuses to run "
                         "without a way to abort its connection")
@@ -85,3 +91,5 @@ def uring_enabled():
     finally:
         if state != "Y":
             uring.set_enable_uring(state)
+        if mounted_fusectl:
+            subprocess.run(["umount", uring.FUSECTL], capture_output=True)
