@@ -130,6 +130,7 @@ async def serve_mount(
     fd = fuse.mount(mountpoint, fsname="swapfs", subtype="swapfs", allow_other=allow_other)
     session = fuse.Session(ops, fd, poll_us=poll_us, transport=transport,
                            connection=uring.connection_id(path) if transport != "classic" else None)
+    served = False
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -148,15 +149,24 @@ async def serve_mount(
                 )
                 if cpu_latency_us is not None:
                     _start_wake_latency(nursery, session, cpu_latency_us)
+                served = True
                 if on_ready is not None:
                     on_ready()
                 sd_notify(f"READY=1\nSTATUS=serving {len(store.devices)} device(s) at {mountpoint}")
                 nursery.start_soon(_handle_signals, signals, mountpoint, store, config_path)
+    except BaseExceptionGroup as group:
+        # A session that failed before serving (a transport refused at INIT, a
+        # registration that failed): its MountError, not the nursery's wrapper.
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], fuse.MountError):
+            raise group.exceptions[0] from None
+        raise
     finally:
         try:
             os.close(fd)
         except OSError:
             pass
+        if not served:  # never served: leave no dead mount behind (the fd's close aborted it)
+            fuse.unmount_quietly(mountpoint)
         await store.aclose()
     log.info("swapfs at %s stopped", mountpoint)
 

@@ -198,6 +198,9 @@ def unavailable_reason() -> str | None:
         return f"io_uring is disabled ({IO_URING_DISABLED} is {disabled})"
     if possible_cpus() is None:
         return f"cannot count the possible CPUs from {POSSIBLE_CPUS}"
+    if not os.path.ismount(FUSECTL):
+        return (f"fusectl is not mounted at {FUSECTL} (mount -t fusectl fusectl {FUSECTL}): "
+                "the transport needs it to abort a connection")
     return None
 
 

@@ -93,3 +93,27 @@ def test_kernel_swaps_into_swapfs_on_uring(uring_enabled, mount_factory):
             print(f"kernel swap on uring: {result.pages} pages, peak swapped "
                   f"{result.peak_swap_kib // 1024} MiB, {result.wall_seconds:.1f}s")
         assert loop not in harness.active_swaps()
+
+
+def test_fusectl_missing_is_a_reason_given_before_mounting(uring_enabled, monkeypatch, tmp_path):
+    monkeypatch.setattr(uring, "FUSECTL", str(tmp_path / "no-fusectl"))
+    reason = uring.unavailable_reason()
+    assert reason is not None and "fusectl is not mounted" in reason
+
+
+@pytest.mark.timeout(60)
+async def test_daemon_refused_at_init_says_why_and_leaves_no_mount(uring_enabled, monkeypatch, tmp_path):
+    """io_uring refused only at INIT (here: the ring cannot be made): serve_mount raises
+    the transport's MountError itself, not a nursery's wrapper, and the mount is gone."""
+    from swapfs.config import parse_config
+    from swapfs.daemon import serve_mount
+
+    def refuse(*args, **kwargs):
+        raise uring.TransportUnavailable("no ring for this test")
+
+    monkeypatch.setattr(uring.UringTransport, "create", refuse)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    with pytest.raises(uring.TransportUnavailable, match="no ring for this test"):
+        await serve_mount(parse_config(SMALL_CONFIG), str(mnt), transport="uring")
+    assert not sysinfo.is_mounted(mnt)
