@@ -61,6 +61,7 @@ class PoolConfig:
     accept_ratio: float = 0.8
     high_watermark: float = 0.9
     low_watermark: float = 0.8
+    dedup: bool = False
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ def _check_file_name(name: str, key: str) -> None:
 
 def _parse_pool(data: Any) -> PoolConfig:
     t = _Table(data, "pool", ("algorithm", "level", "max_bytes", "accept_ratio",
-                              "high_watermark", "low_watermark"))
+                              "high_watermark", "low_watermark", "dedup"))
     algorithm = t.get_str("algorithm", "lz4")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"pool.algorithm: unknown algorithm {algorithm!r} "
@@ -239,8 +240,10 @@ def _parse_pool(data: Any) -> PoolConfig:
                           f"allocation unit; must be at least {MIN_POOL_BYTES >> 20} MiB")
     accept_ratio = t.get_ratio("accept_ratio", 0.8)
     high, low = _watermarks(t, 0.9, 0.8)
+    dedup = t.get_bool("dedup", False)
     return PoolConfig(max_bytes=max_bytes, algorithm=algorithm, level=level,
-                      accept_ratio=accept_ratio, high_watermark=high, low_watermark=low)
+                      accept_ratio=accept_ratio, high_watermark=high, low_watermark=low,
+                      dedup=dedup)
 
 
 def _array(data: Any, key: str) -> list[Any]:

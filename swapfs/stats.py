@@ -67,6 +67,13 @@ class PoolStats:
     compactions: int = 0  # compaction passes
     compacted_objects: int = 0  # objects moved by compaction
     compacted_bytes: int = 0  # memory compaction released
+    # same content stored once ([pool] dedup): pages that share another
+    # page's object now, the class bytes they would take, writes that found
+    # their content stored (since mount), and the index's size
+    dedup_pages: int = 0
+    dedup_saved_bytes: int = 0
+    dedup_hits: int = 0
+    dedup_index_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -264,7 +271,7 @@ _COUNTERS = {
     "tier": {"reads", "writes", "read_bytes", "written_bytes", "checksum_errors", "io_errors",
              "punched_clusters", "cluster_switches", "write_batches", "cached_reads", "thread_reads",
              "pool_limit_hit", "reject_compress_poor", "compactions", "compacted_objects",
-             "compacted_bytes"},
+             "compacted_bytes", "dedup_hits"},
     "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages"},
     "writeback": {"moved_pages", "aborted_moves", "promotions", "refaults", "moved_bytes", "batches",
                   "failed_batches", "requests"},
@@ -284,6 +291,10 @@ _HELP = {
     "compactions": "Pool compaction passes",
     "compacted_objects": "Objects moved by pool compaction",
     "compacted_bytes": "Pool memory released by compaction",
+    "dedup_pages": "Pages sharing another page's pool object (same content stored once)",
+    "dedup_saved_bytes": "Pool memory the shared pages would take on their own",
+    "dedup_hits": "Writes that found their content already in the pool",
+    "dedup_index_bytes": "Memory of the dedup hash index",
     "reject_compress_poor": "Pages that compressed too poorly for the pool (zswap reject_compress_poor)",
     "metadata_bytes": "Bytes of tables and bookkeeping",
     "orig_data_size": "Uncompressed bytes of the pages held in memory (zram orig_data_size)",
