@@ -16,7 +16,7 @@ size fits in the tag (beyond that, from the pool's bytes).  The table holds
 at most 3/4 of its words, doubles when fuller and halves below 1/8 (never
 under MIN_WORDS): 8 bytes per word, 11 to 21 bytes per object.  It follows
 the objects stored, never the devices' capacity.  Regrowing rehashes every
-entry in one step (about 0.5 us each; measured in docs/store.md).
+entry in one step (about 0.2 us each; see docs/store.md).
 
 **Reference counts** live in the object's owner header (the pool's 8-byte
 word before each object): an object with one reference keeps its owner slot
@@ -92,7 +92,7 @@ class DedupIndex:
         tag_shift = self.tag_shift
         hbits = self.hbits
         tag = hv >> tag_shift
-        mem = self.pool.mem
+        raw = self.pool.raw
         b = hv >> self.shift
         while True:
             w = words[b]
@@ -100,7 +100,7 @@ class DedupIndex:
                 return -1
             if w >> tag_shift == tag and (w >> hbits) & _LEN_MASK == n:
                 h = (w & self._hmask) << 4 | HEADER
-                if mem[h:h + n] == data:
+                if raw[h:h + n] == data:
                     return h
                 self.collisions += 1
             b = (b + 1) & mask
@@ -125,16 +125,13 @@ class DedupIndex:
             except OSError:
                 self.not_indexed += 1
                 return
-        self._put(hv >> self.tag_shift << self.tag_shift | n << self.hbits | h >> 4, hv)
-        self.entries += 1
-
-    def _put(self, w: int, hv: int) -> None:
         words = self.words
         mask = self.mask
         b = hv >> self.shift
         while words[b]:
             b = (b + 1) & mask
-        words[b] = w
+        words[b] = hv >> self.tag_shift << self.tag_shift | n << self.hbits | h >> 4
+        self.entries += 1
 
     def remove(self, h: int, n: int) -> None:
         """Remove the entry of object ``h`` (``n`` bytes), if indexed."""
@@ -153,12 +150,13 @@ class DedupIndex:
         # Backward-shift deletion: pull later words of the run into the hole.
         i = b
         j = b
+        shift = self.shift if self.bits <= self.tag_bits else 0
         while True:
             j = (j + 1) & mask
             w = words[j]
             if not w:
                 break
-            k = self._home(w)
+            k = w >> shift if shift else self._home(w)
             if (i <= j and (k <= i or k > j)) or (i > j and k <= i and k > j):
                 words[i] = w
                 i = j

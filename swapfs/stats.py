@@ -48,7 +48,7 @@ class PoolStats:
     name: str
     kind: str
     algorithm: str
-    stored_pages: int  # compressed + huge
+    stored_pages: int  # compressed + huge (pages: with dedup, shared objects count per page)
     huge_pages: int
     compressed_bytes: int  # payload bytes (huge pages count 4096)
     pool_bytes: int  # memory held by spans, huge pages and spares, holes included

@@ -180,6 +180,9 @@ class Pool:
                                    f"address space for a pool of {max_bytes} bytes: "
                                    f"{e.strerror}") from e
         self.mem = memoryview(self._map)
+        # The mapping itself: a slice of it is a bytes copy, so comparing one
+        # with bytes is a memcmp (a memoryview compares element by element).
+        self.raw = self._map
         self.words = self.mem.cast("Q")
         self.page_word = array("Q")  # per page carved: span id, or HUGE_TAG | owner
         # Free spans' first pages by page count: spares (resident, counted in
