@@ -25,6 +25,10 @@ class FioResult:
     iops: float
     mbps: float  # MB/s (10^6 bytes)
     lat_us: float  # mean completion latency
+    p50_us: float = 0.0  # completion latency percentiles
+    p99_us: float = 0.0
+    p999_us: float = 0.0
+    ios: int = 0  # I/Os completed (ramp time excluded)
 
 
 @dataclass(frozen=True)
@@ -78,6 +82,7 @@ def run_fio(
         "--norandommap",
         "--randrepeat=0",
         "--output-format=json",
+        "--percentile_list=50:99:99.9",
         *extra,
     ]
     if size:
@@ -86,8 +91,11 @@ def run_fio(
     data = json.loads(out[out.index("{") :])
     job = data["jobs"][0]
     side = job["write"] if "write" in rw and "read" not in rw else job["read"]
-    lat = side.get("clat_ns", {}).get("mean", 0.0) / 1000
-    return FioResult(iops=side["iops"], mbps=side["bw_bytes"] / 1e6, lat_us=lat)
+    clat = side.get("clat_ns", {})
+    pct = clat.get("percentile", {})
+    return FioResult(iops=side["iops"], mbps=side["bw_bytes"] / 1e6, lat_us=clat.get("mean", 0.0) / 1000,
+                     p50_us=pct.get("50.000000", 0) / 1000, p99_us=pct.get("99.000000", 0) / 1000,
+                     p999_us=pct.get("99.900000", 0) / 1000, ios=side.get("total_ios", 0))
 
 
 def run_suite(
@@ -152,6 +160,23 @@ def summarize(values: Sequence[float]) -> tuple[float, float, float]:
 
 def fmt(value: float, metric: str) -> str:
     return f"{value:,.0f}" if metric == "iops" else f"{value:,.1f}"
+
+
+def print_latencies(
+    job: str,
+    results: dict[str, dict[str, list[FioResult]]],
+    names: Sequence[str],
+    file=sys.stdout,
+) -> None:
+    """Completion latency percentiles of ``job`` (median over rounds) per implementation."""
+    print(f"\n{job}: completion latency, us (median of rounds)", file=file)
+    print(f"{'':<24} {'p50':>8} {'p99':>8} {'p99.9':>8} {'mean':>8}", file=file)
+    for n in names:
+        rs = results[n].get(job, [])
+        if not rs:
+            continue
+        med = [statistics.median(getattr(r, k) for r in rs) for k in ("p50_us", "p99_us", "p999_us", "lat_us")]
+        print(f"{n:<24} " + " ".join(f"{v:8.1f}" for v in med), file=file)
 
 
 def print_table(

@@ -25,6 +25,9 @@ CTL_COMPACT_XATTR = "user.swapfs.ctl.compact"
 # from 39 s to 23 s and 4k reads at depth 1 from 11.7k to 25.7k IOPS;
 # 500-1000 us gained little more.  See docs/fuse.md.
 DEFAULT_POLL_US = 200
+# While requests flow, ask the kernel (PM QoS) to keep CPU wake-ups within
+# this many microseconds: 0 keeps idle CPUs polling.  See swapfs/wakeup.py.
+DEFAULT_CPU_LATENCY_US = 0
 ROOT_LOG_DIR = "/run/swapfs/log"
 # swapfs status reads every mount on the machine: one stuck daemon must not hang it
 STATUS_TIMEOUT = 2.0
@@ -134,6 +137,9 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return die(f"invalid configuration: {exc}", EXIT_USAGE)
     if not 0 <= args.poll_us <= 100_000:
         return die(f"--poll-us {args.poll_us}: must be between 0 and 100000 microseconds", EXIT_USAGE)
+    if not 0 <= args.cpu_latency_us <= 1_000_000:
+        return die(f"--cpu-latency-us {args.cpu_latency_us}: must be between 0 and 1000000 microseconds",
+                   EXIT_USAGE)
     if args.mkdir and not os.path.lexists(mountpoint):
         try:
             os.makedirs(mountpoint, mode=0o755)
@@ -174,7 +180,8 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
         trio.run(
             lambda: serve_mount(
                 config, mountpoint, on_ready=lambda: report("READY"), allow_other=args.allow_other,
-                poll_us=args.poll_us, config_path=config_path,
+                poll_us=args.poll_us, config_path=config_path, transport=args.transport,
+                cpu_latency_us=None if args.no_cpu_latency else args.cpu_latency_us,
             )
         )
     except fuse.MountError as exc:
@@ -205,7 +212,10 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
         cmd.append("--allow-other")
     if args.no_mlock:
         cmd.append("--no-mlock")
-    cmd += ["--poll-us", str(args.poll_us)]
+    cmd += ["--poll-us", str(args.poll_us), "--cpu-latency-us", str(args.cpu_latency_us)]
+    if args.no_cpu_latency:
+        cmd.append("--no-cpu-latency")
+    cmd += ["--transport", args.transport]
     cmd.append(mountpoint)
     proc = subprocess.Popen(
         cmd,
@@ -310,6 +320,8 @@ def cmd_swapon(args: argparse.Namespace) -> int:
     except OSError as exc:
         problem = f"cannot check direct I/O on {loop}: {exc.strerror}"
     if problem is None:
+        for why in sysinfo.tune_loop_queue(loop):
+            print(f"swapfs: {loop}: cannot tune the queue ({why}); swap works, slower", file=sys.stderr)
         out = _run(["mkswap", loop])
         if out.returncode != 0:
             problem = f"mkswap {loop} failed: {out.stderr.strip()}"
@@ -683,6 +695,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="after answering a request, busy-poll for the next one for up to N "
                    f"microseconds before sleeping (default {DEFAULT_POLL_US}; 0: never poll). "
                    "Trades some CPU while swapping for latency: each swap-in waits on the daemon")
+    p.add_argument("--transport", choices=["classic", "uring", "auto"], default="classic",
+                   help="how FUSE requests reach the daemon: classic (/dev/fuse reads, the default), "
+                   "uring (FUSE over io_uring; fails with the reason if the kernel cannot: needs "
+                   "/sys/module/fuse/parameters/enable_uring = Y) or auto (uring when available). "
+                   "The log says which is used and why")
+    p.add_argument("--cpu-latency-us", type=int, default=DEFAULT_CPU_LATENCY_US, metavar="N",
+                   help="while requests flow, ask the kernel to wake idle CPUs within N microseconds "
+                   f"(/dev/cpu_dma_latency, released after a quarter second without requests; default "
+                   f"{DEFAULT_CPU_LATENCY_US}: idle CPUs poll instead of sleeping).  Each swap-in is a "
+                   "chain of wake-ups: on a VM this halves its latency, for some CPU while swapping")
+    p.add_argument("--no-cpu-latency", action="store_true",
+                   help="never ask for a CPU wake-up latency (idle CPUs sleep as the system decides)")
     p.add_argument("--log-file", metavar="FILE",
                    help=f"log here (background default: {ROOT_LOG_DIR} as root, else "
                    "$XDG_RUNTIME_DIR or /tmp; swapfs-MOUNT.log)")

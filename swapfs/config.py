@@ -62,6 +62,10 @@ class PoolConfig:
     high_watermark: float = 0.9
     low_watermark: float = 0.8
     dedup: bool = False
+    # The codec pages idle for ``recompress_after`` seconds are recompressed
+    # with (None: never); zstd at ``level``.
+    recompress: str | None = None
+    recompress_after: float = 600.0
 
 
 @dataclass(frozen=True)
@@ -198,6 +202,20 @@ class _Table:
             raise ConfigError(f"{self.name(k)}: must be in (0, 1], got {v!r}")
         return v
 
+    def get_duration(self, k: str, default: Any = None) -> float:
+        """Seconds: a number, or a string of a number with s, m, h or d ("10m")."""
+        v = self.get(k, (int, float, str), default, 'a duration such as 30, "30s", "10m" or "1h"')
+        if isinstance(v, str):
+            unit = _DURATION_UNITS.get(v[-1:].lower())
+            try:
+                v = float(v[:-1] if unit else v) * (unit or 1)
+            except ValueError:
+                raise ConfigError(f'{self.name(k)}: expected a duration such as 30, "30s", "10m" '
+                                  f"or \"1h\", got {self.data[k]!r}") from None
+        if not 0 <= v < 10 ** 9:
+            raise ConfigError(f"{self.name(k)}: must be between 0 and 10^9 seconds, got {v!r}")
+        return float(v)
+
     def get_size(self, k: str, default: Any = None, *, allow_percent: bool = False) -> int:
         if k not in self.data:
             if default is _REQUIRED:
@@ -207,6 +225,7 @@ class _Table:
 
 
 _REQUIRED = object()
+_DURATION_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def _watermarks(t: _Table, high_default: float, low_default: float) -> tuple[float, float]:
@@ -225,7 +244,8 @@ def _check_file_name(name: str, key: str) -> None:
 
 def _parse_pool(data: Any) -> PoolConfig:
     t = _Table(data, "pool", ("algorithm", "level", "max_bytes", "accept_ratio",
-                              "high_watermark", "low_watermark", "dedup"))
+                              "high_watermark", "low_watermark", "recompress", "recompress_after",
+                              "dedup"))
     algorithm = t.get_str("algorithm", "lz4")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"pool.algorithm: unknown algorithm {algorithm!r} "
@@ -241,8 +261,24 @@ def _parse_pool(data: Any) -> PoolConfig:
     accept_ratio = t.get_ratio("accept_ratio", 0.8)
     high, low = _watermarks(t, 0.9, 0.8)
     dedup = t.get_bool("dedup", False)
+    recompress = t.get_str("recompress", None) if "recompress" in t.data else None
+    if recompress is not None:
+        if recompress not in ALGORITHMS:
+            raise ConfigError(f"pool.recompress: unknown algorithm {recompress!r} "
+                              f"(known: {', '.join(ALGORITHMS)})")
+        if recompress == algorithm:
+            raise ConfigError(f"pool.recompress: {recompress!r} is already the pool's algorithm; "
+                              "recompressing needs a denser one (e.g. algorithm = \"lz4\", "
+                              "recompress = \"zstd\")")
+        if recompress == "zstd" and level not in ZSTD_LEVELS:
+            raise ConfigError(f"pool.level: zstd level must be in "
+                              f"{ZSTD_LEVELS.start}..{ZSTD_LEVELS.stop - 1}, got {level}")
+    recompress_after = t.get_duration("recompress_after", 600.0)
+    if "recompress_after" in t.data and recompress is None:
+        raise ConfigError("pool.recompress_after: set without pool.recompress (the codec to use)")
     return PoolConfig(max_bytes=max_bytes, algorithm=algorithm, level=level,
                       accept_ratio=accept_ratio, high_watermark=high, low_watermark=low,
+                      recompress=recompress, recompress_after=recompress_after,
                       dedup=dedup)
 
 

@@ -31,7 +31,9 @@ import trio
 from . import fuse, kernel, sysinfo
 from .config import Config, ConfigError, load_config
 from .fs import SwapFS
+from .fuse import uring
 from .store import Store
+from .wakeup import WakeLatency
 from .writeback import Writeback
 
 log = logging.getLogger(__name__)
@@ -99,22 +101,35 @@ async def serve_mount(
     on_ready: Callable[[], None] | None = None,
     allow_other: bool = False,
     poll_us: int = 0,
+    cpu_latency_us: int | None = None,
     config_path: str | None = None,
+    transport: str = "classic",
 ) -> None:
     """Mount swapfs at ``mountpoint`` and serve until it is unmounted.
 
     ``poll_us``: how long the session busy-polls /dev/fuse after a request
-    before parking (see swapfs.fuse.Session).  ``config_path``: the file
+    before parking (see swapfs.fuse.Session).  ``cpu_latency_us``: the CPU
+    wake-up latency asked of the kernel while requests flow (see
+    swapfs.wakeup; None: never asked).  ``config_path``: the file
     SIGHUP re-reads (None: the embedded default, nothing to reload).
+    ``transport``: how FUSE requests arrive: "classic" (/dev/fuse), "uring"
+    (FUSE over io_uring, or fuse.MountError naming the reason) or "auto"
+    (io_uring when every check passes, else classic); the log says which.
 
     Raises fuse.MountError before anything is mounted if the mountpoint is
     unusable.  Returns once the kernel ended the connection.
     """
+    if transport == "uring":  # nothing is mounted if io_uring cannot be used
+        reason = uring.unavailable_reason()
+        if reason:
+            raise uring.TransportUnavailable(f"transport uring unavailable: {reason}")
     store = Store(config)
     writeback = Writeback(store)
     ops = SwapFS(store, writeback=writeback)
+    path = uring.resolve(mountpoint)  # before mounting: afterwards a stat would wait for INIT
     fd = fuse.mount(mountpoint, fsname="swapfs", subtype="swapfs", allow_other=allow_other)
-    session = fuse.Session(ops, fd, poll_us=poll_us)
+    session = fuse.Session(ops, fd, poll_us=poll_us, transport=transport,
+                           connection=uring.connection_id(path) if transport != "classic" else None)
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
@@ -127,9 +142,12 @@ async def serve_mount(
                 await nursery.start(writeback.run)  # cancelled with the nursery
                 conn = await nursery.start(run_session)
                 log.info(
-                    "swapfs mounted at %s: %d device(s), max_write %d, protocol 7.%d",
+                    "swapfs mounted at %s: %d device(s), max_write %d, protocol 7.%d, transport %s",
                     mountpoint, len(store.devices), conn.max_write, conn.proto_minor,
+                    session.transport_used,
                 )
+                if cpu_latency_us is not None:
+                    _start_wake_latency(nursery, session, cpu_latency_us)
                 if on_ready is not None:
                     on_ready()
                 sd_notify(f"READY=1\nSTATUS=serving {len(store.devices)} device(s) at {mountpoint}")
@@ -141,6 +159,17 @@ async def serve_mount(
             pass
         await store.aclose()
     log.info("swapfs at %s stopped", mountpoint)
+
+
+def _start_wake_latency(nursery: trio.Nursery, session: fuse.Session, latency_us: int) -> None:
+    wake = WakeLatency(latency_us)
+    problem = wake.open()
+    if problem:
+        log.warning("CPU wake-up latency not bounded (%s): swap-ins may wait longer on "
+                    "sleeping CPUs", problem)
+        return
+    log.info("CPU wake-up latency: at most %d us asked of the kernel while requests flow", latency_us)
+    nursery.start_soon(wake.run, lambda: session.statistics().requests)
 
 
 def busy_reason(mountpoint: str) -> str | None:

@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
+from . import sysinfo
 from .sysinfo import active_swaps, read_stats
 
 __all__ = ["active_swaps", "read_stats"]  # re-exported: the tests and the demo use them from here
@@ -72,8 +73,10 @@ def kernel_swap_unavailable() -> str | None:
 
 
 @contextlib.contextmanager
-def loop_device(path: str | os.PathLike[str], *, direct_io: bool = True) -> Iterator[str]:
-    """Attach a loop device over ``path`` (direct I/O by default, checked);
+def loop_device(path: str | os.PathLike[str], *, direct_io: bool = True,
+                tune: bool = True) -> Iterator[str]:
+    """Attach a loop device over ``path`` (direct I/O by default, checked),
+    its queue tuned as ``swapfs swapon`` tunes it unless ``tune`` is False;
     always detach it."""
     cmd = ["losetup", "-f", "--show"]
     if direct_io:
@@ -84,6 +87,10 @@ def loop_device(path: str | os.PathLike[str], *, direct_io: bool = True) -> Iter
             with open(f"/sys/block/{os.path.basename(dev)}/loop/dio") as f:
                 if f.read().strip() != "1":
                     raise HarnessError(f"{dev}: the kernel did not enable direct I/O")
+        if tune:
+            problems = sysinfo.tune_loop_queue(dev)
+            if problems:
+                raise HarnessError(f"{dev}: " + "; ".join(problems))
         yield dev
     finally:
         for _ in range(50):

@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING
 
 from .cache import KEY_PAGE_MASK, KEY_SHIFT
 from .slots import (
+    ALT,
     EMPTY,
     FILE0,
     FLAGS,
@@ -21,6 +22,7 @@ from .slots import (
     MOVING,
     POOL,
     SAME,
+    SETTLED,
     SHADOW,
     SLOT_SHIFT,
 )
@@ -141,6 +143,10 @@ def _check_device(store: Store, dev: Device, live: dict[int, tuple[int, int]],
                 raise AssertionError(f"{dev.name}: {KIND_NAMES.get(k, k)} slot {s} is flagged MOVING")
         if i & SHADOW and k < FILE0:
             raise AssertionError(f"{dev.name}: slot {s} in memory has a shadow")
+        if i & (ALT | SETTLED) and (k != POOL or i & ALT and store.recodec is None
+                                    or i & ALT and i & SETTLED):
+            raise AssertionError(f"{dev.name}: {KIND_NAMES.get(k, k)} slot {s} has recompression "
+                                 f"flags {i & (ALT | SETTLED):#x}")
         if k == SAME:
             if n:
                 raise AssertionError(f"{dev.name}: same-filled slot {s} has length {n}")

@@ -12,8 +12,11 @@ Three columns, no Python object per slot, 16 bytes per slot in use:
   copying this slot's page; any write, discard or promotion replaces the
   whole info word and so clears it, which is how the mover learns that the
   slot changed under it.  Bit 18 is SHADOW (file kinds only): the page was
-  demoted and ``epoch`` holds its shadow.  Bits 19..31 are free.  An EMPTY
-  slot has info 0 and handle 0.
+  demoted and ``epoch`` holds its shadow.  Bit 19 is ALT (POOL only): the
+  object was recompressed with the pool's second codec (``pool.recompress``).
+  Bit 20 is SETTLED (POOL only): recompressing was tried and would not have
+  saved a size class.  A rewrite clears both.  Bits 21..31 are free.  An
+  EMPTY slot has info 0 and handle 0.
 * ``epoch`` (32 bits): without SHADOW, the last-access epoch (the store's
   clock, 1/4 s units, see docs/writeback.md); with SHADOW, the store's
   demotion counter when the page was demoted (mod 2**32).
@@ -63,7 +66,9 @@ LENGTH_MASK = (1 << 13) - 1  # lengths up to 4096 (13 bits)
 KIND_NAMES = {EMPTY: "empty", SAME: "same", POOL: "pool", HUGE: "huge"}
 MOVING = 1 << 17  # writeback is copying the page (cleared by any rewrite)
 SHADOW = 1 << 18  # file kinds: the epoch column holds the demotion shadow
-FLAGS = MOVING | SHADOW
+ALT = 1 << 19  # POOL: the object is in the pool's second codec (recompressed)
+SETTLED = 1 << 20  # POOL: recompressing it would not save a size class
+FLAGS = MOVING | SHADOW | ALT | SETTLED
 # POOL and HUGE differ in bit 0 only: ``info & _IN_POOL_MASK == POOL`` is
 # either of them.
 _IN_POOL_MASK = KIND_MASK & ~1

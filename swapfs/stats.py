@@ -67,6 +67,9 @@ class PoolStats:
     compactions: int = 0  # compaction passes
     compacted_objects: int = 0  # objects moved by compaction
     compacted_bytes: int = 0  # memory compaction released
+    recompress: str = ""  # the codec idle pages are recompressed with ("": none)
+    recompressed_pages: int = 0  # pages switched to it (pool.recompress)
+    recompress_saved_bytes: int = 0  # pool memory those switches saved (size-class bytes)
     # same content stored once ([pool] dedup): pages that share another
     # page's object now, the class bytes they would take, writes that found
     # their content stored (since mount), and the index's size
@@ -271,7 +274,7 @@ _COUNTERS = {
     "tier": {"reads", "writes", "read_bytes", "written_bytes", "checksum_errors", "io_errors",
              "punched_clusters", "cluster_switches", "write_batches", "cached_reads", "thread_reads",
              "pool_limit_hit", "reject_compress_poor", "compactions", "compacted_objects",
-             "compacted_bytes", "dedup_hits"},
+             "compacted_bytes", "recompressed_pages", "recompress_saved_bytes", "dedup_hits"},
     "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages"},
     "writeback": {"moved_pages", "aborted_moves", "promotions", "refaults", "moved_bytes", "batches",
                   "failed_batches", "requests"},
@@ -291,6 +294,8 @@ _HELP = {
     "compactions": "Pool compaction passes",
     "compacted_objects": "Objects moved by pool compaction",
     "compacted_bytes": "Pool memory released by compaction",
+    "recompressed_pages": "Idle pool pages recompressed with the denser codec",
+    "recompress_saved_bytes": "Pool memory saved by recompressing idle pages",
     "dedup_pages": "Pages sharing another page's pool object (same content stored once)",
     "dedup_saved_bytes": "Pool memory the shared pages would take on their own",
     "dedup_hits": "Writes that found their content already in the pool",

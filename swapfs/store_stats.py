@@ -50,8 +50,11 @@ def collect(store: Store) -> Stats:
         classes=pool.class_counts(), pool_limit_hit=store.pool_limit_hit,
         reject_compress_poor=store.reject_compress_poor, holes=pool.holes,
         compactions=pool.compactions, compacted_objects=pool.compacted_objects,
-        compacted_bytes=pool.compacted_bytes, dedup_pages=dedup_pages,
-        dedup_saved_bytes=dedup_saved,
+        compacted_bytes=pool.compacted_bytes,
+        recompress=store.recodec.name if store.recodec is not None else "",
+        recompressed_pages=store.recompressor.recompressed_pages,
+        recompress_saved_bytes=store.recompressor.saved_bytes,
+        dedup_pages=dedup_pages, dedup_saved_bytes=dedup_saved,
         dedup_hits=store.dedup.hits if store.dedup is not None else 0,
         dedup_index_bytes=store.dedup.metadata_bytes() if store.dedup is not None else 0)
     same = sum(d.same_filled_pages for d in devices)

@@ -110,6 +110,29 @@ def loop_devices() -> list[Loop]:
     return found
 
 
+# The loop device's request queue as swap through swapfs wants it (measured
+# in docs/latency.md): rq_affinity 2 completes a request on the CPU that
+# submitted it, where the task waiting for it sleeps -- the daemon answering
+# pays an interrupt to that CPU (none while that CPU polls, see
+# swapfs/wakeup.py), and the waiter wakes where it is instead of being
+# pulled onto the daemon's CPU.
+LOOP_QUEUE_TUNING = (("rq_affinity", "2"),)
+
+
+def tune_loop_queue(device: str) -> list[str]:
+    """Apply LOOP_QUEUE_TUNING to the queue of ``device`` (/dev/loopN);
+    returns what could not be set (the device works either way)."""
+    problems = []
+    queue = f"/sys/block/{os.path.basename(device)}/queue"
+    for key, value in LOOP_QUEUE_TUNING:
+        try:
+            with open(f"{queue}/{key}", "w") as f:
+                f.write(value)
+        except OSError as exc:
+            problems.append(f"{queue}/{key} = {value}: {exc.strerror}")
+    return problems
+
+
 def loops_backed_by(path: str | os.PathLike[str]) -> list[Loop]:
     """Loop devices whose backing file is ``path`` or lies under the directory ``path``."""
     p = os.path.abspath(os.fspath(path))

@@ -43,6 +43,11 @@ BATCH_PAGES = CLUSTER_PAGES
 # in steps of at most this many objects (one step of the trio loop: a few
 # milliseconds).
 COMPACT_STEP = 2048
+# Recompression (swapfs/recompress.py): pages per step (one step of the trio
+# loop, about 1 ms: lz4 decompress + zstd compress is some 15 us a page) and
+# per writeback pass (4 passes a second at rest).
+RECOMPRESS_STEP = 64
+RECOMPRESS_PER_PASS = 1024
 # Slots looked at per victim search, and candidates wanted per victim.
 SCAN_SLOTS = 16384
 CANDIDATES_PER_VICTIM = 4
@@ -82,6 +87,8 @@ class Writeback:
                 self.tick()
                 try:
                     await self.balance()
+                    if store.recodec is not None:
+                        await self.recompress()
                 except Exception:  # never let a failing tier take the mount down
                     log.exception("writeback pass failed")
                 with trio.move_on_after(self.interval):
@@ -119,6 +126,25 @@ class Writeback:
                 moved += await self._drain(1 + ti, above_low, urgent=True)
         return moved
 
+    async def recompress(self, *, limit: int = RECOMPRESS_PER_PASS) -> int:
+        """Recompress pool pages idle for ``pool.recompress_after`` (see
+        swapfs/recompress.py) in steps of RECOMPRESS_STEP with a checkpoint
+        between them, up to ``limit`` per call; returns the pages switched."""
+        store = self.store
+        age = int(store.config.pool.recompress_after * EPOCHS_PER_SECOND)
+        converted = 0
+        while limit > 0:
+            handled, got = store.recompressor.step(min(RECOMPRESS_STEP, limit), age)
+            converted += got
+            limit -= handled
+            if handled < RECOMPRESS_STEP:
+                break
+            await trio.lowlevel.checkpoint()
+        if converted and store.pool.holes > COMPACT_HOLES:
+            # the objects given up are scattered over spans: give the memory back
+            await self.compact(holes=COMPACT_HOLES)
+        return converted
+
     def _pool_above(self, mark: int) -> bool:
         """The pool holds more than ``mark`` bytes, after a compaction step
         if its holes passed COMPACT_HOLES (no await)."""
@@ -129,13 +155,14 @@ class Writeback:
             self.store.compact(COMPACT_STEP)
         return pool.pool_bytes > mark
 
-    async def compact(self, *, until_bytes: int = 0) -> tuple[int, int]:
+    async def compact(self, *, until_bytes: int = 0, holes: float | None = None) -> tuple[int, int]:
         """Compact the pool in steps (checkpoints between them) while its
-        holes pass COMPACT_HOLES and it holds more than ``until_bytes``;
-        return (objects moved, bytes released).  ``until_bytes=0`` with
-        holes at any share: a full compaction (``user.swapfs.ctl.compact``)."""
+        holes pass ``holes`` (default COMPACT_HOLES with ``until_bytes``, else
+        0) and it holds more than ``until_bytes``; return (objects moved,
+        bytes released).  Neither given: a full compaction
+        (``user.swapfs.ctl.compact``)."""
         pool = self.store.pool
-        threshold = COMPACT_HOLES if until_bytes else 0.0
+        threshold = holes if holes is not None else COMPACT_HOLES if until_bytes else 0.0
         moved = freed = 0
         while pool.pool_bytes > until_bytes and pool.holes > threshold:
             m, f = self.store.compact(COMPACT_STEP)

@@ -3,12 +3,15 @@ that are checked after every test and always closed."""
 
 from __future__ import annotations
 
+import os
+import subprocess
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
 from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
+from swapfs.fuse import uring
 from swapfs.store import CACHE_PAGES, Store
 
 MiB = 1 << 20
@@ -27,11 +30,13 @@ def store_config(tiers: Sequence[TierConfig] = (), *, pool_bytes: int = 64 * MiB
                  algorithm: str = "lz4", level: int = 1, accept_ratio: float = 0.8,
                  high: float = 0.9, low: float = 0.8, dedup: bool = False,
                  devices: Sequence[tuple[str, int] | tuple[str, int, bool]] = (("swap0", 4 * MiB),),
+                 recompress: str | None = None, recompress_after: float = 600.0,
                  ) -> Config:
     """A config; ``devices`` as (name, size) or (name, size, writeback)."""
     return Config(
         pool=PoolConfig(max_bytes=pool_bytes, algorithm=algorithm, level=level,
                         accept_ratio=accept_ratio, high_watermark=high, low_watermark=low,
+                        recompress=recompress, recompress_after=recompress_after,
                         dedup=dedup),
         devices=tuple(DeviceConfig(name=d[0], size=d[1], writeback=d[2] if len(d) > 2 else True)
                       for d in devices),
@@ -58,3 +63,34 @@ def make_store() -> Iterator[MakeStore]:
     finally:
         for store in made:
             store.files.close()
+
+
+@pytest.fixture(scope="session")
+def uring_enabled():
+    """FUSE over io_uring usable for this test session: as root, the fuse module's
+    enable_uring is set to Y and restored afterwards; otherwise skip with the reason."""
+    state = uring.enable_uring()
+    if state is None:
+        pytest.skip(f"kernel without FUSE over io_uring ({uring.ENABLE_URING} does not exist)")
+    if state != "Y" and os.geteuid() != 0:
+        pytest.skip(f"{uring.ENABLE_URING} is {state} and setting it needs root")
+    mounted_fusectl = False
+    try:
+        if state != "Y":
+            uring.set_enable_uring("Y")
+        reason = uring.unavailable_reason()
+        if reason:
+            pytest.skip(reason)
+        if not os.path.ismount(uring.FUSECTL) and os.geteuid() == 0:
+            # what systemd's sys-fs-fuse-connections.mount does at boot; a bare machine lacks it
+            mounted_fusectl = subprocess.run(["mount", "-t", "fusectl", "fusectl", uring.FUSECTL],
+                                             capture_output=True).returncode == 0
+        if not os.path.ismount(uring.FUSECTL):
+            pytest.skip(f"fusectl is not mounted at {uring.FUSECTL}: the transport refuses to run "
+                        "without a way to abort its connection")
+        yield
+    finally:
+        if state != "Y":
+            uring.set_enable_uring(state)
+        if mounted_fusectl:
+            subprocess.run(["umount", uring.FUSECTL], capture_output=True)

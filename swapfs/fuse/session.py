@@ -53,7 +53,7 @@ from typing import Any
 
 import trio
 
-from . import wire
+from . import uring, wire
 from .mount import mount, unmount_quietly
 from .ops import (
     ConnectionInfo,
@@ -125,6 +125,10 @@ class SessionStatistics:
     reply_failures: int = 0  # replies refused for any other reason (answered EIO instead)
     bad_replies: int = 0  # handler results that could not be sent as a reply (answered EIO)
     read_errors: int = 0  # reads of the FUSE fd failing with an unexpected errno
+    transport: str = "classic"  # how requests arrive: "classic" (/dev/fuse reads) or "uring"
+    ring_requests: int = 0  # requests served from io_uring entries (part of requests)
+    ring_enters: int = 0  # io_uring_enter calls (each submits every commit queued)
+    ring_entry_failures: int = 0  # ring entries that failed and were registered again
 
 
 @types.coroutine
@@ -199,7 +203,13 @@ class Session:
         max_pages: int = 256,
         max_background: int = 64,
         poll_us: int = 0,
+        transport: str = "classic",
+        uring_depth: int = 16,
+        connection: int | None = None,
     ) -> None:
+        """``transport``: "classic", "uring" (io_uring or an error) or "auto" (io_uring when
+        every check passes); ``uring_depth``: ring entries per queue; ``connection``: the
+        fusectl connection number, to abort the connection if the ring cannot be set up."""
         if max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
         if not 1 <= max_pages <= 65535:
@@ -211,6 +221,14 @@ class Session:
         self.max_background = min(max_background, 65535)
         self.poll_ns = max(poll_us, 0) * 1000
         self.conn: ConnectionInfo | None = None
+        if transport not in uring.TRANSPORTS:
+            raise ValueError(f"transport must be one of {', '.join(uring.TRANSPORTS)}")
+        self.transport = transport
+        self.uring_depth = uring_depth
+        self.connection = connection
+        self.transport_used = "classic"
+        self.transport_reason = ""
+        self._uring: uring.UringTransport | None = None
         self._bufsize = max_pages * PAGE + HEADER_ROOM
         self._pool: list[bytearray] = []
         self._nursery: trio.Nursery | None = None
@@ -263,7 +281,12 @@ class Session:
     # -- public --------------------------------------------------------------
 
     def statistics(self) -> SessionStatistics:
+        u = self._uring
         return SessionStatistics(
+            transport=self.transport_used,
+            ring_requests=u.requests if u else 0,
+            ring_enters=u.enters if u else 0,
+            ring_entry_failures=u.entry_failures if u else 0,
             requests=self._requests,
             inline_replies=self._inline,
             suspended_handlers=self._suspended_total,
@@ -297,6 +320,8 @@ class Session:
                 log.warning("request %d before INIT, answered EIO", opcode)
                 self._reply_error(unique, errno.EIO)
             conn = self._negotiate(buf, n, unique)
+            if self._uring is not None:
+                self._uring.register(self.connection)  # at once: requests wait for the ring
             self.conn = conn
             await self.ops.init(conn)
             initialized = True
@@ -305,9 +330,16 @@ class Session:
                 self._nursery = nursery
                 self._reader_active = True
                 nursery.start_soon(self._serve, buf)
+                if self._uring is not None:
+                    nursery.start_soon(self._uring.run)
         finally:
             self._ended = True
             self._nursery = None
+            if self._uring is not None:
+                # Abort first: closing the fd does not end the connection while the ring holds
+                # it, and a request handed to the ring waits for this thread's task work.
+                uring.abort_connection(self.connection, quiet=True)
+                self._uring.close()
             if initialized:
                 with trio.CancelScope(shield=True):
                     try:
@@ -337,6 +369,13 @@ class Session:
         minor_out = min(minor, wire.KERNEL_MINOR_VERSION)
         max_pages = self.max_pages if granted & wire.FUSE_MAX_PAGES else min(self.max_pages, 32)
         max_write = max_pages * PAGE
+        if self.transport != "classic":
+            self._uring = self._choose_uring(kflags, max_write)
+            if self._uring is not None:
+                granted |= wire.FUSE_OVER_IO_URING
+        else:
+            self.transport_reason = "asked for"
+        log.info("transport %s: %s", self.transport_used, self.transport_reason)
         max_bg = self.max_background
         out = wire.init_out.pack(
             7,
@@ -361,6 +400,22 @@ class Session:
             max_readahead=max_readahead,
             flags=granted,
         )
+
+    def _choose_uring(self, kflags: int, max_write: int) -> uring.UringTransport | None:
+        """The io_uring transport if every check passes (before the INIT reply declares it);
+        None (classic) under "auto", TransportUnavailable under "uring"."""
+        try:
+            t = uring.UringTransport.create(self, self.fd, kflags, max_write, self.uring_depth,
+                                            self.connection)
+        except uring.TransportUnavailable as exc:
+            if self.transport == "uring":
+                raise uring.TransportUnavailable(f"transport uring unavailable: {exc}") from None
+            self.transport_reason = str(exc)
+            return None
+        self.transport_used = "uring"
+        self.transport_reason = (f"FUSE over io_uring offered and every check passed "
+                                 f"({t.nr_queues} queue(s) x {t.depth} entries)")
+        return t
 
     # -- reading and dispatch ------------------------------------------------
 
@@ -837,6 +892,8 @@ async def serve(
     max_inflight: int = 64,
     max_pages: int = 256,
     poll_us: int = 0,
+    transport: str = "classic",
+    uring_depth: int = 16,
     session_callback: Callable[[Session], None] | None = None,
     **mount_kwargs: Any,
 ) -> None:
@@ -845,9 +902,16 @@ async def serve(
     ConnectionInfo once the mount is live; ``session_callback`` (if given)
     receives the Session before INIT, e.g. to read its statistics later."""
     use_fusermount = mount_kwargs.get("use_fusermount")
+    if transport == "uring":  # what can be known before mounting: nothing mounted if not
+        reason = uring.unavailable_reason()
+        if reason:
+            raise uring.TransportUnavailable(f"transport uring unavailable: {reason}")
+    path = uring.resolve(mountpoint)  # before mounting: afterwards a stat would wait for INIT
     fd = mount(mountpoint, **mount_kwargs)
     try:
-        session = Session(ops, fd, max_inflight=max_inflight, max_pages=max_pages, poll_us=poll_us)
+        session = Session(ops, fd, max_inflight=max_inflight, max_pages=max_pages, poll_us=poll_us,
+                          transport=transport, uring_depth=uring_depth,
+                          connection=uring.connection_id(path) if transport != "classic" else None)
         if session_callback is not None:
             session_callback(session)
         await session.run(task_status=task_status)

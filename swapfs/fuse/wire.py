@@ -106,6 +106,7 @@ FUSE_INIT_RESERVED = 1 << 31
 FUSE_SECURITY_CTX = 1 << 32
 FUSE_HAS_INODE_DAX = 1 << 33
 FUSE_HAS_EXPIRE_ONLY = 1 << 35
+FUSE_OVER_IO_URING = 1 << 41  # protocol 7.42: requests through io_uring (see uring.py)
 
 # -- fuse_setattr_in.valid ------------------------------------------------------
 FATTR_MODE = 1 << 0

@@ -146,6 +146,15 @@ BAD = [
     ('[pool]\ndedup = "yes"\n' + MINIMAL_DEVICE, "pool.dedup"),
     ('[pool]\nalgorithm = "zstd"\nlevel = 0\n' + MINIMAL_DEVICE, "pool.level"),
     ('[pool]\nalgorithm = "zstd"\nlevel = 23\n' + MINIMAL_DEVICE, "pool.level"),
+    ('[pool]\nrecompress = "brotli"\n' + MINIMAL_DEVICE, "pool.recompress"),
+    ('[pool]\nrecompress = "lz4"\n' + MINIMAL_DEVICE, "pool.recompress"),
+    ('[pool]\nrecompress = ""\n' + MINIMAL_DEVICE, "pool.recompress"),
+    ('[pool]\nrecompress = "zstd"\nlevel = 30\n' + MINIMAL_DEVICE, "pool.level"),
+    ('[pool]\nrecompress_after = "10m"\n' + MINIMAL_DEVICE, "pool.recompress_after"),
+    ('[pool]\nrecompress = "zstd"\nrecompress_after = "ten minutes"\n' + MINIMAL_DEVICE,
+     "pool.recompress_after"),
+    ('[pool]\nrecompress = "zstd"\nrecompress_after = -5\n' + MINIMAL_DEVICE, "pool.recompress_after"),
+    ('[pool]\nrecompress = "zstd"\nrecompress_after = true\n' + MINIMAL_DEVICE, "pool.recompress_after"),
     ('[pool]\nmax_bytes = "0%"\n' + MINIMAL_DEVICE, "pool.max_bytes"),
     ('[pool]\nmax_bytes = "150%"\n' + MINIMAL_DEVICE, "pool.max_bytes"),
     ('[pool]\nmax_bytes = -1\n' + MINIMAL_DEVICE, "pool.max_bytes"),
@@ -261,3 +270,17 @@ def test_device_size_upper_bound() -> None:
         parse_config(f'[[device]]\nname = "d"\nsize = {(1 << 44) + 4096}\n')
     with pytest.raises(ConfigError, match=r"device\[0\]\.size"):
         parse_config('[[device]]\nname = "d"\nsize = 4097\n')
+
+
+@pytest.mark.parametrize("value, seconds", [(30, 30.0), (1.5, 1.5), ('"45s"', 45.0), ('"10m"', 600.0),
+                                            ('"2h"', 7200.0), ('"1d"', 86400.0), ('"0"', 0.0)])
+def test_recompress_after_durations(value: object, seconds: float) -> None:
+    c = parse_config(f'[pool]\nrecompress = "zstd"\nlevel = 3\nrecompress_after = {value}\n'
+                     + MINIMAL_DEVICE)
+    assert c.pool.recompress == "zstd" and c.pool.level == 3
+    assert c.pool.recompress_after == seconds
+
+
+def test_recompress_is_off_by_default() -> None:
+    c = parse_config(MINIMAL_DEVICE)
+    assert c.pool.recompress is None and c.pool.recompress_after == 600.0

@@ -9,7 +9,7 @@ import random
 import pytest
 
 from swapfs.dedup import MIN_WORDS
-from swapfs.slots import FILE0, KIND_MASK, POOL
+from swapfs.slots import ALT, FILE0, KIND_MASK, POOL, SETTLED
 from swapfs.store import Store
 from swapfs.tiers.pool import HEADER, SHARED_TAG
 from swapfs.writeback import Writeback
@@ -230,3 +230,37 @@ async def test_incompressible_and_same_filled_pages_are_not_indexed(dstore: Make
     assert store.dedup is not None and store.dedup.entries == 0
     assert store.pool.objects == 3
     assert await store.read(dev, 0, 6 * P) == noise * 3 + bytes(P) * 3
+
+
+async def test_one_page_writes_share_too(dstore: MakeStore) -> None:
+    """The kernel swaps out one page per request: the one-page path shares."""
+    store = dstore()
+    dev = store.devices[0]
+    one = page(11)
+    for s in range(100):
+        await store.write(dev, s * P, one)
+    assert store.pool.objects == 1 and store.stats().pool.dedup_pages == 99
+    await store.write(dev, 5 * P, page(12))  # a sharer rewritten, one page
+    await store.write(dev, 5 * P, one)  # and back
+    assert store.pool.objects == 1
+    store.check_invariants()
+    assert await store.read(dev, 0, 100 * P) == one * 100
+
+
+async def test_recompression_skips_shared_objects(make_store: MakeStore) -> None:
+    store = make_store(dedup=True, recompress="zstd", recompress_after=0)
+    dev = store.devices[0]
+    one = page(13)
+    rest = [page(400 + i) for i in range(20)]
+    await store.write(dev, 0, one * 5 + b"".join(rest))
+    shared = dev.table.handles[0]
+    store.recompressor.step(1000, 0)
+    store.check_invariants()
+    assert store.recompressor.recompressed_pages > 0
+    assert all(dev.table.handles[s] == shared for s in range(5))
+    assert await store.read(dev, 0, 25 * P) == one * 5 + b"".join(rest)
+    await store.discard(dev, P, 4 * P)  # slot 0 alone refers to it now: recompressed
+    store.recompressor.step(1000, 0)
+    store.check_invariants()
+    assert dev.table.info[0] & (ALT | SETTLED) and dev.table.handles[0] != shared
+    assert await store.read(dev, 0, 25 * P) == one + bytes(4 * P) + b"".join(rest)

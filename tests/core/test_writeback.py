@@ -211,7 +211,8 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
     store = stores([tier("fast", tmp_path / "fast.img", 1 * MiB, priority=100, high=0.3, low=0.1),
                     tier("slow", tmp_path / "slow.img", 8 * MiB, priority=10)],
                    pool_bytes=64 * 1024, high=0.3, low=0.1, devices=(("swap0", 1 * MiB, True),),
-                   cache_pages=int(os.environ.get("WB_CACHE", "16")), dedup=dedup)
+                   cache_pages=int(os.environ.get("WB_CACHE", "16")), recompress="zstd",
+                   dedup=dedup)
     dev = store.devices[0]
     npages = dev.npages
     rng = random.Random(seed)
@@ -308,6 +309,14 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
             check()
             await trio.sleep(0.0005)
 
+    async def recompressor() -> None:
+        # idle pages recompressed with zstd in small steps, between any two
+        # awaits of the others (the writeback task also does it each pass)
+        for _ in range(200):
+            store.recompressor.step(rng.randrange(1, 16), 0)
+            check()
+            await trio.sleep(0.0005)
+
     async with open_writeback(store, interval=0.001) as wb:
         async with trio.open_nursery() as n:
             for w in range(3):
@@ -317,6 +326,7 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
                 n.start_soon(reader)
             n.start_soon(requester, wb)
             n.start_soon(compactor)
+            n.start_soon(recompressor)
     for i in range(npages):
         page = bytes(await store.read(dev, i * PAGE, PAGE))
         assert page in model[i], f"page {i}"
@@ -328,12 +338,14 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
     if store.promote_distance:
         assert st.writeback.promotions > 0
     assert st.pool.compacted_objects > 0
+    assert st.pool.recompressed_pages > 0
     if dedup:
         assert st.pool.dedup_hits > 0
     print(f"seed {seed}: {checks[0]} checked steps, moved {st.writeback.moved_pages}, "
           f"dedup hits {st.pool.dedup_hits}, "
           f"aborted {st.writeback.aborted_moves}, promotions {st.writeback.promotions}, "
-          f"cache hits {st.cache.hits}, compacted {st.pool.compacted_objects}")
+          f"cache hits {st.cache.hits}, compacted {st.pool.compacted_objects}, "
+          f"recompressed {st.pool.recompressed_pages}")
 
 
 async def test_victim_search_on_a_device_used_only_at_its_start(stores, tmp_path):

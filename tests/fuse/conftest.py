@@ -68,9 +68,18 @@ def _cleanup(path: Path) -> None:
     unmount_quietly(path)
 
 
+@pytest.fixture(params=["classic", "uring"])
+def transport(request) -> str:
+    """Every test that mounts runs on both transports."""
+    if request.param == "uring":
+        request.getfixturevalue("uring_enabled")
+    return request.param
+
+
 @pytest.fixture
-def mount_memfs(tmp_path: Path):
-    """An async context factory: ``async with mount_memfs(fs, **serve_kwargs) as m``."""
+def mount_memfs(tmp_path: Path, transport: str):
+    """An async context factory: ``async with mount_memfs(fs, **serve_kwargs) as m``,
+    on the test's transport (``transport`` in serve_kwargs overrides it)."""
     from contextlib import asynccontextmanager
 
     made: list[Path] = []
@@ -82,6 +91,7 @@ def mount_memfs(tmp_path: Path):
         mp.mkdir()
         made.append(mp)
         kwargs.setdefault("default_permissions", False)
+        kwargs.setdefault("transport", transport)
         sessions: list[Session] = []
         done = trio.Event()
 
@@ -95,6 +105,8 @@ def mount_memfs(tmp_path: Path):
             async with trio.open_nursery() as nursery:
                 conn = await nursery.start(run)
                 m = Mounted(mp, fs, sessions[0], conn, nursery.cancel_scope, done)
+                if kwargs["transport"] == "uring":  # never a silent fallback
+                    assert m.session.transport_used == "uring", m.session.transport_reason
                 try:
                     yield m
                 finally:

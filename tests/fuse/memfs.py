@@ -9,6 +9,7 @@ MOUNTPOINT --size 512M`` serves one file ``data`` (used by scripts/bench-fuse).
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import sys
@@ -244,13 +245,14 @@ def _size(text: str) -> int:
     return int(text)
 
 
-async def _main(mountpoint: str, size: int, direct_io: bool, poll_us: int = 0) -> None:
+async def _main(mountpoint: str, size: int, direct_io: bool, poll_us: int = 0,
+                transport: str = "classic") -> None:
     from swapfs.fuse import serve
 
     fs = MemFS({b"data": size}, direct_io=direct_io)
     with trio.open_signal_receiver(2, 15) as signals:  # SIGINT, SIGTERM
         async with trio.open_nursery() as nursery:
-            await nursery.start(partial(serve, fs, mountpoint, poll_us=poll_us))
+            await nursery.start(partial(serve, fs, mountpoint, poll_us=poll_us, transport=transport))
             print("ready", flush=True)
             nursery.start_soon(_cancel_on_signal, signals, nursery.cancel_scope)
 
@@ -269,6 +271,8 @@ if __name__ == "__main__":
     p.add_argument("--size", default="512M")
     p.add_argument("--direct-io", action="store_true", help="open files with FOPEN_DIRECT_IO")
     p.add_argument("--poll-us", type=int, default=0, help="busy-poll /dev/fuse before parking")
+    p.add_argument("--transport", default="classic", choices=["classic", "uring", "auto"])
     a = p.parse_args()
-    trio.run(_main, a.mountpoint, _size(a.size), a.direct_io, a.poll_us)
+    logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
+    trio.run(_main, a.mountpoint, _size(a.size), a.direct_io, a.poll_us, a.transport)
     sys.exit(0)

@@ -15,12 +15,14 @@ from .conftest import MiB, read_file, sh, sync
 pytestmark = [pytest.mark.timeout(60), pytest.mark.root]
 
 
-async def test_init_negotiated(mounted):
+async def test_init_negotiated(mounted, transport):
     conn = mounted.conn
     assert conn.proto_major == 7 and conn.proto_minor == 38
     assert conn.max_write == 1 * MiB and conn.max_pages == 256
     for flag in (wire.FUSE_ASYNC_READ, wire.FUSE_BIG_WRITES, wire.FUSE_ASYNC_DIO, wire.FUSE_MAX_PAGES):
         assert conn.flags & flag
+    assert bool(conn.flags & wire.FUSE_OVER_IO_URING) == (transport == "uring")
+    assert mounted.session.statistics().transport == transport
     assert not conn.flags & (wire.FUSE_POSIX_ACL | wire.FUSE_WRITEBACK_CACHE | wire.FUSE_SETXATTR_EXT)
     assert mounted.fs.conn is conn
 

@@ -108,11 +108,12 @@ def stop_mount(m: Mount) -> None:
         os.kill(m.pid, signal.SIGKILL)
 
 
-def start_mount(tmp_path: Path, config: str | None = SMALL_CONFIG, name: str = "mnt") -> Mount:
+def start_mount(tmp_path: Path, config: str | None = SMALL_CONFIG, name: str = "mnt",
+                args: tuple[str, ...] = ()) -> Mount:
     mnt = tmp_path / name
     mnt.mkdir()
     log = tmp_path / f"{name}.log"
-    args = ["mount", "--no-mlock", "--log-file", str(log), "--log-level", "debug"]
+    args = ["mount", "--no-mlock", "--log-file", str(log), "--log-level", "debug", *args]
     if config is not None:
         cfg = tmp_path / f"{name}.toml"
         cfg.write_text(config)
@@ -127,14 +128,15 @@ def start_mount(tmp_path: Path, config: str | None = SMALL_CONFIG, name: str = "
 
 @pytest.fixture
 def mount_factory(tmp_path):
-    """mount_factory(config_text=SMALL_CONFIG) -> Mount; all unmounted at the end."""
+    """mount_factory(config_text=SMALL_CONFIG, name=None, args=()) -> Mount
+    (``args``: more ``swapfs mount`` options); all unmounted at the end."""
     why = fuse_available()
     if why:
         pytest.skip(why)
     mounts: list[Mount] = []
 
-    def make(config: str | None = SMALL_CONFIG, name: str | None = None) -> Mount:
-        m = start_mount(tmp_path, config, name or f"mnt{len(mounts)}")
+    def make(config: str | None = SMALL_CONFIG, name: str | None = None, args: tuple[str, ...] = ()) -> Mount:
+        m = start_mount(tmp_path, config, name or f"mnt{len(mounts)}", args)
         mounts.append(m)
         return m
 

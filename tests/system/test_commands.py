@@ -205,6 +205,10 @@ def test_swapon_and_swapoff_commands(mount_factory):
             assert sysinfo.active_swaps()[loop].priority == 5
             lo = sysinfo.loops_backed_by(dev)
             assert [x.device for x in lo] == [loop] and lo[0].direct_io
+            queue = f"/sys/block/{os.path.basename(loop)}/queue"
+            for key, value in sysinfo.LOOP_QUEUE_TUNING:  # the queue as docs/latency.md measured it
+                with open(f"{queue}/{key}") as f:
+                    assert f.read().strip() == value, key
             again = run_swapfs("swapon", dev)
             assert again.returncode == 1 and "already on" in again.stderr and loop in again.stderr
             row = next(r for r in json.loads(run_swapfs("status", "--json").stdout)
