@@ -264,3 +264,22 @@ async def test_recompression_skips_shared_objects(make_store: MakeStore) -> None
     store.check_invariants()
     assert dev.table.info[0] & (ALT | SETTLED) and dev.table.handles[0] != shared
     assert await store.read(dev, 0, 25 * P) == one + bytes(4 * P) + b"".join(rest)
+
+
+async def test_a_table_larger_than_its_tags_rehashes_from_the_pool(dstore: MakeStore) -> None:
+    """Once the table has more bucket bits than a word keeps of the hash
+    (very large pools), homes are recomputed from the objects' bytes."""
+    store = dstore(devices=(("swap0", 16 * MiB),))
+    dd = store.dedup
+    assert dd is not None
+    dd.tag_bits = 4  # as if the handles took all but 4 bits of the word
+    dev = store.devices[0]
+    pages = [page(2000 + i) for i in range(2500)]
+    await store.write(dev, 0, b"".join(pages))
+    assert dd.nwords == 4096 and dd.bits > dd.tag_bits
+    await store.discard(dev, 0, 1200 * P)  # backward shifts with recomputed homes
+    store.check_invariants()
+    await store.write(dev, 3000 * P, b"".join(pages[1200:1300]))
+    assert store.stats().pool.dedup_pages == 100
+    assert await store.read(dev, 1200 * P, 1300 * P) == b"".join(pages[1200:])
+    store.check_invariants()
