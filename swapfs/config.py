@@ -61,6 +61,7 @@ class PoolConfig:
     accept_ratio: float = 0.8
     high_watermark: float = 0.9
     low_watermark: float = 0.8
+    dedup: bool = False
     # The codec pages idle for ``recompress_after`` seconds are recompressed
     # with (None: never); zstd at ``level``.
     recompress: str | None = None
@@ -243,7 +244,8 @@ def _check_file_name(name: str, key: str) -> None:
 
 def _parse_pool(data: Any) -> PoolConfig:
     t = _Table(data, "pool", ("algorithm", "level", "max_bytes", "accept_ratio",
-                              "high_watermark", "low_watermark", "recompress", "recompress_after"))
+                              "high_watermark", "low_watermark", "recompress", "recompress_after",
+                              "dedup"))
     algorithm = t.get_str("algorithm", "lz4")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"pool.algorithm: unknown algorithm {algorithm!r} "
@@ -258,6 +260,7 @@ def _parse_pool(data: Any) -> PoolConfig:
                           f"allocation unit; must be at least {MIN_POOL_BYTES >> 20} MiB")
     accept_ratio = t.get_ratio("accept_ratio", 0.8)
     high, low = _watermarks(t, 0.9, 0.8)
+    dedup = t.get_bool("dedup", False)
     recompress = t.get_str("recompress", None) if "recompress" in t.data else None
     if recompress is not None:
         if recompress not in ALGORITHMS:
@@ -275,7 +278,8 @@ def _parse_pool(data: Any) -> PoolConfig:
         raise ConfigError("pool.recompress_after: set without pool.recompress (the codec to use)")
     return PoolConfig(max_bytes=max_bytes, algorithm=algorithm, level=level,
                       accept_ratio=accept_ratio, high_watermark=high, low_watermark=low,
-                      recompress=recompress, recompress_after=recompress_after)
+                      recompress=recompress, recompress_after=recompress_after,
+                      dedup=dedup)
 
 
 def _array(data: Any, key: str) -> list[Any]:

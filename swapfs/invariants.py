@@ -26,7 +26,7 @@ from .slots import (
     SHADOW,
     SLOT_SHIFT,
 )
-from .tiers.pool import OBJECT_BYTES
+from .tiers.pool import HEADER, MAX_OBJECT, OBJECT_BYTES, SHARED_TAG
 
 if TYPE_CHECKING:
     from .store import Device, Store
@@ -39,19 +39,16 @@ def check_store(store: Store, *, quiescent: bool = True) -> None:
     flight and deferred frees are left out of the tiers' counts."""
     files = store.files
     live: dict[int, tuple[int, int]] = {}  # pool handle -> (payload bytes, owner)
+    refs: dict[int, int] = {}  # pool handle -> references, where more than one
     file_owner: list[dict[int, tuple[str, int]]] = [{} for _ in files]
-    total_cbytes = 0
     moving = 0
     for dev in store.devices:
-        cbytes, nmoving = _check_device(store, dev, live, file_owner)
-        total_cbytes += cbytes
+        _cbytes, nmoving = _check_device(store, dev, live, refs, file_owner)
         moving += nmoving
     for h, n, owner in store.staged_pool_objects():  # writes waiting for a file tier
-        if h in live:
-            raise AssertionError(f"a staged write and a slot share pool object {h:#x}")
-        live[h] = (n, owner)
-        total_cbytes += n
-    store.pool.check_invariants(live, total_cbytes)
+        _reference(store, live, refs, h, n, owner, "a staged write")
+    _check_dedup(store, live, refs)
+    store.pool.check_invariants(live, sum(n for n, _ in live.values()))
     in_moves = store.moves_in_flight
     if moving > in_moves:
         raise AssertionError(f"{moving} slots flagged MOVING, {in_moves} in moves")
@@ -67,7 +64,59 @@ def check_store(store: Store, *, quiescent: bool = True) -> None:
     _check_accounting(store)
 
 
+def _reference(store: Store, live: dict[int, tuple[int, int]], refs: dict[int, int], h: int,
+               n: int, owner: int, who: str) -> None:
+    """Count a reference to pool object ``h`` of ``n`` bytes."""
+    if h not in live:
+        live[h] = (n, owner)
+        return
+    if store.dedup is None or n > MAX_OBJECT:
+        raise AssertionError(f"{who} shares pool object {h:#x} (dedup is off)")
+    if live[h][0] != n:
+        raise AssertionError(f"{who} holds pool object {h:#x} with length {n}, another "
+                             f"reference with {live[h][0]}")
+    refs[h] = refs.get(h, 1) + 1
+
+
+def _check_dedup(store: Store, live: dict[int, tuple[int, int]], refs: dict[int, int]) -> None:
+    """Reference counts in the object headers equal the references the
+    slot tables (and writes in flight) hold; every index entry is a live
+    object that hashes to it; every shared object is indexed.  The owner a
+    shared object's header must hold is put in ``live`` for the pool's check."""
+    dd = store.dedup
+    pool = store.pool
+    if dd is None:
+        return
+    indexed = dd.check()
+    extra = payload = pbytes = 0
+    for h, n in indexed.items():
+        if h not in live or live[h][0] != n:
+            raise AssertionError(f"dedup: index entry {h:#x} ({n} bytes) is no live object")
+    for h, (n, _owner) in list(live.items()):
+        if n > MAX_OBJECT:
+            continue
+        want = refs.get(h, 1)
+        header = pool.words[(h - HEADER) >> 3]
+        have = header & (SHARED_TAG - 1) if header & SHARED_TAG else 1
+        if have != want:
+            raise AssertionError(f"dedup: object {h:#x} counts {have} references, "
+                                 f"{want} are held")
+        if header & SHARED_TAG:
+            live[h] = (n, header)
+        if want > 1:
+            if h not in indexed:
+                raise AssertionError(f"dedup: shared object {h:#x} is not indexed")
+            extra += want - 1
+            payload += (want - 1) * n
+            pbytes += (want - 1) * OBJECT_BYTES[n]
+    if (extra, payload, pbytes) != (dd.extra_refs, dd.saved_payload, dd.saved_bytes):
+        raise AssertionError(f"dedup: counts {dd.extra_refs} shared references "
+                             f"({dd.saved_payload}/{dd.saved_bytes} bytes), tables hold "
+                             f"{extra} ({payload}/{pbytes})")
+
+
 def _check_device(store: Store, dev: Device, live: dict[int, tuple[int, int]],
+                  refs: dict[int, int],
                   file_owner: list[dict[int, tuple[str, int]]]) -> tuple[int, int]:
     """Walk one slot table; returns (compressed bytes, slots flagged MOVING)."""
     table = dev.table
@@ -107,10 +156,8 @@ def _check_device(store: Store, dev: Device, live: dict[int, tuple[int, int]],
                                      f"accept limit {store.accept_limit}")
             if k == HUGE and n != 4096:
                 raise AssertionError(f"{dev.name}: huge slot {s} has length {n}")
-            if h in live:
-                raise AssertionError(f"{dev.name}: slot {s} ({KIND_NAMES[k]}) shares pool object "
-                                     f"{h:#x}")
-            live[h] = (n, dev.index << SLOT_SHIFT | s)
+            _reference(store, live, refs, h, n, dev.index << SLOT_SHIFT | s,
+                       f"{dev.name}: slot {s} ({KIND_NAMES[k]})")
             cbytes += n
             pbytes += OBJECT_BYTES[n]
         elif FILE0 <= k < FILE0 + len(file_owner):
@@ -172,7 +219,9 @@ def _check_accounting(store: Store) -> None:
     if not t.stored_pages == t.same_filled_pages + tier_pages == dev_pages:
         raise AssertionError(f"accounting: totals.stored_pages {t.stored_pages}, same-filled "
                              f"{t.same_filled_pages} + tiers {tier_pages}, devices {dev_pages}")
-    if sum(d.compressed_bytes for d in st.devices) != st.pool.compressed_bytes:
-        raise AssertionError("accounting: devices' compressed_bytes do not sum to the pool's")
-    if sum(d.pool_bytes for d in st.devices) > st.pool.pool_bytes:
+    _pages, shared_payload, shared_pbytes = store.dedup_committed()
+    if sum(d.compressed_bytes for d in st.devices) != st.pool.compressed_bytes + shared_payload:
+        raise AssertionError("accounting: devices' compressed_bytes do not sum to the pool's "
+                             "(and the shared pages')")
+    if sum(d.pool_bytes for d in st.devices) - shared_pbytes > st.pool.pool_bytes:
         raise AssertionError("accounting: devices' class bytes exceed the pool's memory")

@@ -13,7 +13,10 @@ A recompressed slot is flagged ALT: reads decompress it with the second
 codec.  A page whose recompressed size would not save a size class is kept
 as it is and flagged SETTLED, so it is not tried again.  A rewrite clears
 both flags.  Devices with ``writeback = false`` (latency first) are left
-alone: zstd decompresses slower than lz4.
+alone: zstd decompresses slower than lz4.  With dedup, an object other slots
+also refer to is skipped (it is tried again once only one does), and
+the old object of a recompressed page leaves the dedup index; the new one is
+not indexed (its bytes are the second codec's).
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from .slots import ALT, CLUSTER_MASK, EPOCH_MASK, KIND_MASK, LENGTH_MASK, MOVING, POOL, SETTLED, SLOT_SHIFT
-from .tiers.pool import OBJECT_BYTES, PoolFull
+from .tiers.pool import HEADER, OBJECT_BYTES, SHARED_TAG, PoolFull
 
 if TYPE_CHECKING:
     from .store import Store
@@ -30,6 +33,7 @@ if TYPE_CHECKING:
 # moving, not recompressed or tried yet.
 _MASK = KIND_MASK | MOVING | ALT | SETTLED
 _LENGTH_BITS = LENGTH_MASK << 4
+_REFS = SHARED_TAG - 1  # a shared object's header: SHARED_TAG | references
 
 
 class Recompressor:
@@ -56,6 +60,8 @@ class Recompressor:
         compress = recodec.compress
         pool = store.pool
         mem = pool.mem
+        words = pool.words
+        free_object = store.free_object  # (drops an unshared object's dedup entry)
         now = store.epoch
         di, slot = self._cursor
         if di >= len(devs):
@@ -79,9 +85,12 @@ class Recompressor:
                     i = info[s]
                     if i & _MASK != POOL or (now - epoch[s]) & EPOCH_MASK < min_age:
                         continue
+                    h = handles[s]
+                    w = words[(h - HEADER) >> 3]
+                    if w & SHARED_TAG and w & _REFS > 1:
+                        continue  # shared (dedup): other slots refer to this object
                     handled += 1
                     n = (i >> 4) & LENGTH_MASK
-                    h = handles[s]
                     c = compress(decompress(mem[h:h + n]))
                     m = len(c)
                     if OBJECT_BYTES[m] >= OBJECT_BYTES[n]:
@@ -94,7 +103,7 @@ class Recompressor:
                             full = True
                             end = s + 1
                             break
-                        pool.free_object(h, n)
+                        free_object(h, n)
                         handles[s] = new
                         info[s] = (i & ~_LENGTH_BITS) | m << 4 | ALT
                         dev.compressed_bytes += m - n

@@ -48,7 +48,7 @@ class PoolStats:
     name: str
     kind: str
     algorithm: str
-    stored_pages: int  # compressed + huge
+    stored_pages: int  # compressed + huge (pages: with dedup, shared objects count per page)
     huge_pages: int
     compressed_bytes: int  # payload bytes (huge pages count 4096)
     pool_bytes: int  # memory held by spans, huge pages and spares, holes included
@@ -70,6 +70,13 @@ class PoolStats:
     recompress: str = ""  # the codec idle pages are recompressed with ("": none)
     recompressed_pages: int = 0  # pages switched to it (pool.recompress)
     recompress_saved_bytes: int = 0  # pool memory those switches saved (size-class bytes)
+    # same content stored once ([pool] dedup): pages that share another
+    # page's object now, the class bytes they would take, writes that found
+    # their content stored (since mount), and the index's size
+    dedup_pages: int = 0
+    dedup_saved_bytes: int = 0
+    dedup_hits: int = 0
+    dedup_index_bytes: int = 0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -267,7 +274,7 @@ _COUNTERS = {
     "tier": {"reads", "writes", "read_bytes", "written_bytes", "checksum_errors", "io_errors",
              "punched_clusters", "cluster_switches", "write_batches", "cached_reads", "thread_reads",
              "pool_limit_hit", "reject_compress_poor", "compactions", "compacted_objects",
-             "compacted_bytes", "recompressed_pages", "recompress_saved_bytes"},
+             "compacted_bytes", "recompressed_pages", "recompress_saved_bytes", "dedup_hits"},
     "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages"},
     "writeback": {"moved_pages", "aborted_moves", "promotions", "refaults", "moved_bytes", "batches",
                   "failed_batches", "requests"},
@@ -289,6 +296,10 @@ _HELP = {
     "compacted_bytes": "Pool memory released by compaction",
     "recompressed_pages": "Idle pool pages recompressed with the denser codec",
     "recompress_saved_bytes": "Pool memory saved by recompressing idle pages",
+    "dedup_pages": "Pages sharing another page's pool object (same content stored once)",
+    "dedup_saved_bytes": "Pool memory the shared pages would take on their own",
+    "dedup_hits": "Writes that found their content already in the pool",
+    "dedup_index_bytes": "Memory of the dedup hash index",
     "reject_compress_poor": "Pages that compressed too poorly for the pool (zswap reject_compress_poor)",
     "metadata_bytes": "Bytes of tables and bookkeeping",
     "orig_data_size": "Uncompressed bytes of the pages held in memory (zram orig_data_size)",

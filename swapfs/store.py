@@ -32,6 +32,7 @@ from . import invariants, store_stats
 from .cache import SwapCache, file_key
 from .codec import ZERO_PAGE, fill_page, make_codec, same_fill_word
 from .config import Config, DeviceConfig
+from .dedup import DedupIndex
 from .errors import BackingIOError, Corruption, NoSpace, OutOfRange
 from .fileset import FileTierSet, run_pages
 from .kernel import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
@@ -56,7 +57,7 @@ from .slots import (
 )
 from .stats import Stats
 from .tiers.file import ChecksumError, FileTier, TierFull, TierIOError
-from .tiers.pool import OBJECT_BYTES, Pool, PoolFull
+from .tiers.pool import MAX_OBJECT, OBJECT_BYTES, Pool, PoolFull
 
 log = logging.getLogger(__name__)
 
@@ -84,13 +85,15 @@ class _Staged:
     placed in memory."""
 
     __slots__ = ("npages", "owner", "handles", "info", "spill", "same", "pool", "huge", "cbytes",
-                 "pbytes")
+                 "pbytes", "shared", "shared_bytes", "shared_pbytes")
 
     def __init__(self, capacity: int) -> None:
         self.handles = array("Q", bytes(8 * capacity))
         self.info = array("I", bytes(4 * capacity))
         self.spill: list[int] = []
         self.npages = self.owner = self.same = self.pool = self.huge = self.cbytes = self.pbytes = 0
+        # Of ``pool`` and ``cbytes``: references to objects already stored (dedup).
+        self.shared = self.shared_bytes = self.shared_pbytes = 0
 
 
 class Device:
@@ -138,6 +141,8 @@ class Store:
         self.recodec = (make_codec(config.pool.recompress, config.pool.level)
                         if config.pool.recompress else None)
         self.pool = Pool(config.pool.max_bytes)
+        # Same content stored once (docs/store.md): the index of pool objects.
+        self.dedup = DedupIndex(self.pool) if config.pool.dedup else None
         # A page is kept compressed only if it compresses to at most this.
         self.accept_limit = int(config.pool.accept_ratio * PAGE_SIZE)
         self.devices = [Device(i, dc) for i, dc in enumerate(config.devices)]
@@ -237,6 +242,8 @@ class Store:
         if table.handles[s] != old or i & MOVING or not in_pool(i):
             return False
         table.handles[s] = new
+        if self.dedup is not None:  # (shared objects are never moved)
+            self.dedup.moved(old, new, (i >> 4) & LENGTH_MASK)
         return True
 
     def check_invariants(self, *, quiescent: bool = True) -> None:
@@ -298,10 +305,23 @@ class Store:
         n = len(c)
         if n > self.accept_limit:
             return False
-        try:
-            h = self.pool.alloc(c, n, dev.index << SLOT_SHIFT | s)
-        except PoolFull:
-            return False
+        dedup = self.dedup
+        if dedup is None or n > MAX_OBJECT:
+            try:
+                h = self.pool.alloc(c, n, dev.index << SLOT_SHIFT | s)
+            except PoolFull:
+                return False
+        else:  # same content stored once: share an equal object, or index the new one
+            hv = dedup.hash(c)
+            h = dedup.find(hv, c, n)
+            if h >= 0:
+                dedup.share(h, n)
+            else:
+                try:
+                    h = self.pool.alloc(c, n, dev.index << SLOT_SHIFT | s)
+                except PoolFull:
+                    return False
+                dedup.insert(hv, h, n)
         table = dev.table
         old = table.info[s]
         if old == EMPTY:
@@ -423,8 +443,15 @@ class Store:
         compress = self.codec.compress
         alloc = self.pool.alloc
         limit = self.accept_limit
+        dedup = self.dedup
+        if dedup is not None:
+            dd_hash = dedup.hash
+            dd_find = dedup.find
+            dd_insert = dedup.insert
+            dd_limit = min(limit, MAX_OBJECT)
         q = mv.cast("Q")
         n_same = n_pool = n_huge = cbytes = pbytes = poor = 0
+        shared = shared_bytes = shared_pbytes = 0
         pool_full = False
         o = idx = 0
         try:
@@ -444,7 +471,23 @@ class Store:
                     c = compress(page)
                     n = len(c)
                     try:
-                        if n <= limit:
+                        if dedup is not None and n <= dd_limit:
+                            hv = dd_hash(c)
+                            h = dd_find(hv, c, n)
+                            if h >= 0:
+                                dedup.share(h, n)
+                                shared += 1
+                                shared_bytes += n
+                                shared_pbytes += OBJECT_BYTES[n]
+                            else:
+                                h = alloc(c, n, owner + idx)
+                                dd_insert(hv, h, n)
+                            handles[idx] = h
+                            info[idx] = n << 4 | POOL
+                            n_pool += 1
+                            cbytes += n
+                            pbytes += OBJECT_BYTES[n]
+                        elif n <= limit:
                             handles[idx] = alloc(c, n, owner + idx)
                             info[idx] = n << 4 | POOL
                             n_pool += 1
@@ -478,6 +521,9 @@ class Store:
         staged.huge = n_huge
         staged.cbytes = cbytes
         staged.pbytes = pbytes
+        staged.shared = shared
+        staged.shared_bytes = shared_bytes
+        staged.shared_pbytes = shared_pbytes
 
     async def _stage_file_pages(self, dev: Device, mv: memoryview, staged: _Staged) -> None:
         """Write the pages ``staged.spill`` (indexes into ``mv``) to file
@@ -549,7 +595,7 @@ class Store:
             i = info[idx]
             k = i & KIND_MASK
             if k == POOL or k == HUGE:
-                self.pool.free_object(handles[idx], (i >> 4) & LENGTH_MASK)
+                self.free_object(handles[idx], (i >> 4) & LENGTH_MASK)
             elif k >= FILE0:
                 self.files.inflight[k - FILE0] -= 1
                 self.files[k - FILE0].free((handles[idx],))
@@ -606,8 +652,19 @@ class Store:
     def staged_in_pool(self) -> tuple[int, int]:
         """(objects, payload bytes) of the pool that writes in flight hold
         and no slot owns yet: the stats leave them out."""
-        return (sum(st.pool + st.huge for st in self._staged),
-                sum(st.cbytes for st in self._staged))
+        return (sum(st.pool + st.huge - st.shared for st in self._staged),
+                sum(st.cbytes - st.shared_bytes for st in self._staged))
+
+    def dedup_committed(self) -> tuple[int, int, int]:
+        """(pages, payload bytes, class bytes) that slots hold by sharing
+        another page's pool object; writes in flight left out."""
+        dd = self.dedup
+        if dd is None:
+            return 0, 0, 0
+        pages = dd.extra_refs - sum(st.shared for st in self._staged)
+        payload = dd.saved_payload - sum(st.shared_bytes for st in self._staged)
+        pbytes = dd.saved_bytes - sum(st.shared_pbytes for st in self._staged)
+        return pages, payload, pbytes
 
     def staged_pool_objects(self) -> list[tuple[int, int, int]]:
         """(handle, length, owner) of the pool objects that writes in flight
@@ -632,13 +689,20 @@ class Store:
             dev.file_pages -= 1
         else:
             n = (old >> 4) & LENGTH_MASK
-            self.pool.free_object(h, n)
+            self.free_object(h, n)
             dev.compressed_bytes -= n
             dev.pool_bytes -= OBJECT_BYTES[n]
             if old & KIND_MASK == POOL:
                 dev.pool_pages -= 1
             else:
                 dev.huge_pages -= 1
+
+    def free_object(self, h: int, n: int) -> None:
+        """Drop a reference to pool object ``h`` of ``n`` bytes: the object
+        is freed with its last reference (one, without dedup)."""
+        dd = self.dedup
+        if dd is None or n > MAX_OBJECT or dd.release(h, n):
+            self.pool.free_object(h, n)
 
     # -- read -------------------------------------------------------------
 

@@ -24,7 +24,9 @@ def collect(store: Store) -> Stats:
     files = store.files
     # Pool objects of writes waiting for a file tier belong to no slot yet.
     staged_objects, staged_bytes = store.staged_in_pool()
-    pool_pages = pool.objects - staged_objects
+    # Pages that share another page's object (dedup) count as pages, once each.
+    dedup_pages, _dedup_payload, dedup_saved = store.dedup_committed()
+    pool_pages = pool.objects - staged_objects + dedup_pages
     pool_cbytes = pool.compressed_bytes - staged_bytes
     devices = tuple(
         DeviceStats(
@@ -38,7 +40,7 @@ def collect(store: Store) -> Stats:
             nospace_errors=d.nospace_errors)
         for d in store.devices)
     huge = sum(d.huge_pages for d in devices)
-    pool_meta = pool.metadata_bytes()
+    pool_meta = pool.metadata_bytes() + (store.dedup.metadata_bytes() if store.dedup else 0)
     pstats = PoolStats(
         name="pool", kind="pool", algorithm=store.codec.name, stored_pages=pool_pages,
         huge_pages=huge, compressed_bytes=pool_cbytes,
@@ -51,7 +53,10 @@ def collect(store: Store) -> Stats:
         compacted_bytes=pool.compacted_bytes,
         recompress=store.recodec.name if store.recodec is not None else "",
         recompressed_pages=store.recompressor.recompressed_pages,
-        recompress_saved_bytes=store.recompressor.saved_bytes)
+        recompress_saved_bytes=store.recompressor.saved_bytes,
+        dedup_pages=dedup_pages, dedup_saved_bytes=dedup_saved,
+        dedup_hits=store.dedup.hits if store.dedup is not None else 0,
+        dedup_index_bytes=store.dedup.metadata_bytes() if store.dedup is not None else 0)
     same = sum(d.same_filled_pages for d in devices)
     tier_stats = []
     for ti, tier in enumerate(files):

@@ -28,7 +28,7 @@ def tier(name: str, path: Path | str, size: int, priority: int = 100, high: floa
 
 def store_config(tiers: Sequence[TierConfig] = (), *, pool_bytes: int = 64 * MiB,
                  algorithm: str = "lz4", level: int = 1, accept_ratio: float = 0.8,
-                 high: float = 0.9, low: float = 0.8,
+                 high: float = 0.9, low: float = 0.8, dedup: bool = False,
                  devices: Sequence[tuple[str, int] | tuple[str, int, bool]] = (("swap0", 4 * MiB),),
                  recompress: str | None = None, recompress_after: float = 600.0,
                  ) -> Config:
@@ -36,7 +36,8 @@ def store_config(tiers: Sequence[TierConfig] = (), *, pool_bytes: int = 64 * MiB
     return Config(
         pool=PoolConfig(max_bytes=pool_bytes, algorithm=algorithm, level=level,
                         accept_ratio=accept_ratio, high_watermark=high, low_watermark=low,
-                        recompress=recompress, recompress_after=recompress_after),
+                        recompress=recompress, recompress_after=recompress_after,
+                        dedup=dedup),
         devices=tuple(DeviceConfig(name=d[0], size=d[1], writeback=d[2] if len(d) > 2 else True)
                       for d in devices),
         tiers=tuple(tiers))

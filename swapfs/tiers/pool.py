@@ -49,7 +49,7 @@ each span knowing its position (``pos``) so it leaves the list in O(1);
 allocation takes the last listed span.
 
 **Owners and compaction.**  ``alloc(data, n, owner)`` records ``owner``, an
-opaque integer below 2**63 given by the store (``device_index << 40 |
+opaque integer below 2**62 given by the store (``device_index << 40 |
 slot``), in the object's header (a huge page's in its ``page_word``).
 ``compact(relocate)`` moves objects out of the sparsest spans of each class
 into the fullest ones with room (only in classes whose free objects add up
@@ -58,7 +58,9 @@ moved it calls ``relocate(owner, old_handle, new_handle)`` synchronously,
 after the copy: the callee points its reference at the new handle and
 returns True, or returns False and the pool drops the copy and keeps the
 object where it was (the store refuses a slot being migrated, see
-docs/store.md).  Huge pages are never moved (nothing to gain).
+docs/store.md).  Huge pages are never moved (nothing to gain), nor are
+shared objects (header ``SHARED_TAG | references``, set by the store's
+dedup index, swapfs/dedup.py): their owners are not recorded.
 
 Nothing here awaits: every method runs to completion in the caller's step
 of the trio loop, so a copy, its relocate call and the free of the old
@@ -87,7 +89,10 @@ SPARE_PAGES = 64
 COMPACT_HOLES = 0.10
 FREE_TAG = 1 << 63  # a free object's header: FREE_TAG | next free index + 1
 HUGE_TAG = 1 << 63  # a huge page's page_word: HUGE_TAG | owner
-OWNER_LIMIT = 1 << 63
+OWNER_LIMIT = 1 << 62
+# A shared object's header (swapfs/dedup.py): SHARED_TAG | references.  Its
+# owners are not known, so compaction leaves it where it is.
+SHARED_TAG = 1 << 62
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 _NO_CLASS = 0xFFFF
 _MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
@@ -175,6 +180,9 @@ class Pool:
                                    f"address space for a pool of {max_bytes} bytes: "
                                    f"{e.strerror}") from e
         self.mem = memoryview(self._map)
+        # The mapping itself: a slice of it is a bytes copy, so comparing one
+        # with bytes is a memcmp (a memoryview compares element by element).
+        self.raw = self._map
         self.words = self.mem.cast("Q")
         self.page_word = array("Q")  # per page carved: span id, or HUGE_TAG | owner
         # Free spans' first pages by page count: spares (resident, counted in
@@ -511,8 +519,8 @@ class Pool:
                 for idx in range(s_fresh[src]):
                     hdr = first + idx * size
                     owner = words[hdr >> 3]
-                    if owner & FREE_TAG:
-                        continue
+                    if owner & (FREE_TAG | SHARED_TAG):
+                        continue  # free, or shared (its owners are not known)
                     while hi > lo and s_used[order[hi]] == cap:
                         hi -= 1
                     if hi <= lo or (budget is not None and moved >= budget):

@@ -19,6 +19,7 @@ max_bytes = "512M"
 accept_ratio = 0.75
 high_watermark = 0.85
 low_watermark = 0.7
+dedup = true
 
 [[device]]
 name = "swap0"
@@ -62,7 +63,7 @@ def test_every_key() -> None:
     c = parse_config(FULL)
     p = c.pool
     assert (p.algorithm, p.level, p.max_bytes, p.accept_ratio, p.high_watermark,
-            p.low_watermark) == ("zstd", 3, 512 << 20, 0.75, 0.85, 0.7)
+            p.low_watermark, p.dedup) == ("zstd", 3, 512 << 20, 0.75, 0.85, 0.7, True)
     d0, d1 = c.devices
     assert (d0.name, d0.size, d0.writeback) == ("swap0", GiB, False)
     assert (d0.swap, d0.swap_priority, d0.discard) == (True, 5, "pages")
@@ -76,8 +77,8 @@ def test_every_key() -> None:
 
 def test_pool_defaults() -> None:
     p = parse_config(MINIMAL_DEVICE).pool
-    assert (p.algorithm, p.level, p.accept_ratio, p.high_watermark, p.low_watermark) == (
-        "lz4", 1, 0.8, 0.9, 0.8)
+    assert (p.algorithm, p.level, p.accept_ratio, p.high_watermark, p.low_watermark,
+            p.dedup) == ("lz4", 1, 0.8, 0.9, 0.8, False)
 
 
 @pytest.mark.parametrize("value, want", [
@@ -142,6 +143,7 @@ BAD = [
     ('[pool]\nhigh_watermark = 0.5\nlow_watermark = 0.7\n' + MINIMAL_DEVICE,
      "pool.low_watermark"),
     ('[pool]\nhigh_watermark = 1.5\n' + MINIMAL_DEVICE, "pool.high_watermark"),
+    ('[pool]\ndedup = "yes"\n' + MINIMAL_DEVICE, "pool.dedup"),
     ('[pool]\nalgorithm = "zstd"\nlevel = 0\n' + MINIMAL_DEVICE, "pool.level"),
     ('[pool]\nalgorithm = "zstd"\nlevel = 23\n' + MINIMAL_DEVICE, "pool.level"),
     ('[pool]\nrecompress = "brotli"\n' + MINIMAL_DEVICE, "pool.recompress"),

@@ -199,15 +199,20 @@ async def test_write_during_move_wins_and_the_move_aborts(stores, tmp_path):
     assert dev.table.info[2] & KIND_MASK == POOL
 
 
+@pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
 @pytest.mark.parametrize("seed", range(8))
-async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
+async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
     """Writers, readers, discarders and writeback (tiny watermarks, pool to
     file and file to file) with promotions; the model is checked after every
-    operation and the store's invariants whenever they must hold."""
+    operation and the store's invariants whenever they must hold.  With
+    dedup, a third of the pages written are one of five contents, so pages
+    share pool objects while they are rewritten, discarded, demoted,
+    promoted and compacted."""
     store = stores([tier("fast", tmp_path / "fast.img", 1 * MiB, priority=100, high=0.3, low=0.1),
                     tier("slow", tmp_path / "slow.img", 8 * MiB, priority=10)],
                    pool_bytes=64 * 1024, high=0.3, low=0.1, devices=(("swap0", 1 * MiB, True),),
-                   cache_pages=int(os.environ.get("WB_CACHE", "16")), recompress="zstd")
+                   cache_pages=int(os.environ.get("WB_CACHE", "16")), recompress="zstd",
+                   dedup=dedup)
     dev = store.devices[0]
     npages = dev.npages
     rng = random.Random(seed)
@@ -238,6 +243,8 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
 
     def content(i: int, k: int) -> bytes:
         r = random.Random(i * 100003 + k + seed * 7)
+        if dedup and k % 3 == 1:
+            return compressible_page(random.Random(k % 5))  # one of five, everywhere
         if k % 4 == 0:
             return r.randbytes(PAGE)
         return compressible_page(r)
@@ -332,7 +339,10 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed):
         assert st.writeback.promotions > 0
     assert st.pool.compacted_objects > 0
     assert st.pool.recompressed_pages > 0
+    if dedup:
+        assert st.pool.dedup_hits > 0
     print(f"seed {seed}: {checks[0]} checked steps, moved {st.writeback.moved_pages}, "
+          f"dedup hits {st.pool.dedup_hits}, "
           f"aborted {st.writeback.aborted_moves}, promotions {st.writeback.promotions}, "
           f"cache hits {st.cache.hits}, compacted {st.pool.compacted_objects}, "
           f"recompressed {st.pool.recompressed_pages}")
