@@ -14,6 +14,7 @@ from swapfs.fuse import uring
 from .conftest import SMALL_CONFIG, run_swapfs
 from .test_fio import fio
 from .test_kernel_swap import CONFIG as SWAP_CONFIG
+from .test_kernel_swap import WORKLOAD_LIMIT
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -81,7 +82,7 @@ def test_kernel_swaps_into_swapfs_on_uring(uring_enabled, mount_factory):
         with harness.swap_on(loop, priority=32767, discard=True):  # takes the machine-wide swap lock
             result = harness.run_swap_workload(
                 working_set_bytes=256 * MiB,
-                limit_bytes=64 * MiB,
+                limit_bytes=WORKLOAD_LIMIT,
                 cgroup_name=f"swapfs-test-uring-{os.getpid()}",
                 watch_device=loop,
             )
