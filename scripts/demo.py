@@ -94,7 +94,9 @@ def main() -> int:
         record_file = os.path.join(os.path.dirname(mnt), "swapfs-demo.jsonl")
         with contextlib.suppress(FileNotFoundError):
             os.unlink(record_file)
-        with harness.swap_lock():  # swap is machine-wide: one swapping run at a time
+        # swap is machine-wide: one swapping run at a time; vm.page-cluster 0 as
+        # README recommends (restored after)
+        with harness.swap_lock(), harness.vm_page_cluster(0):
             out = swapfs("swapon", dev, "--priority", "32767")
             print(f"$ swapfs swapon {dev} --priority 32767\n{out.stdout}{out.stderr}", end="")
             if out.returncode != 0:
@@ -112,8 +114,8 @@ def main() -> int:
                         peak["stats"] = stats
 
                 result = harness.run_swap_workload(
-                    # 96 MiB: at 64 the kernel's memcg reclaim sometimes OOM-kills the
-                    # workload once swap-ins are fast (zram's too)
+                    # 96 MiB: at 64, swap readahead's charges to the cgroup sometimes
+                    # made the kernel OOM-kill the workload once swap-ins are fast
                     working_set_bytes=256 * MiB, limit_bytes=96 * MiB,
                     cgroup_name=f"swapfs-demo-{os.getpid()}", watch_device=loop, on_poll=sample,
                 )

@@ -118,11 +118,34 @@ def swap_lock() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def swap_on(dev: str, *, priority: int = 32767, discard: bool = True) -> Iterator[str]:
+def swap_on(dev: str, *, priority: int = 32767, discard: bool = True,
+            page_cluster: int | None = 0) -> Iterator[str]:
     """mkswap and swapon ``dev`` under :func:`swap_lock`; always swapoff
-    (which reads every page back in)."""
-    with swap_lock():
+    (which reads every page back in).  ``page_cluster``: vm.page-cluster while
+    swap is on (restored after; None: left as it is).  0, as README
+    recommends: swap readahead charges up to 8 pages per fault to the
+    workload's memory cgroup, and in a tight cgroup that charge is where the
+    kernel gave up and OOM-killed the workload."""
+    with swap_lock(), vm_page_cluster(page_cluster):
         yield from _swap_on(dev, priority=priority, discard=discard)
+
+
+@contextlib.contextmanager
+def vm_page_cluster(value: int | None) -> Iterator[None]:
+    """vm.page-cluster set to ``value`` for the block (None: left as it is); restored."""
+    path = "/proc/sys/vm/page-cluster"
+    if value is None:
+        yield
+        return
+    with open(path) as f:
+        old = f.read().strip()
+    with open(path, "w") as f:
+        f.write(str(value))
+    try:
+        yield
+    finally:
+        with open(path, "w") as f:
+            f.write(old)
 
 
 def _swap_on(dev: str, *, priority: int, discard: bool) -> Iterator[str]:
