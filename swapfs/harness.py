@@ -131,21 +131,53 @@ def swap_on(dev: str, *, priority: int = 32767, discard: bool = True,
 
 
 @contextlib.contextmanager
-def vm_page_cluster(value: int | None) -> Iterator[None]:
-    """vm.page-cluster set to ``value`` for the block (None: left as it is); restored."""
+def vm_page_cluster(value: int | None) -> Iterator[int]:
+    """vm.page-cluster set to ``value`` for the block (None: left as it is),
+    restored after; yields the value in force."""
     path = "/proc/sys/vm/page-cluster"
-    if value is None:
-        yield
-        return
     with open(path) as f:
-        old = f.read().strip()
+        old = int(f.read())
+    if value is None or value == old:
+        yield old
+        return
     with open(path, "w") as f:
         f.write(str(value))
     try:
-        yield
+        yield value
     finally:
         with open(path, "w") as f:
-            f.write(old)
+            f.write(str(old))
+
+
+@contextlib.contextmanager
+def uring_ready() -> Iterator[str | None]:
+    """What the io_uring transport needs of the machine, for the block, as
+    root: the fuse module's enable_uring set to Y, fusectl mounted (what
+    systemd's sys-fs-fuse-connections.mount does at boot; a bare machine
+    lacks it); both restored after.  Yields None, or why the transport still
+    cannot be used."""
+    from .fuse import uring
+
+    state = uring.enable_uring()
+    if state is None:
+        yield f"kernel without FUSE over io_uring ({uring.ENABLE_URING} does not exist)"
+        return
+    if state != "Y" and not is_root():
+        yield f"{uring.ENABLE_URING} is {state} and setting it needs root"
+        return
+    mounted = False
+    try:
+        if state != "Y":
+            uring.set_enable_uring("Y")
+        if not os.path.ismount(uring.FUSECTL) and is_root():
+            mounted = subprocess.run(["mount", "-t", "fusectl", "fusectl", uring.FUSECTL],
+                                     capture_output=True).returncode == 0
+        yield uring.unavailable_reason()  # fusectl not mounted is one of its reasons
+    finally:
+        if state != "Y":
+            uring.set_enable_uring(state)
+        if mounted:
+            subprocess.run(["umount", uring.FUSECTL], capture_output=True)
 
 
 def _swap_on(dev: str, *, priority: int, discard: bool) -> Iterator[str]:

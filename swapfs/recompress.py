@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 # moving, not recompressed or tried yet.
 _MASK = KIND_MASK | MOVING | ALT | SETTLED
 _LENGTH_BITS = LENGTH_MASK << 4
+# Slots in use looked at per step at most: a few hundred microseconds of the
+# trio loop, whether or not the pages passed are idle long enough yet.
+SCAN_SLOTS = 4096
 _REFS = SHARED_TAG - 1  # a shared object's header: SHARED_TAG | references
 
 
@@ -46,11 +49,14 @@ class Recompressor:
         self.saved_bytes = 0  # pool memory (size-class bytes) those switches saved
         self.settled_pages = 0  # pages tried that would have saved nothing
 
-    def step(self, budget: int, min_age: int) -> tuple[int, int]:
+    def step(self, budget: int, min_age: int, *, scan: int = SCAN_SLOTS) -> tuple[int, int]:
         """Recompress up to ``budget`` candidates not accessed for ``min_age``
-        epochs or more, from the cursor on (one walk round at most); no
-        await.  Returns (candidates handled, pages recompressed); fewer
-        handled than ``budget`` means the walk found no more for now."""
+        epochs or more, from the cursor on, looking at ``scan`` slots in use
+        at most (empty clusters are skipped for free); no await.  Returns
+        (candidates handled, pages recompressed); fewer handled than
+        ``budget`` means the step found no more: the cursor stays where it
+        stopped, so the walk costs the same per step whether or not the
+        pages it passes are old enough yet."""
         store = self.store
         recodec = store.recodec
         devs = [d for d in store.devices if d.config.writeback]
@@ -69,7 +75,7 @@ class Recompressor:
         total = sum(d.npages for d in devs)
         handled = converted = visited = 0
         full = False
-        while handled < budget and visited < total and not full:
+        while handled < budget and visited < total and scan > 0 and not full:
             dev = devs[di]
             table = dev.table
             nxt = table.next_stored(slot)
@@ -80,7 +86,7 @@ class Recompressor:
                 handles = table.handles
                 epoch = table.epoch
                 owner = dev.index << SLOT_SHIFT
-                end = min((slot | CLUSTER_MASK) + 1, dev.npages)
+                end = min((slot | CLUSTER_MASK) + 1, dev.npages, slot + scan)
                 for s in range(slot, end):
                     i = info[s]
                     if i & _MASK != POOL or (now - epoch[s]) & EPOCH_MASK < min_age:
@@ -114,6 +120,7 @@ class Recompressor:
                         end = s + 1
                         break
                 visited += end - slot
+                scan -= end - slot
                 slot = end
             if slot >= dev.npages:
                 di = (di + 1) % len(devs)

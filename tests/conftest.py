@@ -3,13 +3,13 @@ that are checked after every test and always closed."""
 
 from __future__ import annotations
 
-import os
-import subprocess
+import contextlib
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import pytest
 
+from swapfs import harness
 from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
 from swapfs.fuse import uring
 from swapfs.store import CACHE_PAGES, Store
@@ -67,27 +67,22 @@ def make_store() -> Iterator[MakeStore]:
 
 @pytest.fixture(scope="session")
 def uring_enabled():
-    """FUSE over io_uring usable for this test session: as root, the fuse module's
-    enable_uring is set to Y and restored afterwards; otherwise skip with the reason."""
-    state = uring.enable_uring()
-    if state is None:
-        pytest.skip(f"kernel without FUSE over io_uring ({uring.ENABLE_URING} does not exist)")
-    if state != "Y" and os.geteuid() != 0:
-        pytest.skip(f"{uring.ENABLE_URING} is {state} and setting it needs root")
-    mounted_fusectl = False
-    try:
-        if state != "Y":
-            uring.set_enable_uring("Y")
-        if not os.path.ismount(uring.FUSECTL) and os.geteuid() == 0:
-            # what systemd's sys-fs-fuse-connections.mount does at boot; a bare machine lacks it
-            mounted_fusectl = subprocess.run(["mount", "-t", "fusectl", "fusectl", uring.FUSECTL],
-                                             capture_output=True).returncode == 0
-        reason = uring.unavailable_reason()  # fusectl not mounted is one of its reasons
+    """FUSE over io_uring usable for this test session (harness.uring_ready: as
+    root, enable_uring set to Y and fusectl mounted, both restored afterwards);
+    otherwise skip with the reason."""
+    with harness.uring_ready() as reason:
         if reason:
             pytest.skip(reason)
         yield
+
+
+@contextlib.contextmanager
+def enable_uring_set(value: str) -> Iterator[None]:
+    """The fuse module's enable_uring set to ``value`` for the block, restored after."""
+    old = uring.enable_uring()
+    assert old is not None
+    uring.set_enable_uring(value)
+    try:
+        yield
     finally:
-        if state != "Y":
-            uring.set_enable_uring(state)
-        if mounted_fusectl:
-            subprocess.run(["umount", uring.FUSECTL], capture_output=True)
+        uring.set_enable_uring(old)

@@ -547,10 +547,7 @@ class Session:
                     self._send(hdr[2], reply)
                 continue
             # The handler suspended: hand over the reader role, then finish it here.
-            self._suspended += 1
-            self._suspended_total += 1
-            if self._suspended > self._max_suspended:
-                self._max_suspended = self._suspended
+            self._note_suspended()
             self._reader_active = False
             self._start_reader()
             try:
@@ -568,6 +565,14 @@ class Session:
             self._reader_active = True
         self._pool.append(buf)
         # Whoever ends the connection wakes nobody: no other task is reading.
+
+    def _note_suspended(self) -> None:
+        """Count a handler that suspended (either transport); the caller hands
+        its role over, finishes the handler, then decrements ``_suspended``."""
+        self._suspended += 1
+        self._suspended_total += 1
+        if self._suspended > self._max_suspended:
+            self._max_suspended = self._suspended
 
     def _start_reader(self) -> None:
         if self._reader_active or self._ended or self._suspended >= self.max_inflight:

@@ -735,10 +735,7 @@ class UringTransport:
                 self._commit(e, hdr, s._failed(hdr, exc))
                 continue
             # suspended: hand over the polling role, finish the handler here
-            s._suspended += 1
-            s._suspended_total += 1
-            if s._suspended > s._max_suspended:
-                s._max_suspended = s._suspended
+            s._note_suspended()
             self._poller_active = False
             self._start_poller()
             try:

@@ -128,3 +128,18 @@ async def test_devices_without_writeback_are_left_alone(make_store: MakeStore):
     store.recompressor.step(100, 0)
     assert not any(fast.table.info[s] & ALT for s in range(16))
     assert any(bulk.table.info[s] & ALT for s in range(16))
+
+
+async def test_a_step_looks_at_a_bounded_number_of_slots(make_store: MakeStore):
+    """A step's cost does not follow what is stored: it looks at ``scan`` slots
+    in use at most, and the next step goes on from there."""
+    store = make_store(recompress="zstd", devices=(("d", 16 * MiB),))
+    dev = store.devices[0]
+    data = pages(3000)
+    await store.write(dev, 0, b"".join(data))
+    assert store.recompressor.step(10**6, 10**6, scan=1000) == (0, 0)  # none idle enough
+    handled, _ = store.recompressor.step(10**6, 0, scan=1000)
+    assert handled == 1000
+    handled, _ = store.recompressor.step(10**6, 0, scan=5000)
+    assert handled == 2000  # the rest, from where the last step stopped
+    assert await store.read(dev, 0, 3000 * PAGE) == b"".join(data)

@@ -3,7 +3,6 @@ fails, the daemon dies or the filesystem is unmounted (no hang, a clear error)."
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
 import subprocess
@@ -16,6 +15,7 @@ import trio
 
 from swapfs.fuse import is_mount_point, serve, unmount_quietly, uring
 
+from ..conftest import enable_uring_set
 from .conftest import MiB, default_files, read_file, sh, sync
 from .memfs import MemFS
 
@@ -32,17 +32,6 @@ MEMFS = Path(__file__).with_name("memfs.py")
 def transport(uring_enabled) -> str:
     """These tests choose the transport of each mount themselves (not parametrized)."""
     return "uring"
-
-
-@contextlib.contextmanager
-def enable_uring_set(value: str):
-    old = uring.enable_uring()
-    assert old is not None
-    uring.set_enable_uring(value)
-    try:
-        yield
-    finally:
-        uring.set_enable_uring(old)
 
 
 def write_at(path: str, offset: int, data: bytes) -> None:

@@ -3,7 +3,6 @@ reason, fio's verification through a direct-I/O loop device, and the kernel swap
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 import pytest
@@ -11,6 +10,7 @@ import pytest
 from swapfs import harness, sysinfo
 from swapfs.fuse import uring
 
+from ..conftest import enable_uring_set
 from .conftest import SMALL_CONFIG, run_swapfs
 from .test_fio import fio
 from .test_kernel_swap import CONFIG as SWAP_CONFIG
@@ -20,17 +20,6 @@ pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="ne
 
 MiB = 1 << 20
 URING = ("--transport", "uring")
-
-
-@contextlib.contextmanager
-def enable_uring_set(value: str):
-    old = uring.enable_uring()
-    assert old is not None
-    uring.set_enable_uring(value)
-    try:
-        yield
-    finally:
-        uring.set_enable_uring(old)
 
 
 @pytest.mark.timeout(60)
