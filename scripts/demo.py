@@ -88,7 +88,7 @@ def main() -> int:
     elif (why := harness.kernel_swap_unavailable()) is not None:
         say(f"skipping the real kernel swap part: {why}")
     else:
-        say("the kernel swaps into swapfs: 256 MiB working set in a 96 MiB memory cgroup")
+        say("the kernel swaps into swapfs: 384 MiB working set in a 128 MiB memory cgroup")
         # punch out the demo pages first so the swap area starts clean
         subprocess.run(["fallocate", "--punch-hole", "--keep-size", "-o", "0", "-l", str(16 * MiB), dev], check=True)
         record_file = os.path.join(os.path.dirname(mnt), "swapfs-demo.jsonl")
@@ -114,9 +114,9 @@ def main() -> int:
                         peak["stats"] = stats
 
                 result = harness.run_swap_workload(
-                    # 96 MiB: at 64, swap readahead's charges to the cgroup sometimes
-                    # made the kernel OOM-kill the workload once swap-ins are fast
-                    working_set_bytes=256 * MiB, limit_bytes=96 * MiB,
+                    # 128 MiB: in smaller cgroups the kernel sometimes OOM-killed the
+                    # workload once swap-ins were fast (tests/system/test_kernel_swap.py)
+                    working_set_bytes=384 * MiB, limit_bytes=128 * MiB,
                     cgroup_name=f"swapfs-demo-{os.getpid()}", watch_device=loop, on_poll=sample,
                 )
                 print(f"{result.pages} pages filled and verified twice in {result.wall_seconds:.1f}s, "

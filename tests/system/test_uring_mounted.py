@@ -14,7 +14,7 @@ from ..conftest import enable_uring_set
 from .conftest import SMALL_CONFIG, run_swapfs
 from .test_fio import fio
 from .test_kernel_swap import CONFIG as SWAP_CONFIG
-from .test_kernel_swap import WORKLOAD_LIMIT
+from .test_kernel_swap import WORKING_SET, WORKLOAD_LIMIT
 
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
@@ -70,13 +70,13 @@ def test_kernel_swaps_into_swapfs_on_uring(uring_enabled, mount_factory):
     with harness.loop_device(str(m.dev())) as loop:
         with harness.swap_on(loop, priority=32767, discard=True):  # takes the machine-wide swap lock
             result = harness.run_swap_workload(
-                working_set_bytes=256 * MiB,
+                working_set_bytes=WORKING_SET,
                 limit_bytes=WORKLOAD_LIMIT,
                 cgroup_name=f"swapfs-test-uring-{os.getpid()}",
                 watch_device=loop,
             )
             assert result.bad_pages == 0, result.output
-            assert result.pages == 256 * MiB // 4096
+            assert result.pages == WORKING_SET // 4096
             assert result.peak_swap_kib * 1024 > 128 * MiB, result
             d = m.stats()["devices"]["swap0"]
             assert d["writes"] > 0 and d["reads"] > 0
