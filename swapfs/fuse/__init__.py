@@ -2,9 +2,13 @@
 
 A filesystem subclasses :class:`Operations` (see ops.py, the contract) and
 is served by :func:`serve` (mount + :class:`Session` + unmount) or by
-:func:`mount` and ``Session(ops, fd).run()`` separately.  See docs/fuse.md.
+:func:`mount` and ``Session(ops, fd).run()`` separately.  Requests are decoded
+and answered by one :class:`Dispatcher` (dispatch.py) under both transports:
+the /dev/fuse session (session.py) and FUSE over io_uring (uring/).  See
+docs/fuse.md.
 """
 
+from .dispatch import Dispatcher, SessionStatistics
 from .mount import MountError, is_mount_point, mount, unmount, unmount_quietly
 from .ops import (
     ROOT_INODE,
@@ -19,12 +23,13 @@ from .ops import (
     SetattrFields,
     StatvfsData,
 )
-from .session import Session, SessionStatistics, serve
+from .session import Session, serve
 
 __all__ = [
     "ROOT_INODE",
     "ConnectionInfo",
     "DirEntry",
+    "Dispatcher",
     "EntryAttributes",
     "FileInfo",
     "ForgetItem",

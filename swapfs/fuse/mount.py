@@ -39,7 +39,7 @@ def _get_libc() -> ctypes.CDLL:
     return _libc
 
 
-def _unescape_mountinfo(field: str) -> str:
+def unescape_mountinfo(field: str) -> str:
     # mountinfo escapes space, tab, newline and backslash as \ooo
     out, i = [], 0
     while i < len(field):
@@ -60,7 +60,7 @@ def mount_points() -> set[str]:
             for line in f:
                 parts = line.split(" ")
                 if len(parts) > 4:
-                    points.add(_unescape_mountinfo(parts[4]))
+                    points.add(unescape_mountinfo(parts[4]))
     except OSError:
         pass
     return points

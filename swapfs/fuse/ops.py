@@ -34,7 +34,8 @@ ROOT_INODE = 1
 
 
 class FUSEError(Exception):
-    """Raised by a handler: the request is answered with this errno."""
+    """Raised by a handler: the request is answered with this errno (1..511; any other
+    value is logged and answered EIO: the kernel refuses -512 and below)."""
 
     def __init__(self, errno_: int, message: str = "") -> None:
         super().__init__(errno_, message or errno.errorcode.get(errno_, str(errno_)))

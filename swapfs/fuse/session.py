@@ -1,20 +1,25 @@
-"""Serving FUSE requests from /dev/fuse on trio.
+"""The /dev/fuse transport: one FUSE connection served on trio.
+
+A :class:`Session` reads requests from the /dev/fuse fd and writes replies to
+it; everything between (decoding, handlers, errors, the errno rule, counters)
+is its :class:`~swapfs.fuse.dispatch.Dispatcher`'s.  The session also
+negotiates INIT and, when asked, sets up the io_uring transport
+(swapfs/fuse/uring/), which serves beside it through the same dispatcher.
 
 Inline-first dispatch
 ---------------------
-A *reader* task reads one request into its own buffer and starts the
-handler coroutine inline with ``coro.send(None)``:
+A *reader* task reads one request into its own buffer and hands it to
+``Dispatcher.dispatch``, which starts the handler coroutine inline:
 
-* If that raises StopIteration the handler finished without suspending: the
-  reply is written at once and the same task reads the next request.  No
-  task switch, no scheduling -- the fast path.
-* If the handler yields, it has suspended on a trio trap issued in this
-  task.  This task keeps the handler: it hands the reader role to a new task
-  (started in the session's nursery with a buffer of its own from a pool --
-  the suspended handler may hold memoryviews into this task's buffer), then
-  drives the coroutine to completion itself, forwarding every trap to trio
-  (:func:`_drive`, a manual ``yield from``; the trap belongs to this task, so
-  this task must be the one that yields it), and replies.
+* A handler that finished without suspending gives its reply at once: it is
+  written and the same task reads the next request.  No task switch, no
+  scheduling -- the fast path.
+* A handler that suspended (a :class:`~swapfs.fuse.dispatch.Suspended`) has
+  yielded a trio trap issued in this task.  This task keeps the handler: it
+  hands the reader role to a new task (started in the session's nursery with
+  a buffer of its own from a pool -- the suspended handler may hold
+  memoryviews into this task's buffer), then finishes the handler with
+  ``Dispatcher.finish`` and replies.
 * A task that finishes a suspended handler becomes the reader again only if
   no reader is active; otherwise it returns its buffer to the pool and ends.
   At most ``max_inflight`` handlers are suspended at once: when that many
@@ -22,22 +27,22 @@ handler coroutine inline with ``coro.send(None)``:
   finishes and its task takes over reading.
 
 Exactly one task reads at any time (none while the bound is reached).
-Note that any trio checkpoint -- ``await trio.sleep(0)``, acquiring an
-uncontended ``trio.Lock`` -- counts as suspending.
 
-Replies are a single ``os.writev`` of the out header and the payload.
-FORGET, BATCH_FORGET and INTERRUPT get no reply.  INTERRUPT is counted; the
-target handler runs to completion and its late reply, rejected by the kernel
-with ENOENT, is counted as interrupted (handlers are not cancelled: a cancel
-scope per request would cost more than the whole fast path).
+Replies are a single ``os.writev`` of the out header and the payload
+(``Dispatcher.encode``).  FORGET, BATCH_FORGET and INTERRUPT get no reply.
+INTERRUPT is counted; the target handler runs to completion and its late
+reply, rejected by the kernel with ENOENT, is counted as interrupted (handlers
+are not cancelled: a cancel scope per request would cost more than the whole
+fast path).
 
 The session never dies of a reply or a read: a handler result that cannot be
 sent, or a reply the kernel refuses for a reason other than an interrupt, is
 logged, counted and answered EIO (so the request does not hang); a read that
 fails with an unexpected errno is logged, counted and retried after a short
 backoff, and only a descriptor that is gone for good (EBADF, EINVAL, EFAULT,
-or READ_ERROR_LIMIT failures in a row) ends the session, with a message --
-never an unhandled exception leaving a dead mount under live swap.
+ENOTCONN, or READ_ERROR_LIMIT failures in a row) ends the session, with a
+message -- never an unhandled exception leaving a dead mount under live swap.
+ENODEV (the connection was unmounted or aborted) ends it quietly.
 """
 
 from __future__ import annotations
@@ -46,45 +51,18 @@ import errno
 import logging
 import os
 import time
-import types
-from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
 from typing import Any
 
 import trio
 
 from . import uring, wire
+from .dispatch import HEADER_ROOM, NO_REPLY, PAGE, Dispatcher, SessionStatistics, Suspended
 from .mount import mount, unmount_quietly
-from .ops import (
-    ConnectionInfo,
-    EntryAttributes,
-    ForgetItem,
-    FUSEError,
-    Operations,
-    RequestContext,
-    SetattrFields,
-)
+from .ops import ConnectionInfo, Operations
+from .uring import probe
 
 log = logging.getLogger("swapfs.fuse")
-
-PAGE = 4096
-HEADER_ROOM = 4096  # room for fuse_in_header + the opcode's struct before a write payload
-
-# Requests that would change the namespace: refused by the session itself.
-NAMESPACE_OPCODES = frozenset(
-    {
-        wire.MKNOD,
-        wire.MKDIR,
-        wire.UNLINK,
-        wire.RMDIR,
-        wire.SYMLINK,
-        wire.RENAME,
-        wire.RENAME2,
-        wire.LINK,
-        wire.CREATE,
-        wire.TMPFILE,
-    }
-)
 
 REQUESTED_FLAGS = (
     wire.FUSE_ASYNC_READ
@@ -99,95 +77,12 @@ REQUESTED_FLAGS = (
 # A read of the FUSE fd failing this many times in a row ends the session.
 READ_ERROR_LIMIT = 100
 # Errnos after which the fd cannot be read again: the session ends at once.
-_FATAL_READ_ERRNOS = frozenset({errno.EBADF, errno.EINVAL, errno.EFAULT, errno.ENOTCONN})
+FATAL_READ_ERRNOS = frozenset({errno.EBADF, errno.EINVAL, errno.EFAULT, errno.ENOTCONN})
 
-_NO_REPLY = object()
-_EMPTY: tuple[()] = ()
 _IN = wire.in_header.size
 _pack_out = wire.out_header.pack
 
-
-class _Malformed(Exception):
-    pass
-
-
-@dataclass(frozen=True)
-class SessionStatistics:
-    requests: int = 0
-    inline_replies: int = 0  # handlers that finished without suspending
-    suspended_handlers: int = 0  # handlers that suspended (ran off the fast path)
-    max_suspended: int = 0  # most handlers suspended at the same time
-    errors: Mapping[str, int] = field(default_factory=dict)  # error replies by errno name
-    handler_exceptions: int = 0  # unexpected exceptions answered EIO
-    malformed: int = 0  # requests too short or badly formed, answered EIO
-    interrupts: int = 0  # INTERRUPT requests received
-    interrupted_replies: int = 0  # replies the kernel refused with ENOENT
-    reply_failures: int = 0  # replies refused for any other reason (answered EIO instead)
-    bad_replies: int = 0  # handler results that could not be sent as a reply (answered EIO)
-    read_errors: int = 0  # reads of the FUSE fd failing with an unexpected errno
-    transport: str = "classic"  # how requests arrive: "classic" (/dev/fuse reads) or "uring"
-    ring_requests: int = 0  # requests served from io_uring entries (part of requests)
-    ring_enters: int = 0  # io_uring_enter calls (each submits every commit queued)
-    ring_entry_failures: int = 0  # ring entries that failed and were registered again
-
-
-@types.coroutine
-def _drive(coro: Any, trap: Any) -> Any:
-    """Finish ``coro``, which has just yielded ``trap``: forward every trap it
-    yields to trio and every value or exception trio sends back to it."""
-    while True:
-        try:
-            value = yield trap
-        except BaseException as exc:
-            try:
-                trap = coro.throw(exc)
-            except StopIteration as stop:
-                return stop.value
-        else:
-            try:
-                trap = coro.send(value)
-            except StopIteration as stop:
-                return stop.value
-
-
-def _split_timeout(t: float) -> tuple[int, int]:
-    if not t > 0:  # also NaN
-        return 0, 0
-    if t >= 2**63:
-        return 2**63 - 1, 0
-    sec = int(t)
-    return sec, min(int((t - sec) * 1e9), 999_999_999)
-
-
-def _attr_tuple(a: EntryAttributes) -> tuple[Any, ...]:
-    asec, ansec = divmod(a.st_atime_ns, 1_000_000_000)
-    msec, mnsec = divmod(a.st_mtime_ns, 1_000_000_000)
-    csec, cnsec = divmod(a.st_ctime_ns, 1_000_000_000)
-    return (
-        a.st_ino,
-        a.st_size,
-        a.st_blocks,
-        asec,
-        msec,
-        csec,
-        ansec,
-        mnsec,
-        cnsec,
-        a.st_mode,
-        a.st_nlink,
-        a.st_uid,
-        a.st_gid,
-        a.st_rdev,
-        a.st_blksize,
-        0,
-    )
-
-
-def _nbytes(b: Any) -> int:
-    t = type(b)
-    if t is bytes or t is bytearray:
-        return len(b)
-    return memoryview(b).nbytes
+__all__ = ["READ_ERROR_LIMIT", "REQUESTED_FLAGS", "Session", "SessionStatistics", "serve"]
 
 
 class Session:
@@ -206,15 +101,18 @@ class Session:
         transport: str = "classic",
         uring_depth: int = 16,
         connection: int | None = None,
+        dispatcher: Dispatcher | None = None,
     ) -> None:
         """``transport``: "classic", "uring" (io_uring or an error) or "auto" (io_uring when
         every check passes); ``uring_depth``: ring entries per queue; ``connection``: the
-        fusectl connection number, to abort the connection if the ring cannot be set up."""
+        fusectl connection number, to abort the connection if the ring cannot be set up;
+        ``dispatcher``: the requests' Dispatcher (default: a Dispatcher over ``ops``)."""
         if max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
         if not 1 <= max_pages <= 65535:
             raise ValueError("max_pages must be in 1..65535")
         self.ops = ops
+        self.dispatcher = dispatcher if dispatcher is not None else Dispatcher(ops)
         self.fd = fd
         self.max_inflight = max_inflight
         self.max_pages = max_pages
@@ -233,71 +131,29 @@ class Session:
         self._pool: list[bytearray] = []
         self._nursery: trio.Nursery | None = None
         self._reader_active = False
-        self._ended = False
-        # counters
-        self._requests = 0
-        self._inline = 0
-        self._suspended_total = 0
-        self._suspended = 0
-        self._max_suspended = 0
-        self._errors: dict[str, int] = {}
-        self._exceptions = 0
-        self._malformed = 0
-        self._interrupts = 0
+        self.served = False  # INIT done and ops.init returned: the mount has been live
+        # the transports' counters (the dispatcher counts the rest)
         self._interrupted_replies = 0
         self._reply_failures = 0
-        self._bad_replies = 0
         self._read_errors = 0
         self._read_errors_in_a_row = 0
-        o = ops
-        self._handlers: dict[int, Callable[..., Awaitable[Any]]] = {
-            wire.LOOKUP: self._op_lookup,
-            wire.FORGET: self._op_forget,
-            wire.BATCH_FORGET: self._op_batch_forget,
-            wire.GETATTR: self._op_getattr,
-            wire.SETATTR: self._op_setattr,
-            wire.OPEN: self._op_open,
-            wire.READ: self._op_read,
-            wire.WRITE: self._op_write,
-            wire.FLUSH: self._op_flush,
-            wire.FSYNC: self._op_fsync,
-            wire.RELEASE: self._op_release,
-            wire.OPENDIR: self._op_opendir,
-            wire.READDIR: self._op_readdir,
-            wire.RELEASEDIR: self._op_releasedir,
-            wire.FSYNCDIR: self._op_fsyncdir,
-            wire.STATFS: self._op_statfs,
-            wire.GETXATTR: self._op_getxattr,
-            wire.SETXATTR: self._op_setxattr,
-            wire.LISTXATTR: self._op_listxattr,
-            wire.REMOVEXATTR: self._op_removexattr,
-            wire.FALLOCATE: self._op_fallocate,
-            wire.ACCESS: self._op_access,
-            wire.DESTROY: self._op_destroy,
-        }
-        self._read_op = o.read
-        self._write_op = o.write
 
     # -- public --------------------------------------------------------------
 
+    @property
+    def ended(self) -> bool:
+        """The connection has ended or is ending (DESTROY, ENODEV, a fatal read error)."""
+        return self.dispatcher.ended
+
     def statistics(self) -> SessionStatistics:
         u = self._uring
-        return SessionStatistics(
+        return self.dispatcher.statistics(
             transport=self.transport_used,
             ring_requests=u.requests if u else 0,
             ring_enters=u.enters if u else 0,
             ring_entry_failures=u.entry_failures if u else 0,
-            requests=self._requests,
-            inline_replies=self._inline,
-            suspended_handlers=self._suspended_total,
-            max_suspended=self._max_suspended,
-            errors=dict(self._errors),
-            handler_exceptions=self._exceptions,
-            malformed=self._malformed,
-            interrupts=self._interrupts,
             interrupted_replies=self._interrupted_replies,
             reply_failures=self._reply_failures,
-            bad_replies=self._bad_replies,
             read_errors=self._read_errors,
         )
 
@@ -325,6 +181,7 @@ class Session:
             self.conn = conn
             await self.ops.init(conn)
             initialized = True
+            self.served = True
             task_status.started(conn)
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -333,7 +190,7 @@ class Session:
                 if self._uring is not None:
                     nursery.start_soon(self._uring.run)
         finally:
-            self._ended = True
+            self.dispatcher.ended = True
             self._nursery = None
             if self._uring is not None:
                 # Abort first: closing the fd does not end the connection while the ring holds
@@ -405,8 +262,8 @@ class Session:
         """The io_uring transport if every check passes (before the INIT reply declares it);
         None (classic) under "auto", TransportUnavailable under "uring"."""
         try:
-            t = uring.UringTransport.create(self, self.fd, kflags, max_write, self.uring_depth,
-                                            self.connection)
+            t = uring.UringTransport.create(self.dispatcher, self.fd, kflags, max_write,
+                                            self.uring_depth, self.connection, self.poll_ns)
         except uring.TransportUnavailable as exc:
             if self.transport == "uring":
                 raise uring.TransportUnavailable(f"transport uring unavailable: {exc}") from None
@@ -456,16 +313,16 @@ class Session:
         self._read_errors += 1
         self._read_errors_in_a_row += 1
         err = getattr(e, "errno", None)
-        if err in _FATAL_READ_ERRNOS or not isinstance(e, OSError) \
+        if err in FATAL_READ_ERRNOS or not isinstance(e, OSError) \
                 or self._read_errors_in_a_row >= READ_ERROR_LIMIT:
             log.critical("reading the FUSE connection failed (%s), %d time(s) in a row: "
                          "ending the session; the mount stays (dead) until unmounted",
                          e, self._read_errors_in_a_row)
-            self._ended = True
+            self.dispatcher.ended = True
             return False
         log.error("reading the FUSE connection failed (%s); trying again", e)
         await trio.sleep(min(0.001 * 2 ** self._read_errors_in_a_row, 0.1))
-        return not self._ended
+        return not self.dispatcher.ended
 
     def _poll(self, buf: bytearray) -> int | None:
         """Busy-poll /dev/fuse for up to ``poll_ns`` before parking in epoll:
@@ -491,16 +348,18 @@ class Session:
     async def _serve(self, buf: bytearray) -> None:
         """The reader loop (see the module docstring)."""
         mv = memoryview(buf)
-        handlers = self._handlers
+        d = self.dispatcher
+        dispatch = d.dispatch
+        send = self._send
         unpack_header = wire.in_header.unpack_from
         fd = self.fd
         readv = os.readv
         n: int | None
-        while not self._ended:
+        while not d.ended:
             try:
                 n = readv(fd, [buf])
             except BlockingIOError:
-                n = self._poll(buf) if self.poll_ns and not self._suspended else None
+                n = self._poll(buf) if self.poll_ns and not d.suspended else None
                 if n is None:
                     n = await self._read(buf)
             except OSError as e:
@@ -511,54 +370,26 @@ class Session:
                 else:
                     n = None
             if n is None:
-                self._ended = True
+                d.ended = True
                 break
-            if self._ended:
+            if d.ended:
                 break
-            self._requests += 1
             if n < _IN:
-                self._malformed += 1
-                log.error("short read from /dev/fuse (%d bytes)", n)
+                d.malformed_request(f"short read from /dev/fuse ({n} bytes)")  # no unique: no reply
                 continue
             hdr = unpack_header(buf)
-            opcode = hdr[1]
-            handler = handlers.get(opcode)
-            if handler is None:
-                if opcode == wire.INTERRUPT:
-                    self._interrupts += 1
-                else:
-                    self._reply_error(hdr[2], errno.EPERM if opcode in NAMESPACE_OPCODES else errno.ENOSYS)
-                continue
-            # The handler coroutine is driven directly (no wrapper coroutine):
-            # its exceptions surface here, from send() or from _drive().
-            coro: Any = handler(hdr, buf, mv, n)
-            try:
-                trap = coro.send(None)
-            except StopIteration as stop:
-                self._inline += 1
-                reply = stop.value
-                if reply is not _NO_REPLY:
-                    self._send(hdr[2], reply)
-                continue
-            except Exception as exc:
-                self._inline += 1
-                reply = self._failed(hdr, exc)
-                if reply is not _NO_REPLY:
-                    self._send(hdr[2], reply)
+            reply = dispatch(hdr, buf, mv, n)
+            if reply.__class__ is not Suspended:
+                if reply is not NO_REPLY:
+                    send(hdr[2], reply)
                 continue
             # The handler suspended: hand over the reader role, then finish it here.
-            self._note_suspended()
             self._reader_active = False
             self._start_reader()
-            try:
-                reply = await _drive(coro, trap)
-            except Exception as exc:
-                reply = self._failed(hdr, exc)
-            finally:
-                self._suspended -= 1
-            if reply is not _NO_REPLY:
-                self._send(hdr[2], reply)
-            if self._ended:
+            reply = await d.finish(hdr, reply)
+            if reply is not NO_REPLY:
+                send(hdr[2], reply)
+            if d.ended:
                 break
             if self._reader_active:
                 break
@@ -566,70 +397,23 @@ class Session:
         self._pool.append(buf)
         # Whoever ends the connection wakes nobody: no other task is reading.
 
-    def _note_suspended(self) -> None:
-        """Count a handler that suspended (either transport); the caller hands
-        its role over, finishes the handler, then decrements ``_suspended``."""
-        self._suspended += 1
-        self._suspended_total += 1
-        if self._suspended > self._max_suspended:
-            self._max_suspended = self._suspended
-
     def _start_reader(self) -> None:
-        if self._reader_active or self._ended or self._suspended >= self.max_inflight:
+        if self._reader_active or self.dispatcher.ended or self.dispatcher.suspended >= self.max_inflight:
             return
         assert self._nursery is not None
         self._reader_active = True
         self._nursery.start_soon(self._serve, self._get_buffer())
-
-    def _failed(self, hdr: tuple[Any, ...], exc: Exception) -> Any:
-        """The reply for a handler that raised: its errno, or EIO (logged)."""
-        no_reply = hdr[1] in (wire.FORGET, wire.BATCH_FORGET)
-        if isinstance(exc, FUSEError):
-            return _NO_REPLY if no_reply else (exc.errno or errno.EIO)
-        name = wire.OPCODE_NAMES.get(hdr[1], hdr[1])
-        if isinstance(exc, _Malformed):
-            self._malformed += 1
-            log.error("malformed %s request: %s", name, exc)
-        else:
-            self._exceptions += 1
-            log.error("%s handler failed", name, exc_info=exc)
-        return _NO_REPLY if no_reply else errno.EIO
 
     # -- replies ---------------------------------------------------------------
 
     def _send(self, unique: int, reply: Any) -> None:
         """Send a handler's reply; never raises.  A reply that cannot be built or that the
         kernel refuses (other than for an interrupt) becomes EIO, so the request never hangs."""
-        if type(reply) is int:
-            self._reply_error(unique, reply)
-            return
-        try:
-            if len(reply) == 1:
-                data = reply[0]
-                size = _nbytes(data)
-                iov = [_pack_out(16 + size, 0, unique), data]
-            elif not reply:
-                iov = [_pack_out(16, 0, unique)]
-            else:
-                size = 16 + sum(_nbytes(b) for b in reply)
-                iov = [_pack_out(size, 0, unique), *reply]
-        except Exception as exc:
-            self._bad_replies += 1
-            log.error("request %d: the handler's result cannot be sent (%r); answered EIO",
-                      unique, exc)
-            self._reply_error(unique, errno.EIO)
-            return
-        if not self._write(iov):
+        if not self._write(self.dispatcher.encode(unique, reply)):
             self._reply_error(unique, errno.EIO)
 
     def _reply_error(self, unique: int, err: int) -> None:
-        if type(err) is not int or not 0 < err < 4096:  # not an errno: the kernel would refuse it
-            log.error("request %d: %r is not an errno; answered EIO", unique, err)
-            self._bad_replies += 1
-            err = errno.EIO
-        name = errno.errorcode.get(err, str(err))
-        self._errors[name] = self._errors.get(name, 0) + 1
-        self._write([_pack_out(16, -err, unique)])
+        self._write(self.dispatcher.encode_error(unique, err))
 
     def _write(self, iov: list[bytes | bytearray | memoryview]) -> bool:
         """Write one reply; never raises.  False if it was refused for a reason that leaves
@@ -645,7 +429,7 @@ class Session:
                     self._interrupted_replies += 1
                     return True
                 if e.errno in (errno.ENODEV, errno.EBADF):
-                    self._ended = True
+                    self.dispatcher.ended = True
                     return True
                 self._reply_failures += 1
                 log.error("reply refused by the kernel: %s", e)
@@ -654,239 +438,6 @@ class Session:
                 self._reply_failures += 1
                 log.error("reply cannot be written: %r", exc)
                 return False
-
-    # -- request decoding helpers ----------------------------------------------
-
-    @staticmethod
-    def _need(n: int, size: int) -> None:
-        if n < _IN + size:
-            raise _Malformed(f"{n} bytes, need {_IN + size}")
-
-    @staticmethod
-    def _name(buf: bytearray, start: int, n: int) -> tuple[bytes, int]:
-        end = buf.find(0, start, n)
-        if end < 0:
-            raise _Malformed("name not NUL-terminated")
-        if end == start:
-            raise _Malformed("empty name")
-        return bytes(buf[start:end]), end + 1
-
-    @staticmethod
-    def _ctx(hdr: tuple[Any, ...]) -> RequestContext:
-        return RequestContext(hdr[4], hdr[5], hdr[6])
-
-    @staticmethod
-    def _entry(a: EntryAttributes) -> tuple[Any, ...]:
-        esec, ensec = _split_timeout(a.entry_timeout)
-        asec, ansec = _split_timeout(a.attr_timeout)
-        return (wire.entry_out.pack(a.st_ino, a.generation, esec, asec, ensec, ansec, *_attr_tuple(a)),)
-
-    @staticmethod
-    def _attr(a: EntryAttributes) -> tuple[Any, ...]:
-        asec, ansec = _split_timeout(a.attr_timeout)
-        return (wire.attr_out.pack(asec, ansec, 0, *_attr_tuple(a)),)
-
-    # -- opcode handlers ---------------------------------------------------------
-    # Each takes (hdr, buf, mv, n) and returns a payload tuple, an errno, or _NO_REPLY.
-
-    async def _op_read(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        if n < _IN + wire.read_in.size:  # shorter, the unpack would read a stale buffer tail
-            raise _Malformed("READ too short")
-        fh, offset, size = wire.read_in.unpack_from(buf, _IN)[:3]
-        data = await self._read_op(fh, offset, size)
-        t = type(data)
-        if t is bytes or t is bytearray:
-            if len(data) > size:
-                data = memoryview(data)[:size]
-        else:
-            data = memoryview(data).cast("B")
-            if len(data) > size:
-                data = data[:size]
-        return (data,)
-
-    async def _op_write(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        if n < _IN + wire.write_in.size:
-            raise _Malformed("WRITE too short")
-        fh, offset, size = wire.write_in.unpack_from(buf, _IN)[:3]
-        start = _IN + wire.write_in.size
-        if start + size > n:
-            raise _Malformed(f"WRITE payload {size} bytes, request has {n - start}")
-        written = await self._write_op(fh, offset, mv[start : start + size])
-        return (wire.write_out.pack(written, 0),)
-
-    async def _op_lookup(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        name, _ = self._name(buf, _IN, n)
-        return self._entry(await self.ops.lookup(hdr[3], name, self._ctx(hdr)))
-
-    async def _op_forget(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.forget_in.size)
-        (nlookup,) = wire.forget_in.unpack_from(buf, _IN)
-        await self.ops.forget([ForgetItem(hdr[3], nlookup)])
-        return _NO_REPLY
-
-    async def _op_batch_forget(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.batch_forget_in.size)
-        count, _ = wire.batch_forget_in.unpack_from(buf, _IN)
-        off = _IN + wire.batch_forget_in.size
-        if off + count * wire.forget_one.size > n:
-            raise _Malformed(f"BATCH_FORGET of {count} items too short")
-        items = [ForgetItem(*t) for t in wire.forget_one.iter_unpack(mv[off : off + count * 16])]
-        await self.ops.forget(items)
-        return _NO_REPLY
-
-    async def _op_getattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        return self._attr(await self.ops.getattr(hdr[3], self._ctx(hdr)))
-
-    async def _op_setattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.setattr_in.size)
-        (valid, _, fh, size, _lo, atime, mtime, ctime, atimensec, mtimensec, ctimensec, mode, _u4, uid, gid, _u5) = (
-            wire.setattr_in.unpack_from(buf, _IN)
-        )
-        f = SetattrFields()
-        if valid & wire.FATTR_MODE:
-            f.update_mode, f.st_mode = True, mode
-        if valid & wire.FATTR_UID:
-            f.update_uid, f.st_uid = True, uid
-        if valid & wire.FATTR_GID:
-            f.update_gid, f.st_gid = True, gid
-        if valid & wire.FATTR_SIZE:
-            f.update_size, f.st_size = True, size
-        now = None
-        if valid & wire.FATTR_ATIME_NOW:
-            now = time.time_ns()
-            f.update_atime, f.st_atime_ns = True, now
-        elif valid & wire.FATTR_ATIME:
-            f.update_atime, f.st_atime_ns = True, _signed(atime) * 1_000_000_000 + atimensec
-        if valid & wire.FATTR_MTIME_NOW:
-            now = now or time.time_ns()
-            f.update_mtime, f.st_mtime_ns = True, now
-        elif valid & wire.FATTR_MTIME:
-            f.update_mtime, f.st_mtime_ns = True, _signed(mtime) * 1_000_000_000 + mtimensec
-        if valid & wire.FATTR_CTIME:
-            f.update_ctime, f.st_ctime_ns = True, _signed(ctime) * 1_000_000_000 + ctimensec
-        if valid & wire.FATTR_FH:
-            f.fh = fh
-        return self._attr(await self.ops.setattr(hdr[3], f, self._ctx(hdr)))
-
-    async def _op_open(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.open_in.size)
-        flags, _ = wire.open_in.unpack_from(buf, _IN)
-        fi = await self.ops.open(hdr[3], flags, self._ctx(hdr))
-        oflags = (
-            (wire.FOPEN_DIRECT_IO if fi.direct_io else 0)
-            | (wire.FOPEN_KEEP_CACHE if fi.keep_cache else 0)
-            | (wire.FOPEN_NONSEEKABLE if fi.nonseekable else 0)
-        )
-        return (wire.open_out.pack(fi.fh, oflags, 0),)
-
-    async def _op_flush(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.flush_in.size)
-        await self.ops.flush(wire.flush_in.unpack_from(buf, _IN)[0])
-        return _EMPTY
-
-    async def _op_fsync(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.fsync_in.size)
-        fh, flags, _ = wire.fsync_in.unpack_from(buf, _IN)
-        await self.ops.fsync(fh, bool(flags & wire.FUSE_FSYNC_FDATASYNC))
-        return _EMPTY
-
-    async def _op_release(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.release_in.size)
-        await self.ops.release(wire.release_in.unpack_from(buf, _IN)[0])
-        return _EMPTY
-
-    async def _op_opendir(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        fh = await self.ops.opendir(hdr[3], self._ctx(hdr))
-        return (wire.open_out.pack(fh, 0, 0),)
-
-    async def _op_readdir(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.read_in.size)
-        fh, offset, size = wire.read_in.unpack_from(buf, _IN)[:3]
-        out = bytearray()
-        pack = wire.dirent.pack
-        for name, attr, next_offset in await self.ops.readdir(fh, offset):
-            reclen = wire.dirent_size(len(name))
-            if len(out) + reclen > size:
-                break
-            out += pack(attr.st_ino, next_offset, len(name), (attr.st_mode >> 12) & 0xF)
-            out += name
-            out += bytes(reclen - wire.DIRENT_NAME_OFFSET - len(name))
-        return (out,)
-
-    async def _op_releasedir(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.release_in.size)
-        await self.ops.releasedir(wire.release_in.unpack_from(buf, _IN)[0])
-        return _EMPTY
-
-    async def _op_fsyncdir(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.fsync_in.size)
-        fh, flags, _ = wire.fsync_in.unpack_from(buf, _IN)
-        await self.ops.fsyncdir(fh, bool(flags & wire.FUSE_FSYNC_FDATASYNC))
-        return _EMPTY
-
-    async def _op_statfs(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        s = await self.ops.statfs(hdr[3], self._ctx(hdr))
-        return (
-            wire.kstatfs.pack(
-                s.f_blocks, s.f_bfree, s.f_bavail, s.f_files, s.f_ffree, s.f_bsize, s.f_namemax, s.f_frsize, 0
-            ),
-        )
-
-    async def _op_getxattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.getxattr_in.size)
-        size, _ = wire.getxattr_in.unpack_from(buf, _IN)
-        name, _ = self._name(buf, _IN + wire.getxattr_in.size, n)
-        value = bytes(await self.ops.getxattr(hdr[3], name, self._ctx(hdr)))
-        return self._sized(value, size)
-
-    @staticmethod
-    def _sized(value: bytes, size: int) -> Any:
-        if size == 0:
-            return (wire.getxattr_out.pack(len(value), 0),)
-        if len(value) > size:
-            return errno.ERANGE
-        return (value,)
-
-    async def _op_setxattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        st = wire.setxattr_in_compat  # FUSE_SETXATTR_EXT is not asked for
-        self._need(n, st.size)
-        size, flags = st.unpack_from(buf, _IN)[:2]
-        name, off = self._name(buf, _IN + st.size, n)
-        if off + size > n:
-            raise _Malformed(f"SETXATTR value of {size} bytes, request has {n - off}")
-        await self.ops.setxattr(hdr[3], name, bytes(buf[off : off + size]), flags, self._ctx(hdr))
-        return _EMPTY
-
-    async def _op_listxattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.getxattr_in.size)
-        size, _ = wire.getxattr_in.unpack_from(buf, _IN)
-        names = await self.ops.listxattr(hdr[3], self._ctx(hdr))
-        return self._sized(b"".join(bytes(x) + b"\0" for x in names), size)
-
-    async def _op_removexattr(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        name, _ = self._name(buf, _IN, n)
-        await self.ops.removexattr(hdr[3], name, self._ctx(hdr))
-        return _EMPTY
-
-    async def _op_fallocate(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.fallocate_in.size)
-        fh, offset, length, mode, _ = wire.fallocate_in.unpack_from(buf, _IN)
-        await self.ops.fallocate(fh, offset, length, mode)
-        return _EMPTY
-
-    async def _op_access(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._need(n, wire.access_in.size)
-        mask, _ = wire.access_in.unpack_from(buf, _IN)
-        await self.ops.access(hdr[3], mask, self._ctx(hdr))
-        return _EMPTY
-
-    async def _op_destroy(self, hdr: tuple[Any, ...], buf: bytearray, mv: memoryview, n: int) -> Any:
-        self._ended = True
-        return _EMPTY
-
-
-def _signed(v: int) -> int:
-    return v - (1 << 64) if v >= 1 << 63 else v
 
 
 async def serve(
@@ -900,19 +451,28 @@ async def serve(
     transport: str = "classic",
     uring_depth: int = 16,
     session_callback: Callable[[Session], None] | None = None,
+    unmount_after_serving: bool = True,
     **mount_kwargs: Any,
 ) -> None:
     """Mount ``ops`` on ``mountpoint``, serve it, and unmount when the session
     ends or this task is cancelled.  ``task_status.started`` receives the
     ConnectionInfo once the mount is live; ``session_callback`` (if given)
-    receives the Session before INIT, e.g. to read its statistics later."""
+    receives the Session before INIT, e.g. to read its statistics later.
+
+    ``unmount_after_serving=False`` leaves a mount that has served (INIT done)
+    in place when the session ends or the task is cancelled: a dead mount
+    answers ENOTCONN where an empty directory would lie, and whoever stops the
+    server (a signal handler) unmounts first.  A mount that never served is
+    always unmounted.  Raises MountError (TransportUnavailable for ``transport``
+    "uring" on a machine that cannot) before anything is mounted when it can."""
     use_fusermount = mount_kwargs.get("use_fusermount")
     if transport == "uring":  # what can be known before mounting: nothing mounted if not
-        reason = uring.unavailable_reason()
+        reason = probe.unavailable_reason()
         if reason:
             raise uring.TransportUnavailable(f"transport uring unavailable: {reason}")
     path = uring.resolve(mountpoint)  # before mounting: afterwards a stat would wait for INIT
     fd = mount(mountpoint, **mount_kwargs)
+    session: Session | None = None
     try:
         session = Session(ops, fd, max_inflight=max_inflight, max_pages=max_pages, poll_us=poll_us,
                           transport=transport, uring_depth=uring_depth,
@@ -923,5 +483,10 @@ async def serve(
     finally:
         # Closing the fd first aborts the connection, so unmounting cannot wait
         # on a request nobody will answer any more.
-        os.close(fd)
-        unmount_quietly(mountpoint, use_fusermount=use_fusermount)
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+        if unmount_after_serving or session is None or not session.served:
+            unmount_quietly(mountpoint, use_fusermount=use_fusermount)
+

@@ -8,9 +8,12 @@ import logging
 import os
 import random
 import threading
+from functools import partial
 
 import pytest
 import trio
+
+from swapfs.fuse import FUSEError
 
 from .conftest import MiB, default_files, proc_mounts, sh, sync
 from .memfs import MemFS
@@ -159,6 +162,59 @@ async def test_max_inflight_bound(mount_memfs, transport):
         assert out == {"slow1": b"one", "slow2": b"two", "slow3": b"three"}
         # reading resumed afterwards
         assert await sync(direct_read, m.p("hello")) == b"hello, world\n"
+
+
+class OddErrnoFS(MemFS):
+    """Reads of 'odd' and the xattr user.odd raise FUSEError(err)."""
+
+    def __init__(self, err: int) -> None:
+        files = default_files()
+        files[b"odd"] = b"o" * 10
+        super().__init__(files)
+        self.err = err
+
+    async def read(self, fh, offset, size):
+        if self.nodes[fh].name == b"odd":
+            raise FUSEError(self.err)
+        return await super().read(fh, offset, size)
+
+    async def getxattr(self, inode, name, ctx):
+        if name == b"user.odd":
+            raise FUSEError(self.err)
+        return await super().getxattr(inode, name, ctx)
+
+
+async def answered(fn, *args):
+    """``fn(*args)`` in a thread, failing the test (not hanging it) if its request is never
+    answered."""
+    with trio.fail_after(10):
+        return await trio.to_thread.run_sync(partial(fn, *args), abandon_on_cancel=True)
+
+
+@pytest.mark.parametrize("err", [512, 600, 4095])
+async def test_errno_no_reply_can_carry_is_answered_eio(mount_memfs, err, caplog):
+    # The kernel refuses an error reply <= -512: the request would wait forever.
+    # READ is served from the ring's buffers, GETXATTR through the classic layout.
+    async with mount_memfs(OddErrnoFS(err)) as m:
+        with caplog.at_level(logging.ERROR, logger="swapfs.fuse"):
+            with pytest.raises(OSError) as ei:
+                await answered(direct_read, m.p("odd"))
+            assert ei.value.errno == errno.EIO
+            with pytest.raises(OSError) as ei:
+                await answered(os.getxattr, m.p("hello"), "user.odd")
+            assert ei.value.errno == errno.EIO
+        assert any(f"{err} is not an errno a reply can carry" in r.getMessage() for r in caplog.records)
+        stats = m.session.statistics()
+        assert stats.bad_replies >= 2 and stats.reply_failures == 0
+        assert await sync(direct_read, m.p("hello")) == b"hello, world\n"
+
+
+async def test_errno_511_is_answered_as_is(mount_memfs):
+    async with mount_memfs(OddErrnoFS(511)) as m:
+        with pytest.raises(OSError) as ei:
+            await answered(direct_read, m.p("odd"))
+        assert ei.value.errno == 511
+        assert m.session.statistics().bad_replies == 0
 
 
 async def test_exception_is_eio_and_serving_continues(mount_memfs, caplog):

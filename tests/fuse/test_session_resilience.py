@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import trio
 
-from swapfs.fuse import Session, wire
+from swapfs.fuse import Dispatcher, FUSEError, Session, wire
 from swapfs.fuse import session as session_mod
 
 from .memfs import MemFS
@@ -66,8 +66,8 @@ class Served:
         self.done = done
 
 
-def _serving(session_cls: type[Session] = Session, ops: Any = None, sndbuf: int | None = None
-             ) -> Callable[[], Any]:
+def _serving(dispatcher_cls: type[Dispatcher] = Dispatcher, ops: Any = None,
+             sndbuf: int | None = None) -> Callable[[], Any]:
     from contextlib import asynccontextmanager
 
     @asynccontextmanager
@@ -76,7 +76,8 @@ def _serving(session_cls: type[Session] = Session, ops: Any = None, sndbuf: int 
         a.setblocking(False)
         if sndbuf is not None:
             a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-        session = session_cls(ops or MemFS({b"data": b"x" * 100000}), a.fileno())
+        ops_ = ops or MemFS({b"data": b"x" * 100000})
+        session = Session(ops_, a.fileno(), dispatcher=dispatcher_cls(ops_))
         kernel = FakeKernel(trio.socket.from_stdlib_socket(b))
         done = trio.Event()
         try:
@@ -98,7 +99,7 @@ def _serving(session_cls: type[Session] = Session, ops: Any = None, sndbuf: int 
 
 
 async def test_reply_that_cannot_be_built_is_eio_and_serving_goes_on(caplog: Any) -> None:
-    class BadReplies(Session):
+    class BadReplies(Dispatcher):
         async def _op_getattr(self, hdr: tuple, buf: bytearray, mv: memoryview, n: int) -> Any:
             if hdr[3] == 7:
                 return (object(),)  # not a buffer: fails in _send, outside the handler
@@ -115,6 +116,53 @@ async def test_reply_that_cannot_be_built_is_eio_and_serving_goes_on(caplog: Any
         stats = s.session.statistics()
         assert stats.bad_replies == 2
         assert not s.done.is_set()
+
+
+class OddErrno(MemFS):
+    """GETATTR of node 7 raises FUSEError(err), of node 8 returns err as its reply."""
+
+    def __init__(self, err: int) -> None:
+        super().__init__({b"data": b"x" * 100})
+        self.err = err
+
+    async def getattr(self, inode: int, ctx: Any) -> Any:
+        if inode == 7:
+            raise FUSEError(self.err)
+        return await super().getattr(inode, ctx)
+
+
+@pytest.mark.parametrize("err", [512, 600, 4095, 1 << 31, -5])
+async def test_errno_outside_1_511_is_answered_eio(err: int, caplog: Any) -> None:
+    async with _serving(ops=OddErrno(err))() as s:
+        _, error, payload = await s.kernel.getattr(7)
+        assert (error, payload) == (-errno.EIO, b"")
+        assert s.session.statistics().bad_replies == 1
+        assert s.session.statistics().errors == {"EIO": 1}
+        _, error, _ = await s.kernel.getattr(1)
+        assert error == 0
+    assert any("not an errno a reply can carry" in r.getMessage() for r in caplog.records)
+
+
+async def test_errno_in_1_511_is_answered_as_is() -> None:
+    for err in (1, errno.ENODATA, 511):
+        async with _serving(ops=OddErrno(err))() as s:
+            _, error, _ = await s.kernel.getattr(7)
+            assert error == -err
+            assert s.session.statistics().bad_replies == 0
+
+
+def test_encoder_applies_the_errno_rule() -> None:
+    d = Dispatcher(MemFS({}))
+    for err, sent in ((5, -5), (511, -511), (512, -errno.EIO), (600, -errno.EIO), (4095, -errno.EIO),
+                      (0, -errno.EIO), (-5, -errno.EIO), (True, -errno.EIO), ("5", -errno.EIO)):
+        (header,) = d.encode(9, err)
+        assert wire.out_header.unpack(header) == (16, sent, 9), err
+        assert d.errno_for(9, err) == -sent, err
+    assert d.bad_replies == 2 * 7
+    (header, payload) = d.encode(9, (b"abc",))
+    assert wire.out_header.unpack(header) == (19, 0, 9) and payload == b"abc"
+    (header,) = d.encode(9, (object(),))  # not a buffer
+    assert wire.out_header.unpack(header) == (16, -errno.EIO, 9)
 
 
 async def test_reply_refused_by_the_kernel_becomes_eio() -> None:
@@ -153,14 +201,15 @@ async def test_unexpected_read_errno_is_counted_and_serving_goes_on(
         assert not s.done.is_set()
 
 
+@pytest.mark.parametrize("err", [errno.EBADF, errno.ENOTCONN])
 async def test_fd_gone_for_good_ends_the_session_cleanly(monkeypatch: pytest.MonkeyPatch,
-                                                         caplog: Any) -> None:
+                                                         caplog: Any, err: int) -> None:
     real = os.readv
     broken = {"on": False}
 
     def readv(fd: int, bufs: Any) -> int:
         if broken["on"]:
-            raise OSError(errno.EBADF, "injected")
+            raise OSError(err, "injected")
         return real(fd, bufs)
 
     monkeypatch.setattr(session_mod.os, "readv", readv)

@@ -80,7 +80,7 @@ async def test_kernel_not_offering_the_ring_is_an_error_and_leaves_no_mount(
         tmp_path, uring_enabled, monkeypatch):
     # pass the checks made before mounting; the kernel (enable_uring N) then does not offer
     # FUSE_OVER_IO_URING at INIT, or refuses the probe: the INIT reply is never sent
-    monkeypatch.setattr(uring, "unavailable_reason", lambda: None)
+    monkeypatch.setattr(uring.probe, "unavailable_reason", lambda: None)
     mp = tmp_path / "mnt"
     mp.mkdir()
     with enable_uring_set("N"), trio.fail_after(20):

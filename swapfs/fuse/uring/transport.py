@@ -1,16 +1,18 @@
-"""FUSE over io_uring: the kernel hands requests to ring entries instead of /dev/fuse reads.
+"""The io_uring transport: the kernel hands requests to ring entries instead of /dev/fuse reads.
 
 What this module owns
 ---------------------
-* The raw ring: ``io_uring_setup``/``io_uring_enter`` through ctypes, the SQ
-  and CQ rings and the SQE array mapped into memory and read and written
-  through memoryview casts (no Python object per request in any table).
-* The checks that decide whether the transport may be declared at INIT
-  (:func:`unavailable_reason` before mounting, :meth:`UringTransport.create`
-  at INIT) and the registration of every queue after the INIT reply.
-* The serving loop: completions are reaped in user space, each request's
-  handler is started inline, and the replies are committed in batches of
-  COMMIT_AND_FETCH commands, many per ``io_uring_enter``.
+* The ring entries of one connection: their header and payload buffers
+  (mapped once, read and written through memoryviews: no Python object per
+  request in any table) and one SQE each, filled once.
+* The checks made at INIT (:meth:`UringTransport.create`: the kernel offered
+  the flag, the ring is set up, a REGISTER probe is refused with EAGAIN) and
+  the registration of every queue after the INIT reply.
+* The serving loop: completions are reaped in user space, each request is
+  handed to the dispatcher inline, and the replies are committed in batches
+  of COMMIT_AND_FETCH commands, many per ``io_uring_enter``.
+
+The checks made before mounting are in ``probe``, the ring itself in ``ring``.
 
 The kernel side
 ---------------
@@ -47,14 +49,16 @@ task work, fewer wake-ups; measured faster than a plain ring at depth) and
 TASKRUN_FLAG (the kernel flags pending task work in the SQ ring, so the
 busy-poll window reads memory instead of entering the kernel).
 
-Dispatch: as in the classic session (inline first).  Completions are taken
-one at a time from the CQ; READ and WRITE are served from the entry's
-buffers (a WRITE's data is a memoryview of the payload buffer, a READ's
-reply is copied into it); the other opcodes are copied into a classic-layout
-buffer and given to the session's handlers.  A handler that suspends keeps
-its task: the polling role passes to a new task, the handler is driven to
-completion, its entry is committed, and the task polls again only if nobody
-else does.
+Dispatch goes through the connection's Dispatcher (dispatch.py), inline
+first, as for /dev/fuse.  Completions are taken one at a time from the CQ;
+READ and WRITE are served from the entry's buffers (a WRITE's data is a
+memoryview of the payload buffer, a READ's reply is copied into it) by
+handler coroutines made here and started with ``Dispatcher.start``; the
+other opcodes are copied into a classic-layout buffer and given to
+``Dispatcher.dispatch``.  A handler that suspends keeps its task: the polling
+role passes to a new task, the handler is finished with
+``Dispatcher.finish``, its entry is committed, and the task polls again only
+if nobody else does.  Error replies follow the dispatcher's errno rule.
 """
 
 from __future__ import annotations
@@ -62,61 +66,41 @@ from __future__ import annotations
 import ctypes
 import errno
 import logging
-import mmap
 import os
-import platform
 import struct
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import trio
 
-from . import wire
-from .mount import MountError, _unescape_mountinfo
-
-if TYPE_CHECKING:
-    from .session import Session
+from .. import wire
+from ..dispatch import NO_REPLY, Dispatcher, Malformed, Suspended
+from . import probe
+from .abi import (
+    CQE_SIZE,
+    FUSE_IO_URING_CMD_COMMIT_AND_FETCH,
+    FUSE_IO_URING_CMD_REGISTER,
+    HEADER_SIZE,
+    HEADER_STRIDE,
+    IN_OUT,
+    IORING_OP_URING_CMD,
+    IORING_SQ_TASKRUN,
+    OP_IN,
+    OP_IN_SIZE,
+    PAYLOAD_SZ,
+    SQE_SIZE,
+    get_libc,
+    map_memory,
+    view,
+)
+from .abi import cqe as _cqe
+from .abi import read3 as _read3
+from .abi import u32 as _u32
+from .abi import u64 as _u64
+from .probe import RegistrationFailed, TransportUnavailable, abort_connection
+from .ring import Ring
 
 log = logging.getLogger("swapfs.fuse")
-
-# -- io_uring ABI (include/uapi/linux/io_uring.h), x86_64 -----------------------
-SYS_IO_URING_SETUP = 425
-SYS_IO_URING_ENTER = 426
-SYS_IO_URING_REGISTER = 427
-IORING_REGISTER_EVENTFD = 4
-
-IORING_SETUP_SQE128 = 1 << 10
-IORING_SETUP_TASKRUN_FLAG = 1 << 9
-IORING_SETUP_SINGLE_ISSUER = 1 << 12
-IORING_SETUP_DEFER_TASKRUN = 1 << 13
-RING_FLAGS = (IORING_SETUP_SQE128 | IORING_SETUP_SINGLE_ISSUER | IORING_SETUP_DEFER_TASKRUN
-              | IORING_SETUP_TASKRUN_FLAG)
-
-IORING_FEAT_SINGLE_MMAP = 1 << 0
-IORING_ENTER_GETEVENTS = 1 << 0
-IORING_SQ_TASKRUN = 1 << 2
-IORING_OFF_SQ_RING = 0
-IORING_OFF_SQES = 0x10000000
-IORING_OP_URING_CMD = 46
-SQE_SIZE = 128  # with SQE128
-CQE_SIZE = 16
-
-# -- FUSE over io_uring (include/uapi/linux/fuse.h) -------------------------------
-FUSE_IO_URING_CMD_REGISTER = 1
-FUSE_IO_URING_CMD_COMMIT_AND_FETCH = 2
-HEADER_SIZE = 288  # struct fuse_uring_req_header
-HEADER_STRIDE = 512
-IN_OUT = 0  # fuse_in_header / fuse_out_header
-OP_IN = 128  # the opcode's first argument
-ENT_IN_OUT = 256  # struct fuse_uring_ent_in_out: flags, commit_id, payload_sz
-PAYLOAD_SZ = ENT_IN_OUT + 16
-OP_IN_SIZE = 128
-ERESTARTSYS = 512  # the kernel refuses a ring reply whose error is <= -ERESTARTSYS
-
-ENABLE_URING = "/sys/module/fuse/parameters/enable_uring"
-IO_URING_DISABLED = "/proc/sys/kernel/io_uring_disabled"
-POSSIBLE_CPUS = "/sys/devices/system/cpu/possible"
-FUSECTL = "/sys/fs/fuse/connections"
 
 # Entries that end with one of these errnos end for good: the connection is going away.
 _ENTRY_GONE = frozenset({errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, errno.ENODEV})
@@ -124,291 +108,23 @@ _ENTRY_GONE = frozenset({errno.ENOTCONN, errno.ECONNABORTED, errno.ECANCELED, er
 ENTRY_FAILURE_LIMIT = 64
 PROBE_TIMEOUT = 1.0
 
-_u32 = struct.Struct("=I")
-_u64 = struct.Struct("=Q")
-_cqe = struct.Struct("=QiI")
-_read3 = struct.Struct("=QQI")  # fh, offset, size: the start of fuse_read_in and fuse_write_in
-_write_in = wire.write_in
-_read_in = wire.read_in
 _unpack_in = wire.in_header.unpack_from
+READ = wire.READ
+WRITE = wire.WRITE
 _pack_out_into = wire.out_header.pack_into
 
-
-class TransportUnavailable(MountError):
-    """The io_uring transport cannot be used (the reason is the message)."""
-
-
-class RegistrationFailed(MountError):
-    """Registering the ring entries failed after INIT; the connection was aborted."""
-
-
-# -- what the machine says ----------------------------------------------------------
-
-def enable_uring() -> str | None:
-    """The fuse module's ``enable_uring`` parameter ("Y"/"N"), None if the kernel has none."""
-    try:
-        with open(ENABLE_URING) as f:
-            return f.read().strip()
-    except OSError:
-        return None
-
-
-def set_enable_uring(value: str) -> None:
-    with open(ENABLE_URING, "w") as f:
-        f.write(value)
-
-
-def possible_cpus() -> int | None:
-    """The number of possible CPUs (the kernel's queue count), None unless they are 0..n-1."""
-    try:
-        with open(POSSIBLE_CPUS) as f:
-            text = f.read().strip()
-    except OSError:
-        return None
-    expect = 0
-    for part in text.split(","):
-        lo_s, _, hi_s = part.partition("-")
-        try:
-            lo, hi = int(lo_s), int(hi_s or lo_s)
-        except ValueError:
-            return None
-        if lo != expect or hi < lo:
-            return None
-        expect = hi + 1
-    return expect or None
-
-
-def unavailable_reason() -> str | None:
-    """Why the io_uring transport cannot be used on this machine, or None.
-
-    Only what can be known before mounting; INIT checks what the kernel offers."""
-    if platform.machine() != "x86_64":
-        return f"the io_uring transport is implemented for x86_64 only, not {platform.machine()}"
-    state = enable_uring()
-    if state is None:
-        return f"{ENABLE_URING} does not exist (kernel without FUSE over io_uring)"
-    if state != "Y":
-        return f"{ENABLE_URING} is {state}"
-    try:
-        with open(IO_URING_DISABLED) as f:
-            disabled = f.read().strip()
-    except OSError:
-        disabled = "0"
-    if disabled == "2" or (disabled == "1" and os.geteuid() != 0):
-        return f"io_uring is disabled ({IO_URING_DISABLED} is {disabled})"
-    if possible_cpus() is None:
-        return f"cannot count the possible CPUs from {POSSIBLE_CPUS}"
-    if not os.path.ismount(FUSECTL):
-        return (f"fusectl is not mounted at {FUSECTL} (mount -t fusectl fusectl {FUSECTL}): "
-                "the transport needs it to abort a connection")
-    return None
-
-
-def resolve(mountpoint: str | os.PathLike[str]) -> str:
-    return os.path.realpath(mountpoint)
-
-
-def connection_id(path: str) -> int | None:
-    """The FUSE connection number (fusectl) of the mount at ``path`` (already resolved: a
-    stat, even realpath's, of a mount that has not answered INIT waits for it): the minor
-    of its st_dev, read from /proc/self/mountinfo."""
-    found = None
-    try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                parts = line.split(" ")
-                if len(parts) > 4 and _unescape_mountinfo(parts[4]) == path:
-                    found = int(parts[2].split(":")[1])  # the last mount on top wins
-    except (OSError, ValueError, IndexError):
-        return None
-    return found
-
-
-def abort_connection(conn_id: int | None, *, quiet: bool = False) -> bool:
-    """Abort FUSE connection ``conn_id`` through fusectl; True if it was written
-    (``quiet``: a connection already gone is not an error)."""
-    if conn_id is None:
-        return False
-    try:
-        with open(f"{FUSECTL}/{conn_id}/abort", "w") as f:
-            f.write("1")
-        return True
-    except FileNotFoundError:
-        if not quiet:
-            log.error("cannot abort FUSE connection %d: %s/%d does not exist", conn_id, FUSECTL, conn_id)
-        return False
-    except OSError as exc:
-        log.error("cannot abort FUSE connection %d: %s", conn_id, exc)
-        return False
-
-
-# -- the raw ring -----------------------------------------------------------------
-
-class _SQOffsets(ctypes.Structure):
-    _fields_ = [("head", ctypes.c_uint32), ("tail", ctypes.c_uint32), ("ring_mask", ctypes.c_uint32),
-                ("ring_entries", ctypes.c_uint32), ("flags", ctypes.c_uint32),
-                ("dropped", ctypes.c_uint32), ("array", ctypes.c_uint32), ("resv1", ctypes.c_uint32),
-                ("user_addr", ctypes.c_uint64)]
-
-
-class _CQOffsets(ctypes.Structure):
-    _fields_ = [("head", ctypes.c_uint32), ("tail", ctypes.c_uint32), ("ring_mask", ctypes.c_uint32),
-                ("ring_entries", ctypes.c_uint32), ("overflow", ctypes.c_uint32),
-                ("cqes", ctypes.c_uint32), ("flags", ctypes.c_uint32), ("resv1", ctypes.c_uint32),
-                ("user_addr", ctypes.c_uint64)]
-
-
-class _Params(ctypes.Structure):
-    _fields_ = [("sq_entries", ctypes.c_uint32), ("cq_entries", ctypes.c_uint32),
-                ("flags", ctypes.c_uint32), ("sq_thread_cpu", ctypes.c_uint32),
-                ("sq_thread_idle", ctypes.c_uint32), ("features", ctypes.c_uint32),
-                ("wq_fd", ctypes.c_uint32), ("resv", ctypes.c_uint32 * 3),
-                ("sq_off", _SQOffsets), ("cq_off", _CQOffsets)]
-
-
-assert ctypes.sizeof(_Params) == 120
-
-_libc: ctypes.CDLL | None = None
-
-
-def _get_libc() -> ctypes.CDLL:
-    global _libc
-    if _libc is None:
-        lib = ctypes.CDLL(None, use_errno=True)
-        lib.syscall.restype = ctypes.c_long
-        lib.mmap.restype = ctypes.c_void_p
-        lib.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                             ctypes.c_int, ctypes.c_long]
-        lib.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-        lib.munmap.restype = ctypes.c_int
-        _libc = lib
-    return _libc
-
-
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
-def _mmap(size: int, fd: int = -1, offset: int = 0) -> int:
-    libc = _get_libc()
-    prot = mmap.PROT_READ | mmap.PROT_WRITE
-    if fd < 0:
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
-    else:
-        flags = mmap.MAP_SHARED | mmap.MAP_POPULATE
-    addr = libc.mmap(None, size, prot, flags, fd, offset)
-    if addr is None or addr == _MAP_FAILED:
-        e = ctypes.get_errno()
-        raise OSError(e, f"mmap of {size} bytes failed: {os.strerror(e)}")
-    return int(addr)
-
-
-def _view(addr: int, size: int) -> memoryview:
-    return memoryview((ctypes.c_char * size).from_address(addr)).cast("B")
-
-
-class Ring:
-    """An io_uring instance with its rings mapped: SQE128, one SQE per ring entry."""
-
-    def __init__(self, entries: int, flags: int = RING_FLAGS) -> None:
-        libc = _get_libc()
-        p = _Params()
-        p.flags = flags
-        fd = libc.syscall(ctypes.c_long(SYS_IO_URING_SETUP), ctypes.c_uint(entries), ctypes.byref(p))
-        if fd < 0:
-            e = ctypes.get_errno()
-            raise OSError(e, f"io_uring_setup(flags {flags:#x}) failed: {os.strerror(e)}")
-        self.fd = int(fd)
-        self._maps: list[tuple[int, int]] = []
-        self.views: list[memoryview] = []
-        try:
-            if p.flags & flags != flags:
-                raise OSError(errno.EINVAL, f"io_uring_setup kept flags {p.flags:#x} of {flags:#x}")
-            if not p.features & IORING_FEAT_SINGLE_MMAP:
-                raise OSError(errno.EINVAL, "io_uring without IORING_FEAT_SINGLE_MMAP")
-            if p.sq_entries < entries or p.cq_entries < entries:
-                raise OSError(errno.EINVAL, f"ring of {p.sq_entries}/{p.cq_entries} entries, need {entries}")
-            sq, cq = p.sq_off, p.cq_off
-            ring_size = max(sq.array + p.sq_entries * 4, cq.cqes + p.cq_entries * CQE_SIZE)
-            ring_addr = _mmap(ring_size, self.fd, IORING_OFF_SQ_RING)
-            self._maps.append((ring_addr, ring_size))
-            sqes_size = p.sq_entries * SQE_SIZE
-            sqes_addr = _mmap(sqes_size, self.fd, IORING_OFF_SQES)
-            self._maps.append((sqes_addr, sqes_size))
-            self.ring = _view(ring_addr, ring_size)
-            self.u32 = self.ring.cast("I")
-            self.sqes = _view(sqes_addr, sqes_size)
-            self.views += [self.u32, self.ring, self.sqes]
-        except BaseException:
-            self.close()
-            raise
-        self.sq_entries = p.sq_entries
-        self.cq_entries = p.cq_entries
-        self.sq_head = sq.head // 4
-        self.sq_tail = sq.tail // 4
-        self.sq_mask = self.u32[sq.ring_mask // 4]
-        self.sq_flags = sq.flags // 4
-        self.sq_array = sq.array // 4
-        self.cq_head = cq.head // 4
-        self.cq_tail = cq.tail // 4
-        self.cq_mask = self.u32[cq.ring_mask // 4]
-        self.cqes = cq.cqes
-        self._enter = libc.syscall
-        # With DEFER_TASKRUN a new request is task work for this thread, which does not make
-        # the ring fd readable; the kernel signals a registered eventfd when such work arrives
-        # (and when completions are posted).
-        self.eventfd = -1
-        try:
-            self.eventfd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-            efd = ctypes.c_int(self.eventfd)
-            if libc.syscall(SYS_IO_URING_REGISTER, self.fd, IORING_REGISTER_EVENTFD,
-                            ctypes.byref(efd), 1) < 0:
-                e = ctypes.get_errno()
-                raise OSError(e, f"IORING_REGISTER_EVENTFD failed: {os.strerror(e)}")
-        except BaseException:
-            self.close()
-            raise
-
-    def enter(self, to_submit: int, min_complete: int = 0, flags: int = IORING_ENTER_GETEVENTS) -> int:
-        """io_uring_enter; returns the number of SQEs consumed, raises OSError."""
-        while True:
-            r = self._enter(SYS_IO_URING_ENTER, self.fd, to_submit, min_complete, flags, None, 0)
-            if r >= 0:
-                return int(r)
-            e = ctypes.get_errno()
-            if e != errno.EINTR:
-                raise OSError(e, f"io_uring_enter: {os.strerror(e)}")
-
-    def close(self) -> None:
-        for v in reversed(self.views):
-            v.release()
-        self.views.clear()
-        libc = _get_libc()
-        for addr, size in self._maps:
-            libc.munmap(addr, size)
-        self._maps.clear()
-        if self.fd >= 0:
-            os.close(self.fd)
-            self.fd = -1
-        if getattr(self, "eventfd", -1) >= 0:
-            os.close(self.eventfd)
-            self.eventfd = -1
-
-
-# -- the transport ----------------------------------------------------------------
 
 class UringTransport:
     """The ring entries of one FUSE connection and the loop serving them."""
 
     inject_register_failure = False  # tests: the last REGISTER names a queue that does not exist
 
-    def __init__(self, session: Session, fuse_fd: int, nr_queues: int, depth: int,
-                 payload_size: int) -> None:
-        from . import session as classic  # (circular at import time)
-
-        self._drive = classic._drive
-        self._Malformed = classic._Malformed
-        self._namespace_opcodes = classic.NAMESPACE_OPCODES
-        self.session = session
+    def __init__(self, dispatcher: Dispatcher, fuse_fd: int, nr_queues: int, depth: int,
+                 payload_size: int, poll_ns: int = 0) -> None:
+        self.dispatcher = dispatcher
+        self.poll_ns = poll_ns
+        self._read_op = dispatcher.read_op
+        self._write_op = dispatcher.write_op
         self.fuse_fd = fuse_fd
         self.nr_queues = nr_queues
         self.depth = depth
@@ -417,15 +133,15 @@ class UringTransport:
         self.ring = Ring(n + 1)  # one more SQE for the probe
         self._buf_maps: list[tuple[int, int]] = []
         try:
-            hdr_addr = _mmap(n * HEADER_STRIDE)
+            hdr_addr = map_memory(n * HEADER_STRIDE)
             self._buf_maps.append((hdr_addr, n * HEADER_STRIDE))
-            pay_addr = _mmap(n * payload_size)
+            pay_addr = map_memory(n * payload_size)
             self._buf_maps.append((pay_addr, n * payload_size))
         except BaseException:
             self.close()
             raise
-        self.hdr = [_view(hdr_addr + e * HEADER_STRIDE, HEADER_SIZE) for e in range(n)]
-        self.pay = [_view(pay_addr + e * payload_size, payload_size) for e in range(n)]
+        self.hdr = [view(hdr_addr + e * HEADER_STRIDE, HEADER_SIZE) for e in range(n)]
+        self.pay = [view(pay_addr + e * payload_size, payload_size) for e in range(n)]
         self._iov = (ctypes.c_uint64 * (4 * n))()
         iov_addr = ctypes.addressof(self._iov)
         for e in range(n):
@@ -463,27 +179,29 @@ class UringTransport:
         struct.pack_into("=QQH", s, off + 48, 0, 0, qid)  # struct fuse_uring_cmd_req
 
     @classmethod
-    def create(cls, session: Session, fuse_fd: int, kernel_flags: int, max_payload: int,
-               depth: int, conn_id: int | None) -> UringTransport:
+    def create(cls, dispatcher: Dispatcher, fuse_fd: int, kernel_flags: int, max_payload: int,
+               depth: int, conn_id: int | None, poll_ns: int = 0) -> UringTransport:
         """Everything checked before INIT may declare FUSE_OVER_IO_URING; raises
         TransportUnavailable with the reason."""
-        reason = unavailable_reason()
+        reason = probe.unavailable_reason()
         if reason:
             raise TransportUnavailable(reason)
         # The way out of every failure: a request handed to the ring waits for this thread,
         # and only an abort through fusectl ends it while the ring lives.
         if conn_id is None:
             raise TransportUnavailable("the FUSE connection number of the mount is not known")
-        if not os.path.exists(f"{FUSECTL}/{conn_id}/abort"):
+        fusectl = probe.FUSECTL
+        if not os.path.exists(f"{fusectl}/{conn_id}/abort"):
             raise TransportUnavailable(
-                f"{FUSECTL}/{conn_id}/abort does not exist (fusectl not mounted? "
-                f"mount -t fusectl fusectl {FUSECTL}): the connection could not be aborted")
+                f"{fusectl}/{conn_id}/abort does not exist (fusectl not mounted? "
+                f"mount -t fusectl fusectl {fusectl}): the connection could not be aborted")
         if not kernel_flags & wire.FUSE_OVER_IO_URING:
             raise TransportUnavailable("the kernel did not offer FUSE_OVER_IO_URING at INIT")
-        nr_queues = possible_cpus()
+        nr_queues = probe.possible_cpus()
         assert nr_queues is not None
         try:
-            t = cls(session, fuse_fd, nr_queues, depth, max(max_payload, wire.MIN_READ_BUFFER))
+            t = cls(dispatcher, fuse_fd, nr_queues, depth, max(max_payload, wire.MIN_READ_BUFFER),
+                    poll_ns)
         except OSError as exc:
             raise TransportUnavailable(f"cannot set up the ring: {exc}") from None
         try:
@@ -599,7 +317,7 @@ class UringTransport:
 
     async def run(self) -> None:
         """Serve the ring until every entry has ended (the connection went away) or the
-        session ended."""
+        connection is ending (``Dispatcher.ended``)."""
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -612,9 +330,9 @@ class UringTransport:
             self._nursery = None
 
     async def _watch_end(self) -> None:
-        """Once the session has ended, give the entries a moment to end, then stop."""
-        s = self.session
-        while not s._ended and self.live > 0:  # noqa: ASYNC110 (a flag set in many places)
+        """Once the connection is ending, give the entries a moment to end, then stop."""
+        d = self.dispatcher
+        while not d.ended and self.live > 0:  # noqa: ASYNC110 (a flag set in many places)
             await trio.sleep(0.2)
         with trio.move_on_after(2.0):
             while self.live > 0:  # noqa: ASYNC110
@@ -645,13 +363,13 @@ class UringTransport:
     async def _poll_loop(self) -> None:
         """The polling role: submit, reap, serve inline; hand the role over when a handler
         suspends; busy-poll for ``poll_ns`` before sleeping on the ring fd."""
-        s = self.session
+        d = self.dispatcher
         r = self.ring
         u32 = r.u32
         efd = r.eventfd
         cq_tail = r.cq_tail
         sq_flags = r.sq_flags
-        poll_ns = s.poll_ns
+        poll_ns = self.poll_ns
         while True:
             if self._pending or u32[sq_flags] & IORING_SQ_TASKRUN or self._cq_head == u32[cq_tail]:
                 self._submit()
@@ -665,7 +383,7 @@ class UringTransport:
                 continue
             if self.live <= 0 or self._stopped:
                 return
-            if poll_ns and not s._suspended:
+            if poll_ns and not d.suspended:
                 deadline = time.perf_counter_ns() + poll_ns
                 while time.perf_counter_ns() < deadline:
                     if u32[sq_flags] & IORING_SQ_TASKRUN or self._cq_head != u32[cq_tail]:
@@ -674,7 +392,7 @@ class UringTransport:
                     deadline = 0
                 if deadline:
                     continue
-            if s._suspended:
+            if d.suspended:
                 # a suspended handler's task commits and enters the ring itself; wake up now
                 # and then so that nothing it reaped waits on a missed wake-up
                 with trio.move_on_after(0.001):
@@ -690,7 +408,8 @@ class UringTransport:
         """Serve every completion in the CQ (called by the polling task).  False if a
         handler suspended: the polling role was handed over, and the handler finished
         and committed here."""
-        s = self.session
+        d = self.dispatcher
+        start = d.start
         r = self.ring
         u32 = r.u32
         ringmv = r.ring
@@ -717,33 +436,23 @@ class UringTransport:
             if e in reregistering:  # its REGISTER succeeded: back to COMMIT_AND_FETCH
                 reregistering.discard(e)
                 struct.pack_into("=I", r.sqes, e * SQE_SIZE + 8, FUSE_IO_URING_CMD_COMMIT_AND_FETCH)
-            s._requests += 1
             self.requests += 1
             hb = hdrs[e]
             hdr = _unpack_in(hb, IN_OUT)
-            coro = self._start(e, hdr, hb)
-            if coro is None:
-                continue
-            try:
-                trap = coro.send(None)
-            except StopIteration as stop:
-                s._inline += 1
-                self._commit(e, hdr, stop.value)
-                continue
-            except Exception as exc:
-                s._inline += 1
-                self._commit(e, hdr, s._failed(hdr, exc))
+            opcode = hdr[1]
+            if opcode == READ:
+                reply = start(hdr, self._op_read(e, hb))
+            elif opcode == WRITE:
+                reply = start(hdr, self._op_write(e, hb))
+            else:
+                reply = self._dispatch_other(e, hdr, hb)
+            if reply.__class__ is not Suspended:
+                self._commit(e, hdr, reply)
                 continue
             # suspended: hand over the polling role, finish the handler here
-            s._note_suspended()
             self._poller_active = False
             self._start_poller()
-            try:
-                reply = await self._drive(coro, trap)
-            except Exception as exc:
-                reply = s._failed(hdr, exc)
-            finally:
-                s._suspended -= 1
+            reply = await d.finish(hdr, reply)
             if not self._stopped:
                 self._commit(e, hdr, reply)
                 self._submit()
@@ -755,75 +464,51 @@ class UringTransport:
         self._poller_active = True
         self._nursery.start_soon(self._poll_loop)
 
-    def _start(self, e: int, hdr: tuple[Any, ...], hb: memoryview) -> Any:
-        """The handler coroutine for the request in entry ``e``; None if already answered."""
-        s = self.session
-        opcode = hdr[1]
-        if opcode == wire.READ:
-            return self._op_read(e, hb)
-        if opcode == wire.WRITE:
-            return self._op_write(e, hb)
-        handler = s._handlers.get(opcode)
-        if handler is None:
-            self._commit(e, hdr, errno.EPERM if opcode in self._namespace_opcodes else errno.ENOSYS)
-            return None
-        # Rare opcodes: rebuild the classic layout (header, first argument, the rest).
+    def _dispatch_other(self, e: int, hdr: tuple[Any, ...], hb: memoryview) -> Any:
+        """Any opcode but READ and WRITE: copied into the classic layout (header, first
+        argument, the rest) and dispatched; the reply or a Suspended."""
         in_len = hdr[0]
         psz = _u32.unpack_from(hb, PAYLOAD_SZ)[0]
         in_hdr = wire.in_header.size
         arg0 = in_len - in_hdr - psz
         if not 0 <= arg0 <= OP_IN_SIZE or psz > self.payload_size:
-            s._malformed += 1
-            log.error("malformed %s request on the ring: length %d, payload %d",
-                      wire.OPCODE_NAMES.get(opcode, opcode), in_len, psz)
-            self._commit(e, hdr, errno.EIO)
-            return None
+            return self.dispatcher.malformed_request(
+                f"{wire.OPCODE_NAMES.get(hdr[1], hdr[1])} on the ring: length {in_len}, payload {psz}")
         buf = bytearray(in_len)
         buf[:in_hdr] = hb[:in_hdr]
         buf[in_hdr: in_hdr + arg0] = hb[OP_IN: OP_IN + arg0]
         buf[in_hdr + arg0:] = self.pay[e][:psz]
-        return handler(hdr, buf, memoryview(buf), in_len)
+        return self.dispatcher.dispatch(hdr, buf, memoryview(buf), in_len)
 
     async def _op_read(self, e: int, hb: memoryview) -> Any:
         fh, offset, size = _read3.unpack_from(hb, OP_IN)
-        data = await self.session._read_op(fh, offset, size)
+        data = await self._read_op(fh, offset, size)
         return (data, size)
 
     async def _op_write(self, e: int, hb: memoryview) -> Any:
         fh, offset, size = _read3.unpack_from(hb, OP_IN)
         psz = _u32.unpack_from(hb, PAYLOAD_SZ)[0]
         if size > psz:
-            raise self._Malformed(f"WRITE payload {size} bytes, request has {psz}")
-        written = await self.session._write_op(fh, offset, self.pay[e][:size])
+            raise Malformed(f"WRITE payload {size} bytes, request has {psz}")
+        written = await self._write_op(fh, offset, self.pay[e][:size])
         return (wire.write_out.pack(written, 0),)
 
     def _commit(self, e: int, hdr: tuple[Any, ...], reply: Any) -> None:
         """Put the reply in entry ``e`` and queue its COMMIT_AND_FETCH."""
-        s = self.session
         hb = self.hdr[e]
         unique = hdr[2]
         size = 0
         err = 0
         if type(reply) is int:
-            err = reply
-        elif type(reply) is tuple:
+            err = self.dispatcher.errno_for(unique, reply)
+        elif reply is NO_REPLY:  # FORGET and INTERRUPT arrive on /dev/fuse: answer it anyway
+            err = self.dispatcher.errno_for(unique, errno.EIO)
+        else:
             try:
                 size = self._fill(e, hdr, reply)
             except Exception as exc:
-                s._bad_replies += 1
-                log.error("request %d: the handler's result cannot be sent (%r); answered EIO",
-                          unique, exc)
-                err = errno.EIO
-        else:  # no reply (FORGET arrives on /dev/fuse, not here) or nonsense: answer it anyway
-            err = errno.EIO
-        if err:
-            if type(err) is not int or not 0 < err < ERESTARTSYS:
-                log.error("request %d: %r is not an errno; answered EIO", unique, err)
-                s._bad_replies += 1
-                err = errno.EIO
-            name = errno.errorcode.get(err, str(err))
-            s._errors[name] = s._errors.get(name, 0) + 1
-            size = 0
+                err = self.dispatcher.bad_reply(unique, exc)
+                size = 0
         _pack_out_into(hb, IN_OUT, 16 + size, -err, unique)
         _u32.pack_into(hb, PAYLOAD_SZ, size)
         _u64.pack_into(self.ring.sqes, e * SQE_SIZE + 56, unique)  # commit_id
@@ -862,10 +547,8 @@ class UringTransport:
         if self.ring.fd >= 0:
             self.ring.close()
         if not exported:
-            libc = _get_libc()
+            libc = get_libc()
             for addr, size in self._buf_maps:
                 libc.munmap(addr, size)
         self._buf_maps = []
 
-
-TRANSPORTS = ("classic", "uring", "auto")
