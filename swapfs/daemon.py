@@ -31,7 +31,6 @@ import trio
 from . import fuse, kernel, sysinfo
 from .config import Config, ConfigError, load_config
 from .fs import SwapFS
-from .fuse import uring
 from .store import Store
 from .wakeup import WakeLatency
 from .writeback import Writeback
@@ -119,29 +118,27 @@ async def serve_mount(
     Raises fuse.MountError before anything is mounted if the mountpoint is
     unusable.  Returns once the kernel ended the connection.
     """
-    if transport == "uring":  # nothing is mounted if io_uring cannot be used
-        reason = uring.unavailable_reason()
-        if reason:
-            raise uring.TransportUnavailable(f"transport uring unavailable: {reason}")
     store = Store(config)
     writeback = Writeback(store)
     ops = SwapFS(store, writeback=writeback)
-    path = uring.resolve(mountpoint)  # before mounting: afterwards a stat would wait for INIT
-    fd = fuse.mount(mountpoint, fsname="swapfs", subtype="swapfs", allow_other=allow_other)
-    session = fuse.Session(ops, fd, poll_us=poll_us, transport=transport,
-                           connection=uring.connection_id(path) if transport != "classic" else None)
-    served = False
+    sessions: list[fuse.Session] = []
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async with trio.open_nursery() as nursery:
                 async def run_session(task_status=trio.TASK_STATUS_IGNORED) -> None:
                     try:
-                        await session.run(task_status=task_status)
+                        # A mount that served stays when the session ends: a dead mount says
+                        # ENOTCONN (the signal handler unmounts before asking to stop).
+                        await fuse.serve(ops, mountpoint, task_status=task_status, poll_us=poll_us,
+                                         transport=transport, session_callback=sessions.append,
+                                         unmount_after_serving=False, fsname="swapfs",
+                                         subtype="swapfs", allow_other=allow_other)
                     finally:
                         nursery.cancel_scope.cancel()  # the kernel ended the connection
 
                 await nursery.start(writeback.run)  # cancelled with the nursery
                 conn = await nursery.start(run_session)
+                session = sessions[0]
                 log.info(
                     "swapfs mounted at %s: %d device(s), max_write %d, protocol 7.%d, transport %s",
                     mountpoint, len(store.devices), conn.max_write, conn.proto_minor,
@@ -149,7 +146,6 @@ async def serve_mount(
                 )
                 if cpu_latency_us is not None:
                     _start_wake_latency(nursery, session, cpu_latency_us)
-                served = True
                 if on_ready is not None:
                     on_ready()
                 sd_notify(f"READY=1\nSTATUS=serving {len(store.devices)} device(s) at {mountpoint}")
@@ -161,12 +157,6 @@ async def serve_mount(
             raise group.exceptions[0] from None
         raise
     finally:
-        try:
-            os.close(fd)
-        except OSError:
-            pass
-        if not served:  # never served: leave no dead mount behind (the fd's close aborted it)
-            fuse.unmount_quietly(mountpoint)
         await store.aclose()
     log.info("swapfs at %s stopped", mountpoint)
 
