@@ -1,22 +1,18 @@
-"""A short run of scripts/fuzz (the real session, SwapFS, store, file tiers and writeback
-behind a socketpair), and proof that its checks fail when they should."""
+"""A short run of the fuzzer (swapfs.testing.fuzz: the real session, SwapFS, store, file
+tiers and writeback behind a socketpair), and proof that its checks fail when they should."""
 
 from __future__ import annotations
 
 import errno
 import os
-import sys
 from typing import Any
 
 import pytest
-
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "..", "scripts"))
-
 import trio
-from fuzzlib import Fuzzer, FuzzFailure
 
 from swapfs.fs import SwapFS
 from swapfs.fuse import FUSEError, Session
+from swapfs.testing.fuzz import Fuzzer, FuzzFailure
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,5 +1,6 @@
-"""The protocol fuzzer behind scripts/fuzz: the real Session, SwapFS, Store, file tiers and
-writeback, driven through a SOCK_SEQPACKET socketpair (one message per read, as /dev/fuse).
+"""The FUSE protocol fuzzer (the library behind scripts/fuzz): the real Session, SwapFS,
+Store, file tiers and writeback, driven through a SOCK_SEQPACKET socketpair (one message per
+read, as /dev/fuse).
 
 This module plays the kernel.  It negotiates INIT, then sends valid requests, mutated ones
 (valid requests with bytes flipped, fields set to extremes, truncated or extended), garbage,
@@ -9,7 +10,8 @@ It checks:
 * exactly one reply per request that needs one, none for FORGET, BATCH_FORGET, INTERRUPT or a
   message shorter than a header (a reply to an unknown unique, or a second one, is a failure;
   a request unanswered for ``hang_seconds`` is a failure);
-* every reply's header: its length is the message's, its error 0 or in -4095..-1, an error
+* every reply's header: its length is the message's, its error 0 or in -511..-1 (the
+  dispatcher answers EIO for any other handler errno: the kernel refuses -512 and below), an error
   reply has no payload;
 * success reply sizes per opcode (entry, attr, open, write, statfs, empty replies; read,
   readdir, getxattr and listxattr within the size asked);
@@ -38,6 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -45,6 +48,7 @@ import trio
 from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
 from swapfs.fs import SwapFS
 from swapfs.fuse import Session, wire
+from swapfs.fuse.dispatch import MAX_ERRNO
 from swapfs.store import Store
 from swapfs.writeback import Writeback
 
@@ -184,7 +188,6 @@ class Fuzzer:
         config = self.config(tier_dir)
         store = self.store = Store(config)
         wb = Writeback(store)
-        store.writeback = wb  # type: ignore[assignment]  # (the store types it None)
         ops = SwapFS(store)
         self.devs = [DevModel(d.name, ROOT + 1 + i, d.size) for i, d in enumerate(config.devices)]
         a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -207,7 +210,7 @@ class Fuzzer:
                 self._wb_scope = trio.CancelScope()
                 self._wb_done = trio.Event()
 
-                async def writeback(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                async def writeback(task_status: trio.TaskStatus[Writeback] = trio.TASK_STATUS_IGNORED
                                     ) -> None:
                     try:
                         with self._wb_scope:
@@ -328,7 +331,7 @@ class Fuzzer:
             return
         payload = reply[16:]
         if error:
-            if not -4095 <= error < 0:
+            if not -MAX_ERRNO <= error < 0:  # the one errno rule: 1..511, anything else EIO
                 self._fail(f"error {error} out of range", p, reply)
                 return
             if payload:
@@ -416,6 +419,9 @@ class Fuzzer:
     async def _drain(self) -> None:
         await self._wait(lambda: not self.pending)
 
+    def _free_of_conflicts(self, p: Pending) -> bool:
+        return not self._conflicts(p)
+
     def _conflicts(self, p: Pending) -> bool:
         if p.dev is None or p.effect is None:
             return False
@@ -455,7 +461,7 @@ class Fuzzer:
             for p in batch:
                 await self._wait(lambda: len(self.pending) < self.window)
                 if self._conflicts(p):
-                    await self._wait(lambda p=p: not self._conflicts(p))
+                    await self._wait(partial(self._free_of_conflicts, p))
                 await self._send(p)
             if self.check_every and self.stats.requests // self.check_every != \
                     (self.stats.requests - len(batch)) // self.check_every:
