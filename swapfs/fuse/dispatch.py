@@ -193,9 +193,10 @@ class Dispatcher:
         self.ops = ops
         self.ended = False  # the connection is ending: DESTROY, or a transport saw its end
         self.suspended = 0  # handlers suspended right now
-        # counters
-        self.requests = 0
-        self.inline = 0
+        # counters (requests = started + unstarted; inline = started - suspended_total:
+        # one increment per request on the fast path)
+        self.started = 0  # handlers started
+        self.unstarted = 0  # requests answered without a handler (unknown, malformed)
         self.suspended_total = 0
         self.max_suspended = 0
         self.errors: dict[str, int] = {}
@@ -237,34 +238,30 @@ class Dispatcher:
         """Start the handler of the request in ``buf`` (``n`` bytes, classic layout, ``hdr``
         its unpacked fuse_in_header) inline: its reply (payload tuple, errno or NO_REPLY),
         or a :class:`Suspended` for :meth:`finish`."""
-        self.requests += 1
         handler = self.handlers.get(hdr[1])
         if handler is None:
             return self._unhandled(hdr[1])
+        self.started += 1
         # The handler coroutine is driven directly (no wrapper coroutine): its
         # exceptions surface here, from send(), or in finish(), from drive().
         coro: Any = handler(hdr, buf, mv, n)
         try:
             trap = coro.send(None)
         except StopIteration as stop:
-            self.inline += 1
             return stop.value
         except Exception as exc:
-            self.inline += 1
             return self.failed(hdr, exc)
         return self._suspend(coro, trap)
 
     def start(self, hdr: tuple[Any, ...], coro: Coroutine[Any, Any, Any]) -> Any:
         """As :meth:`dispatch`, for a handler coroutine the transport made itself (io_uring's
         READ and WRITE, served from the entry's own buffers)."""
-        self.requests += 1
+        self.started += 1
         try:
             trap = coro.send(None)
         except StopIteration as stop:
-            self.inline += 1
             return stop.value
         except Exception as exc:
-            self.inline += 1
             return self.failed(hdr, exc)
         return self._suspend(coro, trap)
 
@@ -281,7 +278,7 @@ class Dispatcher:
     def malformed_request(self, what: str) -> int:
         """A request that cannot even be decoded (the transport's word): counted, logged;
         the errno to answer (EIO)."""
-        self.requests += 1
+        self.unstarted += 1
         self.malformed += 1
         log.error("malformed request: %s", what)
         return errno.EIO
@@ -327,7 +324,9 @@ class Dispatcher:
         try:
             if len(reply) == 1:
                 data = reply[0]
-                return [pack_out(16 + _nbytes(data), 0, unique), data]
+                t = type(data)
+                size = len(data) if t is bytes or t is bytearray else memoryview(data).nbytes
+                return [pack_out(16 + size, 0, unique), data]
             if not reply:
                 return [pack_out(16, 0, unique)]
             return [pack_out(16 + sum(_nbytes(b) for b in reply), 0, unique), *reply]
@@ -341,8 +340,8 @@ class Dispatcher:
     def statistics(self, **transport: Any) -> SessionStatistics:
         """The counters, with the transport's own (``transport``: SessionStatistics fields)."""
         return SessionStatistics(
-            requests=self.requests,
-            inline_replies=self.inline,
+            requests=self.started + self.unstarted,
+            inline_replies=self.started - self.suspended_total,
             suspended_handlers=self.suspended_total,
             max_suspended=self.max_suspended,
             errors=dict(self.errors),
@@ -361,6 +360,7 @@ class Dispatcher:
         return Suspended(coro, trap)
 
     def _unhandled(self, opcode: int) -> Any:
+        self.unstarted += 1
         if opcode == wire.INTERRUPT:
             self.interrupts += 1
             return NO_REPLY

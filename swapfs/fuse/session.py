@@ -409,36 +409,49 @@ class Session:
     def _send(self, unique: int, reply: Any) -> None:
         """Send a handler's reply; never raises.  A reply that cannot be built or that the
         kernel refuses (other than for an interrupt) becomes EIO, so the request never hangs."""
-        if not self._write(self.dispatcher.encode(unique, reply)):
-            self._reply_error(unique, errno.EIO)
+        iov = self.dispatcher.encode(unique, reply)
+        try:  # the common case without a call of _write
+            os.writev(self.fd, iov)
+        except Exception as exc:
+            if not self._write_failed(iov, exc):
+                self._reply_error(unique, errno.EIO)
 
     def _reply_error(self, unique: int, err: int) -> None:
         self._write(self.dispatcher.encode_error(unique, err))
 
-    def _write(self, iov: list[bytes | bytearray | memoryview]) -> bool:
+    def _write(self, iov: list[Any]) -> bool:
         """Write one reply; never raises.  False if it was refused for a reason that leaves
         the request unanswered (not an interrupt, not the end of the connection)."""
+        try:
+            os.writev(self.fd, iov)
+            return True
+        except Exception as exc:
+            return self._write_failed(iov, exc)
+
+    def _write_failed(self, iov: list[Any], exc: Exception) -> bool:
+        """A write of ``iov`` raised ``exc``: retried if interrupted by a signal; counted and
+        logged if refused.  As :meth:`_write`."""
         while True:
-            try:
-                os.writev(self.fd, iov)
-                return True
-            except InterruptedError:
-                continue
-            except OSError as e:
-                if e.errno == errno.ENOENT:
+            if isinstance(exc, InterruptedError):
+                try:
+                    os.writev(self.fd, iov)
+                    return True
+                except Exception as again:
+                    exc = again
+                    continue
+            if isinstance(exc, OSError):
+                if exc.errno == errno.ENOENT:  # its request was interrupted
                     self._interrupted_replies += 1
                     return True
-                if e.errno in (errno.ENODEV, errno.EBADF):
+                if exc.errno in (errno.ENODEV, errno.EBADF):
                     self.dispatcher.ended = True
                     return True
                 self._reply_failures += 1
-                log.error("reply refused by the kernel: %s", e)
+                log.error("reply refused by the kernel: %s", exc)
                 return False
-            except Exception as exc:  # a payload that is not a buffer, a huge size ...
-                self._reply_failures += 1
-                log.error("reply cannot be written: %r", exc)
-                return False
-
+            self._reply_failures += 1  # a payload that is not a buffer, a huge size ...
+            log.error("reply cannot be written: %r", exc)
+            return False
 
 async def serve(
     ops: Operations,
