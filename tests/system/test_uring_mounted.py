@@ -86,7 +86,7 @@ def test_kernel_swaps_into_swapfs_on_uring(uring_enabled, mount_factory):
 
 
 def test_fusectl_missing_is_a_reason_given_before_mounting(uring_enabled, monkeypatch, tmp_path):
-    monkeypatch.setattr(uring, "FUSECTL", str(tmp_path / "no-fusectl"))
+    monkeypatch.setattr(uring.probe, "FUSECTL", str(tmp_path / "no-fusectl"))
     reason = uring.unavailable_reason()
     assert reason is not None and "fusectl is not mounted" in reason
 
