@@ -1,15 +1,19 @@
-"""The store: devices and the read, write and discard paths.
+"""The store: the facade over the state layer, and the read, write and
+discard paths.
 
 Usable without FUSE: the FUSE adapter (swapfs/fs.py) translates requests to
 ``Store.read``, ``Store.write`` and ``Store.discard`` and maps the errors of
-swapfs.errors to errnos.
+swapfs.errors to errnos.  Only the adapter, the writeback task and the
+daemon import this module.
 
-The store owns the devices (a slot table and counters each), the
-compressed pool, the swap cache and the file tiers (a
-:class:`swapfs.fileset.FileTierSet`); moving pages between tiers is
-:mod:`swapfs.migrate` (the mechanism) and :mod:`swapfs.writeback` (the
-policy, run by the daemon); stats are assembled by
-:mod:`swapfs.store_stats`, the consistency check is :mod:`swapfs.invariants`.
+:class:`Store` is a :class:`swapfs.state.StoreState` (the devices, slot
+tables, pool, file tiers, counters and the operations that change a slot)
+with the I/O paths on top, and the only module that imports every part of
+the store: moving pages between tiers is :mod:`swapfs.migrate` (the
+mechanism; :mod:`swapfs.writeback` is the policy, run by the daemon),
+recompression :mod:`swapfs.recompress`, stats are assembled by
+:mod:`swapfs.store_stats`, the consistency check is
+:mod:`swapfs.invariants`; each of those works on the state alone.
 
 Everything runs in the trio loop.  The methods are ``async def`` because
 file tiers await worker threads, but the pool path never awaits: a request
@@ -17,24 +21,22 @@ served from the pool goes from start to end in one step, so the FUSE layer
 answers it inline.  Which state relies on that is written down in
 docs/store.md and docs/writeback.md.
 
-Per page, the hot loops bind everything they need to locals and create no
-objects beyond the compressor's output and a memoryview slice.
+Per page, the hot loops (``slots.HOT_LOOPS``) bind everything they need to
+locals, inline the slot encoding and the state layer's slot updates, and
+create no objects beyond the compressor's output and a memoryview slice.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from array import array
-from collections.abc import Callable
 
 from . import invariants, store_stats
-from .cache import SwapCache, file_key
-from .codec import ZERO_PAGE, fill_page, make_codec, same_fill_word
-from .config import Config, DeviceConfig
-from .dedup import DedupIndex
+from .cache import file_key
+from .codec import fill_page, same_fill_word
+from .config import Config
 from .errors import BackingIOError, Corruption, NoSpace, OutOfRange
-from .fileset import FileTierSet, run_pages
+from .fileset import run_pages
 from .kernel import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from .migrate import Migrator
 from .recompress import Recompressor
@@ -46,18 +48,25 @@ from .slots import (
     HUGE,
     KIND_MASK,
     LENGTH_MASK,
-    MOVING,
     POOL,
     SAME,
     SHADOW,
-    SLOT_MASK,
     SLOT_SHIFT,
-    SlotTable,
+    file_kind,
+    in_file,
     in_pool,
+    kind_of,
+    length_of,
+    slot_key,
+    tier_level,
+    tier_of_kind,
 )
+from .state import CACHE_PAGES, Device, Staged, StoreState
 from .stats import Stats
-from .tiers.file import ChecksumError, FileTier, TierFull, TierIOError
-from .tiers.pool import MAX_OBJECT, OBJECT_BYTES, Pool, PoolFull
+from .tiers.file import ChecksumError, TierFull, TierIOError
+from .tiers.pool import MAX_OBJECT, OBJECT_BYTES, PoolFull
+
+__all__ = ["CACHE_PAGES", "Device", "Store"]
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +75,6 @@ _HUGE_INFO = PAGE_SIZE << 4 | HUGE
 _HUGE_BYTES = OBJECT_BYTES[PAGE_SIZE]
 # At most one NoSpace warning per this many seconds (the count is in stats).
 _NOSPACE_LOG_INTERVAL = 10.0
-# Default size of the swap cache, in pages.
-CACHE_PAGES = 1024
 # Requests up to this many pages stage in one preallocated record (1 MiB,
 # the largest FUSE write swapfs asks for).
 _SCRATCH_PAGES = 256
@@ -78,92 +85,13 @@ class _SlotChanged(Exception):
     write could commit: it must start over."""
 
 
-class _Staged:
-    """The new content of a run of slots, placed but not committed: per
-    page the handle and info word it will get (info 0: not placed yet), the
-    pages bound for file tiers, and the device counter deltas of the pages
-    placed in memory."""
-
-    __slots__ = ("npages", "owner", "handles", "info", "spill", "same", "pool", "huge", "cbytes",
-                 "pbytes", "shared", "shared_bytes", "shared_pbytes")
-
-    def __init__(self, capacity: int) -> None:
-        self.handles = array("Q", bytes(8 * capacity))
-        self.info = array("I", bytes(4 * capacity))
-        self.spill: list[int] = []
-        self.npages = self.owner = self.same = self.pool = self.huge = self.cbytes = self.pbytes = 0
-        # Of ``pool`` and ``cbytes``: references to objects already stored (dedup).
-        self.shared = self.shared_bytes = self.shared_pbytes = 0
-
-
-class Device:
-    """A virtual swap device: its slot table and counters."""
-
-    __slots__ = ("name", "index", "size_bytes", "npages", "config", "table",
-                 "stored_pages", "same_filled_pages", "pool_pages", "huge_pages",
-                 "file_pages", "compressed_bytes", "pool_bytes", "reads", "writes", "discards",
-                 "read_bytes", "written_bytes", "discarded_bytes", "nospace_errors")
-
-    def __init__(self, index: int, config: DeviceConfig) -> None:
-        self.name = config.name
-        self.index = index
-        self.size_bytes = config.size
-        self.npages = config.size // PAGE_SIZE
-        self.config = config
-        self.table = SlotTable(self.npages)
-        self.stored_pages = 0
-        self.same_filled_pages = 0
-        self.pool_pages = 0
-        self.huge_pages = 0
-        self.file_pages = 0
-        self.compressed_bytes = 0
-        self.pool_bytes = 0
-        self.reads = 0
-        self.writes = 0
-        self.discards = 0
-        self.read_bytes = 0
-        self.written_bytes = 0
-        self.discarded_bytes = 0
-        self.nospace_errors = 0
-
-    def __repr__(self) -> str:
-        return f"<Device {self.name} {self.size_bytes} bytes>"
-
-
-class Store:
-    """Devices over a compressed memory pool and, below it, file tiers."""
+class Store(StoreState):
+    """Devices over a compressed memory pool and, below it, file tiers: the
+    state (:class:`swapfs.state.StoreState`) and the paths that serve I/O."""
 
     def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES) -> None:
-        self.config = config
-        self.codec = make_codec(config.pool.algorithm, config.pool.level)
-        # The second codec idle pages are recompressed with (slots flagged
-        # ALT; see swapfs/recompress.py), or None.
-        self.recodec = (make_codec(config.pool.recompress, config.pool.level)
-                        if config.pool.recompress else None)
-        self.pool = Pool(config.pool.max_bytes)
-        # Same content stored once (docs/store.md): the index of pool objects.
-        self.dedup = DedupIndex(self.pool) if config.pool.dedup else None
-        # A page is kept compressed only if it compresses to at most this.
-        self.accept_limit = int(config.pool.accept_ratio * PAGE_SIZE)
-        self.devices = [Device(i, dc) for i, dc in enumerate(config.devices)]
-        self._by_name = {d.name: d for d in self.devices}
+        super().__init__(config, cache_pages=cache_pages)
         self._last_nospace_log = -_NOSPACE_LOG_INTERVAL
-        self.cache = SwapCache(cache_pages)
-        # File tiers in config order: tier i is slot kind FILE0 + i.
-        self.files = FileTierSet(config.tiers, self.cache)
-        self.tiers: list[FileTier] = self.files.tiers
-        # Level 0 is the pool, level 1 + i file tier i.
-        self.level_names = ["pool"] + [t.name for t in self.tiers]
-        # The access clock: advanced by the writeback task, stored per slot
-        # on every access of a page in memory or on file (docs/writeback.md).
-        self.epoch = 0
-        # Pages demoted so far (mod 2**32 in shadows): the refault clock.
-        self.demotions = 0
-        self.pool_high_bytes = int(config.pool.high_watermark * self.pool.max_bytes)
-        self.pool_low_bytes = int(config.pool.low_watermark * self.pool.max_bytes)
-        # Called (no await) when a write leaves the pool above its high
-        # watermark: the writeback task, when one runs, sets it.
-        self.kick_writeback: Callable[[], None] | None = None
         # Refault distance up to which a page counts as hot; None: the pages
         # the pool holds now (a page that would have stayed had the pool been
         # that much larger, as the kernel's workingset refault test).
@@ -173,33 +101,11 @@ class Store:
         self.promote_limit_bytes = self.pool.max_bytes
         self._migrator = Migrator(self)
         self.recompressor = Recompressor(self)
-        self.moves = self._migrator.counters
-        # Writes waiting for file tiers: their pool objects and file pages
-        # are allocated, their slots not switched yet.
-        self._staged: list[_Staged] = []
-        self._scratch = _Staged(_SCRATCH_PAGES)
+        self._scratch = Staged(_SCRATCH_PAGES)
         # Slots of partly written pages whose read-modify-write is in flight:
-        # key (device index << SLOT_SHIFT | slot) -> [generation, writers].
-        # Every store or free of such a slot bumps its generation.
+        # key (slot_key) -> [generation, writers].  Every store or free of
+        # such a slot bumps its generation.
         self._partial: dict[int, list[int]] = {}
-        # Pages that skipped the pool (zswap's names): it was at its limit,
-        # or they did not compress to accept_ratio (and went to a file tier).
-        self.pool_limit_hit = 0
-        self.reject_compress_poor = 0
-
-    def device(self, name: str) -> Device:
-        return self._by_name[name]
-
-    def set_pool_watermarks(self, high: float, low: float) -> bool:
-        """New pool watermarks (shares of max_bytes), live; True if they
-        changed, and then a writeback pass is asked for."""
-        marks = int(high * self.pool.max_bytes), int(low * self.pool.max_bytes)
-        if marks == (self.pool_high_bytes, self.pool_low_bytes):
-            return False
-        self.pool_high_bytes, self.pool_low_bytes = marks
-        if self.kick_writeback is not None:
-            self.kick_writeback()
-        return True
 
     def device_stored_pages(self, dev: Device) -> int:
         """Slots of ``dev`` holding a page (same-filled ones included)."""
@@ -215,36 +121,8 @@ class Store:
         1 + i: file tier i) down; see :mod:`swapfs.migrate`."""
         return await self._migrator.migrate(victims, src)
 
-    @property
-    def moves_in_flight(self) -> int:
-        """Slots flagged MOVING by the migration in flight."""
-        return self._migrator.moving
-
     def stats(self) -> Stats:
         return store_stats.collect(self)
-
-    # -- pool compaction ----------------------------------------------------------
-
-    def compact(self, budget: int | None = None) -> tuple[int, int]:
-        """Compact the pool now (no await); (objects moved, bytes released)."""
-        return self.pool.compact(self._relocate, budget)
-
-    def _relocate(self, owner: int, old: int, new: int) -> bool:
-        """The pool copied slot ``owner``'s object from handle ``old`` to
-        ``new`` (Pool.compact, in the same step: no await): point the slot at
-        it.  Refused (False: the pool keeps the object where it was) if the
-        slot no longer holds ``old`` (a write in flight owns it, not yet
-        committed) or is being migrated (its commit compares the handle)."""
-        dev = self.devices[owner >> SLOT_SHIFT]
-        s = owner & SLOT_MASK
-        table = dev.table
-        i = table.info[s]
-        if table.handles[s] != old or i & MOVING or not in_pool(i):
-            return False
-        table.handles[s] = new
-        if self.dedup is not None:  # (shared objects are never moved)
-            self.dedup.moved(old, new, (i >> 4) & LENGTH_MASK)
-        return True
 
     def check_invariants(self, *, quiescent: bool = True) -> None:
         """Walk every table; AssertionError naming the first discrepancy
@@ -297,7 +175,8 @@ class Store:
         pages and file tiers.  False, with nothing changed, for every other
         case (a possibly same-filled page, one that compresses too poorly,
         a full pool): the general path (_store) then decides.  Not while a
-        sub-page write is in flight (its generations are _commit's)."""
+        sub-page write is in flight (its generations are _commit's).
+        A hot loop: inlines the slot encoding and the slot update."""
         q = mv.cast("Q")
         if q[0] == q[_LAST_WORD]:
             return False
@@ -378,7 +257,7 @@ class Store:
                 self._untrack(key)
 
     def _track(self, dev: Device, slot: int) -> int:
-        key = dev.index << SLOT_SHIFT | slot
+        key = slot_key(dev.index, slot)
         entry = self._partial.get(key)
         if entry is None:
             self._partial[key] = [0, 1]
@@ -404,19 +283,19 @@ class Store:
         """
         spill_ok = bool(self.tiers) and dev.config.writeback
         if spill_ok or npages > _SCRATCH_PAGES:
-            staged = _Staged(npages)
+            staged = Staged(npages)
         else:  # nothing awaits before the commit: one preallocated record serves
             staged = self._scratch
         self._stage(dev, first, mv, npages, staged, spill_ok)
         if staged.spill:
-            self._staged.append(staged)
+            self.staged.append(staged)
             try:
                 await self._stage_file_pages(dev, mv, staged)
             except BaseException:
                 self._unstage(staged)
                 raise
             finally:
-                self._staged.remove(staged)
+                self.staged.remove(staged)
         self._commit(dev, first, staged, expect)
         self._pool_check()
         if self.tiers:
@@ -427,15 +306,16 @@ class Store:
         if self.pool.pool_bytes > self.pool_high_bytes and self.kick_writeback is not None:
             self.kick_writeback()
 
-    def _stage(self, dev: Device, first: int, mv: memoryview, npages: int, staged: _Staged,
+    def _stage(self, dev: Device, first: int, mv: memoryview, npages: int, staged: Staged,
                spill_ok: bool) -> None:
         """Place ``npages`` pages of ``mv`` in the pool (or as fill words)
         without touching a slot.  With ``spill_ok``, a page that does not
         compress well enough, or finds the pool full, is left for a file
         tier (its index in ``staged.spill``); without, it is kept raw
-        (huge), and a full pool raises PoolFull with nothing held."""
+        (huge), and a full pool raises PoolFull with nothing held.
+        A hot loop: inlines the slot encoding."""
         staged.npages = npages
-        staged.owner = owner = dev.index << SLOT_SHIFT | first  # + idx: each object's slot
+        staged.owner = owner = slot_key(dev.index, first)  # + idx: each object's slot
         handles = staged.handles
         info = staged.info
         spill = staged.spill
@@ -525,7 +405,7 @@ class Store:
         staged.shared_bytes = shared_bytes
         staged.shared_pbytes = shared_pbytes
 
-    async def _stage_file_pages(self, dev: Device, mv: memoryview, staged: _Staged) -> None:
+    async def _stage_file_pages(self, dev: Device, mv: memoryview, staged: Staged) -> None:
         """Write the pages ``staged.spill`` (indexes into ``mv``) to file
         tiers and record where they went in ``staged``; no slot changes.
 
@@ -572,7 +452,7 @@ class Store:
                     except BaseException:
                         files.inflight[ti] -= count
                         raise
-                    kind = FILE0 + ti
+                    kind = file_kind(ti)
                     for idx, page in zip(chunk, run_pages(runs)):
                         handles[idx] = page
                         info[idx] = kind
@@ -587,25 +467,26 @@ class Store:
             raise NoSpace(f"{dev.name}: {len(todo)} pages found no room: the pool and every "
                           "file tier are full")
 
-    def _unstage(self, staged: _Staged) -> None:
+    def _unstage(self, staged: Staged) -> None:
         """Give back everything ``staged`` holds (nothing was committed)."""
         info = staged.info
         handles = staged.handles
         for idx in range(staged.npages):
             i = info[idx]
-            k = i & KIND_MASK
-            if k == POOL or k == HUGE:
-                self.free_object(handles[idx], (i >> 4) & LENGTH_MASK)
-            elif k >= FILE0:
-                self.files.inflight[k - FILE0] -= 1
-                self.files[k - FILE0].free((handles[idx],))
+            if in_pool(i):
+                self.free_object(handles[idx], length_of(i))
+            elif in_file(i):
+                ti = tier_of_kind(kind_of(i))
+                self.files.inflight[ti] -= 1
+                self.files[ti].free((handles[idx],))
             info[idx] = 0
 
-    def _commit(self, dev: Device, first: int, staged: _Staged,
+    def _commit(self, dev: Device, first: int, staged: Staged,
                 expect: list[tuple[int, int]] | None) -> None:
         """Switch slots ``first``... to what ``staged`` holds, freeing their
         old content; no await.  _SlotChanged (after giving everything back)
-        if a tracked slot's generation is not what ``expect`` says."""
+        if a tracked slot's generation is not what ``expect`` says.
+        A hot loop: inlines the slot encoding and the slot update."""
         partial = self._partial
         if expect is not None:
             for key, gen in expect:
@@ -620,7 +501,7 @@ class Store:
         new_i = staged.info
         ep = self.epoch
         track = partial if partial else None
-        base = dev.index << SLOT_SHIFT
+        base = slot_key(dev.index, 0)
         filled = table.filled
         stored = 0
         for idx in range(staged.npages):
@@ -649,61 +530,6 @@ class Store:
         dev.pool_bytes += staged.pbytes
         dev.file_pages += nfile
 
-    def staged_in_pool(self) -> tuple[int, int]:
-        """(objects, payload bytes) of the pool that writes in flight hold
-        and no slot owns yet: the stats leave them out."""
-        return (sum(st.pool + st.huge - st.shared for st in self._staged),
-                sum(st.cbytes - st.shared_bytes for st in self._staged))
-
-    def dedup_committed(self) -> tuple[int, int, int]:
-        """(pages, payload bytes, class bytes) that slots hold by sharing
-        another page's pool object; writes in flight left out."""
-        dd = self.dedup
-        if dd is None:
-            return 0, 0, 0
-        pages = dd.extra_refs - sum(st.shared for st in self._staged)
-        payload = dd.saved_payload - sum(st.shared_bytes for st in self._staged)
-        pbytes = dd.saved_bytes - sum(st.shared_pbytes for st in self._staged)
-        return pages, payload, pbytes
-
-    def staged_pool_objects(self) -> list[tuple[int, int, int]]:
-        """(handle, length, owner) of the pool objects that writes in flight
-        hold and no slot owns yet (for the consistency check)."""
-        out = []
-        for staged in self._staged:
-            base = staged.owner
-            for idx in range(staged.npages):
-                i = staged.info[idx]
-                if in_pool(i):
-                    out.append((staged.handles[idx], (i >> 4) & LENGTH_MASK, base + idx))
-        return out
-
-    def free_slot_content(self, dev: Device, s: int, old: int) -> None:
-        """Free what slot ``s`` (info ``old``, not EMPTY) holds, keeping the
-        device counters right for a slot that is about to be refilled."""
-        h = dev.table.handles[s]
-        if old == SAME:
-            dev.same_filled_pages -= 1
-        elif old & KIND_MASK >= FILE0:
-            self.files.free_page((old & KIND_MASK) - FILE0, h)
-            dev.file_pages -= 1
-        else:
-            n = (old >> 4) & LENGTH_MASK
-            self.free_object(h, n)
-            dev.compressed_bytes -= n
-            dev.pool_bytes -= OBJECT_BYTES[n]
-            if old & KIND_MASK == POOL:
-                dev.pool_pages -= 1
-            else:
-                dev.huge_pages -= 1
-
-    def free_object(self, h: int, n: int) -> None:
-        """Drop a reference to pool object ``h`` of ``n`` bytes: the object
-        is freed with its last reference (one, without dedup)."""
-        dd = self.dedup
-        if dd is None or n > MAX_OBJECT or dd.release(h, n):
-            self.pool.free_object(h, n)
-
     # -- read -------------------------------------------------------------
 
     async def read(self, dev: Device, offset: int, size: int) -> bytes | bytearray:
@@ -713,7 +539,8 @@ class Store:
         """
         if size == PAGE_SIZE and not offset & PAGE_MASK and 0 <= offset < dev.size_bytes:
             # One compressed page, what a swap-in asks for: answered without
-            # the general path's calls (a few tenths of a microsecond each).
+            # the general path's calls (a few tenths of a microsecond each);
+            # a hot loop, inlining the slot encoding.
             slot = offset >> PAGE_SHIFT
             table = dev.table
             if table.info[slot] & KIND_MASK == POOL:
@@ -745,7 +572,7 @@ class Store:
 
     async def _page(self, dev: Device, slot: int) -> bytes:
         """The content of one slot, from whatever tier holds it."""
-        if dev.table.info[slot] & KIND_MASK >= FILE0:
+        if in_file(dev.table.info[slot]):
             out = bytearray(PAGE_SIZE)
             await self._read_file_pages(dev, out, [(0, slot)])
             return bytes(out)
@@ -753,23 +580,8 @@ class Store:
             dev.table.epoch[slot] = self.epoch
         return self.load_page(dev, slot)
 
-    def load_page(self, dev: Device, slot: int) -> bytes:
-        """The content of one slot held in memory, as bytes."""
-        i = dev.table.info[slot]
-        k = i & KIND_MASK
-        if k == EMPTY:
-            return ZERO_PAGE
-        h = dev.table.handles[slot]
-        if k == SAME:
-            return fill_page(h)
-        if k == POOL:
-            codec = self.recodec if i & ALT and self.recodec is not None else self.codec
-            return codec.decompress(self.pool.view(h, (i >> 4) & LENGTH_MASK))
-        if k == HUGE:
-            return bytes(self.pool.view(h, PAGE_SIZE))
-        raise AssertionError(f"{dev.name}: slot {slot} has kind {k}, not in memory")
-
     async def _read_pages(self, dev: Device, first: int, npages: int) -> bytearray:
+        """A hot loop: inlines the slot encoding."""
         out = bytearray(npages << PAGE_SHIFT)
         table = dev.table
         handles = table.handles
@@ -826,11 +638,10 @@ class Store:
             by_tier: dict[int, list[tuple[int, int, int]]] = {}
             for o, s in pending:
                 i = info[s]
-                k = i & KIND_MASK
-                if k < FILE0:  # it left the file tiers meanwhile
+                if not in_file(i):  # it left the file tiers meanwhile
                     out[o:o + PAGE_SIZE] = self.load_page(dev, s)
                     continue
-                ti = k - FILE0
+                ti = tier_of_kind(kind_of(i))
                 p = handles[s]
                 hit = cache.get(file_key(ti, p))
                 if hit is not None:
@@ -857,10 +668,10 @@ class Store:
                         raise BackingIOError(f"{dev.name}: {e}") from None
                     finally:
                         files.unpin(pinned.pop(ti))
-                    kind = FILE0 + ti
+                    kind = file_kind(ti)
                     for (o, s, p), page in zip(items, data):
                         i = info[s]
-                        if i & KIND_MASK == kind and handles[s] == p:
+                        if kind_of(i) == kind and handles[s] == p:
                             out[o:o + PAGE_SIZE] = page
                             cache.put(file_key(ti, p), page)
                             promoted |= self._accessed(dev, s, i, ti, page)
@@ -885,7 +696,7 @@ class Store:
         if not i & SHADOW:
             epoch[s] = self.epoch
             return False
-        self.moves.refaults[1 + ti] += 1
+        self.moves.refaults[tier_level(ti)] += 1
         dist = (self.demotions - epoch[s]) & EPOCH_MASK
         limit = self.promote_distance
         if limit is None:
@@ -905,12 +716,12 @@ class Store:
         its commit.  No await."""
         if self.pool.pool_bytes >= self.promote_limit_bytes:
             return False
-        staged = _Staged(1)
+        staged = Staged(1)
         self._stage(dev, s, memoryview(page), 1, staged, True)  # type: ignore[arg-type]
         if staged.spill:  # it would not stay in the pool: nothing was allocated
             return False
         self._commit(dev, s, staged, None)
-        self.moves.promotions[1 + ti] += 1
+        self.moves.promotions[tier_level(ti)] += 1
         self._pool_check()  # make room again: demote what is colder
         return True
 
@@ -959,7 +770,7 @@ class Store:
         handles = table.handles
         info = table.info
         track = self._partial if self._partial else None
-        base = dev.index << SLOT_SHIFT
+        base = slot_key(dev.index, 0)
         freed = 0
         for c0, c1 in table.stored_chunks(first, end):
             for s in range(c0, c1):

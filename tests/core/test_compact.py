@@ -48,8 +48,8 @@ async def test_relocate_refuses_a_moving_slot(make_store: MakeStore) -> None:
     h = dev.table.handles[3]
     owner = dev.index << 40 | 3
     dev.table.info[3] |= MOVING
-    assert not store._relocate(owner, h, h + 16)
+    assert not store.relocate(owner, h, h + 16)
     assert dev.table.handles[3] == h
     dev.table.info[3] &= ~MOVING
-    assert not store._relocate(owner, h + 16, h)  # not the slot's handle
+    assert not store.relocate(owner, h + 16, h)  # not the slot's handle
     assert store.pool.owner(h, (dev.table.info[3] >> 4) & 0x1FFF) == owner
