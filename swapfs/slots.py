@@ -76,6 +76,7 @@ SHADOW = 1 << 18  # file kinds: the epoch column holds the demotion shadow
 ALT = 1 << 19  # POOL: the object is in the pool's second codec (recompressed)
 SETTLED = 1 << 20  # POOL: recompressing it would not save a size class
 FLAGS = MOVING | SHADOW | ALT | SETTLED
+HUGE_INFO = 4096 << KIND_BITS | HUGE  # a huge page's info word (a raw page in the pool)
 # POOL and HUGE differ in bit 0 only: ``info & _IN_POOL_MASK == POOL`` is
 # either of them.
 _IN_POOL_MASK = KIND_MASK & ~1

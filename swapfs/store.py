@@ -35,7 +35,7 @@ from . import invariants, store_stats
 from .cache import file_key
 from .codec import fill_page, same_fill_word
 from .config import Config
-from .errors import BackingIOError, Corruption, NoSpace, OutOfRange
+from .errors import BackingIOError, Corruption, InvariantError, NoSpace, OutOfRange
 from .fileset import run_pages
 from .kernel import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from .migrate import Migrator
@@ -46,6 +46,7 @@ from .slots import (
     EPOCH_MASK,
     FILE0,
     HUGE,
+    HUGE_INFO,
     KIND_MASK,
     LENGTH_MASK,
     POOL,
@@ -71,7 +72,6 @@ __all__ = ["CACHE_PAGES", "Device", "Store"]
 log = logging.getLogger(__name__)
 
 _LAST_WORD = PAGE_SIZE // 8 - 1
-_HUGE_INFO = PAGE_SIZE << 4 | HUGE
 _HUGE_BYTES = OBJECT_BYTES[PAGE_SIZE]
 # At most one NoSpace warning per this many seconds (the count is in stats).
 _NOSPACE_LOG_INTERVAL = 10.0
@@ -125,7 +125,7 @@ class Store(StoreState):
         return store_stats.collect(self)
 
     def check_invariants(self, *, quiescent: bool = True) -> None:
-        """Walk every table; AssertionError naming the first discrepancy
+        """Walk every table; InvariantError naming the first discrepancy
         (see :func:`swapfs.invariants.check_store`)."""
         invariants.check_store(self, quiescent=quiescent)
 
@@ -379,7 +379,7 @@ class Store(StoreState):
                             poor += 1
                         else:
                             handles[idx] = alloc(page, PAGE_SIZE, owner + idx)
-                            info[idx] = _HUGE_INFO
+                            info[idx] = HUGE_INFO
                             n_huge += 1
                             cbytes += PAGE_SIZE
                             pbytes += _HUGE_BYTES
@@ -614,7 +614,7 @@ class Store(StoreState):
                         on_disk = []
                     on_disk.append((o, s))
                 else:
-                    raise AssertionError(f"{dev.name}: slot {s} has unknown kind {k}")
+                    raise InvariantError(f"{dev.name}: slot {s} has unknown kind {k}")
             o += PAGE_SIZE
         if on_disk:
             await self._read_file_pages(dev, out, on_disk)

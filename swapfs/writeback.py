@@ -64,6 +64,7 @@ class Writeback:
         self.interval = interval
         self.throttle = throttle  # pause between batches while foreground I/O runs
         self._wake = trio.Event()
+        self._passed = trio.Event()  # set at the end of each pass of run()
         self._lock = trio.Lock()
         self._cursors: dict[int, SlotCursor] = {}  # by source level
 
@@ -72,6 +73,10 @@ class Writeback:
     def kick(self) -> None:
         """Ask for a balance pass soon (called by the store, no await)."""
         self._wake.set()
+
+    async def next_pass(self) -> None:
+        """Wait until the task's next pass (balance and recompression) ends."""
+        await self._passed.wait()
 
     def tick(self) -> None:
         """Advance the store's access clock to trio's clock."""
@@ -96,6 +101,8 @@ class Writeback:
                         await self.recompress()
                 except Exception:  # never let a failing tier take the mount down
                     log.exception("writeback pass failed")
+                self._passed.set()
+                self._passed = trio.Event()
                 with trio.move_on_after(self.interval):
                     await self._wake.wait()
         finally:

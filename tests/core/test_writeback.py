@@ -35,12 +35,13 @@ async def test_pool_above_high_watermark_drains_below_low(stores, tmp_path):
     store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)])
     dev = store.devices[0]
     data = pages_of(600)
-    async with open_writeback(store, interval=0.01):
+    # (an interval of an hour: only the writes' kick starts a pass)
+    async with open_writeback(store, interval=3600) as wb:
         for i, p in enumerate(data):
             await store.write(dev, i * PAGE, p)
         with trio.fail_after(10):  # the pass the writes kicked drains the pool
             while store.pool.pool_bytes > store.pool_high_bytes or not store.moves.moved:
-                await trio.sleep(0.01)
+                await wb.next_pass()
         st = store.stats()
         assert st.pool.pool_bytes <= store.pool_high_bytes
         assert st.writeback.moved_pages > 0
