@@ -1,4 +1,5 @@
-"""The slot encoding has one home: swapfs/slots.py.
+"""The slot table (swapfs/slots.py): its encoding has one home, and its
+memory follows the clusters in use.
 
 Outside it, only the hot loops named in ``slots.HOT_LOOPS`` may spell the
 info word's layout out, and what each of them spells must agree with the
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import ast
 import itertools
+import random
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -49,6 +53,10 @@ from swapfs.slots import (
     with_length,
 )
 
+from ..conftest import MakeStore
+from .conftest import MiB, compressible_page
+
+P = 4096
 PACKAGE = Path(swapfs.__file__).parent
 # Names that spell the layout out (the kind constants alone do not: kinds are
 # compared with kind_of()'s result everywhere).
@@ -187,3 +195,73 @@ def test_slot_table_memory_follows_clusters() -> None:
     table.info[10] = POOL  # a slot in use that no count knows of
     with pytest.raises(AssertionError, match="cluster 0"):
         table.check()
+
+
+async def test_a_huge_device_holds_only_what_is_stored(make_store: MakeStore) -> None:
+    # 1 TiB of slots is 4 GiB of table at 16 bytes a slot: reserved, never
+    # backed until written.  Clusters in use cost 16 bytes a slot; a
+    # cluster whose last page is discarded gives its memory back.
+    store = make_store(devices=(("big", 1 << 40),), pool_bytes=256 * MiB)
+    dev = store.devices[0]
+    assert dev.npages == 1 << 28
+    empty = store.stats().device("big").metadata_bytes
+    assert empty < 1 << 20  # the per-cluster counts: 3 bytes a cluster
+    rng = random.Random(8)
+    page = compressible_page(rng)
+    far = [(i * 7919 * 1024 + 5) % dev.npages for i in range(1, 201)]
+    for s in far:  # 200 pages in 200 clusters spread over the device
+        await store.write(dev, s * P, page)
+    await store.write(dev, 0, page * 1024)  # one full cluster
+    st = store.stats().device("big")
+    assert st.stored_pages == 200 + 1024
+    assert st.metadata_bytes - empty <= 201 * 1024 * 16
+    for s in far:
+        assert await store.read(dev, s * P, P) == page
+    store.check_invariants()
+    await store.discard(dev, 0, 1 << 40)
+    assert store.stats().device("big").metadata_bytes == empty
+    assert await store.read(dev, far[3] * P, P) == bytes(P)
+    store.check_invariants()
+
+
+def test_freed_clusters_give_memory_back_in_a_locked_process() -> None:
+    # The daemon runs mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT), and
+    # MADV_DONTNEED refuses locked pages: a freed cluster must still give its
+    # memory back (and be locked again when written).  In a child process,
+    # so that this test process's memory is not locked.
+    code = """
+import ctypes, sys
+from swapfs.kernel import libc
+from swapfs.slots import CLUSTER_SLOTS, SlotTable
+if libc().mlockall(1 | 2 | 4) != 0:
+    print("SKIP mlockall failed errno", ctypes.get_errno()); sys.exit(0)
+def locked_kib():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1])
+t = SlotTable(1 << 24)  # 16M slots: 256 MiB of table reserved
+base = locked_kib()
+for s in range(64 * CLUSTER_SLOTS):  # 64 clusters written: 1 MiB of table
+    t.info[s] = 2
+    t.handles[s] = s + 1
+    t.filled(s)
+grown = locked_kib() - base
+for s in range(64 * CLUSTER_SLOTS):
+    t.info[s] = 0
+    t.handles[s] = 0
+    t.emptied(s)
+t.check()
+shrunk = locked_kib() - base
+t.info[5] = 2; t.filled(5)  # written again after the release: still works
+print("OK", grown, shrunk, t.release_errors)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    words = out.stdout.split()
+    if words[0] == "SKIP":
+        pytest.skip(out.stdout.strip())
+    grown, shrunk, errors = int(words[1]), int(words[2]), int(words[3])
+    assert errors == 0
+    assert grown >= 700  # KiB: 64 clusters, 12 bytes a slot written (handle and info)
+    assert shrunk < grown / 4, (grown, shrunk)
+
