@@ -22,8 +22,9 @@ Three columns, no Python object per slot, 16 bytes per slot in use:
   demotion counter when the page was demoted (mod 2**32).
 
 Memory follows what is stored, not the capacity.  Each column is a typed
-memoryview over an anonymous mapping reserved for the whole device
-(``MAP_NORESERVE``): the kernel backs a page of it only when it is first
+memoryview over a mapping reserved for the whole device
+(``swapfs.memory.reserve``, the one allocator of the store's truth,
+``MAP_NORESERVE``): the kernel backs a page of it only when it is first
 written, and the daemon's ``mlockall(MCL_ONFAULT)`` locks only pages so
 backed.  Slots are grouped in clusters of CLUSTER_SLOTS (1024: 8 KiB of
 handles, 4 KiB of info and of epochs, each page-aligned); per cluster the

@@ -16,7 +16,7 @@ and fewer classes leave fewer partly used spans.  Objects of more than
 ``4096 - 8`` bytes (raw "huge" pages) are in the last class: one page each,
 no header, no span bookkeeping (see ``page_word``).
 
-**Memory.**  Everything lives in one anonymous mapping reserved at
+**Memory.**  Everything lives in one mapping (``swapfs.memory.reserve``) reserved at
 ``4 * max_bytes`` of address space (``MAP_NORESERVE``, never populated): a
 page costs memory only once touched, and the daemon's
 ``mlockall(MCL_ONFAULT)`` locks it only then.  Spans are carved from it by
