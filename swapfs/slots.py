@@ -99,8 +99,9 @@ CLUSTER_MASK = CLUSTER_SLOTS - 1
 # The functions that inline the info word's encoding (the expressions of
 # the helpers below) for speed, as "module.qualified_name".
 HOT_LOOPS = frozenset({
-    "store.Store.read", "store.Store._read_pages", "store.Store._store_page",
-    "store.Store._stage", "store.Store._commit", "recompress.Recompressor.step",
+    "read_path.ReadPath.read", "read_path.ReadPath._read_pages",
+    "write_path.WritePath._store_page", "write_path.WritePath._stage",
+    "write_path.WritePath._commit", "recompress.Recompressor.step",
 })
 
 

@@ -2,13 +2,14 @@
 operations that change a slot.
 
 The bottom of the store.  Every path that changes what a slot holds does it
-here or in one of the store's named hot loops (swapfs/store.py, listed in
-``slots.HOT_LOOPS``), which do exactly what these methods do, inline.
-Migration (swapfs/migrate.py), recompression (swapfs/recompress.py), stats
-collection (swapfs/store_stats.py) and the consistency check
-(swapfs/invariants.py) import this module, never the store; the store
-(:class:`swapfs.store.Store`, a :class:`StoreState` with the read, write
-and discard paths on top) is the only module that imports them all.
+here or in one of the named hot loops of the I/O paths (swapfs/write_path.py,
+listed in ``slots.HOT_LOOPS``), which do exactly what these methods do,
+inline.  Migration (swapfs/migrate.py), recompression
+(swapfs/recompress.py), stats collection (swapfs/store_stats.py) and the
+consistency check (swapfs/invariants.py) import this module, never the
+store.  The floors above: :class:`swapfs.read_path.ReadPath` (reads),
+:class:`swapfs.write_path.WritePath` (writes, discard) and the facade
+:class:`swapfs.store.Store`, the only module that imports them all.
 
 **Truth and derived state.**  What a successor process would need to serve
 every page is the *truth*; everything else can be rebuilt from it:

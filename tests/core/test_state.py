@@ -179,5 +179,6 @@ def test_only_the_adapter_writeback_and_daemon_import_the_store() -> None:
     importers = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
                        if "swapfs.store" in _imports(p))
     assert importers == ["daemon.py", "fs.py", "writeback.py"]
-    for name in ("state", "migrate", "recompress", "invariants", "store_stats"):
+    for name in ("state", "read_path", "write_path", "migrate", "recompress", "invariants",
+                 "store_stats"):
         assert "swapfs.state" in _imports(root / f"{name}.py") or name == "state"
