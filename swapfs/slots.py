@@ -102,6 +102,7 @@ HOT_LOOPS = frozenset({
     "read_path.ReadPath.read", "read_path.ReadPath._read_pages",
     "write_path.WritePath._store_page", "write_path.WritePath._stage",
     "write_path.WritePath._commit", "recompress.Recompressor.step",
+    "state.StoreState.load_page",
 })
 
 

@@ -52,6 +52,8 @@ from .slots import (
     EMPTY,
     EPOCH_MASK,
     HUGE,
+    KIND_MASK,
+    LENGTH_MASK,
     MOVING,
     POOL,
     POOL_LEVEL,
@@ -293,9 +295,10 @@ class StoreState:
     # -- reading a slot held in memory -----------------------------------------
 
     def load_page(self, dev: Device, slot: int) -> bytes:
-        """The content of one slot held in memory, as bytes."""
+        """The content of one slot held in memory, as bytes.  A hot loop (the
+        read of one pool page ends here): inlines the slot encoding."""
         i = dev.table.info[slot]
-        k = kind_of(i)
+        k = i & KIND_MASK
         if k == EMPTY:
             return ZERO_PAGE
         h = dev.table.handles[slot]
@@ -303,7 +306,7 @@ class StoreState:
             return fill_page(h)
         if k == POOL:
             codec = self.recodec if i & ALT and self.recodec is not None else self.codec
-            return codec.decompress(self.pool.view(h, length_of(i)))
+            return codec.decompress(self.pool.view(h, (i >> 4) & LENGTH_MASK))
         if k == HUGE:
             return bytes(self.pool.view(h, PAGE_SIZE))
         raise InvariantError(f"{dev.name}: slot {slot} has kind {k}, not in memory")
