@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import trio
-import trio.testing
 
 import swapfs
 from swapfs.errors import Misuse
@@ -136,19 +135,22 @@ async def test_one_migration_at_a_time(make_store: MakeStore, tmp_path: Path) ->
     dev = store.devices[0]
     rng = random.Random(6)
     await store.write(dev, 0, b"".join(compressible_page(rng) for _ in range(8)))
-    errors: list[BaseException] = []
+    tier_ = store.files[0]
+    writing, release = trio.Event(), trio.Event()
+    write = tier_.write
 
-    async def second() -> None:
-        try:
-            await store.migrate([(dev, 4)], 0)
-        except Misuse as e:
-            errors.append(e)
+    async def held_write(*args: object, **kw: object) -> None:
+        writing.set()
+        await release.wait()  # the first migration stays between copy and commit
+        await write(*args, **kw)  # type: ignore[arg-type]
 
+    tier_.write = held_write  # type: ignore[method-assign]
     async with trio.open_nursery() as n:
         n.start_soon(store.migrate, [(dev, s) for s in range(4)], 0)
-        await trio.testing.wait_all_tasks_blocked()  # the first one writes its tier
-        n.start_soon(second)
-    assert len(errors) == 1
+        await writing.wait()
+        with pytest.raises(Misuse):
+            await store.migrate([(dev, 4)], 0)
+        release.set()
     assert all(dev.table.info[s] == file_kind(0) | SHADOW for s in range(4))
 
 
