@@ -24,6 +24,7 @@ import sys
 from array import array
 from typing import TYPE_CHECKING
 
+from .errors import InvariantError
 from .kernel import PAGE_SIZE as PAGE
 
 if TYPE_CHECKING:
@@ -113,15 +114,15 @@ class SwapCache:
 
     def check_invariants(self) -> None:
         if len(self._index) + len(self._free) != self.capacity:
-            raise AssertionError(f"cache: {len(self._index)} entries + {len(self._free)} free "
+            raise InvariantError(f"cache: {len(self._index)} entries + {len(self._free)} free "
                                  f"!= capacity {self.capacity}")
         seen = set(self._free)
         if len(seen) != len(self._free):
-            raise AssertionError("cache: an entry is free twice")
+            raise InvariantError("cache: an entry is free twice")
         for key, e in self._index.items():
             if e in seen:
-                raise AssertionError(f"cache: entry {e} is both free and used")
+                raise InvariantError(f"cache: entry {e} is both free and used")
             seen.add(e)
             if self._keys[e] != key:
-                raise AssertionError(f"cache: entry {e} holds key {self._keys[e]:#x}, "
+                raise InvariantError(f"cache: entry {e} holds key {self._keys[e]:#x}, "
                                      f"indexed as {key:#x}")

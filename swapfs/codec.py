@@ -1,4 +1,8 @@
-"""Compression, same-filled page detection and checksums.
+"""Compression and same-filled page detection.
+
+Checksums are not this module's: the file tiers compute their own xxh3-64
+per page (swapfs/tiers/file.py); ``checksum`` below is the same function
+for tools and tests.
 
 One small class per algorithm, each with a stable one-byte id (for any
 record that will name the codec of a stored page; never reuse an id).  Pages
@@ -114,5 +118,5 @@ def fill_page(word: int) -> bytes:
 
 
 def checksum(buf: Buffer) -> int:
-    """64-bit xxh3 of a buffer (file tiers store it with each page)."""
+    """64-bit xxh3 of a buffer: what a file tier records for a page."""
     return xxhash.xxh3_64_intdigest(buf)

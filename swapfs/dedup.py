@@ -18,28 +18,31 @@ under MIN_WORDS): 8 bytes per word, 11 to 21 bytes per object.  It follows
 the objects stored, never the devices' capacity.  Regrowing rehashes every
 entry in one step (about 0.2 us each; see docs/store.md).
 
-**Reference counts** live in the object's owner header (the pool's 8-byte
-word before each object): an object with one reference keeps its owner slot
-there; once shared, the header is ``SHARED_TAG | references`` and the owner
-is no longer known, so compaction leaves shared objects where they are (see
-swapfs/tiers/pool.py).  A reference is dropped by the store's free paths
+**Reference counts** live in the object's header (the pool's 8-byte word
+before each object, ``Pool.header``): an object with one reference keeps
+its owner slot there; once shared, the header is ``SHARED | references``,
+where SHARED is the pool's PINNED bit: the pool then leaves the object where
+it is and never reads the rest (see swapfs/tiers/pool.py).  This module
+alone encodes and decodes that header (``share``, ``release``, ``refs``).  A reference is dropped by the store's free paths
 (discard, overwrite, demotion by writeback, a write given back); the last one
 removes the entry and frees the object.
 """
 
 from __future__ import annotations
 
-import mmap
 from collections.abc import Callable
 from typing import Any
 
-from .tiers.pool import HEADER, MAX_OBJECT, OBJECT_BYTES, SHARED_TAG, Pool
+from .errors import InvariantError
+from .memory import reserve
+from .tiers.pool import HEADER, MAX_OBJECT, OBJECT_BYTES, PINNED, Pool
 
 LEN_BITS = 13  # payload lengths up to 4096
 MIN_WORDS = 1024
 _LEN_MASK = (1 << LEN_BITS) - 1
-_REFS_MASK = SHARED_TAG - 1
-_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS
+# A shared object's header: SHARED | references (the pool's "do not move" bit).
+SHARED = PINNED
+_REFS_MASK = SHARED - 1
 
 
 def xxh3_hash() -> Callable[[Any], int]:
@@ -71,8 +74,7 @@ class DedupIndex:
         self._alloc(MIN_WORDS)
 
     def _alloc(self, nwords: int) -> None:
-        self._map = mmap.mmap(-1, nwords * 8, flags=_MAP_FLAGS,
-                              prot=mmap.PROT_READ | mmap.PROT_WRITE)
+        self._map = reserve(nwords * 8)
         self.words = memoryview(self._map).cast("Q")
         self.nwords = nwords
         self.bits = nwords.bit_length() - 1
@@ -205,10 +207,9 @@ class DedupIndex:
 
     def share(self, h: int, n: int) -> None:
         """One more reference to the indexed object ``h`` of ``n`` bytes."""
-        words = self.pool.words
-        k = (h - HEADER) >> 3
-        w = words[k]
-        words[k] = w + 1 if w & SHARED_TAG else SHARED_TAG | 2
+        pool = self.pool
+        w = pool.header(h)
+        pool.set_header(h, w + 1 if w & SHARED else SHARED | 2)
         self.extra_refs += 1
         self.saved_payload += n
         self.saved_bytes += OBJECT_BYTES[n]
@@ -218,11 +219,10 @@ class DedupIndex:
         """Drop a reference to object ``h`` of ``n`` bytes (``n <= MAX_OBJECT``);
         True if it was the last one (the entry is gone; the caller frees the
         object)."""
-        words = self.pool.words
-        k = (h - HEADER) >> 3
-        w = words[k]
-        if w & SHARED_TAG and w & _REFS_MASK > 1:
-            words[k] = w - 1
+        pool = self.pool
+        w = pool.header(h)
+        if w & SHARED and w & _REFS_MASK > 1:
+            pool.set_header(h, w - 1)
             self.extra_refs -= 1
             self.saved_payload -= n
             self.saved_bytes -= OBJECT_BYTES[n]
@@ -230,16 +230,20 @@ class DedupIndex:
         self.remove(h, n)
         return True
 
-    @staticmethod
-    def refs(pool: Pool, h: int, n: int) -> int:
+    def refs(self, h: int, n: int) -> int:
         """References to object ``h`` of ``n`` bytes by its header (1 unless shared)."""
         if n > MAX_OBJECT:
             return 1
-        w = pool.words[(h - HEADER) >> 3]
-        return w & _REFS_MASK if w & SHARED_TAG else 1
+        w = self.pool.header(h)
+        return w & _REFS_MASK if w & SHARED else 1
+
+    def is_shared(self, h: int, n: int) -> bool:
+        """The object's header is a reference count (it has been shared; it
+        stays so, and unmovable, until freed)."""
+        return n <= MAX_OBJECT and bool(self.pool.header(h) & SHARED)
 
     def check(self) -> dict[int, int]:
-        """AssertionError unless every word names a live object whose bytes
+        """InvariantError unless every word names a live object whose bytes
         hash to it, each at most once, found by a lookup; returns handle ->
         length of the entries."""
         seen: dict[int, int] = {}
@@ -253,15 +257,15 @@ class DedupIndex:
             h = (w & self._hmask) << 4 | HEADER
             n = (w >> self.hbits) & _LEN_MASK
             if h in seen:
-                raise AssertionError(f"dedup: object {h:#x} is indexed twice")
+                raise InvariantError(f"dedup: object {h:#x} is indexed twice")
             seen[h] = n
             data = bytes(mem[h:h + n])
             hv = self.hash(data)
             if hv >> self.tag_shift != w >> self.tag_shift:
-                raise AssertionError(f"dedup: object {h:#x} does not hash to its entry")
+                raise InvariantError(f"dedup: object {h:#x} does not hash to its entry")
             if self.find(hv, data, n) < 0:
-                raise AssertionError(f"dedup: object {h:#x} (bucket {b}) is not found")
+                raise InvariantError(f"dedup: object {h:#x} (bucket {b}) is not found")
         self.collisions = collisions
         if count != self.entries:
-            raise AssertionError(f"dedup: {self.entries} entries counted, {count} held")
+            raise InvariantError(f"dedup: {self.entries} entries counted, {count} held")
         return seen

@@ -5,7 +5,10 @@ store's own below, and the tiers' (``PoolFull`` in swapfs/tiers/pool.py;
 ``TierFull``, ``TierIOError``, ``ChecksumError`` in swapfs/tiers/file.py),
 which the store turns into these before they reach the FUSE adapter.  The
 adapter maps them to errnos in one place (``swapfs.fs.store_errno``).
-Messages are for logs and the CLI.
+Two more name bugs rather than conditions: ``Misuse`` (a caller broke a
+contract) and ``InvariantError`` (a consistency check failed; checks raise
+it, never a bare ``assert``, which ``python -O`` removes).  Messages are
+for logs and the CLI.
 """
 
 from __future__ import annotations
@@ -29,3 +32,15 @@ class Corruption(StoreError):
 
 class BackingIOError(StoreError):
     """A backing file failed."""
+
+
+class Misuse(StoreError):
+    """The store or a tier was called in a way its contract forbids (a
+    second migration while one runs, more file tiers than slot kinds): a
+    bug of the caller, never a state of the data."""
+
+
+class InvariantError(StoreError, AssertionError):
+    """A consistency check found the store's tables disagreeing (the
+    checker's, swapfs/invariants.py, and each table's own ``check``).  Also
+    an AssertionError, so test tools report it as a failed assertion."""

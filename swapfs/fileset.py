@@ -1,7 +1,7 @@
 """The file tiers of a store, as one set: priority groups, allocation,
 pinned pages, deferred frees and punching.
 
-Tier ``i`` (config order) is slot kind ``FILE0 + i``.  Tiers of equal
+Tier ``i`` (config order) is slot kind ``slots.file_kind(i)``.  Tiers of equal
 priority form a group; groups are used highest priority first, and inside a
 group allocation goes round-robin, cluster by cluster.
 
@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 from .cache import KEY_PAGE_MASK, KEY_SHIFT, SwapCache, file_key
 from .config import TierConfig
+from .errors import Misuse
 from .slots import MAX_FILE_TIERS
 from .tiers.file import FileTier
 
@@ -60,13 +61,13 @@ class FileTierSet:
 
     def __init__(self, configs: Sequence[TierConfig], cache: SwapCache) -> None:
         if len(configs) > MAX_FILE_TIERS:
-            raise ValueError(f"at most {MAX_FILE_TIERS} file tiers")
+            raise Misuse(f"at most {MAX_FILE_TIERS} file tiers")
         self.cache = cache
         self.tiers: list[FileTier] = []
         try:
             for tc in configs:
                 if tc.kind != "file":
-                    raise ValueError(f"tier {tc.name!r}: kind {tc.kind!r}: only file tiers exist")
+                    raise Misuse(f"tier {tc.name!r}: kind {tc.kind!r}: only file tiers exist")
                 tier = FileTier(tc.name, tc.path, tc.size, tc.priority, preallocate=tc.preallocate,
                                 encrypt=tc.encrypt)
                 tier.open()

@@ -236,10 +236,9 @@ class SwapFS(Operations):
             written = await self.store.write(dev, offset, data)
             self._note_pool_peak()
             return written
-        except OutOfRange:
-            raise FUSEError(errno.ENOSPC) from None
         except StoreError as exc:
-            log.error("write %s offset %d size %d: %s", dev.name, offset, len(data), exc)
+            if not isinstance(exc, OutOfRange):  # (the kernel's own probing past the end)
+                log.error("write %s offset %d size %d: %s", dev.name, offset, len(data), exc)
             raise FUSEError(store_errno(exc)) from None
 
     async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:

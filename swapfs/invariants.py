@@ -1,39 +1,43 @@
 """The store's consistency check: every table walked, every counter recounted.
 
 Tests call it after every test and, in the model-based concurrency test,
-after every step; it reads the store and its tiers through their public
-interfaces only.  It raises AssertionError naming the first discrepancy.
+after every step; it reads the state layer (swapfs/state.py) and the tiers
+through their public interfaces only, and recounts everything derived from
+the slot tables.  It raises InvariantError (an AssertionError too) naming
+the first discrepancy.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
+from . import store_stats
 from .cache import KEY_PAGE_MASK, KEY_SHIFT
+from .errors import InvariantError
 from .slots import (
     ALT,
     EMPTY,
-    FILE0,
-    FLAGS,
     HUGE,
-    KIND_MASK,
     KIND_NAMES,
-    LENGTH_MASK,
     MOVING,
     POOL,
     SAME,
     SETTLED,
     SHADOW,
-    SLOT_SHIFT,
+    in_file,
+    kind_of,
+    length_of,
+    slot_key,
+    tier_of_kind,
+    unknown_bits,
 )
-from .tiers.pool import HEADER, MAX_OBJECT, OBJECT_BYTES, SHARED_TAG
-
-if TYPE_CHECKING:
-    from .store import Device, Store
+from .state import Device, StoreState
+from .tiers.pool import MAX_OBJECT, OBJECT_BYTES
 
 
-def check_store(store: Store, *, quiescent: bool = True) -> None:
-    """``quiescent``: no request is running (no page may be pinned).  With
+def check_store(store: StoreState, *, quiescent: bool = True) -> None:
+    """Walk every table of ``store`` and recount; InvariantError naming the
+    first discrepancy.
+
+    ``quiescent``: no request is running (no page may be pinned).  With
     False, reads may be in flight: pinned pages and the frees they defer are
     allowed.  The accounting identity is checked at every moment: pages in
     flight and deferred frees are left out of the tiers' counts."""
@@ -51,34 +55,34 @@ def check_store(store: Store, *, quiescent: bool = True) -> None:
     store.pool.check_invariants(live, sum(n for n, _ in live.values()))
     in_moves = store.moves_in_flight
     if moving > in_moves:
-        raise AssertionError(f"{moving} slots flagged MOVING, {in_moves} in moves")
+        raise InvariantError(f"{moving} slots flagged MOVING, {in_moves} in moves")
     if quiescent and files.pinned_pages:
-        raise AssertionError(f"file pages still pinned: {files.pinned_pages}")
+        raise InvariantError(f"file pages still pinned: {files.pinned_pages}")
     for ti, tier in enumerate(files):
         tier.check_invariants()
         owned = files.owned_pages(ti)
         if owned != len(file_owner[ti]):
-            raise AssertionError(f"tier {tier.name}: {owned} pages owned by slots by the counts, "
+            raise InvariantError(f"tier {tier.name}: {owned} pages owned by slots by the counts, "
                                  f"{len(file_owner[ti])} referenced by slot tables")
     _check_cache(store, file_owner, quiet=not in_moves)
     _check_accounting(store)
 
 
-def _reference(store: Store, live: dict[int, tuple[int, int]], refs: dict[int, int], h: int,
+def _reference(store: StoreState, live: dict[int, tuple[int, int]], refs: dict[int, int], h: int,
                n: int, owner: int, who: str) -> None:
     """Count a reference to pool object ``h`` of ``n`` bytes."""
     if h not in live:
         live[h] = (n, owner)
         return
     if store.dedup is None or n > MAX_OBJECT:
-        raise AssertionError(f"{who} shares pool object {h:#x} (dedup is off)")
+        raise InvariantError(f"{who} shares pool object {h:#x} (dedup is off)")
     if live[h][0] != n:
-        raise AssertionError(f"{who} holds pool object {h:#x} with length {n}, another "
+        raise InvariantError(f"{who} holds pool object {h:#x} with length {n}, another "
                              f"reference with {live[h][0]}")
     refs[h] = refs.get(h, 1) + 1
 
 
-def _check_dedup(store: Store, live: dict[int, tuple[int, int]], refs: dict[int, int]) -> None:
+def _check_dedup(store: StoreState, live: dict[int, tuple[int, int]], refs: dict[int, int]) -> None:
     """Reference counts in the object headers equal the references the
     slot tables (and writes in flight) hold; every index entry is a live
     object that hashes to it; every shared object is indexed.  The owner a
@@ -91,37 +95,36 @@ def _check_dedup(store: Store, live: dict[int, tuple[int, int]], refs: dict[int,
     extra = payload = pbytes = 0
     for h, n in indexed.items():
         if h not in live or live[h][0] != n:
-            raise AssertionError(f"dedup: index entry {h:#x} ({n} bytes) is no live object")
+            raise InvariantError(f"dedup: index entry {h:#x} ({n} bytes) is no live object")
     for h, (n, _owner) in list(live.items()):
         if n > MAX_OBJECT:
             continue
         want = refs.get(h, 1)
-        header = pool.words[(h - HEADER) >> 3]
-        have = header & (SHARED_TAG - 1) if header & SHARED_TAG else 1
+        have = dd.refs(h, n)
         if have != want:
-            raise AssertionError(f"dedup: object {h:#x} counts {have} references, "
+            raise InvariantError(f"dedup: object {h:#x} counts {have} references, "
                                  f"{want} are held")
-        if header & SHARED_TAG:
-            live[h] = (n, header)
+        if dd.is_shared(h, n):  # its header is the index's count, not an owner
+            live[h] = (n, pool.owner(h, n))
         if want > 1:
             if h not in indexed:
-                raise AssertionError(f"dedup: shared object {h:#x} is not indexed")
+                raise InvariantError(f"dedup: shared object {h:#x} is not indexed")
             extra += want - 1
             payload += (want - 1) * n
             pbytes += (want - 1) * OBJECT_BYTES[n]
     if (extra, payload, pbytes) != (dd.extra_refs, dd.saved_payload, dd.saved_bytes):
-        raise AssertionError(f"dedup: counts {dd.extra_refs} shared references "
+        raise InvariantError(f"dedup: counts {dd.extra_refs} shared references "
                              f"({dd.saved_payload}/{dd.saved_bytes} bytes), tables hold "
                              f"{extra} ({payload}/{pbytes})")
 
 
-def _check_device(store: Store, dev: Device, live: dict[int, tuple[int, int]],
+def _check_device(store: StoreState, dev: Device, live: dict[int, tuple[int, int]],
                   refs: dict[int, int],
                   file_owner: list[dict[int, tuple[str, int]]]) -> tuple[int, int]:
     """Walk one slot table; returns (compressed bytes, slots flagged MOVING)."""
     table = dev.table
     if not (len(table.handles) == len(table.info) == len(table.epoch) == dev.npages):
-        raise AssertionError(f"{dev.name}: slot table columns are not {dev.npages} long")
+        raise InvariantError(f"{dev.name}: slot table columns are not {dev.npages} long")
     table.check()
     counts = {EMPTY: 0, SAME: 0, POOL: 0, HUGE: 0}
     nfile = cbytes = pbytes = moving = 0
@@ -131,47 +134,47 @@ def _check_device(store: Store, dev: Device, live: dict[int, tuple[int, int]],
         h = table.handles[s]
         if i == EMPTY:
             if h:
-                raise AssertionError(f"{dev.name}: empty slot {s} has handle {h:#x}")
+                raise InvariantError(f"{dev.name}: empty slot {s} has handle {h:#x}")
             continue
-        k = i & KIND_MASK
-        n = (i >> 4) & LENGTH_MASK
-        if i & ~(FLAGS | LENGTH_MASK << 4 | KIND_MASK):
-            raise AssertionError(f"{dev.name}: slot {s} has unknown info bits {i:#x}")
+        k = kind_of(i)
+        n = length_of(i)
+        if unknown_bits(i):
+            raise InvariantError(f"{dev.name}: slot {s} has unknown info bits {i:#x}")
         if i & MOVING:
             moving += 1
-            if k != POOL and k != HUGE and k < FILE0:
-                raise AssertionError(f"{dev.name}: {KIND_NAMES.get(k, k)} slot {s} is flagged MOVING")
-        if i & SHADOW and k < FILE0:
-            raise AssertionError(f"{dev.name}: slot {s} in memory has a shadow")
+            if k != POOL and k != HUGE and not in_file(i):
+                raise InvariantError(f"{dev.name}: {KIND_NAMES.get(k, k)} slot {s} is flagged MOVING")
+        if i & SHADOW and not in_file(i):
+            raise InvariantError(f"{dev.name}: slot {s} in memory has a shadow")
         if i & (ALT | SETTLED) and (k != POOL or i & ALT and store.recodec is None
                                     or i & ALT and i & SETTLED):
-            raise AssertionError(f"{dev.name}: {KIND_NAMES.get(k, k)} slot {s} has recompression "
+            raise InvariantError(f"{dev.name}: {KIND_NAMES.get(k, k)} slot {s} has recompression "
                                  f"flags {i & (ALT | SETTLED):#x}")
         if k == SAME:
             if n:
-                raise AssertionError(f"{dev.name}: same-filled slot {s} has length {n}")
+                raise InvariantError(f"{dev.name}: same-filled slot {s} has length {n}")
         elif k == POOL or k == HUGE:
             if k == POOL and not 0 < n <= store.accept_limit:
-                raise AssertionError(f"{dev.name}: pool slot {s} has length {n}, "
+                raise InvariantError(f"{dev.name}: pool slot {s} has length {n}, "
                                      f"accept limit {store.accept_limit}")
             if k == HUGE and n != 4096:
-                raise AssertionError(f"{dev.name}: huge slot {s} has length {n}")
-            _reference(store, live, refs, h, n, dev.index << SLOT_SHIFT | s,
+                raise InvariantError(f"{dev.name}: huge slot {s} has length {n}")
+            _reference(store, live, refs, h, n, slot_key(dev.index, s),
                        f"{dev.name}: slot {s} ({KIND_NAMES[k]})")
             cbytes += n
             pbytes += OBJECT_BYTES[n]
-        elif FILE0 <= k < FILE0 + len(file_owner):
+        elif in_file(i) and tier_of_kind(k) < len(file_owner):
             if n:
-                raise AssertionError(f"{dev.name}: file slot {s} has length {n}")
-            owners = file_owner[k - FILE0]
+                raise InvariantError(f"{dev.name}: file slot {s} has length {n}")
+            owners = file_owner[tier_of_kind(k)]
             if h in owners:
-                raise AssertionError(f"{dev.name}: slot {s} and {owners[h]} share page {h} "
-                                     f"of tier {store.files[k - FILE0].name}")
+                raise InvariantError(f"{dev.name}: slot {s} and {owners[h]} share page {h} "
+                                     f"of tier {store.files[tier_of_kind(k)].name}")
             owners[h] = (dev.name, s)
             nfile += 1
             continue
         else:
-            raise AssertionError(f"{dev.name}: slot {s} has unknown kind {k}")
+            raise InvariantError(f"{dev.name}: slot {s} has unknown kind {k}")
         counts[k] += 1
     want = {
         "stored_pages": dev.npages - counts[EMPTY],
@@ -184,12 +187,12 @@ def _check_device(store: Store, dev: Device, live: dict[int, tuple[int, int]],
     }
     for name, value in want.items():
         if getattr(dev, name) != value:
-            raise AssertionError(f"{dev.name}: {name} counts {getattr(dev, name)}, "
+            raise InvariantError(f"{dev.name}: {name} counts {getattr(dev, name)}, "
                                  f"slot table holds {value}")
     return cbytes, moving
 
 
-def _check_cache(store: Store, file_owner: list[dict[int, tuple[str, int]]], *,
+def _check_cache(store: StoreState, file_owner: list[dict[int, tuple[str, int]]], *,
                  quiet: bool) -> None:
     """Every cached page is an allocated file page; with no move in flight,
     a slot's, and equal to what the tier holds."""
@@ -199,29 +202,29 @@ def _check_cache(store: Store, file_owner: list[dict[int, tuple[str, int]]], *,
     for key in cache.keys():
         ti, page = key >> KEY_SHIFT, key & KEY_PAGE_MASK
         if not (ti < len(files) and files[ti].is_used(page)):
-            raise AssertionError(f"swap cache holds tier {ti} page {page}, not in use")
+            raise InvariantError(f"swap cache holds tier {ti} page {page}, not in use")
         if not quiet:
             continue
         if page not in file_owner[ti]:
-            raise AssertionError(f"swap cache holds tier {ti} page {page}, no slot's")
+            raise InvariantError(f"swap cache holds tier {ti} page {page}, no slot's")
         cached = cache.get(key)
         if cached is None:
-            raise AssertionError(f"swap cache: key {key:#x} listed but not held")
+            raise InvariantError(f"swap cache: key {key:#x} listed but not held")
         if files[ti].is_open and files[ti].read_now(page) != bytes(cached):
-            raise AssertionError(f"swap cache: tier {ti} page {page} differs from disk")
+            raise InvariantError(f"swap cache: tier {ti} page {page} differs from disk")
 
 
-def _check_accounting(store: Store) -> None:
-    st = store.stats()
+def _check_accounting(store: StoreState) -> None:
+    st = store_stats.collect(store)
     t = st.totals
     tier_pages = sum(tier.stored_pages for tier in st.tiers)
     dev_pages = sum(d.stored_pages for d in st.devices)
     if not t.stored_pages == t.same_filled_pages + tier_pages == dev_pages:
-        raise AssertionError(f"accounting: totals.stored_pages {t.stored_pages}, same-filled "
+        raise InvariantError(f"accounting: totals.stored_pages {t.stored_pages}, same-filled "
                              f"{t.same_filled_pages} + tiers {tier_pages}, devices {dev_pages}")
     _pages, shared_payload, shared_pbytes = store.dedup_committed()
     if sum(d.compressed_bytes for d in st.devices) != st.pool.compressed_bytes + shared_payload:
-        raise AssertionError("accounting: devices' compressed_bytes do not sum to the pool's "
+        raise InvariantError("accounting: devices' compressed_bytes do not sum to the pool's "
                              "(and the shared pages')")
     if sum(d.pool_bytes for d in st.devices) - shared_pbytes > st.pool.pool_bytes:
-        raise AssertionError("accounting: devices' class bytes exceed the pool's memory")
+        raise InvariantError("accounting: devices' class bytes exceed the pool's memory")

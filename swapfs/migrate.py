@@ -21,37 +21,15 @@ Cancellation at any await leaves every slot as it was.
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from .cache import file_key
+from .errors import Misuse
 from .fileset import Grant, run_pages, to_runs
-from .slots import EPOCH_MASK, FILE0, MOVING, SHADOW, movable
+from .slots import POOL_LEVEL, level_tier, movable, tier_level
+from .state import Device, StoreState
 from .tiers.file import TierFull, TierIOError
 
-if TYPE_CHECKING:
-    from .store import Device, Store
-
 log = logging.getLogger(__name__)
-
-
-class MoveCounters:
-    """Counters of migration, refaults and promotions, per level (0: the
-    pool, 1 + i: file tier i) where it matters."""
-
-    __slots__ = ("moved", "aborted", "batches", "failed_batches", "requests", "demotions",
-                 "refaults", "promotions", "pairs")
-
-    def __init__(self, levels: int) -> None:
-        self.moved = 0  # pages demoted (committed moves)
-        self.aborted = 0  # copies dropped because their slot changed
-        self.batches = 0  # migrations that committed at least one page
-        self.failed_batches = 0  # tier writes that failed
-        self.requests = 0  # explicit writeback requests served
-        self.demotions = [0] * levels  # by source level
-        self.refaults = [0] * levels
-        self.promotions = [0] * levels
-        # (source level, destination level) -> [pages, batches]
-        self.pairs: dict[tuple[int, int], list[int]] = {}
 
 
 class Move:
@@ -75,15 +53,14 @@ class Move:
 
 
 class Migrator:
-    """Moves pages of one store.  One migration at a time."""
+    """Moves pages of one store's state.  One migration at a time."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self.files = store.files
-        self.cache = store.cache
-        self.counters = MoveCounters(1 + len(store.files))
+    def __init__(self, state: StoreState) -> None:
+        self.state = state
+        self.files = state.files
+        self.cache = state.cache
+        self.counters = state.moves
         self._running = False
-        self.moving = 0  # slots flagged MOVING by the migration in flight
 
     async def migrate(self, victims: list[tuple[Device, int]], src: int) -> int:
         """Move the pages of ``victims`` from level ``src`` (0: the pool,
@@ -92,7 +69,7 @@ class Migrator:
         if not len(self.files) or not victims:
             return 0
         if self._running:
-            raise RuntimeError("one migration at a time (Writeback holds a lock)")
+            raise Misuse("one migration at a time (Writeback holds a lock)")
         self._running = True
         try:
             return await self._migrate(victims, src)
@@ -103,33 +80,33 @@ class Migrator:
         files = self.files
         min_group = 0
         if src:
-            min_group = files.group_of(src - 1) + 1
+            min_group = files.group_of(level_tier(src)) + 1
             if min_group > files.last_group:
                 return 0
         mask, want = movable(src)
-        moves = [Move(dev, s, dev.table.handles[s], i | MOVING)
-                 for dev, s in victims if (i := dev.table.info[s]) & mask == want]
+        moves = [Move(dev, s, dev.table.handles[s], 0)
+                 for dev, s in victims if dev.table.info[s] & mask == want]
         if not moves:
             return 0
         grants = files.allocate(len(moves), min_group=min_group)
         del moves[sum(g.npages for g in grants):]
         if not moves:
             return 0
+        state = self.state
         for mv in moves:
-            mv.dev.table.info[mv.slot] = mv.info
-        self.moving += len(moves)
+            mv.info = state.flag_moving(mv.dev, mv.slot)
         for g in grants:
             files.inflight[g.tier] += g.npages
         todo = list(grants)  # grants neither written nor given back yet
         pins: list[int] = []
         moved = 0
         try:
-            if src == 0:
-                load = self.store.load_page
+            if src == POOL_LEVEL:
+                load = state.load_page
                 for mv in moves:
                     mv.data = load(mv.dev, mv.slot)
             else:
-                await self._copy_from_file(src - 1, moves, pins)
+                await self._copy_from_file(level_tier(src), moves, pins)
             pos = 0
             while todo:
                 grant = todo.pop(0)
@@ -141,9 +118,7 @@ class Migrator:
                 files[g.tier].free_runs(g.runs)
                 files.inflight[g.tier] -= g.npages
             for mv in moves:  # whatever did not commit keeps its place
-                if mv.dev.table.info[mv.slot] == mv.info:
-                    mv.dev.table.info[mv.slot] = mv.info & ~MOVING
-            self.moving -= len(moves)
+                state.unflag_moving(mv.dev, mv.slot, mv.info)
             if pins:
                 files.unpin(pins)
         if moved:
@@ -215,27 +190,15 @@ class Migrator:
     def _commit(self, live: list[Move], src: int, ti: int) -> int:
         """Switch each slot of ``live`` still holding what was copied to its
         new page of tier ``ti``; free the new page of the others.  No await."""
-        store = self.store
+        commit = self.state.commit_move
         moved = 0
         aborted: list[int] = []
-        dst_info = FILE0 + ti | SHADOW
         for mv in live:
-            if not mv.unchanged():
+            if commit(mv.dev, mv.slot, mv.info, mv.handle, src, ti, mv.dest):
+                moved += 1
+            else:
                 aborted.append(mv.dest)
                 self.cache.invalidate(file_key(ti, mv.dest))
-                continue
-            dev, s = mv.dev, mv.slot
-            table = dev.table
-            if src == 0:
-                store.free_slot_content(dev, s, mv.info)  # the pool object (MOVING still set)
-                dev.file_pages += 1
-            else:
-                self.files.free_page(src - 1, mv.handle)  # pinned: freed when the move unpins
-            table.handles[s] = mv.dest
-            table.info[s] = dst_info
-            table.epoch[s] = store.demotions & EPOCH_MASK
-            store.demotions += 1
-            moved += 1
         c = self.counters
         if aborted:
             self.files[ti].free(aborted)
@@ -243,7 +206,7 @@ class Migrator:
         if moved:
             c.moved += moved
             c.demotions[src] += moved
-            pair = c.pairs.setdefault((src, 1 + ti), [0, 0])
+            pair = c.pairs.setdefault((src, tier_level(ti)), [0, 0])
             pair[0] += moved
             pair[1] += 1
         return moved

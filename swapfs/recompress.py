@@ -21,33 +21,37 @@ not indexed (its bytes are the second codec's).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from .slots import ALT, EPOCH_MASK, KIND_MASK, LENGTH_MASK, MOVING, POOL, SETTLED, SLOT_SHIFT
+from .state import SlotCursor, StoreState
+from .tiers.pool import OBJECT_BYTES, PoolFull
 
-from .slots import ALT, CLUSTER_MASK, EPOCH_MASK, KIND_MASK, LENGTH_MASK, MOVING, POOL, SETTLED, SLOT_SHIFT
-from .tiers.pool import HEADER, OBJECT_BYTES, SHARED_TAG, PoolFull
-
-if TYPE_CHECKING:
-    from .store import Store
-
-# A slot is a candidate when (info & _MASK) == POOL: a compressed page, not
-# moving, not recompressed or tried yet.
-_MASK = KIND_MASK | MOVING | ALT | SETTLED
-_LENGTH_BITS = LENGTH_MASK << 4
 # Slots in use looked at per step at most: a few hundred microseconds of the
 # trio loop, whether or not the pages passed are idle long enough yet.
 SCAN_SLOTS = 4096
-_REFS = SHARED_TAG - 1  # a shared object's header: SHARED_TAG | references
 
 
 class Recompressor:
-    """The cursor and counters of one store's recompression."""
+    """The cursor of one store's recompression (its counters are the
+    state's, ``StoreState.recompressed``)."""
 
-    def __init__(self, store: Store) -> None:
-        self.store = store
-        self._cursor = (0, 0)  # (index into the devices recompressed, slot)
-        self.recompressed_pages = 0  # pages switched to the second codec
-        self.saved_bytes = 0  # pool memory (size-class bytes) those switches saved
-        self.settled_pages = 0  # pages tried that would have saved nothing
+    def __init__(self, state: StoreState) -> None:
+        self.state = state
+        self.cursor = SlotCursor()
+
+    @property
+    def recompressed_pages(self) -> int:
+        """Pages switched to the second codec."""
+        return self.state.recompressed.pages
+
+    @property
+    def saved_bytes(self) -> int:
+        """Pool memory (size-class bytes) those switches saved."""
+        return self.state.recompressed.saved_bytes
+
+    @property
+    def settled_pages(self) -> int:
+        """Pages tried that would have saved nothing."""
+        return self.state.recompressed.settled
 
     def step(self, budget: int, min_age: int, *, scan: int = SCAN_SLOTS) -> tuple[int, int]:
         """Recompress up to ``budget`` candidates not accessed for ``min_age``
@@ -56,75 +60,58 @@ class Recompressor:
         (candidates handled, pages recompressed); fewer handled than
         ``budget`` means the step found no more: the cursor stays where it
         stopped, so the walk costs the same per step whether or not the
-        pages it passes are old enough yet."""
-        store = self.store
-        recodec = store.recodec
-        devs = [d for d in store.devices if d.config.writeback]
+        pages it passes are old enough yet.
+
+        A hot loop: inlines the slot encoding to pick candidates (the slot
+        updates are the state's ``settle`` and ``recompressed_to``)."""
+        state = self.state
+        recodec = state.recodec
+        devs = [d for d in state.devices if d.config.writeback]
         if recodec is None or budget <= 0 or not devs:
             return 0, 0
-        decompress = store.codec.decompress
+        # A candidate: (info & mask) == POOL, a compressed page, not moving,
+        # not recompressed or tried yet.
+        mask = KIND_MASK | MOVING | ALT | SETTLED
+        decompress = state.codec.decompress
         compress = recodec.compress
-        pool = store.pool
+        pool = state.pool
         mem = pool.mem
-        words = pool.words
-        free_object = store.free_object  # (drops an unshared object's dedup entry)
-        now = store.epoch
-        di, slot = self._cursor
-        if di >= len(devs):
-            di, slot = 0, 0
-        total = sum(d.npages for d in devs)
-        handled = converted = visited = 0
-        full = False
-        while handled < budget and visited < total and scan > 0 and not full:
-            dev = devs[di]
+        dedup = state.dedup
+        now = state.epoch
+        cursor = self.cursor
+        handled = converted = 0
+        for dev, start, end in cursor.walk(devs, scan):
             table = dev.table
-            nxt = table.next_stored(slot)
-            visited += nxt - slot
-            slot = nxt
-            if slot < dev.npages:
-                info = table.info
-                handles = table.handles
-                epoch = table.epoch
-                owner = dev.index << SLOT_SHIFT
-                end = min((slot | CLUSTER_MASK) + 1, dev.npages, slot + scan)
-                for s in range(slot, end):
-                    i = info[s]
-                    if i & _MASK != POOL or (now - epoch[s]) & EPOCH_MASK < min_age:
-                        continue
-                    h = handles[s]
-                    w = words[(h - HEADER) >> 3]
-                    if w & SHARED_TAG and w & _REFS > 1:
-                        continue  # shared (dedup): other slots refer to this object
-                    handled += 1
-                    n = (i >> 4) & LENGTH_MASK
-                    c = compress(decompress(mem[h:h + n]))
-                    m = len(c)
-                    if OBJECT_BYTES[m] >= OBJECT_BYTES[n]:
-                        info[s] = i | SETTLED
-                        self.settled_pages += 1
-                    else:
-                        try:
-                            new = pool.alloc(c, m, owner | s)
-                        except PoolFull:
-                            full = True
-                            end = s + 1
-                            break
-                        free_object(h, n)
-                        handles[s] = new
-                        info[s] = (i & ~_LENGTH_BITS) | m << 4 | ALT
-                        dev.compressed_bytes += m - n
-                        dev.pool_bytes += OBJECT_BYTES[m] - OBJECT_BYTES[n]
-                        self.saved_bytes += OBJECT_BYTES[n] - OBJECT_BYTES[m]
-                        converted += 1
-                    if handled >= budget:
-                        end = s + 1
+            info = table.info
+            handles = table.handles
+            epoch = table.epoch
+            owner = dev.index << SLOT_SHIFT
+            stop = -1
+            for s in range(start, end):
+                i = info[s]
+                if i & mask != POOL or (now - epoch[s]) & EPOCH_MASK < min_age:
+                    continue
+                h = handles[s]
+                n = (i >> 4) & LENGTH_MASK
+                if dedup is not None and dedup.refs(h, n) > 1:
+                    continue  # shared (dedup): other slots refer to this object
+                handled += 1
+                c = compress(decompress(mem[h:h + n]))
+                m = len(c)
+                if OBJECT_BYTES[m] >= OBJECT_BYTES[n]:
+                    state.settle(dev, s, i)
+                else:
+                    try:
+                        new = pool.alloc(c, m, owner | s)
+                    except PoolFull:
+                        stop = s + 1
                         break
-                visited += end - slot
-                scan -= end - slot
-                slot = end
-            if slot >= dev.npages:
-                di = (di + 1) % len(devs)
-                slot = 0
-        self._cursor = (di, slot)
-        self.recompressed_pages += converted
+                    state.recompressed_to(dev, s, i, new, m)
+                    converted += 1
+                if handled >= budget:
+                    stop = s + 1
+                    break
+            if stop >= 0:
+                cursor.stop(dev, stop)
+                break
         return handled, converted

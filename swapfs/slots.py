@@ -22,8 +22,9 @@ Three columns, no Python object per slot, 16 bytes per slot in use:
   demotion counter when the page was demoted (mod 2**32).
 
 Memory follows what is stored, not the capacity.  Each column is a typed
-memoryview over an anonymous mapping reserved for the whole device
-(``MAP_NORESERVE``): the kernel backs a page of it only when it is first
+memoryview over a mapping reserved for the whole device
+(``swapfs.memory.reserve``, the one allocator of the store's truth,
+``MAP_NORESERVE``): the kernel backs a page of it only when it is first
 written, and the daemon's ``mlockall(MCL_ONFAULT)`` locks only pages so
 backed.  Slots are grouped in clusters of CLUSTER_SLOTS (1024: 8 KiB of
 handles, 4 KiB of info and of epochs, each page-aligned); per cluster the
@@ -36,20 +37,27 @@ empty clusters with one ``bytearray.find``, so their cost follows the
 clusters in use.
 
 The store keeps ``cluster_used`` right: a slot leaves EMPTY only in its
-commit and becomes EMPTY only in its free (see swapfs/store.py).  The hot
-loops test kinds with the masks below inline; code off the hot path uses
-the named predicates.
+commit and becomes EMPTY only in its free (see swapfs/state.py).
+
+This module owns the encoding: every decode of an info word, every
+conversion between levels, kinds and tier indexes goes through the helpers
+below.  The hot loops named in HOT_LOOPS inline the same expressions for
+speed (a call costs a tenth of a microsecond a page); each says so where
+it does, and tests/core/test_slots.py checks that what they inline agrees
+with the helpers for every kind, length and flag, and that nothing else
+inlines it.
 """
 
 from __future__ import annotations
 
 import logging
-import mmap
 import sys
 from array import array
 from collections.abc import Iterator
 
+from .errors import InvariantError
 from .kernel import release_memory
+from .memory import reserve
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +77,7 @@ SHADOW = 1 << 18  # file kinds: the epoch column holds the demotion shadow
 ALT = 1 << 19  # POOL: the object is in the pool's second codec (recompressed)
 SETTLED = 1 << 20  # POOL: recompressing it would not save a size class
 FLAGS = MOVING | SHADOW | ALT | SETTLED
+HUGE_INFO = 4096 << KIND_BITS | HUGE  # a huge page's info word (a raw page in the pool)
 # POOL and HUGE differ in bit 0 only: ``info & _IN_POOL_MASK == POOL`` is
 # either of them.
 _IN_POOL_MASK = KIND_MASK & ~1
@@ -87,19 +96,48 @@ CLUSTER_SHIFT = 10
 CLUSTER_SLOTS = 1 << CLUSTER_SHIFT
 CLUSTER_MASK = CLUSTER_SLOTS - 1
 
+# The functions that inline the info word's encoding (the expressions of
+# the helpers below) for speed, as "module.qualified_name".
+HOT_LOOPS = frozenset({
+    "read_path.ReadPath.read", "read_path.ReadPath._read_pages",
+    "write_path.WritePath._store_page", "write_path.WritePath._stage",
+    "write_path.WritePath._commit", "recompress.Recompressor.step",
+    "state.StoreState.load_page",
+})
+
+
+def unknown_bits(info: int) -> int:
+    """The bits of ``info`` that no part of the encoding defines (0 if valid)."""
+    return info & ~(FLAGS | LENGTH_MASK << KIND_BITS | KIND_MASK)
+
 
 def kind_of(info: int) -> int:
     return info & KIND_MASK
 
 
 def length_of(info: int) -> int:
-    """The stored payload length of a pool (or huge) slot."""
+    """The stored payload length of a pool (or huge) slot (0 otherwise)."""
     return (info >> KIND_BITS) & LENGTH_MASK
+
+
+def with_length(info: int, n: int) -> int:
+    """``info`` with its payload length replaced by ``n`` (flags kept)."""
+    return (info & ~(LENGTH_MASK << KIND_BITS)) | n << KIND_BITS
+
+
+def pool_info(n: int) -> int:
+    """The info word of a compressed page of ``n`` bytes in the pool."""
+    return n << KIND_BITS | POOL
 
 
 def in_pool(info: int) -> bool:
     """The page is a pool object (compressed or huge)."""
     return info & _IN_POOL_MASK == POOL
+
+
+def in_file(info: int) -> bool:
+    """The page is in a file tier."""
+    return info & KIND_MASK >= FILE0
 
 
 def file_tier_of(info: int) -> int | None:
@@ -108,13 +146,57 @@ def file_tier_of(info: int) -> int | None:
     return k - FILE0 if k >= FILE0 else None
 
 
+def file_kind(ti: int) -> int:
+    """The slot kind of a page of file tier ``ti``."""
+    return FILE0 + ti
+
+
+def tier_of_kind(kind: int) -> int:
+    """The file tier of a file kind (``kind >= FILE0``)."""
+    return kind - FILE0
+
+
+# Levels name where a page can be, top down: 0 is the pool, 1 + n file tier n.
+POOL_LEVEL = 0
+
+
+def tier_level(ti: int) -> int:
+    """The level of file tier ``ti``."""
+    return 1 + ti
+
+
+def level_tier(level: int) -> int:
+    """The file tier at ``level`` (``level > 0``)."""
+    return level - 1
+
+
+def level_of(info: int) -> int:
+    """The level holding a slot's page (in the pool or a file tier)."""
+    k = info & KIND_MASK
+    return k - FILE0 + 1 if k >= FILE0 else POOL_LEVEL
+
+
+def slot_key(dev_index: int, slot: int) -> int:
+    """A slot as one integer: its pool objects' owner word, the key of a
+    tracked slot."""
+    return dev_index << SLOT_SHIFT | slot
+
+
+def key_device(key: int) -> int:
+    return key >> SLOT_SHIFT
+
+
+def key_slot(key: int) -> int:
+    return key & SLOT_MASK
+
+
 def movable(level: int) -> tuple[int, int]:
     """``(mask, value)``: ``info & mask == value`` exactly when a slot holds
     a page at ``level`` (0: the pool, 1 + n: file tier n) and no move of it
     is in flight.  For the victim scans' inner loops."""
-    if level == 0:
+    if level == POOL_LEVEL:
         return MOVING | _IN_POOL_MASK, POOL
-    return MOVING | KIND_MASK, FILE0 + level - 1
+    return MOVING | KIND_MASK, file_kind(level_tier(level))
 
 
 class SlotTable:
@@ -127,7 +209,7 @@ class SlotTable:
         self.npages = npages
         self.nclusters = -(-npages // CLUSTER_SLOTS)
         span = self.nclusters * CLUSTER_SLOTS
-        self._maps = (_reserve(span * 8), _reserve(span * 4), _reserve(span * 4))
+        self._maps = (reserve(span * 8), reserve(span * 4), reserve(span * 4))
         self.release_errors = 0  # clusters whose memory could not be given back
         self.handles = memoryview(self._maps[0]).cast("Q")[:npages]
         self.info = memoryview(self._maps[1]).cast("I")[:npages]
@@ -190,7 +272,7 @@ class SlotTable:
                 + sys.getsizeof(self.cluster_used) + sys.getsizeof(self.nonempty))
 
     def check(self) -> None:
-        """AssertionError unless the cluster counts match the info column.
+        """InvariantError unless the cluster counts match the info column.
         Clusters flagged empty are read only on devices of up to 2**20
         slots (reading a large device's empty clusters maps them)."""
         info = self.info
@@ -206,14 +288,6 @@ class SlotTable:
             else:
                 n = 0
             if n != self.cluster_used[c] or bool(n) != bool(self.nonempty[c]):
-                raise AssertionError(f"slot table: cluster {c} counts {self.cluster_used[c]} "
+                raise InvariantError(f"slot table: cluster {c} counts {self.cluster_used[c]} "
                                      f"slots in use (flag {self.nonempty[c]}), holds "
                                      f"{'pages' if n < 0 else n}")
-
-
-def _reserve(nbytes: int) -> mmap.mmap:
-    """An anonymous mapping of ``nbytes``, backed by the kernel page by
-    page as it is written."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0)
-    return mmap.mmap(-1, max(nbytes, mmap.PAGESIZE), flags=flags,
-                     prot=mmap.PROT_READ | mmap.PROT_WRITE)

@@ -1,5 +1,7 @@
 """Stats assembly: the store's counters as one :class:`swapfs.stats.Stats`.
 
+Reads the state layer (swapfs/state.py) only.
+
 Read-only and await-free, so one snapshot is consistent: a tier's
 ``stored_pages`` counts the pages slots hold (pages written but not yet
 committed, and pages whose free waits for a read, are left out), and
@@ -10,16 +12,13 @@ every moment.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 
 from .kernel import PAGE_SIZE
+from .state import StoreState
 from .stats import CacheStats, DeviceStats, PoolStats, Stats, TotalsStats, WritebackStats
 
-if TYPE_CHECKING:
-    from .store import Store
 
-
-def collect(store: Store) -> Stats:
+def collect(store: StoreState) -> Stats:
     pool = store.pool
     files = store.files
     # Pool objects of writes waiting for a file tier belong to no slot yet.
@@ -52,8 +51,8 @@ def collect(store: Store) -> Stats:
         compactions=pool.compactions, compacted_objects=pool.compacted_objects,
         compacted_bytes=pool.compacted_bytes,
         recompress=store.recodec.name if store.recodec is not None else "",
-        recompressed_pages=store.recompressor.recompressed_pages,
-        recompress_saved_bytes=store.recompressor.saved_bytes,
+        recompressed_pages=store.recompressed.pages,
+        recompress_saved_bytes=store.recompressed.saved_bytes,
         dedup_pages=dedup_pages, dedup_saved_bytes=dedup_saved,
         dedup_hits=store.dedup.hits if store.dedup is not None else 0,
         dedup_index_bytes=store.dedup.metadata_bytes() if store.dedup is not None else 0)
@@ -84,7 +83,7 @@ def collect(store: Store) -> Stats:
                  writeback=_writeback(store), cache=_cache(store))
 
 
-def _writeback(store: Store) -> WritebackStats:
+def _writeback(store: StoreState) -> WritebackStats:
     c = store.moves
     files = store.files
     names = store.level_names
@@ -109,7 +108,7 @@ def _writeback(store: Store) -> WritebackStats:
         pairs=pairs, levels=levels, watermarks=marks)
 
 
-def _cache(store: Store) -> CacheStats:
+def _cache(store: StoreState) -> CacheStats:
     c = store.cache
     return CacheStats(pages=len(c), hits=c.hits, misses=c.misses, capacity_pages=c.capacity,
                       inserts=c.inserts, evictions=c.evictions)

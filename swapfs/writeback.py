@@ -2,14 +2,17 @@
 
 One :class:`Writeback` per store (per mount), run as a trio task
 (``await nursery.start(wb.run)``, or ``async with open_writeback(store)``).
-It owns the access clock (``store.epoch``, advanced EPOCHS_PER_SECOND times
-a second on trio's clock, so MockClock drives it in tests), balances the
+It drives the access clock (``Store.set_epoch``, EPOCHS_PER_SECOND times a
+second on trio's clock, so MockClock drives it in tests), balances the
 tiers against their watermarks, and serves explicit requests (the
-``user.swapfs.ctl.writeback`` xattr).  The mechanism, copy then commit only
-if the slot did not change, is ``Store.migrate``; see docs/writeback.md.
+``user.swapfs.ctl.writeback`` xattr).  While it runs, the store asks it for
+a pass through the callback it registers (``Store.set_writeback_kicker``).
+The mechanism, copy then commit only if the slot did not change, is
+``Store.migrate``; see docs/writeback.md.
 
 Victims: the coldest pages of the source tier, by last-access epoch,
-chosen in a window of the slot tables that a cursor walks round (CLOCK-like
+chosen in a window of the slot tables that a cursor per level walks round
+(``swapfs.state.SlotCursor``, shared with recompression; CLOCK-like
 sampling: scanning every slot per batch would cost more than the move).
 Devices whose config says ``writeback = false`` are never scanned.
 
@@ -28,7 +31,8 @@ from typing import Any
 import trio
 import trio.lowlevel
 
-from .slots import CLUSTER_MASK, EPOCH_MASK, SHADOW, movable
+from .slots import EPOCH_MASK, POOL_LEVEL, SHADOW, level_tier, movable, tier_level
+from .state import SlotCursor
 from .store import Device, Store
 from .tiers.file import CLUSTER_PAGES, FileTier
 from .tiers.pool import COMPACT_HOLES
@@ -60,8 +64,9 @@ class Writeback:
         self.interval = interval
         self.throttle = throttle  # pause between batches while foreground I/O runs
         self._wake = trio.Event()
+        self._passed = trio.Event()  # set at the end of each pass of run()
         self._lock = trio.Lock()
-        self._cursor: dict[int, tuple[int, int]] = {}  # source level -> (device index, slot)
+        self._cursors: dict[int, SlotCursor] = {}  # by source level
 
     # -- the task ---------------------------------------------------------
 
@@ -69,8 +74,13 @@ class Writeback:
         """Ask for a balance pass soon (called by the store, no await)."""
         self._wake.set()
 
+    async def next_pass(self) -> None:
+        """Wait until the task's next pass (balance and recompression) ends."""
+        await self._passed.wait()
+
     def tick(self) -> None:
-        self.store.epoch = int(trio.current_time() * EPOCHS_PER_SECOND) & EPOCH_MASK
+        """Advance the store's access clock to trio's clock."""
+        self.store.set_epoch(int(trio.current_time() * EPOCHS_PER_SECOND))
 
     async def run(self, *, task_status: trio.TaskStatus[Writeback] = trio.TASK_STATUS_IGNORED
                   ) -> None:
@@ -79,7 +89,7 @@ class Writeback:
         watermark."""
         store = self.store
         self.tick()
-        store.kick_writeback = self.kick
+        store.set_writeback_kicker(self.kick)
         try:
             task_status.started(self)
             while True:
@@ -91,10 +101,12 @@ class Writeback:
                         await self.recompress()
                 except Exception:  # never let a failing tier take the mount down
                     log.exception("writeback pass failed")
+                self._passed.set()
+                self._passed = trio.Event()
                 with trio.move_on_after(self.interval):
                     await self._wake.wait()
         finally:
-            store.kick_writeback = None
+            store.set_writeback_kicker(None)
 
     # -- policy -----------------------------------------------------------
 
@@ -111,7 +123,8 @@ class Writeback:
             low = store.pool_low_bytes
             await self.compact(until_bytes=low)
             if store.tiers and pool.pool_bytes > low:
-                moved += await self._drain(0, lambda: self._pool_above(low), urgent=True)
+                moved += await self._drain(POOL_LEVEL, lambda: self._pool_above(low),
+                                           urgent=True)
             if pool.pool_bytes > low:
                 pool.release_spares()
         for ti, (tier, tc) in enumerate(zip(store.tiers, store.config.tiers)):
@@ -123,7 +136,7 @@ class Writeback:
                 def above_low(t: FileTier = tier, lo: float = low_pages) -> bool:
                     return t.stored_pages > lo
 
-                moved += await self._drain(1 + ti, above_low, urgent=True)
+                moved += await self._drain(tier_level(ti), above_low, urgent=True)
         return moved
 
     async def recompress(self, *, limit: int = RECOMPRESS_PER_PASS) -> int:
@@ -196,9 +209,9 @@ class Writeback:
 
     def _stored_at(self, src: int) -> int:
         store = self.store
-        if src == 0:
+        if src == POOL_LEVEL:
             return store.pool.objects
-        return store.tiers[src - 1].stored_pages
+        return store.tiers[level_tier(src)].stored_pages
 
     def _foreground(self) -> int:
         return sum(d.reads + d.writes + d.discards for d in self.store.devices)
@@ -229,45 +242,36 @@ class Writeback:
         mask, want = movable(src)
         if now is None:
             now = self.store.epoch
-        di, slot = self._cursor.get(src, (0, 0))
-        if di >= len(devs):
-            di, slot = 0, 0
+        cursor = self._cursors.setdefault(src, SlotCursor())
         cands: list[tuple[int, int, int]] = []
         goal = n if idle_before is not None else n * CANDIDATES_PER_VICTIM
         total = sum(d.npages for d in devs)
+        # Slots looked at in clusters in use (empty clusters are skipped for
+        # free): one walk round at most, once per request with idle_before.
         budget = total if idle_before is not None else min(SCAN_SLOTS, total)
-        # ``scanned`` counts slots looked at, in clusters in use; ``visited``
-        # also the empty clusters skipped (free): one walk round at most.
-        scanned = visited = 0
-        while visited < total and scanned < budget and len(cands) < goal:
-            dev = devs[di]
-            nxt = dev.table.next_stored(slot)
-            visited += nxt - slot
-            slot = nxt
-            if slot < dev.npages:
-                info = dev.table.info
-                epoch = dev.table.epoch
-                end = min((slot | CLUSTER_MASK) + 1, dev.npages, slot + budget - scanned)
-                for s in range(slot, end):
-                    i = info[s]
-                    if i & mask == want:
-                        e = epoch[s]
-                        if idle_before is not None:
-                            if i & SHADOW or (now - e) & EPOCH_MASK < idle_before:
-                                continue
-                        # shadowed pages (demoted, not read since) are the coldest
-                        key = -(1 << 33) if i & SHADOW else -((now - e) & EPOCH_MASK)
-                        cands.append((key, di, s))
-                        if idle_before is not None and len(cands) >= goal:
-                            end = s + 1
-                            break
-                scanned += end - slot
-                visited += end - slot
-                slot = end
-            if slot >= dev.npages:
-                di = (di + 1) % len(devs)
-                slot = 0
-        self._cursor[src] = (di, slot)
+        for dev, start, end in cursor.walk(devs, budget):
+            info = dev.table.info
+            epoch = dev.table.epoch
+            di = devs.index(dev)
+            stop = -1
+            for s in range(start, end):
+                i = info[s]
+                if i & mask == want:
+                    e = epoch[s]
+                    if idle_before is not None:
+                        if i & SHADOW or (now - e) & EPOCH_MASK < idle_before:
+                            continue
+                    # shadowed pages (demoted, not read since) are the coldest
+                    key = -(1 << 33) if i & SHADOW else -((now - e) & EPOCH_MASK)
+                    cands.append((key, di, s))
+                    if idle_before is not None and len(cands) >= goal:
+                        stop = s + 1
+                        break
+            if stop >= 0:
+                cursor.stop(dev, stop)
+                break
+            if len(cands) >= goal:
+                break
         if idle_before is None and len(cands) > n:
             cands = heapq.nsmallest(n, cands)
         return [(devs[d], s) for _, d, s in cands]
@@ -279,7 +283,7 @@ class Writeback:
         self.store.moves.requests += 1
         if not self.store.tiers or n <= 0:
             return 0
-        return await self._drain(0, lambda: True, urgent=False, limit=n,
+        return await self._drain(POOL_LEVEL, lambda: True, urgent=False, limit=n,
                                  devices=[device] if device else None)
 
     async def writeback_idle(self, seconds: float, device: Device | None = None) -> int:
@@ -290,14 +294,14 @@ class Writeback:
         self.tick()
         age = max(int(seconds * EPOCHS_PER_SECOND), 0)
         devs = [device] if device else None
-        start = self._cursor.pop(0, None)
-        self._cursor[0] = (0, 0)  # one full walk, from the start
+        start = self._cursors.get(POOL_LEVEL)
+        self._cursors[POOL_LEVEL] = SlotCursor()  # one full walk, from the start
         try:
-            return await self._drain(0, lambda: True, urgent=False, devices=devs,
+            return await self._drain(POOL_LEVEL, lambda: True, urgent=False, devices=devs,
                                      idle_before=age, now=self.store.epoch)
         finally:
             if start is not None:
-                self._cursor[0] = start
+                self._cursors[POOL_LEVEL] = start
 
 
 @contextlib.asynccontextmanager

@@ -16,7 +16,7 @@ and fewer classes leave fewer partly used spans.  Objects of more than
 ``4096 - 8`` bytes (raw "huge" pages) are in the last class: one page each,
 no header, no span bookkeeping (see ``page_word``).
 
-**Memory.**  Everything lives in one anonymous mapping reserved at
+**Memory.**  Everything lives in one mapping (``swapfs.memory.reserve``) reserved at
 ``4 * max_bytes`` of address space (``MAP_NORESERVE``, never populated): a
 page costs memory only once touched, and the daemon's
 ``mlockall(MCL_ONFAULT)`` locks it only then.  Spans are carved from it by
@@ -49,8 +49,9 @@ each span knowing its position (``pos``) so it leaves the list in O(1);
 allocation takes the last listed span.
 
 **Owners and compaction.**  ``alloc(data, n, owner)`` records ``owner``, an
-opaque integer below 2**62 given by the store (``device_index << 40 |
-slot``), in the object's header (a huge page's in its ``page_word``).
+opaque integer below OWNER_LIMIT (2**62; larger ones raise ``Misuse``) given
+by the store (its slot key, ``swapfs.slots.slot_key``), in the object's
+header (a huge page's in its ``page_word``).
 ``compact(relocate)`` moves objects out of the sparsest spans of each class
 into the fullest ones with room (only in classes whose free objects add up
 to at least one span), and releases the spans it empties.  For each object
@@ -59,8 +60,10 @@ after the copy: the callee points its reference at the new handle and
 returns True, or returns False and the pool drops the copy and keeps the
 object where it was (the store refuses a slot being migrated, see
 docs/store.md).  Huge pages are never moved (nothing to gain), nor are
-shared objects (header ``SHARED_TAG | references``, set by the store's
-dedup index, swapfs/dedup.py): their owners are not recorded.
+*pinned* objects: a header with the PINNED bit (above every owner) says
+"do not move"; the rest of such a header belongs to whoever pinned it (the
+dedup index, swapfs/dedup.py, pins shared objects and counts their
+references there) and the pool does not read it.
 
 Nothing here awaits: every method runs to completion in the caller's step
 of the trio loop, so a copy, its relocate call and the free of the old
@@ -71,13 +74,13 @@ object happen in one step and no reader sees a handle about to be freed
 from __future__ import annotations
 
 import logging
-import mmap
 import sys
 from array import array
 from collections.abc import Callable
 
-from ..errors import StoreError
+from ..errors import InvariantError, Misuse, StoreError
 from ..kernel import PAGE_SIZE, release_memory
+from ..memory import reserve
 
 log = logging.getLogger(__name__)
 
@@ -89,13 +92,12 @@ SPARE_PAGES = 64
 COMPACT_HOLES = 0.10
 FREE_TAG = 1 << 63  # a free object's header: FREE_TAG | next free index + 1
 HUGE_TAG = 1 << 63  # a huge page's page_word: HUGE_TAG | owner
+# Owners are below OWNER_LIMIT; a header at or above it is PINNED: never
+# moved by compaction, its low bits another module's (swapfs/dedup.py).
 OWNER_LIMIT = 1 << 62
-# A shared object's header (swapfs/dedup.py): SHARED_TAG | references.  Its
-# owners are not known, so compaction leaves it where it is.
-SHARED_TAG = 1 << 62
+PINNED = OWNER_LIMIT
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 _NO_CLASS = 0xFFFF
-_MAP_FLAGS = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_NORESERVE", 0x4000)
 
 
 def _build_classes() -> tuple[list[int], list[int], list[int]]:
@@ -108,7 +110,8 @@ def _build_classes() -> tuple[list[int], list[int], list[int]]:
             used = cap * size / (k * PAGE_SIZE)
             if best is None or used > best[0] + 1e-12:
                 best = (used, k, cap)
-        assert best is not None
+        if best is None:
+            raise InvariantError(f"pool: no span shape for {size}-byte objects")
         raw.append((size, best[1], best[2]))
     merged: list[tuple[int, int, int]] = []
     for c in reversed(raw):  # a class merges into the next larger one of the same shape
@@ -173,8 +176,7 @@ class Pool:
         # The mapping: address space for every span the pool may ever need.
         self.reserve_pages = max(MAX_SPAN_PAGES * -(-max_bytes // PAGE_SIZE), MAX_SPAN_PAGES)
         try:
-            self._map = mmap.mmap(-1, self.reserve_pages * PAGE_SIZE, flags=_MAP_FLAGS,
-                                  prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            self._map = reserve(self.reserve_pages * PAGE_SIZE)
         except OSError as e:
             raise OSError(e.errno, f"cannot reserve {self.reserve_pages * PAGE_SIZE} bytes of "
                                    f"address space for a pool of {max_bytes} bytes: "
@@ -220,8 +222,10 @@ class Pool:
     # -- hot path ---------------------------------------------------------
 
     def alloc(self, data: bytes | memoryview, n: int, owner: int = 0) -> int:
-        """Store ``n`` bytes of ``data`` for ``owner`` (< 2**63); return the
-        handle.  Raises PoolFull."""
+        """Store ``n`` bytes of ``data`` for ``owner`` (< OWNER_LIMIT); return
+        the handle.  Raises PoolFull."""
+        if owner >= OWNER_LIMIT:
+            raise Misuse(f"pool: owner {owner:#x} is not below {OWNER_LIMIT:#x}")
         if n > MAX_OBJECT:
             g = self._take_pages(1, HUGE_CLASS)
             self.page_word[g] = HUGE_TAG | owner
@@ -295,6 +299,16 @@ class Pool:
         """
         return self.mem[handle:handle + n]
 
+    def header(self, handle: int) -> int:
+        """The header word of the (not huge) object ``handle``: its owner, or
+        PINNED and whatever its pinner keeps there."""
+        return self.words[(handle - HEADER) >> 3]
+
+    def set_header(self, handle: int, word: int) -> None:
+        """Rewrite the header of the (not huge) object ``handle``: a word with
+        PINNED set keeps it where it is (its owner is then not known)."""
+        self.words[(handle - HEADER) >> 3] = word
+
     def owner(self, handle: int, n: int) -> int:
         """The owner word the object ``handle`` of ``n`` bytes was stored with."""
         if n > MAX_OBJECT:
@@ -337,7 +351,8 @@ class Pool:
         """Return the object whose header is at ``hdr`` to span ``sid``'s free
         list (the span keeps at least one object)."""
         u = self.s_used[sid]
-        assert u > 1
+        if u <= 1:
+            raise InvariantError(f"pool: span {sid} would be left empty by a compaction move")
         self.s_used[sid] = u - 1
         if u == CLASS_CAP[cls]:
             part = self.partial[cls]
@@ -519,8 +534,8 @@ class Pool:
                 for idx in range(s_fresh[src]):
                     hdr = first + idx * size
                     owner = words[hdr >> 3]
-                    if owner & (FREE_TAG | SHARED_TAG):
-                        continue  # free, or shared (its owners are not known)
+                    if owner & (FREE_TAG | PINNED):
+                        continue  # free, or pinned (its owners are not known)
                     while hi > lo and s_used[order[hi]] == cap:
                         hi -= 1
                     if hi <= lo or (budget is not None and moved >= budget):
@@ -597,26 +612,26 @@ class Pool:
         for h, (n, owner) in live.items():
             g = h >> PAGE_SHIFT
             if not 0 <= g < npages:
-                raise AssertionError(f"pool: handle {h:#x} is outside the pages carved")
+                raise InvariantError(f"pool: handle {h:#x} is outside the pages carved")
             cbytes += n
             if n > MAX_OBJECT:
                 if h & (PAGE_SIZE - 1) or self.page_word[g] != HUGE_TAG | owner:
-                    raise AssertionError(f"pool: huge handle {h:#x} is not a page of {owner:#x}")
+                    raise InvariantError(f"pool: huge handle {h:#x} is not a page of {owner:#x}")
                 huge_pages.add(g)
                 class_objects[HUGE_CLASS] += 1
                 continue
             sid = self.page_word[g]
             if sid >= nspans or self.s_cls[sid] == _NO_CLASS:
-                raise AssertionError(f"pool: handle {h:#x} is in released span {sid}")
+                raise InvariantError(f"pool: handle {h:#x} is in released span {sid}")
             cls = self.s_cls[sid]
             if SIZE_CLASS[n] != cls:
-                raise AssertionError(f"pool: handle {h:#x} of {n} bytes is in a span of "
+                raise InvariantError(f"pool: handle {h:#x} of {n} bytes is in a span of "
                                      f"class {CLASS_SIZE[cls]}")
             rel = h - HEADER - (self.s_page[sid] << PAGE_SHIFT)
             if rel < 0 or rel % CLASS_SIZE[cls] or rel // CLASS_SIZE[cls] >= self.s_fresh[sid]:
-                raise AssertionError(f"pool: handle {h:#x} is not an object of span {sid}")
+                raise InvariantError(f"pool: handle {h:#x} is not an object of span {sid}")
             if self.owner(h, n) != owner:
-                raise AssertionError(f"pool: object {h:#x} has owner {self.owner(h, n):#x}, "
+                raise InvariantError(f"pool: object {h:#x} has owner {self.owner(h, n):#x}, "
                                      f"its slot is {owner:#x}")
             per_span.setdefault(sid, []).append(rel // CLASS_SIZE[cls])
             class_objects[cls] += 1
@@ -626,7 +641,7 @@ class Pool:
         pool_bytes = (page_spares + len(huge_pages)) * PAGE_SIZE
         free_ids = set(self.free_ids)
         if len(free_ids) != len(self.free_ids):
-            raise AssertionError("pool: a span id is free twice")
+            raise InvariantError("pool: a span id is free twice")
         taken: set[int] = set(huge_pages)
         class_spans = [0] * NCLASSES
         class_spans[HUGE_CLASS] = len(huge_pages)
@@ -634,10 +649,10 @@ class Pool:
             cls = self.s_cls[sid]
             if cls == _NO_CLASS:
                 if sid not in free_ids:
-                    raise AssertionError(f"pool: span {sid} is neither live nor free")
+                    raise InvariantError(f"pool: span {sid} is neither live nor free")
                 continue
             if sid in free_ids:
-                raise AssertionError(f"pool: live span {sid} is on the free list")
+                raise InvariantError(f"pool: live span {sid} is on the free list")
             spans += 1
             class_spans[cls] += 1
             k = CLASS_PAGES[cls]
@@ -646,7 +661,7 @@ class Pool:
             g = self.s_page[sid]
             for p in range(g, g + k):
                 if p >= npages or self.page_word[p] != sid or p in taken:
-                    raise AssertionError(f"pool: page {p} of span {sid} is not its own")
+                    raise InvariantError(f"pool: page {p} of span {sid} is not its own")
                 taken.add(p)
             used = self.s_used[sid]
             fresh = self.s_fresh[sid]
@@ -654,10 +669,10 @@ class Pool:
             if not used:
                 empty_pages += k
             if len(idxs) != used or not 0 <= used <= cap:
-                raise AssertionError(f"pool: span {sid} counts {used} objects, slots "
+                raise InvariantError(f"pool: span {sid} counts {used} objects, slots "
                                      f"reference {len(idxs)} (cap {cap})")
             if len(set(idxs)) != len(idxs):
-                raise AssertionError(f"pool: two slots share an object of span {sid}")
+                raise InvariantError(f"pool: two slots share an object of span {sid}")
             # Walk the free list: every free object once, none in use.
             size = CLASS_SIZE[cls]
             seen = set()
@@ -666,42 +681,42 @@ class Pool:
                 rel = head - 1 - (g << PAGE_SHIFT)
                 i = rel // size
                 if rel % size or i in seen or not 0 <= i < fresh or i in idxs:
-                    raise AssertionError(f"pool: span {sid} free list is broken at {head - 1}")
+                    raise InvariantError(f"pool: span {sid} free list is broken at {head - 1}")
                 seen.add(i)
                 w = self.words[(head - 1) >> 3]
                 if not w & FREE_TAG:
-                    raise AssertionError(f"pool: free object {i} of span {sid} is untagged")
+                    raise InvariantError(f"pool: free object {i} of span {sid} is untagged")
                 head = w ^ FREE_TAG
             if used + len(seen) != fresh or fresh > cap:
-                raise AssertionError(f"pool: span {sid} used={used} free={len(seen)} "
+                raise InvariantError(f"pool: span {sid} used={used} free={len(seen)} "
                                      f"fresh={fresh} cap={cap}")
             listed = self.partial[cls].count(sid)
             if listed != (1 if used < cap else 0):
-                raise AssertionError(f"pool: span {sid} ({used}/{cap}) is listed {listed} times "
+                raise InvariantError(f"pool: span {sid} ({used}/{cap}) is listed {listed} times "
                                      "as having room")
             if listed and self.partial[cls][self.s_pos[sid]] != sid:
-                raise AssertionError(f"pool: span {sid} has a stale list position")
+                raise InvariantError(f"pool: span {sid} has a stale list position")
         for k in range(1, MAX_SPAN_PAGES + 1):
             for g in list(self.spare[k]) + list(self.cold[k]):
                 for p in range(g, g + k):
                     if p >= npages or p in taken:
-                        raise AssertionError(f"pool: free page {p} is in use or not carved")
+                        raise InvariantError(f"pool: free page {p} is in use or not carved")
                     taken.add(p)
         if len(taken) != npages:
-            raise AssertionError(f"pool: {npages - len(taken)} carved pages are lost")
+            raise InvariantError(f"pool: {npages - len(taken)} carved pages are lost")
         if page_spares + empty_pages != self.spare_pages or self.spare_pages > max(
                 self.spare_limit, MAX_SPAN_PAGES):
-            raise AssertionError(f"pool: {self.spare_pages} spare pages counted, "
+            raise InvariantError(f"pool: {self.spare_pages} spare pages counted, "
                                  f"{page_spares} free and {empty_pages} in empty spans")
         if list(self.class_objects) != class_objects:
-            raise AssertionError("pool: objects per class disagree with the spans")
+            raise InvariantError("pool: objects per class disagree with the spans")
         if list(self.class_spans) != class_spans:
-            raise AssertionError("pool: spans per class miscounted")
+            raise InvariantError("pool: spans per class miscounted")
         if pool_bytes != self.pool_bytes or spans != self.spans:
-            raise AssertionError(f"pool: pool_bytes {self.pool_bytes}/spans {self.spans} "
+            raise InvariantError(f"pool: pool_bytes {self.pool_bytes}/spans {self.spans} "
                                  f"counted, spans sum to {pool_bytes}/{spans}")
         if self.pool_bytes > self.max_bytes:
-            raise AssertionError(f"pool: pool_bytes {self.pool_bytes} above max {self.max_bytes}")
+            raise InvariantError(f"pool: pool_bytes {self.pool_bytes} above max {self.max_bytes}")
         if compressed_bytes != self.compressed_bytes or cbytes != compressed_bytes:
-            raise AssertionError(f"pool: compressed_bytes {self.compressed_bytes} counted, "
+            raise InvariantError(f"pool: compressed_bytes {self.compressed_bytes} counted, "
                                  f"slots hold {compressed_bytes}")

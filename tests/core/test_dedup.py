@@ -9,9 +9,10 @@ import random
 import pytest
 
 from swapfs.dedup import MIN_WORDS
+from swapfs.dedup import SHARED as SHARED_TAG
 from swapfs.slots import ALT, FILE0, KIND_MASK, POOL, SETTLED
 from swapfs.store import Store
-from swapfs.tiers.pool import HEADER, SHARED_TAG
+from swapfs.tiers.pool import HEADER
 from swapfs.writeback import Writeback
 
 from ..conftest import MakeStore, tier

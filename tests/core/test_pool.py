@@ -10,6 +10,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
+from swapfs.errors import Misuse
 from swapfs.tiers.pool import (
     CLASS_CAP,
     CLASS_PAGES,
@@ -19,6 +20,8 @@ from swapfs.tiers.pool import (
     MAX_OBJECT,
     MAX_SPAN_PAGES,
     NCLASSES,
+    OWNER_LIMIT,
+    PINNED,
     SPARE_PAGES,
     Pool,
     PoolFull,
@@ -274,6 +277,42 @@ def test_compaction_refused_moves_keep_objects() -> None:
     assert moved > 0
     for owner in refuse:
         assert live[handles[owner]][2] == owner  # still where it was
+    check(pool, live)
+
+
+def test_owners_stay_below_the_pinned_bit() -> None:
+    pool = Pool(max_bytes=MiB)
+    for n in (100, P):
+        with pytest.raises(Misuse):
+            pool.alloc(b"x" * n, n, OWNER_LIMIT)
+        pool.alloc(b"x" * n, n, OWNER_LIMIT - 1)
+    assert pool.objects == 2
+
+
+def test_compaction_leaves_pinned_objects() -> None:
+    pool = Pool(max_bytes=16 * MiB)
+    rng = random.Random(7)
+    live: Live = {}
+    for i in range(600):
+        put(pool, live, 500, i, rng)
+    for k, (h, (n, _, _)) in enumerate(list(live.items())):
+        if k % 3:
+            pool.free_object(h, n)
+            del live[h]
+    pinned = [h for h, (_, _, o) in live.items() if o % 2]
+    for h in pinned:
+        pool.set_header(h, PINNED | 5)
+    seen: list[int] = []
+
+    def relocate(owner: int, old: int, new: int) -> bool:
+        seen.append(old)
+        return False
+
+    pool.compact(relocate)
+    assert seen and not set(seen) & set(pinned)
+    for h in pinned:
+        assert pool.header(h) == PINNED | 5
+        pool.set_header(h, live[h][2])
     check(pool, live)
 
 

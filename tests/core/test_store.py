@@ -1,9 +1,8 @@
-"""The store without FUSE: byte-exact I/O, discard, limits, stats, a model test."""
+"""The store without FUSE: byte-exact I/O, discard, limits, a model test."""
 
 from __future__ import annotations
 
 import random
-import subprocess
 import sys
 from array import array
 from pathlib import Path
@@ -11,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from swapfs.errors import NoSpace, OutOfRange, StoreError
-from swapfs.slots import BYTES_PER_SLOT
 from swapfs.store import Store
 
 from ..conftest import MakeStore
@@ -236,82 +234,6 @@ async def test_pool_full(make_store: MakeStore, algorithm: str) -> None:
     store.check_invariants()
 
 
-async def test_stats_counters(store: Store) -> None:
-    dev = store.devices[0]
-    s0 = store.stats().device(dev.name)
-    assert (s0.reads, s0.writes, s0.discards, s0.stored_pages) == (0, 0, 0, 0)
-    rng = random.Random(5)
-    await store.write(dev, 0, compressible_page(rng) + bytes(P))
-    await store.write(dev, 10, b"abc")
-    await store.read(dev, 0, 2 * P)
-    await store.read(dev, 100, 5)
-    await store.discard(dev, P, P)
-    st = store.stats()
-    d = st.device(dev.name)
-    assert (d.writes, d.written_bytes) == (2, 2 * P + 3)
-    assert (d.reads, d.read_bytes) == (2, 2 * P + 5)
-    assert d.discards == 1
-    assert d.stored_pages == 1 and d.same_filled_pages == 0 and d.pool_pages == 1
-    t = st.totals
-    assert (t.reads, t.writes, t.discards) == (2, 2, 1)
-    assert t.stored_pages == t.same_filled_pages + st.pool.stored_pages == 1
-    assert t.compression_ratio == pytest.approx(P / st.pool.pool_bytes)
-    assert 0 < st.pool.fragmentation < 1
-    assert d.compressed_bytes == st.pool.compressed_bytes < P
-    store.check_invariants()
-
-
-async def test_stats_dict(store: Store) -> None:
-    from swapfs.stats import xattr_items
-    dev = store.devices[0]
-    await store.write(dev, 0, b"\x01" * P)
-    d = store.stats().to_dict()
-    assert set(d) == {"schema", "devices", "tiers", "totals", "writeback", "cache"}
-    contract_dev = {"size_bytes", "stored_pages", "same_filled_pages", "reads", "writes",
-                    "discards", "read_bytes", "written_bytes", "compressed_bytes", "pool_bytes",
-                    "metadata_bytes"}
-    assert contract_dev <= set(d["devices"]["swap0"])
-    assert {"kind", "stored_pages", "compressed_bytes", "pool_bytes", "max_bytes", "huge_pages",
-            "fragmentation", "metadata_bytes", "arenas"} <= set(d["tiers"]["pool"])
-    assert d["tiers"]["pool"]["kind"] == "pool"
-    assert {"stored_pages", "same_filled_pages", "compressed_bytes", "pool_bytes",
-            "metadata_bytes", "compression_ratio", "reads", "writes", "discards"} <= set(d["totals"])
-    contract_wb = {"moved_pages": 0, "aborted_moves": 0, "promotions": 0, "refaults": 0}
-    assert {k: d["writeback"][k] for k in contract_wb} == contract_wb
-    contract_cache = {"pages": 0, "hits": 0, "misses": 0}
-    assert {k: d["cache"][k] for k in contract_cache} == contract_cache
-    assert d["devices"]["swap0"]["same_filled_pages"] == 1
-    x = xattr_items(d["devices"]["swap0"])
-    assert x["same_filled_pages"] == "1" and all(v.isascii() for v in x.values())
-    assert xattr_items(d["totals"])["compression_ratio"] == "0.0000"
-    import json
-    json.dumps(d)
-    store.check_invariants()
-
-
-async def test_metadata_budget(make_store: MakeStore) -> None:
-    store = make_store(devices=(("swap0", 1 << 30),), pool_bytes=512 * MiB)
-    dev = store.devices[0]
-    st = store.stats().device(dev.name)
-    assert BYTES_PER_SLOT == 16
-    assert st.metadata_bytes <= 16 * dev.npages + 256
-    assert st.metadata_bytes / dev.npages <= 16.001
-    assert st.metadata_bytes < 4096  # nothing stored: no cluster of the table in use
-    rng = random.Random(6)
-    pages = [compressible_page(rng) for _ in range(64)]
-    batch = b"".join(pages)
-    for i in range(0, 20000, 64):
-        await store.write(dev, i * P, batch)
-    pst = store.stats().pool
-    assert pst.stored_pages == 20032
-    assert pst.metadata_bytes / pst.stored_pages <= 16
-    used = store.stats().device(dev.name).metadata_bytes
-    assert used <= 16 * 20480 + 4096  # the table holds the 20 clusters in use
-    # Check only the written part to keep the test fast: the full walk is
-    # done at teardown.
-    store.check_invariants()
-
-
 async def test_buffer_types(store: Store) -> None:
     dev = store.devices[0]
     page = compressible_page(random.Random(8))
@@ -414,75 +336,6 @@ async def test_small_cases(store: Store) -> None:
     await store.discard(dev, 2 * P - 1, 1)
     assert store.stats().device(dev.name).same_filled_pages == 1
     store.check_invariants()
-
-
-async def test_a_huge_device_holds_only_what_is_stored(make_store: MakeStore) -> None:
-    # 1 TiB of slots is 4 GiB of table at 16 bytes a slot: reserved, never
-    # backed until written.  Clusters in use cost 16 bytes a slot; a
-    # cluster whose last page is discarded gives its memory back.
-    store = make_store(devices=(("big", 1 << 40),), pool_bytes=256 * MiB)
-    dev = store.devices[0]
-    assert dev.npages == 1 << 28
-    empty = store.stats().device("big").metadata_bytes
-    assert empty < 1 << 20  # the per-cluster counts: 3 bytes a cluster
-    rng = random.Random(8)
-    page = compressible_page(rng)
-    far = [(i * 7919 * 1024 + 5) % dev.npages for i in range(1, 201)]
-    for s in far:  # 200 pages in 200 clusters spread over the device
-        await store.write(dev, s * P, page)
-    await store.write(dev, 0, page * 1024)  # one full cluster
-    st = store.stats().device("big")
-    assert st.stored_pages == 200 + 1024
-    assert st.metadata_bytes - empty <= 201 * 1024 * 16
-    for s in far:
-        assert await store.read(dev, s * P, P) == page
-    store.check_invariants()
-    await store.discard(dev, 0, 1 << 40)
-    assert store.stats().device("big").metadata_bytes == empty
-    assert await store.read(dev, far[3] * P, P) == bytes(P)
-    store.check_invariants()
-
-
-def test_freed_clusters_give_memory_back_in_a_locked_process() -> None:
-    # The daemon runs mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT), and
-    # MADV_DONTNEED refuses locked pages: a freed cluster must still give its
-    # memory back (and be locked again when written).  In a child process,
-    # so that this test process's memory is not locked.
-    code = """
-import ctypes, sys
-from swapfs.kernel import libc
-from swapfs.slots import CLUSTER_SLOTS, SlotTable
-if libc().mlockall(1 | 2 | 4) != 0:
-    print("SKIP mlockall failed errno", ctypes.get_errno()); sys.exit(0)
-def locked_kib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmRSS"):
-            return int(line.split()[1])
-t = SlotTable(1 << 24)  # 16M slots: 256 MiB of table reserved
-base = locked_kib()
-for s in range(64 * CLUSTER_SLOTS):  # 64 clusters written: 1 MiB of table
-    t.info[s] = 2
-    t.handles[s] = s + 1
-    t.filled(s)
-grown = locked_kib() - base
-for s in range(64 * CLUSTER_SLOTS):
-    t.info[s] = 0
-    t.handles[s] = 0
-    t.emptied(s)
-t.check()
-shrunk = locked_kib() - base
-t.info[5] = 2; t.filled(5)  # written again after the release: still works
-print("OK", grown, shrunk, t.release_errors)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    words = out.stdout.split()
-    if words[0] == "SKIP":
-        pytest.skip(out.stdout.strip())
-    grown, shrunk, errors = int(words[1]), int(words[2]), int(words[3])
-    assert errors == 0
-    assert grown >= 700  # KiB: 64 clusters, 12 bytes a slot written (handle and info)
-    assert shrunk < grown / 4, (grown, shrunk)
 
 
 class _NoMemory(array):  # type: ignore[type-arg]

@@ -185,6 +185,7 @@ async def test_backing_io_error_is_reported(stores, tmp_path):
 
 
 @pytest.mark.root
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 async def test_backing_filesystem_really_fills_up(stores, tmp_path, small_ext4):
     # a sparse 64 MiB tier on an 8 MiB ext4: ENOSPC comes from the filesystem

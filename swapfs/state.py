@@ -1,0 +1,458 @@
+"""The store's state: devices, slot tables, the pool, counters, and the
+operations that change a slot.
+
+The bottom of the store.  Every path that changes what a slot holds does it
+here or in one of the named hot loops of the I/O paths (swapfs/write_path.py,
+listed in ``slots.HOT_LOOPS``), which do exactly what these methods do,
+inline.  Migration (swapfs/migrate.py), recompression
+(swapfs/recompress.py), stats collection (swapfs/store_stats.py) and the
+consistency check (swapfs/invariants.py) import this module, never the
+store.  The floors above: :class:`swapfs.read_path.ReadPath` (reads),
+:class:`swapfs.write_path.WritePath` (writes, discard) and the facade
+:class:`swapfs.store.Store`, the only module that imports them all.
+
+**Truth and derived state.**  What a successor process would need to serve
+every page is the *truth*; everything else can be rebuilt from it:
+
+* truth: each device's slot table (handle, info and epoch columns), the
+  pool's objects (their bytes, at the handles the slots name), the file
+  tiers' backing files and key, and the two clocks (``epoch``,
+  ``demotions``) the epoch column is read against;
+* derived from the slot tables: the per-device counters, each table's
+  cluster counts, the pool's span and class bookkeeping (which objects are
+  in use is which handles slots name), the dedup index and its reference
+  counts (how many slots name each object), the file tiers' allocation
+  maps (which pages slots name), the swap cache (a cache), and the
+  counters of moves, recompression and I/O (statistics).
+
+The truth's memory is allocated through one function,
+:func:`swapfs.memory.reserve` (anonymous mappings today), so that it can
+move to memory that outlives the process without touching its users.
+
+Everything runs on the trio loop; no method here awaits.  Each operation
+changes a slot and the counters that describe it in the same step, so the
+tables and the counters agree at every moment (docs/store.md).
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable, Iterator
+
+from .cache import SwapCache
+from .codec import ZERO_PAGE, fill_page, make_codec
+from .config import Config, DeviceConfig
+from .dedup import DedupIndex
+from .errors import InvariantError
+from .fileset import FileTierSet
+from .kernel import PAGE_SIZE
+from .slots import (
+    ALT,
+    CLUSTER_MASK,
+    EMPTY,
+    EPOCH_MASK,
+    HUGE,
+    KIND_MASK,
+    LENGTH_MASK,
+    MOVING,
+    POOL,
+    POOL_LEVEL,
+    SAME,
+    SETTLED,
+    SHADOW,
+    SlotTable,
+    file_kind,
+    in_file,
+    in_pool,
+    key_device,
+    key_slot,
+    kind_of,
+    length_of,
+    level_tier,
+    tier_of_kind,
+    with_length,
+)
+from .tiers.file import FileTier
+from .tiers.pool import MAX_OBJECT, OBJECT_BYTES, Pool
+
+# Default size of the swap cache, in pages.
+CACHE_PAGES = 1024
+
+
+class Device:
+    """A virtual swap device: its slot table and counters."""
+
+    __slots__ = ("name", "index", "size_bytes", "npages", "config", "table",
+                 "stored_pages", "same_filled_pages", "pool_pages", "huge_pages",
+                 "file_pages", "compressed_bytes", "pool_bytes", "reads", "writes", "discards",
+                 "read_bytes", "written_bytes", "discarded_bytes", "nospace_errors")
+
+    def __init__(self, index: int, config: DeviceConfig) -> None:
+        self.name = config.name
+        self.index = index
+        self.size_bytes = config.size
+        self.npages = config.size // PAGE_SIZE
+        self.config = config
+        self.table = SlotTable(self.npages)
+        # Derived from the table (the checker recounts them).
+        self.stored_pages = 0
+        self.same_filled_pages = 0
+        self.pool_pages = 0
+        self.huge_pages = 0
+        self.file_pages = 0
+        self.compressed_bytes = 0
+        self.pool_bytes = 0
+        # Statistics.
+        self.reads = 0
+        self.writes = 0
+        self.discards = 0
+        self.read_bytes = 0
+        self.written_bytes = 0
+        self.discarded_bytes = 0
+        self.nospace_errors = 0
+
+    def __repr__(self) -> str:
+        return f"<Device {self.name} {self.size_bytes} bytes>"
+
+
+class MoveCounters:
+    """Counters of migration, refaults and promotions, per level (0: the
+    pool, 1 + i: file tier i) where it matters."""
+
+    __slots__ = ("moved", "aborted", "batches", "failed_batches", "requests", "demotions",
+                 "refaults", "promotions", "pairs")
+
+    def __init__(self, levels: int) -> None:
+        self.moved = 0  # pages demoted (committed moves)
+        self.aborted = 0  # copies dropped because their slot changed
+        self.batches = 0  # migrations that committed at least one page
+        self.failed_batches = 0  # tier writes that failed
+        self.requests = 0  # explicit writeback requests served
+        self.demotions = [0] * levels  # by source level
+        self.refaults = [0] * levels
+        self.promotions = [0] * levels
+        # (source level, destination level) -> [pages, batches]
+        self.pairs: dict[tuple[int, int], list[int]] = {}
+
+
+class RecompressCounters:
+    __slots__ = ("pages", "saved_bytes", "settled")
+
+    def __init__(self) -> None:
+        self.pages = 0  # pages switched to the second codec
+        self.saved_bytes = 0  # pool memory (size-class bytes) those switches saved
+        self.settled = 0  # pages tried that would have saved nothing
+
+
+class Staged:
+    """The new content of a run of slots, placed but not committed: per
+    page the handle and info word it will get (info 0: not placed yet), the
+    pages bound for file tiers, and the device counter deltas of the pages
+    placed in memory."""
+
+    __slots__ = ("npages", "owner", "handles", "info", "spill", "same", "pool", "huge", "cbytes",
+                 "pbytes", "shared", "shared_bytes", "shared_pbytes")
+
+    def __init__(self, capacity: int) -> None:
+        self.handles = array("Q", bytes(8 * capacity))
+        self.info = array("I", bytes(4 * capacity))
+        self.spill: list[int] = []
+        self.npages = self.owner = self.same = self.pool = self.huge = self.cbytes = self.pbytes = 0
+        # Of ``pool`` and ``cbytes``: references to objects already stored (dedup).
+        self.shared = self.shared_bytes = self.shared_pbytes = 0
+
+
+class SlotCursor:
+    """A position in the slot tables of some devices, walked round and
+    round: the victim search and recompression each keep one.
+
+    ``walk(devs, scan)`` yields ``(device, start, stop)`` chunks of slots
+    from the position on, each within one cluster in use (empty clusters
+    are skipped for free), at most ``scan`` slots in all and one walk round
+    the devices.  The position moves past each chunk yielded; a consumer
+    that stops inside a chunk calls ``stop(s)`` first (the walk resumes at
+    slot ``s`` of that device next time)."""
+
+    __slots__ = ("di", "slot")
+
+    def __init__(self) -> None:
+        self.di = 0
+        self.slot = 0
+
+    def walk(self, devs: list[Device], scan: int) -> Iterator[tuple[Device, int, int]]:
+        if not devs:
+            return
+        di, slot = self.di, self.slot
+        if di >= len(devs):
+            di, slot = 0, 0
+        total = sum(d.npages for d in devs)
+        visited = 0
+        while visited < total and scan > 0:
+            dev = devs[di]
+            nxt = dev.table.next_stored(slot)
+            visited += nxt - slot
+            slot = nxt
+            if slot < dev.npages:
+                end = min((slot | CLUSTER_MASK) + 1, dev.npages, slot + scan)
+                self._set(devs, di, end)
+                yield dev, slot, end
+                visited += end - slot
+                scan -= end - slot
+                slot = end
+            if slot >= dev.npages:
+                di = (di + 1) % len(devs)
+                slot = 0
+            self.di, self.slot = di, slot
+        self.di, self.slot = di, slot
+
+    def stop(self, dev: Device, s: int) -> None:
+        """The consumer stops inside the chunk of ``dev`` it was given:
+        resume at slot ``s``."""
+        self.slot = s
+        if s >= dev.npages:
+            self.slot = 0
+            self.di += 1
+
+    def _set(self, devs: list[Device], di: int, end: int) -> None:
+        if end >= devs[di].npages:
+            self.di, self.slot = (di + 1) % len(devs), 0
+        else:
+            self.di, self.slot = di, end
+
+
+class StoreState:
+    """Devices over a compressed memory pool and, below it, file tiers: the
+    tables, the counters and the operations that change a slot."""
+
+    def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES) -> None:
+        self.config = config
+        self.codec = make_codec(config.pool.algorithm, config.pool.level)
+        # The second codec idle pages are recompressed with (slots flagged
+        # ALT; see swapfs/recompress.py), or None.
+        self.recodec = (make_codec(config.pool.recompress, config.pool.level)
+                        if config.pool.recompress else None)
+        self.pool = Pool(config.pool.max_bytes)
+        # Same content stored once (docs/store.md): the index of pool objects.
+        self.dedup = DedupIndex(self.pool) if config.pool.dedup else None
+        # A page is kept compressed only if it compresses to at most this.
+        self.accept_limit = int(config.pool.accept_ratio * PAGE_SIZE)
+        self.devices = [Device(i, dc) for i, dc in enumerate(config.devices)]
+        self._by_name = {d.name: d for d in self.devices}
+        self.cache = SwapCache(cache_pages)
+        # File tiers in config order: tier i is slot kind file_kind(i).
+        self.files = FileTierSet(config.tiers, self.cache)
+        self.tiers: list[FileTier] = self.files.tiers
+        # Level 0 is the pool, level 1 + i file tier i.
+        self.level_names = ["pool"] + [t.name for t in self.tiers]
+        # The access clock: advanced by the writeback task (set_epoch),
+        # stored per slot on every access of a page (docs/writeback.md).
+        self.epoch = 0
+        # Pages demoted so far (mod 2**32 in shadows): the refault clock.
+        self.demotions = 0
+        self.pool_high_bytes = int(config.pool.high_watermark * self.pool.max_bytes)
+        self.pool_low_bytes = int(config.pool.low_watermark * self.pool.max_bytes)
+        # Called (no await) when a write leaves the pool above its high
+        # watermark: the writeback task, while it runs (set_writeback_kicker).
+        self.kick_writeback: Callable[[], None] | None = None
+        # Counters of moves and recompression (statistics).
+        self.moves = MoveCounters(len(self.level_names))
+        self.recompressed = RecompressCounters()
+        # Slots flagged MOVING by the migration in flight.
+        self.moving = 0
+        # Writes waiting for file tiers: their pool objects and file pages
+        # are allocated, their slots not switched yet.
+        self.staged: list[Staged] = []
+        # Pages that skipped the pool (zswap's names): it was at its limit,
+        # or they did not compress to accept_ratio (and went to a file tier).
+        self.pool_limit_hit = 0
+        self.reject_compress_poor = 0
+
+    def device(self, name: str) -> Device:
+        return self._by_name[name]
+
+    # -- the clocks and the writeback hook -----------------------------------
+
+    def set_epoch(self, epoch: int) -> None:
+        """Advance the access clock (the writeback task's, 1/4 s units)."""
+        self.epoch = epoch & EPOCH_MASK
+
+    def set_writeback_kicker(self, kick: Callable[[], None] | None) -> None:
+        """Who to ask for a writeback pass when the pool passes its high
+        watermark (no await), or None while no writeback task runs."""
+        self.kick_writeback = kick
+
+    def set_pool_watermarks(self, high: float, low: float) -> bool:
+        """New pool watermarks (shares of max_bytes), live; True if they
+        changed, and then a writeback pass is asked for."""
+        marks = int(high * self.pool.max_bytes), int(low * self.pool.max_bytes)
+        if marks == (self.pool_high_bytes, self.pool_low_bytes):
+            return False
+        self.pool_high_bytes, self.pool_low_bytes = marks
+        if self.kick_writeback is not None:
+            self.kick_writeback()
+        return True
+
+    # -- reading a slot held in memory -----------------------------------------
+
+    def load_page(self, dev: Device, slot: int) -> bytes:
+        """The content of one slot held in memory, as bytes.  A hot loop (the
+        read of one pool page ends here): inlines the slot encoding."""
+        i = dev.table.info[slot]
+        k = i & KIND_MASK
+        if k == EMPTY:
+            return ZERO_PAGE
+        h = dev.table.handles[slot]
+        if k == SAME:
+            return fill_page(h)
+        if k == POOL:
+            codec = self.recodec if i & ALT and self.recodec is not None else self.codec
+            return codec.decompress(self.pool.view(h, (i >> 4) & LENGTH_MASK))
+        if k == HUGE:
+            return bytes(self.pool.view(h, PAGE_SIZE))
+        raise InvariantError(f"{dev.name}: slot {slot} has kind {k}, not in memory")
+
+    # -- freeing a slot's content --------------------------------------------
+
+    def free_slot_content(self, dev: Device, s: int, old: int) -> None:
+        """Free what slot ``s`` (info ``old``, not EMPTY) holds, keeping the
+        device counters right for a slot that is about to be refilled or
+        emptied (the caller writes its new handle and info)."""
+        h = dev.table.handles[s]
+        if old == SAME:
+            dev.same_filled_pages -= 1
+        elif in_file(old):
+            self.files.free_page(tier_of_kind(kind_of(old)), h)
+            dev.file_pages -= 1
+        else:
+            n = length_of(old)
+            self.free_object(h, n)
+            dev.compressed_bytes -= n
+            dev.pool_bytes -= OBJECT_BYTES[n]
+            if kind_of(old) == POOL:
+                dev.pool_pages -= 1
+            else:
+                dev.huge_pages -= 1
+
+    def free_object(self, h: int, n: int) -> None:
+        """Drop a reference to pool object ``h`` of ``n`` bytes: the object
+        is freed with its last reference (one, without dedup)."""
+        dd = self.dedup
+        if dd is None or n > MAX_OBJECT or dd.release(h, n):
+            self.pool.free_object(h, n)
+
+    # -- moves (swapfs/migrate.py) -------------------------------------------
+
+    def flag_moving(self, dev: Device, s: int) -> int:
+        """Flag slot ``s`` MOVING; returns its info word as flagged."""
+        i = dev.table.info[s] | MOVING
+        dev.table.info[s] = i
+        self.moving += 1
+        return i
+
+    def unflag_moving(self, dev: Device, s: int, flagged: int) -> None:
+        """The move of slot ``s`` (flagged as ``flagged``) ended: clear the
+        flag if the slot still holds what was flagged."""
+        if dev.table.info[s] == flagged:
+            dev.table.info[s] = flagged & ~MOVING
+        self.moving -= 1
+
+    def commit_move(self, dev: Device, s: int, flagged: int, handle: int, src: int, ti: int,
+                    dest: int) -> bool:
+        """Switch slot ``s`` to page ``dest`` of file tier ``ti``, leaving a
+        shadow, if it still holds exactly what was flagged (info ``flagged``,
+        ``handle``) at level ``src``; free its old place.  False, with
+        nothing changed, if anything replaced the slot's content meanwhile."""
+        table = dev.table
+        if table.info[s] != flagged or table.handles[s] != handle:
+            return False
+        if src == POOL_LEVEL:
+            self.free_slot_content(dev, s, flagged)  # the pool object (MOVING still set)
+            dev.file_pages += 1
+        else:
+            self.files.free_page(level_tier(src), handle)  # pinned: freed when the move unpins
+        table.handles[s] = dest
+        table.info[s] = file_kind(ti) | SHADOW
+        table.epoch[s] = self.demotions & EPOCH_MASK
+        self.demotions += 1
+        return True
+
+    # -- recompression (swapfs/recompress.py) -----------------------------
+
+    def settle(self, dev: Device, s: int, i: int) -> None:
+        """Slot ``s`` (info ``i``) would not save a size class recompressed."""
+        dev.table.info[s] = i | SETTLED
+        self.recompressed.settled += 1
+
+    def recompressed_to(self, dev: Device, s: int, i: int, new: int, m: int) -> None:
+        """Slot ``s`` (info ``i``, a POOL page) was recompressed into object
+        ``new`` of ``m`` bytes: switch the slot to it, free the old object."""
+        table = dev.table
+        n = length_of(i)
+        self.free_object(table.handles[s], n)
+        table.handles[s] = new
+        table.info[s] = with_length(i, m) | ALT
+        dev.compressed_bytes += m - n
+        saved = OBJECT_BYTES[n] - OBJECT_BYTES[m]
+        dev.pool_bytes -= saved
+        c = self.recompressed
+        c.pages += 1
+        c.saved_bytes += saved
+
+    # -- compaction -----------------------------------------------------------
+
+    def compact(self, budget: int | None = None) -> tuple[int, int]:
+        """Compact the pool now (no await); (objects moved, bytes released)."""
+        return self.pool.compact(self.relocate, budget)
+
+    def relocate(self, owner: int, old: int, new: int) -> bool:
+        """The pool copied slot ``owner``'s object from handle ``old`` to
+        ``new`` (Pool.compact, in the same step: no await): point the slot at
+        it.  Refused (False: the pool keeps the object where it was) if the
+        slot no longer holds ``old`` (a write in flight owns it, not yet
+        committed) or is being migrated (its commit compares the handle)."""
+        dev = self.devices[key_device(owner)]
+        s = key_slot(owner)
+        table = dev.table
+        i = table.info[s]
+        if table.handles[s] != old or i & MOVING or not in_pool(i):
+            return False
+        table.handles[s] = new
+        if self.dedup is not None:  # (shared objects are never moved)
+            self.dedup.moved(old, new, length_of(i))
+        return True
+
+    # -- what writes in flight hold ---------------------------------------------
+
+    def staged_in_pool(self) -> tuple[int, int]:
+        """(objects, payload bytes) of the pool that writes in flight hold
+        and no slot owns yet: the stats leave them out."""
+        return (sum(st.pool + st.huge - st.shared for st in self.staged),
+                sum(st.cbytes - st.shared_bytes for st in self.staged))
+
+    def dedup_committed(self) -> tuple[int, int, int]:
+        """(pages, payload bytes, class bytes) that slots hold by sharing
+        another page's pool object; writes in flight left out."""
+        dd = self.dedup
+        if dd is None:
+            return 0, 0, 0
+        pages = dd.extra_refs - sum(st.shared for st in self.staged)
+        payload = dd.saved_payload - sum(st.shared_bytes for st in self.staged)
+        pbytes = dd.saved_bytes - sum(st.shared_pbytes for st in self.staged)
+        return pages, payload, pbytes
+
+    def staged_pool_objects(self) -> list[tuple[int, int, int]]:
+        """(handle, length, owner) of the pool objects that writes in flight
+        hold and no slot owns yet (for the consistency check)."""
+        out = []
+        for staged in self.staged:
+            base = staged.owner
+            for idx in range(staged.npages):
+                i = staged.info[idx]
+                if in_pool(i):
+                    out.append((staged.handles[idx], length_of(i), base + idx))
+        return out
+
+    @property
+    def moves_in_flight(self) -> int:
+        """Slots flagged MOVING by the migration in flight."""
+        return self.moving

@@ -1,0 +1,93 @@
+"""Stats assembly (swapfs/store_stats.py): the counters as one record, its
+dict and xattr renderings, and the bookkeeping the store reports."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from swapfs.slots import BYTES_PER_SLOT
+from swapfs.store import Store
+
+from ..conftest import MakeStore
+from .conftest import MiB, compressible_page
+
+P = 4096
+
+
+async def test_stats_counters(store: Store) -> None:
+    dev = store.devices[0]
+    s0 = store.stats().device(dev.name)
+    assert (s0.reads, s0.writes, s0.discards, s0.stored_pages) == (0, 0, 0, 0)
+    rng = random.Random(5)
+    await store.write(dev, 0, compressible_page(rng) + bytes(P))
+    await store.write(dev, 10, b"abc")
+    await store.read(dev, 0, 2 * P)
+    await store.read(dev, 100, 5)
+    await store.discard(dev, P, P)
+    st = store.stats()
+    d = st.device(dev.name)
+    assert (d.writes, d.written_bytes) == (2, 2 * P + 3)
+    assert (d.reads, d.read_bytes) == (2, 2 * P + 5)
+    assert d.discards == 1
+    assert d.stored_pages == 1 and d.same_filled_pages == 0 and d.pool_pages == 1
+    t = st.totals
+    assert (t.reads, t.writes, t.discards) == (2, 2, 1)
+    assert t.stored_pages == t.same_filled_pages + st.pool.stored_pages == 1
+    assert t.compression_ratio == pytest.approx(P / st.pool.pool_bytes)
+    assert 0 < st.pool.fragmentation < 1
+    assert d.compressed_bytes == st.pool.compressed_bytes < P
+    store.check_invariants()
+
+
+async def test_stats_dict(store: Store) -> None:
+    from swapfs.stats import xattr_items
+    dev = store.devices[0]
+    await store.write(dev, 0, b"\x01" * P)
+    d = store.stats().to_dict()
+    assert set(d) == {"schema", "devices", "tiers", "totals", "writeback", "cache"}
+    contract_dev = {"size_bytes", "stored_pages", "same_filled_pages", "reads", "writes",
+                    "discards", "read_bytes", "written_bytes", "compressed_bytes", "pool_bytes",
+                    "metadata_bytes"}
+    assert contract_dev <= set(d["devices"]["swap0"])
+    assert {"kind", "stored_pages", "compressed_bytes", "pool_bytes", "max_bytes", "huge_pages",
+            "fragmentation", "metadata_bytes", "arenas"} <= set(d["tiers"]["pool"])
+    assert d["tiers"]["pool"]["kind"] == "pool"
+    assert {"stored_pages", "same_filled_pages", "compressed_bytes", "pool_bytes",
+            "metadata_bytes", "compression_ratio", "reads", "writes", "discards"} <= set(d["totals"])
+    contract_wb = {"moved_pages": 0, "aborted_moves": 0, "promotions": 0, "refaults": 0}
+    assert {k: d["writeback"][k] for k in contract_wb} == contract_wb
+    contract_cache = {"pages": 0, "hits": 0, "misses": 0}
+    assert {k: d["cache"][k] for k in contract_cache} == contract_cache
+    assert d["devices"]["swap0"]["same_filled_pages"] == 1
+    x = xattr_items(d["devices"]["swap0"])
+    assert x["same_filled_pages"] == "1" and all(v.isascii() for v in x.values())
+    assert xattr_items(d["totals"])["compression_ratio"] == "0.0000"
+    import json
+    json.dumps(d)
+    store.check_invariants()
+
+
+async def test_metadata_budget(make_store: MakeStore) -> None:
+    store = make_store(devices=(("swap0", 1 << 30),), pool_bytes=512 * MiB)
+    dev = store.devices[0]
+    st = store.stats().device(dev.name)
+    assert BYTES_PER_SLOT == 16
+    assert st.metadata_bytes <= 16 * dev.npages + 256
+    assert st.metadata_bytes / dev.npages <= 16.001
+    assert st.metadata_bytes < 4096  # nothing stored: no cluster of the table in use
+    rng = random.Random(6)
+    pages = [compressible_page(rng) for _ in range(64)]
+    batch = b"".join(pages)
+    for i in range(0, 20000, 64):
+        await store.write(dev, i * P, batch)
+    pst = store.stats().pool
+    assert pst.stored_pages == 20032
+    assert pst.metadata_bytes / pst.stored_pages <= 16
+    used = store.stats().device(dev.name).metadata_bytes
+    assert used <= 16 * 20480 + 4096  # the table holds the 20 clusters in use
+    # Check only the written part to keep the test fast: the full walk is
+    # done at teardown.
+    store.check_invariants()
+
