@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from swapfs import sysinfo
+from swapfs import system
 
 SMALL_CONFIG = """
 [pool]
@@ -58,7 +58,7 @@ class Mount:
         return self.path / name
 
     def stats(self) -> dict:
-        return sysinfo.read_stats(self.path)
+        return system.read_stats(self.path)
 
     def log_text(self) -> str:
         try:
@@ -68,7 +68,7 @@ class Mount:
 
 
 def _is_mounted(path: Path) -> bool:
-    return sysinfo.is_mounted(path)
+    return system.is_mounted(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -85,8 +85,8 @@ def _pid_alive(pid: int) -> bool:
 
 def detach_loops_under(path: Path) -> None:
     """swapoff and detach every loop device over a file in ``path``."""
-    swaps = sysinfo.active_swaps()
-    for lo in sysinfo.loops_backed_by(path):
+    swaps = system.active_swaps()
+    for lo in system.loops_backed_by(path):
         if lo.device in swaps:
             subprocess.run(["swapoff", lo.device], timeout=300)
         subprocess.run(["losetup", "-d", lo.device], timeout=30)

@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from swapfs import harness, kernel, sysinfo
+from swapfs import kernel, system
+from swapfs.testing import harness
 
 from .conftest import run_swapfs
 
@@ -180,7 +181,7 @@ def test_sighup_reloads_the_pool_watermarks(mount_factory, tmp_path):
 def test_root_stats_of_the_largest_mount_fit_one_xattr(mount_factory, tmp_path):
     devices = "".join(f'[[device]]\nname = "{"d" * 60}{i:04d}"\nsize = "1M"\n' for i in range(64))
     m = mount_factory("[pool]\nmax_bytes = \"16M\"\n" + devices)
-    stats = sysinfo.read_stats(m.path)
+    stats = system.read_stats(m.path)
     assert len(stats["devices"]) == 64
     too_many = tmp_path / "many.toml"
     too_many.write_text(devices + '[[device]]\nname = "one_more"\nsize = "1M"\n')
@@ -202,11 +203,11 @@ def test_swapon_and_swapoff_commands(mount_factory):
         loop = out.stdout.strip()
         try:
             assert re.fullmatch(r"/dev/loop\d+", loop)
-            assert sysinfo.active_swaps()[loop].priority == 5
-            lo = sysinfo.loops_backed_by(dev)
+            assert system.active_swaps()[loop].priority == 5
+            lo = system.loops_backed_by(dev)
             assert [x.device for x in lo] == [loop] and lo[0].direct_io
             queue = f"/sys/block/{os.path.basename(loop)}/queue"
-            for key, value in sysinfo.LOOP_QUEUE_TUNING:  # the queue as docs/latency.md measured it
+            for key, value in system.LOOP_QUEUE_TUNING:  # the queue as docs/latency.md measured it
                 with open(f"{queue}/{key}") as f:
                     assert f.read().strip() == value, key
             again = run_swapfs("swapon", dev)
@@ -218,7 +219,7 @@ def test_swapon_and_swapoff_commands(mount_factory):
         finally:
             off = run_swapfs("swapoff", dev, timeout=120)
         assert off.returncode == 0, off.stderr
-        assert loop not in sysinfo.active_swaps() and sysinfo.loops_backed_by(dev) == []
+        assert loop not in system.active_swaps() and system.loops_backed_by(dev) == []
         out = run_swapfs("swapoff", dev)
         assert out.returncode == 0 and "not on" in out.stderr
 
@@ -250,7 +251,7 @@ def test_record_then_plot(mount_factory, tmp_path):
     assert run_swapfs("writeback", str(m.path), "20").returncode == 0
     out = run_swapfs("record", str(m.path), "-o", str(rec), "--count", "1")
     assert out.returncode == 0, out.stderr
-    from swapfs.monitor import load_samples, plot_series
+    from swapfs.cli.monitor import load_samples, plot_series
 
     samples = load_samples(str(rec))
     assert len(samples) == 3 and samples[0]["mount"] == str(m.path)

@@ -7,7 +7,7 @@ import subprocess
 
 import pytest
 
-from swapfs import harness
+from swapfs.testing import harness
 
 pytestmark = [pytest.mark.root, pytest.mark.slow, pytest.mark.timeout(600)]
 

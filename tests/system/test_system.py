@@ -1,4 +1,4 @@
-"""swapfs.sysinfo: mountinfo (escapes undone), loop devices, /proc/swaps, the stats xattr."""
+"""swapfs.system: mountinfo (escapes undone), loop devices, /proc/swaps, the stats xattr."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import os
 
 import pytest
 
-from swapfs import harness, sysinfo
+from swapfs import system
+from swapfs.testing import harness
 
 from .conftest import run_swapfs
 
@@ -23,38 +24,38 @@ MOUNTINFO = (
 
 
 def test_parse_mountinfo_undoes_every_octal_escape_and_skips_optional_fields():
-    ms = sysinfo.parse_mountinfo(MOUNTINFO)
+    ms = system.parse_mountinfo(MOUNTINFO)
     assert [m.mountpoint for m in ms] == ["/proc", "/tmp/a b\tc\nd\\e", "/run/x"]
     assert ms[1].fstype == "fuse.swapfs" and ms[1].source == "swapfs" and ms[1].mount_id == 98
-    assert sysinfo.unescape(r"a\040b\134\040") == "a b\\ "
+    assert system.unescape(r"a\040b\134\040") == "a b\\ "
 
 
 def test_parse_swaps():
     text = ("Filename\t\t\t\tType\t\tSize\t\tUsed\t\tPriority\n"
             "/dev/loop3                              partition\t65532\t\t1024\t\t100\n"
             "/tmp/with\\040space                      file\t1000\t\t0\t\t-2\n")
-    swaps = sysinfo.parse_swaps(text)
-    assert swaps["/dev/loop3"] == sysinfo.Swap("/dev/loop3", "partition", 65532, 1024, 100)
+    swaps = system.parse_swaps(text)
+    assert swaps["/dev/loop3"] == system.Swap("/dev/loop3", "partition", 65532, 1024, 100)
     assert swaps["/tmp/with space"].priority == -2
 
 
 def test_a_mount_whose_path_has_spaces_is_found_and_unmounted(mount_factory):
     m = mount_factory(name="mnt with space")
     assert " " in str(m.path)
-    assert str(m.path) in sysinfo.swapfs_mounts()
-    assert sysinfo.is_mounted(m.path)
-    assert sysinfo.mount_of(m.dev()) == str(m.path)
-    assert sysinfo.mount_of(m.path) == str(m.path)
-    assert sysinfo.read_stats(m.dev())["size_bytes"] == 64 << 20
-    assert "swap0" in sysinfo.read_stats(m.path)["devices"]
+    assert str(m.path) in system.swapfs_mounts()
+    assert system.is_mounted(m.path)
+    assert system.mount_of(m.dev()) == str(m.path)
+    assert system.mount_of(m.path) == str(m.path)
+    assert system.read_stats(m.dev())["size_bytes"] == 64 << 20
+    assert "swap0" in system.read_stats(m.path)["devices"]
     out = run_swapfs("unmount", str(m.path))
     assert out.returncode == 0, out.stderr
-    assert not sysinfo.is_mounted(m.path)
+    assert not system.is_mounted(m.path)
 
 
 def test_read_stats_of_something_else_fails_with_the_errno(tmp_path):
     with pytest.raises(OSError) as e:
-        sysinfo.read_stats(tmp_path)
+        system.read_stats(tmp_path)
     assert e.value.errno in (errno.ENODATA, errno.ENOTSUP)
 
 
@@ -68,13 +69,13 @@ def test_loop_devices_backed_by_a_file_and_active_swaps(tmp_path):
     with open(f, "wb") as fh:
         fh.truncate(16 << 20)
     with harness.loop_device(f) as loop:
-        found = sysinfo.loops_backed_by(f)
+        found = system.loops_backed_by(f)
         assert [lo.device for lo in found] == [loop] and found[0].direct_io
-        assert [lo.device for lo in sysinfo.loops_backed_by(f.parent)] == [loop]
-        assert sysinfo.loops_backed_by(tmp_path / "dir") == []  # a prefix of a name is not a parent
+        assert [lo.device for lo in system.loops_backed_by(f.parent)] == [loop]
+        assert system.loops_backed_by(tmp_path / "dir") == []  # a prefix of a name is not a parent
         with harness.swap_on(loop, priority=3):
-            s = sysinfo.active_swaps()[loop]
+            s = system.active_swaps()[loop]
             assert s.priority == 3 and s.size_kib > 0
-        assert loop not in sysinfo.active_swaps()
-    assert sysinfo.loops_backed_by(f) == []
+        assert loop not in system.active_swaps()
+    assert system.loops_backed_by(f) == []
     assert os.path.exists(f)

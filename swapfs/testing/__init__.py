@@ -1,0 +1,1 @@
+"""Helpers for swapfs's tests, fuzzer and benchmarks (not used by the daemon)."""
