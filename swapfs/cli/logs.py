@@ -46,7 +46,26 @@ _JOURNAL_PRIORITY = {logging.DEBUG: 7, logging.INFO: 6, logging.WARNING: 4, logg
                      logging.CRITICAL: 2}
 
 
-class JournalFormatter(logging.Formatter):
+class Formatter(logging.Formatter):
+    """Log lines whose exceptions (``log.exception``, ``exc_info``) are one
+    more clause of the line, what, where and why (:func:`one_line`), unless
+    ``tracebacks`` (log level debug) asks for the whole traceback."""
+
+    def __init__(self, fmt: str, *, tracebacks: bool = False) -> None:
+        super().__init__(fmt)
+        self.tracebacks = tracebacks
+
+    def format(self, record: logging.LogRecord) -> str:
+        if self.tracebacks or not record.exc_info or record.exc_info[1] is None:
+            return super().format(record)
+        exc = record.exc_info[1]
+        brief = logging.makeLogRecord(record.__dict__)
+        brief.exc_info = brief.exc_text = None
+        brief.msg, brief.args = "%s: %s", (record.getMessage(), one_line(exc))
+        return super().format(brief)
+
+
+class JournalFormatter(Formatter):
     """``<N>message``: journald reads N as the line's priority; it adds the time."""
 
     def format(self, record: logging.LogRecord) -> str:
@@ -183,16 +202,17 @@ def setup_logging(level: str, log_file: str | None) -> RepeatLimiter:
     the journal's format when stderr is the journal), repeats limited;
     returns the limiter (flush it before exiting)."""
     handler: logging.Handler
+    tracebacks = level.lower() == "debug"
     if log_file:
         handler = logging.handlers.RotatingFileHandler(log_file, maxBytes=LOG_MAX_BYTES,
                                                        backupCount=LOG_BACKUPS)
-        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+        handler.setFormatter(Formatter(LOG_FORMAT, tracebacks=tracebacks))
     else:
         handler = logging.StreamHandler(sys.stderr)
         if stderr_is_journal():
-            handler.setFormatter(JournalFormatter("%(message)s"))
+            handler.setFormatter(JournalFormatter("%(message)s", tracebacks=tracebacks))
         else:
-            handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            handler.setFormatter(Formatter(LOG_FORMAT, tracebacks=tracebacks))
     limiter = RepeatLimiter(handler)
     handler.addFilter(limiter)
     root = logging.getLogger()
