@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import re
+import select
 import subprocess
 import threading
 import time
@@ -84,6 +85,36 @@ def is_mounted(path: str | os.PathLike[str]) -> bool:
     cannot be stat'ed) is a mount point."""
     p = os.path.abspath(os.fspath(path))
     return any(m.mountpoint == p for m in mounts())
+
+
+def wait_unmounted(path: str | os.PathLike[str], timeout: float) -> bool:
+    """Wait until ``path`` is no longer a mount point; False if it still is
+    after ``timeout`` seconds.  Waits on the mount table itself (poll(2) on
+    /proc/self/mountinfo wakes at each change), not on a clock."""
+    deadline = time.monotonic() + timeout
+    with open("/proc/self/mountinfo", "rb") as f:
+        poller = select.poll()
+        poller.register(f, select.POLLPRI | select.POLLERR)
+        while is_mounted(path):  # a change after the open wakes the next poll
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            poller.poll(left * 1000)
+    return True
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` (not necessarily a child) has exited; False
+    if it still runs after ``timeout`` seconds.  A pidfd becomes readable when
+    the process exits: no polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,6 @@ import logging
 import os
 import subprocess
 import sys
-import time
 from typing import Any
 
 from .. import system
@@ -169,10 +168,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
         fuse.unmount(mountpoint, lazy=args.lazy)
     except (OSError, fuse.MountError) as exc:
         return die(f"cannot unmount {mountpoint}: {exc}")
-    for _ in range(50):  # the daemon exits once the kernel ends the connection
-        if mountpoint not in system.swapfs_mounts():
-            break
-        time.sleep(0.1)
+    system.wait_unmounted(mountpoint, 5.0)  # the daemon exits once the kernel ends the connection
     print(f"swapfs unmounted from {mountpoint}")
     return EXIT_OK
 

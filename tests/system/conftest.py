@@ -66,6 +66,16 @@ class Mount:
         except OSError:
             return ""
 
+    def wait_log(self, text: str, timeout: float = 10) -> bool:
+        """Wait until the daemon's log says ``text`` (the log is a file: read it
+        again at each 50 ms, the one polling left here)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
 
 def _is_mounted(path: Path) -> bool:
     return system.is_mounted(path)
@@ -101,10 +111,7 @@ def stop_mount(m: Mount) -> None:
         if proc.returncode != 0 and _is_mounted(m.path):
             subprocess.run(["umount", "-l", str(m.path)], capture_output=True)
             subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True)
-    deadline = time.monotonic() + 10
-    while _pid_alive(m.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _pid_alive(m.pid):
+    if not system.wait_for_exit(m.pid, 10):
         os.kill(m.pid, signal.SIGKILL)
 
 

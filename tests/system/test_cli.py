@@ -7,11 +7,12 @@ import json
 import os
 import re
 import signal
-import time
 
 import pytest
 
-from .conftest import Mount, _is_mounted, _pid_alive, run_swapfs, stop_mount
+from swapfs import system
+
+from .conftest import Mount, _is_mounted, run_swapfs, stop_mount
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -103,21 +104,15 @@ def test_default_config_mount_stats_unmount(mount_factory):
     out = run_swapfs("unmount", str(m.path))
     assert out.returncode == 0, out.stderr
     assert not _is_mounted(m.path)
-    deadline = time.monotonic() + 10
-    while _pid_alive(m.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _pid_alive(m.pid)
+    assert system.wait_for_exit(m.pid, 10)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_unmounts_cleanly(mount_factory, sig):
     m = mount_factory()
     os.kill(m.pid, sig)
-    deadline = time.monotonic() + 10
-    while (_is_mounted(m.path) or _pid_alive(m.pid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _is_mounted(m.path)
-    assert not _pid_alive(m.pid)
+    assert system.wait_unmounted(m.path, 10)
+    assert system.wait_for_exit(m.pid, 10)
     assert "unmounting" in m.log_text()
 
 
@@ -125,9 +120,7 @@ def test_killed_daemon_leaves_a_dead_mount_not_an_empty_directory(mount_factory)
     """A crash must not unmount: reads then fail (ENOTCONN) instead of finding nothing."""
     m = mount_factory()
     os.kill(m.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while _pid_alive(m.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert system.wait_for_exit(m.pid, 10)
     assert _is_mounted(m.path)
     with pytest.raises(OSError) as e:
         os.stat(m.dev())

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -79,3 +81,55 @@ def test_loop_devices_backed_by_a_file_and_active_swaps(tmp_path):
         assert loop not in system.active_swaps()
     assert system.loops_backed_by(f) == []
     assert os.path.exists(f)
+
+
+@pytest.mark.root
+def test_busy_reason_names_swap_then_loop_devices_with_what_to_run(tmp_path):
+    why = harness.kernel_swap_unavailable()
+    if why:
+        pytest.skip(why)
+    f = tmp_path / "area"
+    with open(f, "wb") as fh:
+        fh.truncate(16 << 20)
+    assert system.busy_reason(str(tmp_path)) is None
+    with harness.loop_device(f) as loop:
+        reason = system.busy_reason(str(tmp_path))
+        assert reason == f"loop devices still use the mount: {loop}; run losetup -d {loop} first"
+        assert system.busy_reason(str(tmp_path), loops_ok=True) is None
+        with harness.swap_on(loop):
+            reason = system.busy_reason(str(tmp_path), loops_ok=True)
+            assert reason == f"swap is on {loop} (over {f}); run swapfs swapoff {f} first"
+    assert system.busy_reason(str(tmp_path)) is None
+
+
+@pytest.mark.root
+def test_wait_unmounted_wakes_on_the_change_and_times_out_otherwise(tmp_path):
+    import threading
+    import time
+
+    d = tmp_path / "m"
+    d.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "swapfs-test", str(d)], check=True)
+    try:
+        start = time.monotonic()
+        assert system.wait_unmounted(d, 0.2) is False
+        assert time.monotonic() - start >= 0.2
+        timer = threading.Timer(0.3, lambda: subprocess.run(["umount", str(d)], check=True))
+        timer.start()
+        assert system.wait_unmounted(d, 10) is True
+        assert time.monotonic() - start < 5
+        timer.join()
+    finally:
+        subprocess.run(["umount", str(d)], capture_output=True)
+
+
+def test_wait_for_exit_of_any_process():
+    proc = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
+    try:
+        assert system.wait_for_exit(proc.pid, 0.1) is False
+        proc.stdin.close()
+        assert system.wait_for_exit(proc.pid, 10) is True
+    finally:
+        proc.kill()
+        proc.wait()
+    assert system.wait_for_exit(proc.pid, 0) is True  # reaped: gone
