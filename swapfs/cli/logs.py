@@ -34,6 +34,9 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # The file log: at most (1 + LOG_BACKUPS) * LOG_MAX_BYTES on disk (tmpfs as root).
 LOG_MAX_BYTES = 1 << 20
 LOG_BACKUPS = 3
+# A log of no live mount is removed at mount once it is this old (seconds):
+# younger, its daemon may be starting.
+STALE_LOG_MIN_AGE = 60.0
 # Per logger and format string: REPEAT_BURST records per REPEAT_WINDOW
 # seconds, then a count.
 REPEAT_WINDOW = 10.0
@@ -239,12 +242,16 @@ def default_log_file(mountpoint: str) -> str:
     return os.path.join(log_dir(), _log_name(mountpoint))
 
 
-def remove_stale_logs(directory: str, live_mounts: Iterable[str]) -> list[str]:
+def remove_stale_logs(directory: str, live_mounts: Iterable[str], *,
+                      min_age: float = STALE_LOG_MIN_AGE) -> list[str]:
     """Remove the swapfs-*.log files (and their rotated .N copies) in
-    ``directory`` that belong to none of ``live_mounts``; returns what was
-    removed.  A dead mount (its daemon crashed) is still in the mount table,
-    so its log stays until the mount is gone."""
+    ``directory`` that belong to none of ``live_mounts`` and were not written
+    for ``min_age`` seconds; returns what was removed.  A dead mount (its
+    daemon crashed) is still in the mount table, so its log stays until the
+    mount is gone; a daemon starting at the same time (its log open, its
+    mount not there yet) keeps its log by the age."""
     keep = {_log_name(m) for m in live_mounts}
+    now = time.time()
     removed = []
     for path in sorted(glob.glob(os.path.join(glob.escape(directory), "swapfs-*.log*"))):
         name = os.path.basename(path)
@@ -256,8 +263,9 @@ def remove_stale_logs(directory: str, live_mounts: Iterable[str]) -> list[str]:
         if base in keep:
             continue
         with contextlib.suppress(OSError):
-            os.unlink(path)
-            removed.append(path)
+            if now - os.stat(path).st_mtime >= min_age:
+                os.unlink(path)
+                removed.append(path)
     return removed
 
 

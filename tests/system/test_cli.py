@@ -7,6 +7,8 @@ import json
 import os
 import re
 import signal
+import subprocess
+import sys
 
 import pytest
 
@@ -179,3 +181,12 @@ def test_background_daemon_logs_under_run_swapfs_as_root(tmp_path):
     finally:
         stop_mount(m)
     os.unlink(log)
+
+
+def test_the_daemon_imports_no_test_helpers():
+    """The daemon's memory is locked: what it imports stays lean, and the
+    helpers of tests and benchmarks are not part of it."""
+    code = ("import sys, swapfs.cli, swapfs.daemon; "
+            "print(sorted(m for m in sys.modules if m.startswith('swapfs.testing')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out

@@ -183,11 +183,15 @@ def test_mounting_removes_the_logs_of_mounts_that_are_gone(tmp_path):
     keep = [logs.default_log_file(m).rpartition("/")[2] for m in live]
     stale = ["swapfs-tmp-gone.log", "swapfs-tmp-gone.log.1", "swapfs-run-old.log.3"]
     others = ["swapfs-run-swapfs-main.log.bak", "notes.log", "swapfs-x.txt"]
-    for name in [*keep, keep[0] + ".2", *stale, *others]:
+    starting = ["swapfs-tmp-starting.log"]  # its daemon has it open, its mount is not there yet
+    old = time.time() - logs.STALE_LOG_MIN_AGE - 1
+    for name in [*keep, keep[0] + ".2", *stale, *others, *starting]:
         (tmp_path / name).write_text("x\n")
+        if name not in starting:
+            os.utime(tmp_path / name, (old, old))
     removed = logs.remove_stale_logs(str(tmp_path), live)
     assert sorted(os.path.basename(p) for p in removed) == sorted(stale)
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, keep[0] + ".2", *others])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([*keep, keep[0] + ".2", *others, *starting])
 
 
 def test_an_exception_is_one_line_unless_the_level_is_debug():
