@@ -3,6 +3,7 @@ its own process, exactly as a user starts it, and is always unmounted."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -95,11 +96,11 @@ def _pid_alive(pid: int) -> bool:
 
 def detach_loops_under(path: Path) -> None:
     """swapoff and detach every loop device over a file in ``path``."""
-    swaps = system.active_swaps()
     for lo in system.loops_backed_by(path):
-        if lo.device in swaps:
-            subprocess.run(["swapoff", lo.device], timeout=300)
-        subprocess.run(["losetup", "-d", lo.device], timeout=30)
+        with contextlib.suppress(system.CommandFailed):
+            system.swap_off(lo.device)
+        with contextlib.suppress(system.CommandFailed):
+            system.detach_loop(lo.device, attempts=1)
 
 
 def stop_mount(m: Mount) -> None:

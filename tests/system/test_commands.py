@@ -185,6 +185,7 @@ def test_root_stats_of_the_largest_mount_fit_one_xattr(mount_factory, tmp_path):
     assert out.returncode == 2 and "device: 65 devices, at most 64" in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.timeout(300)
 def test_swapon_and_swapoff_commands(mount_factory):
@@ -237,6 +238,7 @@ def test_swapon_and_swapoff_say_they_need_root(monkeypatch, capsys):
     assert "swapoff needs root" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_record_then_plot(mount_factory, tmp_path):
     m = mount_factory(tier_config(tmp_path))
     rec = tmp_path / "run.jsonl"
@@ -271,6 +273,7 @@ def test_record_then_plot(mount_factory, tmp_path):
     assert out.returncode == 1 and "bad.jsonl:1" in out.stderr
 
 
+@pytest.mark.slow
 def test_status_does_not_hang_on_a_stopped_daemon(mount_factory):
     """A daemon that does not answer (here: stopped) is reported, not waited for."""
     m = mount_factory()
@@ -287,6 +290,7 @@ def test_status_does_not_hang_on_a_stopped_daemon(mount_factory):
     assert "swap0" in run_swapfs("status").stdout
 
 
+@pytest.mark.slow
 def test_compact_command_gives_scattered_holes_back(mount_factory):
     m = mount_factory()
     rng = random.Random(5)

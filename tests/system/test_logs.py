@@ -125,6 +125,7 @@ def test_the_timer_summarises_a_storm_followed_by_silence():
     assert suppressed(handler.lines) == 47
 
 
+@pytest.mark.slow
 def test_a_hundred_thousand_refused_writes_leave_a_small_log_with_the_count(tmp_path):
     """A full pool without tiers refuses every new page (ENOSPC); each refusal
     is logged by the adapter.  Through the daemon's log set-up, 100,000 of

@@ -194,6 +194,7 @@ class NotifySocket:
         return next((m for m in self.messages if needle in m), None)
 
 
+@pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.timeout(180)
 def test_daemon_under_notify_waits_for_swapoff_before_stopping(tmp_path):
