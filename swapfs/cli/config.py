@@ -35,7 +35,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    """The parsers of check-config."""
+    """Add the parser of check-config to the subparsers ``sub``."""
     p = sub.add_parser("check-config", help="validate a configuration file",
                        description="Parse and validate a configuration as 'swapfs mount' would.")
     p.add_argument("config", nargs="?", metavar="FILE", help="TOML file (default: the embedded one)")

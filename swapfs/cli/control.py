@@ -121,7 +121,7 @@ def cmd_writeback(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    """The parsers of writeback, compact."""
+    """Add the parsers of writeback and compact to the subparsers ``sub``."""
     p = sub.add_parser("writeback", help="move cold pages down to the file tiers now",
                        description="Ask the daemon to move pages from the pool down to the file "
                        "tiers now, and print what moved.  On the mount: every device; on a device "

@@ -211,7 +211,7 @@ def cmd_plot(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    """The parsers of top, record, plot."""
+    """Add the parsers of top, record and plot to the subparsers ``sub``."""
     p = sub.add_parser("top", help="a live view of a mount, once a second",
                        description="Tiers, traffic, moves, promotions, refaults and cache hits of a "
                        "mount, refreshed every --interval seconds (plain terminal; ssh is fine).")

@@ -10,7 +10,7 @@ import sys
 from typing import Any
 
 from .. import system
-from .common import EXIT_OK, EXIT_USAGE, die
+from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, die
 from .config import load_checked_config
 from .logs import ROOT_LOG_DIR, default_log_file, log_dir, one_line, remove_stale_logs, setup_logging
 
@@ -80,6 +80,13 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
                 pass
             ready_fd = None
 
+    def failed(line: str, exc: BaseException | None = None) -> int:
+        """The failure once in the log, to the waiting parent, and on stderr
+        unless the log is there already (under systemd: one journal line)."""
+        log.error("%s", line, exc_info=exc)
+        report(f"ERROR {line}")
+        return die(line) if args.log_file else EXIT_FAIL
+
     for warning in protect_process(lock_memory=not args.no_mlock):
         log.warning("%s", warning)
     config_path = os.path.abspath(args.config) if args.config else None
@@ -92,18 +99,14 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
             )
         )
     except fuse.MountError as exc:
-        report(f"ERROR {exc}")
-        log.error("%s", exc)
-        return die(str(exc))
+        return failed(str(exc))
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception as exc:
         # One line for the journal and the parent: what, where, why; the
         # traceback only when the log level asks for it.
-        line = f"daemon at {mountpoint} failed: {one_line(exc)}"
-        log.error("%s", line, exc_info=exc if log.isEnabledFor(logging.DEBUG) else None)
-        report(f"ERROR {line}")
-        return die(line)
+        return failed(f"daemon at {mountpoint} failed: {one_line(exc)}",
+                      exc if log.isEnabledFor(logging.DEBUG) else None)
     finally:
         limiter.flush()
     return EXIT_OK
@@ -174,7 +177,7 @@ def cmd_unmount(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    """The parsers of mount, unmount."""
+    """Add the parsers of mount and unmount to the subparsers ``sub``."""
     p = sub.add_parser(
         "mount",
         help="mount swapfs (returns once the mount is live)",

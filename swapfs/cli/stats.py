@@ -175,7 +175,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    """The parsers of status, stats."""
+    """Add the parsers of status and stats to the subparsers ``sub``."""
     p = sub.add_parser("status", help="every swapfs device on this machine, one line each",
                        description="One line per device of every swapfs mount, like zramctl and "
                        "swapon --show: its loop device, size, swap used and priority (from "

@@ -76,7 +76,7 @@ def _discard(value: str) -> str:
 
 
 def add_parsers(sub: Any) -> None:
-    """The parsers of swapon, swapoff."""
+    """Add the parsers of swapon and swapoff to the subparsers ``sub``."""
     p = sub.add_parser("swapon", help="swap on a device file (loop device, mkswap, swapon)",
                        description="Attach a direct-I/O loop device over DEVICE_FILE, mkswap it and "
                        "swapon it; prints the loop device.  Needs root.  Example: "

@@ -80,7 +80,7 @@ def cmd_install_units(args: argparse.Namespace) -> int:
 
 
 def add_parsers(sub: Any) -> None:
-    """The parsers of install-units, generate-units."""
+    """Add the parsers of install-units and generate-units to the subparsers ``sub``."""
     p = sub.add_parser("install-units", help="install the systemd generator, unit and /usr/local/bin/swapfs",
                        description="Install /usr/local/bin/swapfs (a symlink to this installation's "
                        "swapfs), the unit template swapfs@.service and the generator swapfs-generator "

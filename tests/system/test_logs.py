@@ -271,4 +271,12 @@ def test_a_daemon_failure_is_one_line_in_the_log_and_from_mount(tmp_path, foregr
     proc = subprocess.run([*cmd, "--log-level", "debug", str(mnt)], capture_output=True, text=True,
                           timeout=60, env=env)
     assert proc.returncode == 1 and "Traceback" in log_file.read_text()
+    if foreground:  # logging to stderr, as under systemd: the line once, not twice
+        cmd.remove("--log-file")
+        cmd.remove(str(log_file))
+        proc = subprocess.run([*cmd, str(mnt)], capture_output=True, text=True, timeout=60, env=env)
+        assert proc.returncode == 1
+        failures = [line for line in proc.stderr.splitlines() if "failed:" in line]
+        assert len(failures) == 1 and failures[0].endswith(said.removeprefix("swapfs: ")), proc.stderr
+        assert "Traceback" not in proc.stderr
     assert not system.is_mounted(mnt)
