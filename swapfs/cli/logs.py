@@ -153,6 +153,9 @@ class RepeatLimiter(logging.Filter):
         whose window has closed."""
         with self._lock:
             due = self._close(self.clock(), force=force)
+            if force and self._timer is not None:  # nothing left to summarise
+                self._timer.cancel()
+                self._timer = None
         self._emit(due)
 
     def _close(self, now: float, *, force: bool) -> list[logging.LogRecord]:
