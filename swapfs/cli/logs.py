@@ -275,6 +275,22 @@ def remove_stale_logs(directory: str, live_mounts: Iterable[str], *,
 # -- failures ------------------------------------------------------------------
 
 
+def last_error(log_file: str) -> str | None:
+    """The message of the last ERROR or CRITICAL line of a file log (its last
+    64 KiB), for a daemon that died without saying why to its parent."""
+    try:
+        with open(log_file, "rb") as f:
+            f.seek(max(0, os.fstat(f.fileno()).st_size - 65536))
+            lines = f.read().decode(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        for level in (" ERROR ", " CRITICAL "):
+            if level in line:
+                return line.split(level, 1)[1]
+    return None
+
+
 def one_line(exc: BaseException) -> str:
     """A failure as one line: what (the exception's type), where (the
     innermost swapfs frame, else the innermost one), why (its message).

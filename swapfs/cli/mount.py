@@ -12,7 +12,15 @@ from typing import Any
 from .. import system
 from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, die
 from .config import load_checked_config
-from .logs import ROOT_LOG_DIR, default_log_file, log_dir, one_line, remove_stale_logs, setup_logging
+from .logs import (
+    ROOT_LOG_DIR,
+    default_log_file,
+    last_error,
+    log_dir,
+    one_line,
+    remove_stale_logs,
+    setup_logging,
+)
 
 # Measured here (2-core VM): 200 us of polling took the kernel swap workload
 # from 39 s to 23 s and 4k reads at depth 1 from 11.7k to 25.7k IOPS;
@@ -152,7 +160,9 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
     proc.wait(timeout=30)
     if line.startswith("ERROR "):
         return die(line[len("ERROR "):])
-    return die(f"the daemon exited (status {proc.returncode}) before mounting; see {log_file}")
+    last = last_error(log_file)
+    return die(f"the daemon exited (status {proc.returncode}) before mounting"
+               + (f", last logging: {last}" if last else "") + f"; see {log_file}")
 
 
 # -- unmount -----------------------------------------------------------------

@@ -223,6 +223,41 @@ def test_one_line_unwraps_a_group_of_one():
     assert line.startswith("ValueError") and line.endswith(": bad page size"), line
 
 
+def test_a_daemon_that_dies_without_a_word_to_its_parent_is_explained_by_its_log(tmp_path):
+    """Killed before it could answer (an OOM kill, a crash in C): the parent
+    quotes the last error the daemon logged."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(DYING_DAEMON)
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log_file = tmp_path / "daemon.log"
+    env = {**os.environ, "PYTHONPATH": str(site), "SWAPFS_TEST_FAIL_DAEMON": "1"}
+    proc = subprocess.run([sys.executable, "-m", "swapfs", "mount", "--no-mlock", "--log-file",
+                           str(log_file), str(mnt)], capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"swapfs: the daemon exited (status 9) before mounting, last logging: "
+                           f"swapfs.test: pool of 9 TiB: no memory; see {log_file}\n"), proc.stderr
+    assert logs.last_error(str(tmp_path / "none.log")) is None
+
+
+DYING_DAEMON = textwrap.dedent("""
+    import os
+    if os.environ.get("SWAPFS_TEST_FAIL_DAEMON"):
+        import logging
+        import swapfs.daemon
+
+        async def serve_mount(config, mountpoint, **kw):
+            logging.getLogger("swapfs.test").error("pool of %d TiB: no memory", 9)
+            logging.getLogger("swapfs.test").info("after the error")
+            for handler in logging.getLogger().handlers:
+                handler.flush()
+            os._exit(9)
+
+        swapfs.daemon.serve_mount = serve_mount
+""")
+
+
 # A daemon whose serve_mount fails inside (as a tier that cannot be opened
 # would): patched in at interpreter start-up, so that the background daemon,
 # a new process, fails the same way.
