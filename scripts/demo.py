@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 
-from swapfs import harness
+from swapfs.testing import harness
 
 PAGE = 4096
 MiB = 1024 * 1024
@@ -125,7 +125,7 @@ def main() -> int:
                 say("swapfs status")
                 print(swapfs("status").stdout, end="")
                 if "stats" in peak:
-                    from swapfs.report import format_stats
+                    from swapfs.cli.stats import format_stats
 
                     say("swapfs stats at the workload's peak (the kernel frees the slots when it exits)")
                     print(format_stats(peak["stats"]))

@@ -19,7 +19,6 @@ re-reads the configuration file and applies what can change live.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 import os
 import signal
@@ -28,7 +27,7 @@ from collections.abc import Callable
 
 import trio
 
-from . import fuse, kernel, sysinfo
+from . import fuse, kernel, system
 from .config import Config, ConfigError, load_config
 from .fs import SwapFS
 from .store import Store
@@ -172,21 +171,6 @@ def _start_wake_latency(nursery: trio.Nursery, session: fuse.Session, latency_us
     nursery.start_soon(wake.run, lambda: session.statistics().requests)
 
 
-def busy_reason(mountpoint: str) -> str | None:
-    """What keeps the mount busy, said with what to run first; None if nothing
-    known (no swap, no loop device over its files)."""
-    swaps = sysinfo.active_swaps()
-    loops = sysinfo.loops_backed_by(mountpoint)
-    on = [lo for lo in loops if lo.device in swaps]
-    if on:
-        devs = ", ".join(f"{lo.device} ({os.path.basename(lo.backing_file)})" for lo in on)
-        return f"swap is on {devs}; run swapfs swapoff (or swapoff and losetup -d) first"
-    if loops:
-        devs = " ".join(lo.device for lo in loops)
-        return f"loop devices still use the mount: {devs}; run losetup -d {devs}"
-    return None
-
-
 def reload_config(store: Store, config_path: str | None) -> str:
     """SIGHUP: re-read the configuration and apply what can change live (the
     pool's watermarks); returns what was done, for the log."""
@@ -244,7 +228,7 @@ async def _handle_signals(signals, mountpoint: str, store: Store, config_path: s
             try:
                 await trio.to_thread.run_sync(fuse.unmount, mountpoint)
             except fuse.MountError as exc:
-                reason = busy_reason(mountpoint) or str(exc)
+                reason = system.busy_reason(mountpoint) or str(exc)
                 if reason != last_reason:
                     log.error("cannot unmount %s: %s; still serving, retrying every %.0f s",
                               mountpoint, reason, STOP_RETRY_SECONDS)

@@ -27,6 +27,7 @@ import stat
 import time
 from collections.abc import Iterable, Sequence
 
+from . import stats as _names
 from .errors import BackingIOError, Corruption, NoSpace, OutOfRange, StoreError
 from .fuse import (
     ROOT_INODE,
@@ -47,12 +48,12 @@ from .writeback import Writeback
 
 log = logging.getLogger(__name__)
 
-XATTR_PREFIX = b"user.swapfs."
-STATS_XATTR = b"user.swapfs.stats"
-CTL_WRITEBACK = b"user.swapfs.ctl.writeback"
+XATTR_PREFIX = _names.XATTR_PREFIX.encode()
+STATS_XATTR = _names.STATS_XATTR.encode()
+CTL_WRITEBACK = _names.CTL_WRITEBACK_XATTR.encode()
 # Any value: compact the pool now; reading it gives "OBJECTS BYTES", what the
 # last compaction requested moved and released.
-CTL_COMPACT = b"user.swapfs.ctl.compact"
+CTL_COMPACT = _names.CTL_COMPACT_XATTR.encode()
 # The kernel refuses xattr values above 64 KiB (XATTR_SIZE_MAX).
 XATTR_SIZE_MAX = 65536
 # "N" (pages) or "idle:SECONDS"; a trailing newline (echo) is tolerated.

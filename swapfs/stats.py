@@ -21,6 +21,13 @@ from .kernel import PAGE_SIZE as PAGE
 # (were "pool->ssd"), this version field.
 SCHEMA_VERSION = 2
 
+# The xattr names of the interface, spelled here only (the daemon serves
+# them, the command line and the scripts read and set them).
+XATTR_PREFIX = "user.swapfs."
+STATS_XATTR = XATTR_PREFIX + "stats"  # the whole stats object, JSON
+CTL_WRITEBACK_XATTR = XATTR_PREFIX + "ctl.writeback"  # "N" or "idle:SECONDS": move pages down now
+CTL_COMPACT_XATTR = XATTR_PREFIX + "ctl.compact"  # any value: compact the pool now
+
 
 @dataclass(frozen=True)
 class DeviceStats:

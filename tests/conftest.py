@@ -9,10 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from swapfs import harness
 from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
 from swapfs.fuse import uring
 from swapfs.store import CACHE_PAGES, Store
+from swapfs.testing import harness
 
 MiB = 1 << 20
 

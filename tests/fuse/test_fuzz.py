@@ -30,6 +30,7 @@ def test_short_fuzz_run(seed: int, tmp_path: Any) -> None:
     assert os.listdir(tmp_path) == []  # its backing files are gone
 
 
+@pytest.mark.slow
 def test_overlapping_sub_page_writes_in_flight(tmp_path: Any) -> None:
     # Concurrent 512-byte writes into one file-tier page, as FUSE async DIO
     # delivers them: each is a read-modify-write across an await (this seed

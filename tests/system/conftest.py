@@ -3,6 +3,7 @@ its own process, exactly as a user starts it, and is always unmounted."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from swapfs import sysinfo
+from swapfs import system
 
 SMALL_CONFIG = """
 [pool]
@@ -58,7 +59,7 @@ class Mount:
         return self.path / name
 
     def stats(self) -> dict:
-        return sysinfo.read_stats(self.path)
+        return system.read_stats(self.path)
 
     def log_text(self) -> str:
         try:
@@ -66,9 +67,19 @@ class Mount:
         except OSError:
             return ""
 
+    def wait_log(self, text: str, timeout: float = 10) -> bool:
+        """Wait until the daemon's log says ``text`` (the log is a file: read it
+        again at each 50 ms, the one polling left here)."""
+        deadline = time.monotonic() + timeout
+        while text not in self.log_text():
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+        return True
+
 
 def _is_mounted(path: Path) -> bool:
-    return sysinfo.is_mounted(path)
+    return system.is_mounted(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -85,11 +96,11 @@ def _pid_alive(pid: int) -> bool:
 
 def detach_loops_under(path: Path) -> None:
     """swapoff and detach every loop device over a file in ``path``."""
-    swaps = sysinfo.active_swaps()
-    for lo in sysinfo.loops_backed_by(path):
-        if lo.device in swaps:
-            subprocess.run(["swapoff", lo.device], timeout=300)
-        subprocess.run(["losetup", "-d", lo.device], timeout=30)
+    for lo in system.loops_backed_by(path):
+        with contextlib.suppress(system.CommandFailed):
+            system.swap_off(lo.device)
+        with contextlib.suppress(system.CommandFailed):
+            system.detach_loop(lo.device, attempts=1)
 
 
 def stop_mount(m: Mount) -> None:
@@ -101,10 +112,7 @@ def stop_mount(m: Mount) -> None:
         if proc.returncode != 0 and _is_mounted(m.path):
             subprocess.run(["umount", "-l", str(m.path)], capture_output=True)
             subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True)
-    deadline = time.monotonic() + 10
-    while _pid_alive(m.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _pid_alive(m.pid):
+    if not system.wait_for_exit(m.pid, 10):
         os.kill(m.pid, signal.SIGKILL)
 
 

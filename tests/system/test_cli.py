@@ -7,31 +7,39 @@ import json
 import os
 import re
 import signal
-import time
+import subprocess
+import sys
 
 import pytest
 
-from .conftest import Mount, _is_mounted, _pid_alive, run_swapfs, stop_mount
+from swapfs import cli, system
+
+from .conftest import Mount, _is_mounted, run_swapfs, stop_mount
 
 pytestmark = pytest.mark.timeout(90)
 
 
-def test_help_explains_each_command():
-    top = run_swapfs("--help")
+def test_help_explains_each_command(capsys):
+    top = run_swapfs("--help")  # the entry point itself; the rest in this process
     assert top.returncode == 0
     commands = ("mount", "unmount", "swapon", "swapoff", "status", "stats", "writeback", "top",
                 "check-config", "install-units", "generate-units")
     for word in (*commands, "loop device", "/etc/swapfs"):
         assert word in top.stdout, word
+
+    def help_of(cmd: str) -> str:
+        with pytest.raises(SystemExit) as exit_:
+            cli.main([cmd, "--help"])
+        assert exit_.value.code == 0
+        return capsys.readouterr().out
+
     for cmd in commands:
-        out = run_swapfs(cmd, "--help")
-        assert out.returncode == 0 and "usage: swapfs " + cmd in out.stdout
-    assert "--foreground" in run_swapfs("mount", "--help").stdout
-    stats_help = run_swapfs("stats", "--help").stdout
+        assert "usage: swapfs " + cmd in help_of(cmd)
+    assert "--foreground" in help_of("mount")
+    stats_help = help_of("stats")
     assert "--json" in stats_help and "prometheus" in stats_help
-    assert "--priority" in run_swapfs("swapon", "--help").stdout
-    none = run_swapfs()
-    assert none.returncode == 2
+    assert "--priority" in help_of("swapon")
+    assert cli.main([]) == 2
 
 
 def test_default_config_is_valid_and_printable():
@@ -103,21 +111,15 @@ def test_default_config_mount_stats_unmount(mount_factory):
     out = run_swapfs("unmount", str(m.path))
     assert out.returncode == 0, out.stderr
     assert not _is_mounted(m.path)
-    deadline = time.monotonic() + 10
-    while _pid_alive(m.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _pid_alive(m.pid)
+    assert system.wait_for_exit(m.pid, 10)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_signal_unmounts_cleanly(mount_factory, sig):
     m = mount_factory()
     os.kill(m.pid, sig)
-    deadline = time.monotonic() + 10
-    while (_is_mounted(m.path) or _pid_alive(m.pid)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert not _is_mounted(m.path)
-    assert not _pid_alive(m.pid)
+    assert system.wait_unmounted(m.path, 10)
+    assert system.wait_for_exit(m.pid, 10)
     assert "unmounting" in m.log_text()
 
 
@@ -125,9 +127,7 @@ def test_killed_daemon_leaves_a_dead_mount_not_an_empty_directory(mount_factory)
     """A crash must not unmount: reads then fail (ENOTCONN) instead of finding nothing."""
     m = mount_factory()
     os.kill(m.pid, signal.SIGKILL)
-    deadline = time.monotonic() + 10
-    while _pid_alive(m.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert system.wait_for_exit(m.pid, 10)
     assert _is_mounted(m.path)
     with pytest.raises(OSError) as e:
         os.stat(m.dev())
@@ -186,3 +186,12 @@ def test_background_daemon_logs_under_run_swapfs_as_root(tmp_path):
     finally:
         stop_mount(m)
     os.unlink(log)
+
+
+def test_the_daemon_imports_no_test_helpers():
+    """The daemon's memory is locked: what it imports stays lean, and the
+    helpers of tests and benchmarks are not part of it."""
+    code = ("import sys, swapfs.cli, swapfs.daemon; "
+            "print(sorted(m for m in sys.modules if m.startswith('swapfs.testing')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out

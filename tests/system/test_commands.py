@@ -13,7 +13,8 @@ import time
 
 import pytest
 
-from swapfs import harness, kernel, sysinfo
+from swapfs import kernel, system
+from swapfs.testing import harness
 
 from .conftest import run_swapfs
 
@@ -161,18 +162,14 @@ def test_sighup_reloads_the_pool_watermarks(mount_factory, tmp_path):
     cfg = tmp_path / "hup.toml"
     cfg.write_text(tier_config(tmp_path, 0.5, 0.25).replace('max_bytes = "64M"', 'max_bytes = "32M"'))
     os.kill(m.pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "SIGHUP" not in m.log_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert m.wait_log("SIGHUP")
     after = m.stats()["writeback"]["watermarks"]["pool"]
     assert after["high"] == 64 * MiB // 2 and after["low"] == 64 * MiB // 4, (before, after)
     log = m.log_text()
     assert "applied: pool watermarks" in log and "needs a remount to change: pool.max_bytes" in log
     cfg.write_text("[pool]\nhigh_watermark = 2\n")
     os.kill(m.pid, signal.SIGHUP)
-    deadline = time.monotonic() + 10
-    while "not reloaded" not in m.log_text() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    assert m.wait_log("not reloaded")
     assert "configuration not reloaded" in m.log_text() and "high_watermark" in m.log_text()
     assert m.stats()["writeback"]["watermarks"]["pool"] == after
 
@@ -180,7 +177,7 @@ def test_sighup_reloads_the_pool_watermarks(mount_factory, tmp_path):
 def test_root_stats_of_the_largest_mount_fit_one_xattr(mount_factory, tmp_path):
     devices = "".join(f'[[device]]\nname = "{"d" * 60}{i:04d}"\nsize = "1M"\n' for i in range(64))
     m = mount_factory("[pool]\nmax_bytes = \"16M\"\n" + devices)
-    stats = sysinfo.read_stats(m.path)
+    stats = system.read_stats(m.path)
     assert len(stats["devices"]) == 64
     too_many = tmp_path / "many.toml"
     too_many.write_text(devices + '[[device]]\nname = "one_more"\nsize = "1M"\n')
@@ -188,6 +185,7 @@ def test_root_stats_of_the_largest_mount_fit_one_xattr(mount_factory, tmp_path):
     assert out.returncode == 2 and "device: 65 devices, at most 64" in out.stderr
 
 
+@pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.timeout(300)
 def test_swapon_and_swapoff_commands(mount_factory):
@@ -202,11 +200,11 @@ def test_swapon_and_swapoff_commands(mount_factory):
         loop = out.stdout.strip()
         try:
             assert re.fullmatch(r"/dev/loop\d+", loop)
-            assert sysinfo.active_swaps()[loop].priority == 5
-            lo = sysinfo.loops_backed_by(dev)
+            assert system.active_swaps()[loop].priority == 5
+            lo = system.loops_backed_by(dev)
             assert [x.device for x in lo] == [loop] and lo[0].direct_io
             queue = f"/sys/block/{os.path.basename(loop)}/queue"
-            for key, value in sysinfo.LOOP_QUEUE_TUNING:  # the queue as docs/latency.md measured it
+            for key, value in system.LOOP_QUEUE_TUNING:  # the queue as docs/latency.md measured it
                 with open(f"{queue}/{key}") as f:
                     assert f.read().strip() == value, key
             again = run_swapfs("swapon", dev)
@@ -218,7 +216,7 @@ def test_swapon_and_swapoff_commands(mount_factory):
         finally:
             off = run_swapfs("swapoff", dev, timeout=120)
         assert off.returncode == 0, off.stderr
-        assert loop not in sysinfo.active_swaps() and sysinfo.loops_backed_by(dev) == []
+        assert loop not in system.active_swaps() and system.loops_backed_by(dev) == []
         out = run_swapfs("swapoff", dev)
         assert out.returncode == 0 and "not on" in out.stderr
 
@@ -240,6 +238,7 @@ def test_swapon_and_swapoff_say_they_need_root(monkeypatch, capsys):
     assert "swapoff needs root" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_record_then_plot(mount_factory, tmp_path):
     m = mount_factory(tier_config(tmp_path))
     rec = tmp_path / "run.jsonl"
@@ -250,7 +249,7 @@ def test_record_then_plot(mount_factory, tmp_path):
     assert run_swapfs("writeback", str(m.path), "20").returncode == 0
     out = run_swapfs("record", str(m.path), "-o", str(rec), "--count", "1")
     assert out.returncode == 0, out.stderr
-    from swapfs.monitor import load_samples, plot_series
+    from swapfs.cli.monitor import load_samples, plot_series
 
     samples = load_samples(str(rec))
     assert len(samples) == 3 and samples[0]["mount"] == str(m.path)
@@ -274,6 +273,7 @@ def test_record_then_plot(mount_factory, tmp_path):
     assert out.returncode == 1 and "bad.jsonl:1" in out.stderr
 
 
+@pytest.mark.slow
 def test_status_does_not_hang_on_a_stopped_daemon(mount_factory):
     """A daemon that does not answer (here: stopped) is reported, not waited for."""
     m = mount_factory()
@@ -290,6 +290,7 @@ def test_status_does_not_hang_on_a_stopped_daemon(mount_factory):
     assert "swap0" in run_swapfs("status").stdout
 
 
+@pytest.mark.slow
 def test_compact_command_gives_scattered_holes_back(mount_factory):
     m = mount_factory()
     rng = random.Random(5)

@@ -24,6 +24,7 @@ size = "80M"
 """
 
 
+@pytest.mark.slow
 def test_twenty_thousand_equal_pages_through_the_mount(mount_factory, tmp_path):
     m = mount_factory(CONFIG)
     page = (b"one page, twenty thousand times; not same-filled %d " * 80)[:PAGE]

@@ -191,13 +191,40 @@ def test_o_trunc_is_ignored_like_a_block_device_and_dd_works(mnt):
 
 
 def test_fsync_and_flush_succeed(mnt):
+    """fsync, fdatasync and close (FLUSH) answer success on a device and on
+    the mount's directory, and change nothing: the page written before is
+    stored once (direct I/O: it reached the store before pwrite returned) and
+    reads back byte for byte from a new descriptor."""
+    page = (b"fsync keeps me " * 300)[:PAGE]
+    before = mnt.stats()["devices"]["swap0"]
+    logged = len(mnt.log_text())
     fd = os.open(mnt.dev(), os.O_RDWR)
     try:
-        os.pwrite(fd, b"z" * PAGE, 0)
-        os.fsync(fd)
-        os.fdatasync(fd)
+        assert os.pwrite(fd, page, 3 * PAGE) == PAGE
+        stored = mnt.stats()["devices"]["swap0"]
+        assert stored["stored_pages"] == before["stored_pages"] + 1
+        assert stored["writes"] == before["writes"] + 1
+        assert os.fsync(fd) is None
+        assert os.fdatasync(fd) is None
+    finally:
+        os.close(fd)  # FLUSH, then RELEASE
+    fd = os.open(mnt.dev(), os.O_RDONLY)
+    try:
+        os.fsync(fd)  # on a read-only descriptor too
+        assert os.pread(fd, PAGE, 3 * PAGE) == page
     finally:
         os.close(fd)
+    dfd = os.open(mnt.path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)  # FSYNCDIR
+    finally:
+        os.close(dfd)
+    after = mnt.stats()["devices"]["swap0"]
+    assert after["stored_pages"] == stored["stored_pages"]
+    assert after["writes"] == stored["writes"]  # nothing written again
+    assert after["discards"] == before["discards"]
+    since = mnt.log_text()[logged:]
+    assert " ERROR " not in since and " WARNING " not in since, since
 
 
 def test_punch_hole_discards_and_frees(mnt):

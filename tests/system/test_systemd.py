@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from swapfs import harness, sysinfo, units
+from swapfs import system, units
+from swapfs.testing import harness
 
 from .conftest import Mount, fuse_available, run_swapfs, stop_mount
 
@@ -193,6 +194,7 @@ class NotifySocket:
         return next((m for m in self.messages if needle in m), None)
 
 
+@pytest.mark.slow
 @pytest.mark.root
 @pytest.mark.timeout(180)
 def test_daemon_under_notify_waits_for_swapoff_before_stopping(tmp_path):
@@ -217,7 +219,7 @@ def test_daemon_under_notify_waits_for_swapoff_before_stopping(tmp_path):
     m = Mount(path=mnt, log=stderr_path, pid=daemon.pid)
     try:
         assert notify.wait_for("READY=1", 30), (notify.messages, stderr_path.read_text())
-        assert sysinfo.is_mounted(mnt)
+        assert system.is_mounted(mnt)
         with open(f"/proc/{daemon.pid}/comm") as f:
             assert f.read().strip() == "swapfs"
         with open(f"/proc/{daemon.pid}/oom_score_adj") as f:
@@ -233,14 +235,14 @@ def test_daemon_under_notify_waits_for_swapoff_before_stopping(tmp_path):
                 status = notify.wait_for("STATUS=waiting to unmount", 15)
                 assert status and "swap is on" in status and loop in status, notify.messages
                 assert not any("STOPPING=1" in x for x in notify.messages)
-                assert daemon.poll() is None and sysinfo.is_mounted(mnt)
-                assert sysinfo.read_stats(mnt)["devices"]["swap0"]["writes"] > 0  # still serving
+                assert daemon.poll() is None and system.is_mounted(mnt)
+                assert system.read_stats(mnt)["devices"]["swap0"]["writes"] > 0  # still serving
             finally:
                 off = run_swapfs("swapoff", str(mnt / "swap0"), timeout=120)
             assert off.returncode == 0, off.stderr
         assert notify.wait_for("STOPPING=1", 15), notify.messages
         assert daemon.wait(timeout=15) == 0
-        assert not sysinfo.is_mounted(mnt)
+        assert not system.is_mounted(mnt)
         log = stderr_path.read_text()
         assert "<6>swapfs.daemon: SIGTERM: unmounting" in log, log
         assert "<3>swapfs.daemon: cannot unmount" in log, log

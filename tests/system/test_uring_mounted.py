@@ -7,8 +7,9 @@ import os
 
 import pytest
 
-from swapfs import harness, sysinfo
+from swapfs import system
 from swapfs.fuse import uring
+from swapfs.testing import harness
 
 from ..conftest import enable_uring_set
 from .conftest import SMALL_CONFIG, run_swapfs
@@ -40,7 +41,7 @@ def test_mount_uring_unavailable_fails_with_the_reason_and_mounts_nothing(uring_
         proc = run_swapfs("mount", "--no-mlock", "--log-file", str(tmp_path / "log"), *URING, str(mnt))
     assert proc.returncode != 0
     assert "transport uring unavailable" in proc.stderr and "enable_uring is N" in proc.stderr, proc.stderr
-    assert not sysinfo.is_mounted(mnt)
+    assert not system.is_mounted(mnt)
 
 
 @pytest.mark.slow
@@ -106,4 +107,4 @@ async def test_daemon_refused_at_init_says_why_and_leaves_no_mount(uring_enabled
     mnt.mkdir()
     with pytest.raises(uring.TransportUnavailable, match="no ring for this test"):
         await serve_mount(parse_config(SMALL_CONFIG), str(mnt), transport="uring")
-    assert not sysinfo.is_mounted(mnt)
+    assert not system.is_mounted(mnt)

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from swapfs import kernel
+
 pytestmark = pytest.mark.timeout(120)
 MiB = 1 << 20
 PAGE = 4096
@@ -160,14 +162,10 @@ def test_watermarks_under_concurrent_io(mount_factory, tmp_path):
 
 
 def _punch(fd: int, offset: int, length: int) -> None:
-    import ctypes
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_long, ctypes.c_long]
-    if libc.fallocate(fd, 0x01 | 0x02, offset, length) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, os.strerror(err))
+    kernel.fallocate(fd, kernel.FALLOC_FL_KEEP_SIZE | kernel.FALLOC_FL_PUNCH_HOLE, offset, length)
 
 
+@pytest.mark.slow
 def test_large_device_used_at_its_start_drains(mount_factory, tmp_path):
     """A 64 GiB device, 48 MiB written at its start (as the kernel fills swap
     from the start) into a 16 MiB zstd pool over a file tier: writeback

@@ -21,8 +21,8 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from . import sysinfo
-from .sysinfo import active_swaps, read_stats
+from .. import system
+from ..system import active_swaps, read_stats
 
 __all__ = ["active_swaps", "read_stats"]  # re-exported: the tests and the demo use them from here
 
@@ -30,15 +30,9 @@ CGROUP_V1_MEMORY = "/sys/fs/cgroup/memory"
 CGROUP_V2 = "/sys/fs/cgroup"
 
 
-class HarnessError(RuntimeError):
-    pass
-
-
-def _run(cmd: list[str], timeout: float = 60) -> str:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    if proc.returncode != 0:
-        raise HarnessError(f"{' '.join(cmd)} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc.stdout
+# What failed: a system command (losetup, mkswap, swapon, swapoff), a check
+# after it, or the workload.
+HarnessError = system.CommandFailed
 
 
 def is_root() -> bool:
@@ -78,25 +72,15 @@ def loop_device(path: str | os.PathLike[str], *, direct_io: bool = True,
     """Attach a loop device over ``path`` (direct I/O by default, checked),
     its queue tuned as ``swapfs swapon`` tunes it unless ``tune`` is False;
     always detach it."""
-    cmd = ["losetup", "-f", "--show"]
-    if direct_io:
-        cmd.append("--direct-io=on")
-    dev = _run(cmd + [os.fspath(path)]).strip()
+    dev = system.attach_loop(path, direct_io=direct_io)
     try:
-        if direct_io:
-            with open(f"/sys/block/{os.path.basename(dev)}/loop/dio") as f:
-                if f.read().strip() != "1":
-                    raise HarnessError(f"{dev}: the kernel did not enable direct I/O")
         if tune:
-            problems = sysinfo.tune_loop_queue(dev)
+            problems = system.tune_loop_queue(dev)
             if problems:
                 raise HarnessError(f"{dev}: " + "; ".join(problems))
         yield dev
     finally:
-        for _ in range(50):
-            if subprocess.run(["losetup", "-d", dev], capture_output=True).returncode == 0:
-                break
-            time.sleep(0.1)
+        system.detach_loop(dev)
 
 
 # Swap devices are machine-wide: while one run's device is on, the kernel may
@@ -156,7 +140,7 @@ def uring_ready() -> Iterator[str | None]:
     systemd's sys-fs-fuse-connections.mount does at boot; a bare machine
     lacks it); both restored after.  Yields None, or why the transport still
     cannot be used."""
-    from .fuse import uring
+    from ..fuse import uring
 
     state = uring.enable_uring()
     if state is None:
@@ -181,16 +165,11 @@ def uring_ready() -> Iterator[str | None]:
 
 
 def _swap_on(dev: str, *, priority: int, discard: bool) -> Iterator[str]:
-    _run(["mkswap", dev])
-    cmd = ["swapon", "-p", str(priority)]
-    if discard:
-        cmd.append("--discard")
-    _run(cmd + [dev])
+    system.swap_on(dev, priority=priority, discard="both" if discard else "off")
     try:
         yield dev
     finally:
-        if dev in active_swaps():
-            _run(["swapoff", dev], timeout=600)
+        system.swap_off(dev)
 
 
 @contextlib.contextmanager

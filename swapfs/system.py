@@ -1,10 +1,13 @@
-"""What the machine says about swapfs: mounts, loop devices, active swaps, stats.
+"""What the machine says and does for swapfs: mounts, loop devices, swap.
 
 One home for reading /proc/self/mountinfo (with its octal escapes undone),
-/sys/block/loop*/loop/backing_file, /proc/swaps and the stats xattr, shared
-by the command line, the test and benchmark harness and the tests.  Read-only:
-nothing here changes the machine.  (swapfs/fuse keeps its own mountinfo
-reader: the protocol layer knows nothing of swapfs.)
+/sys/block/loop*/loop/backing_file, /proc/swaps and the stats xattr, and
+for the procedures that change the machine: attaching a direct-I/O loop
+device over a device file, mkswap and swapon, swapoff, detaching, and
+saying what keeps a mount busy.  The command line, the daemon and the test
+and benchmark helpers (swapfs.testing) all go through here.  (libc is
+swapfs.kernel's; swapfs/fuse keeps its own tiny mountinfo reader and libc
+handle: the protocol layer imports nothing of swapfs.)
 """
 
 from __future__ import annotations
@@ -13,12 +16,18 @@ import errno
 import json
 import os
 import re
+import select
+import subprocess
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
-STATS_XATTR = "user.swapfs.stats"
+from .stats import STATS_XATTR
+
 SWAPFS_FSTYPE = "fuse.swapfs"
+
+
 
 _OCTAL_RE = re.compile(r"\\([0-7]{3})")
 
@@ -76,6 +85,36 @@ def is_mounted(path: str | os.PathLike[str]) -> bool:
     cannot be stat'ed) is a mount point."""
     p = os.path.abspath(os.fspath(path))
     return any(m.mountpoint == p for m in mounts())
+
+
+def wait_unmounted(path: str | os.PathLike[str], timeout: float) -> bool:
+    """Wait until ``path`` is no longer a mount point; False if it still is
+    after ``timeout`` seconds.  Waits on the mount table itself (poll(2) on
+    /proc/self/mountinfo wakes at each change), not on a clock."""
+    deadline = time.monotonic() + timeout
+    with open("/proc/self/mountinfo", "rb") as f:
+        poller = select.poll()
+        poller.register(f, select.POLLPRI | select.POLLERR)
+        while is_mounted(path):  # a change after the open wakes the next poll
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return False
+            poller.poll(left * 1000)
+    return True
+
+
+def wait_for_exit(pid: int, timeout: float) -> bool:
+    """Wait until process ``pid`` (not necessarily a child) has exited; False
+    if it still runs after ``timeout`` seconds.  A pidfd becomes readable when
+    the process exits: no polling."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return True
+    try:
+        return bool(select.select([fd], [], [], timeout)[0])
+    finally:
+        os.close(fd)
 
 
 @dataclass(frozen=True)
@@ -218,4 +257,120 @@ def mount_of(path: str | os.PathLike[str]) -> str | None:
     for mp in swapfs_mounts():
         if p == mp or os.path.dirname(p) == mp:
             return mp
+    return None
+
+
+# -- procedures: loop devices and swap ---------------------------------------
+
+
+class CommandFailed(RuntimeError):
+    """A system command (losetup, mkswap, swapon, swapoff) or a check after it
+    failed; the message names the command and what it said."""
+
+
+def run(cmd: list[str], timeout: float | None = 120) -> str:
+    """Run ``cmd``; its stdout, or CommandFailed with its stderr."""
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise CommandFailed(f"{' '.join(cmd)} failed: {exc}") from None
+    if proc.returncode != 0:
+        raise CommandFailed(f"{' '.join(cmd)} failed: {proc.stderr.strip() or f'status {proc.returncode}'}")
+    return proc.stdout
+
+
+def attach_loop(path: str | os.PathLike[str], *, direct_io: bool = True) -> str:
+    """Attach a loop device over ``path`` (with direct I/O, checked: the
+    kernel may silently fall back to buffered I/O, and swap through the page
+    cache of a FUSE file deadlocks under pressure); returns /dev/loopN.  On
+    any failure nothing stays attached and CommandFailed says why.  The
+    queue is not tuned: see :func:`tune_loop_queue`."""
+    cmd = ["losetup", "-f", "--show"]
+    if direct_io:
+        cmd.append("--direct-io=on")
+    dev = run(cmd + [os.fspath(path)]).strip()
+    if direct_io:
+        problem = None
+        try:
+            with open(f"/sys/block/{os.path.basename(dev)}/loop/dio") as f:
+                if f.read().strip() != "1":
+                    problem = f"the kernel did not enable direct I/O on {dev}"
+        except OSError as exc:
+            problem = f"cannot check direct I/O on {dev}: {exc.strerror}"
+        if problem is not None:
+            detach_loop(dev)
+            raise CommandFailed(problem)
+    return dev
+
+
+def detach_loop(dev: str, *, attempts: int = 50) -> None:
+    """losetup -d ``dev``, retried for a while (a device just swapped off or
+    closed can stay busy briefly); CommandFailed if it never detaches."""
+    for attempt in range(attempts):
+        try:
+            run(["losetup", "-d", dev])
+            return
+        except CommandFailed:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.1)
+
+
+def swap_on(dev: str, *, priority: int | None = None, discard: str = "both") -> None:
+    """mkswap and swapon ``dev``.  ``discard``: how freed swap slots reach
+    the device: "both" (the whole area at swapon, then each freed cluster),
+    "once", "pages" or "off"."""
+    run(["mkswap", dev])
+    cmd = ["swapon"]
+    if priority is not None:
+        cmd += ["--priority", str(priority)]
+    if discard != "off":
+        cmd.append("--discard" if discard == "both" else f"--discard={discard}")
+    run(cmd + [dev])
+
+
+def swap_off(dev: str) -> None:
+    """swapoff ``dev`` if swap is on there; it reads every page back in, so no timeout."""
+    if dev in active_swaps():
+        run(["swapoff", dev], timeout=None)
+
+
+def swap_on_file(path: str, *, priority: int | None = None, discard: str = "both") -> tuple[str, list[str]]:
+    """The whole of ``swapfs swapon``: a direct-I/O loop device over the
+    device file ``path``, its queue tuned, mkswap, swapon.  Returns the loop
+    device and what of the tuning could not be applied (swap works, slower).
+    Refuses (CommandFailed) if a loop device already uses ``path``; on any
+    failure nothing stays attached."""
+    swaps = active_swaps()
+    for lo in loops_backed_by(path):
+        if lo.backing_file != path:
+            continue
+        if lo.device in swaps:
+            raise CommandFailed(f"swap is already on over {path} ({lo.device}, priority "
+                                f"{swaps[lo.device].priority})")
+        raise CommandFailed(f"{path} is busy: loop device {lo.device} already uses it "
+                            f"(losetup -d {lo.device} if nothing else does)")
+    dev = attach_loop(path)
+    try:
+        problems = tune_loop_queue(dev)
+        swap_on(dev, priority=priority, discard=discard)
+    except BaseException:
+        detach_loop(dev)
+        raise
+    return dev, problems
+
+
+def busy_reason(mountpoint: str, *, loops_ok: bool = False) -> str | None:
+    """What keeps the swapfs mount busy, said with what to run first; None if
+    nothing known (no swap, no loop device over its files; with ``loops_ok``,
+    loop devices without swap do not count: a lazy unmount may leave them)."""
+    swaps = active_swaps()
+    loops = loops_backed_by(mountpoint)
+    on = [lo for lo in loops if lo.device in swaps]
+    if on:
+        devs = ", ".join(f"{lo.device} (over {lo.backing_file})" for lo in on)
+        return f"swap is on {devs}; run swapfs swapoff {on[0].backing_file} first"
+    if loops and not loops_ok:
+        devs = " ".join(lo.device for lo in loops)
+        return f"loop devices still use the mount: {devs}; run losetup -d {devs} first"
     return None

@@ -1,7 +1,7 @@
 """Shared benchmark helpers: loop devices, fio jobs, served mounts, tables.
 
-Used by scripts/bench-fuse (and importable by other benchmark scripts:
-``sys.path.insert(0, <scripts dir>); import benchlib``).
+Used by the benchmark scripts (scripts/bench, bench-fuse, bench-density):
+``from swapfs.testing import benchlib``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from swapfs.harness import loop_device  # noqa: F401  (re-exported for the bench scripts)
+from .. import system
+from .harness import loop_device  # noqa: F401  (re-exported for the bench scripts)
 
 
 @dataclass(frozen=True)
@@ -121,9 +122,7 @@ def run_suite(
 
 
 def is_mounted(path: str) -> bool:
-    path = os.path.realpath(path)
-    with open("/proc/self/mountinfo") as f:
-        return any(line.split(" ")[4] == path for line in f)
+    return system.is_mounted(os.path.realpath(path))
 
 
 @contextlib.contextmanager

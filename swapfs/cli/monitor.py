@@ -12,8 +12,8 @@ import sys
 import time
 from typing import Any
 
-from .kernel import PAGE_SIZE as PAGE
-from .report import EXIT_OK, EXIT_USAGE, die, fmt_bytes, read_stats, stats_error
+from ..kernel import PAGE_SIZE as PAGE
+from .common import EXIT_OK, EXIT_USAGE, die, fmt_bytes, read_stats, stats_error
 
 # -- top ---------------------------------------------------------------------
 
@@ -208,3 +208,33 @@ def cmd_plot(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the parsers of top, record and plot to the subparsers ``sub``."""
+    p = sub.add_parser("top", help="a live view of a mount, once a second",
+                       description="Tiers, traffic, moves, promotions, refaults and cache hits of a "
+                       "mount, refreshed every --interval seconds (plain terminal; ssh is fine).")
+    p.add_argument("mount", metavar="MOUNT")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--count", type=int, metavar="N", help="stop after N frames")
+    p.set_defaults(func=cmd_top)
+
+    p = sub.add_parser("record", help="record stats samples as JSON lines",
+                       description="Append one JSON line per --interval to FILE: "
+                       '{"time": UNIX_SECONDS, "mount": MOUNT, "stats": {the stats object}}. '
+                       "Stops after --count samples, at Ctrl-C, or when the mount goes away. "
+                       "Example: swapfs record /run/swapfs -o run.jsonl --interval 0.5")
+    p.add_argument("mount", metavar="MOUNT")
+    p.add_argument("-o", "--output", required=True, metavar="FILE", help="JSON lines file ('-': stdout)")
+    p.add_argument("--interval", type=float, default=1.0, metavar="S")
+    p.add_argument("--count", type=int, metavar="N")
+    p.set_defaults(func=cmd_record)
+
+    p = sub.add_parser("plot", help="draw a recording: tier occupancy and traffic (needs matplotlib)",
+                       description="Draw a 'swapfs record' file as a PNG: the pages of each tier over "
+                       "time, and swap-out, swap-in, writeback and promotion rates.  matplotlib is "
+                       "an optional extra: pip install 'swapfs[plot]'.")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument("-o", "--output", required=True, metavar="PNG")
+    p.set_defaults(func=cmd_plot)

@@ -1,0 +1,98 @@
+"""swapfs swapon and swapoff: a device file as swap through a direct-I/O loop device."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Any
+
+from .. import system
+from .common import EXIT_OK, die
+
+
+def _device_file(path: str) -> tuple[str, str] | str:
+    """(absolute device file, its mount) or an error message."""
+    p = os.path.abspath(path)
+    mount = system.mount_of(p)
+    if mount is None or p == mount:
+        return f"{p} is not a device file of a swapfs mount (see: swapfs status)"
+    if not os.path.isfile(p):
+        return f"{p}: no such device in the swapfs mount {mount} (it has: {', '.join(_listdir(mount))})"
+    return p, mount
+
+
+def _listdir(path: str) -> list[str]:
+    try:
+        return sorted(os.listdir(path))
+    except OSError:
+        return []
+
+
+def cmd_swapon(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        return die("swapon needs root (it attaches a loop device and turns swap on)")
+    found = _device_file(args.device_file)
+    if isinstance(found, str):
+        return die(found)
+    path, _ = found
+    try:
+        loop, problems = system.swap_on_file(path, priority=args.priority, discard=args.discard)
+    except system.CommandFailed as exc:
+        return die(str(exc))
+    for why in problems:
+        print(f"swapfs: {loop}: cannot tune the queue ({why}); swap works, slower", file=sys.stderr)
+    print(loop)
+    return EXIT_OK
+
+
+def cmd_swapoff(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        return die("swapoff needs root")
+    path = os.path.abspath(args.device_file)
+    loops = [lo for lo in system.loops_backed_by(path) if lo.backing_file == path]
+    if not loops:
+        if system.mount_of(path) is None:
+            return die(f"{path} is not a device file of a swapfs mount")
+        print(f"swapfs: swap is not on over {path}; nothing to do", file=sys.stderr)
+        return EXIT_OK
+    for lo in loops:
+        try:
+            system.swap_off(lo.device)
+        except system.CommandFailed as exc:
+            return die(f"{exc} (swap stays on)")
+        try:
+            system.detach_loop(lo.device)
+        except system.CommandFailed as exc:
+            return die(str(exc))
+        print(f"{lo.device} detached from {path}")
+    return EXIT_OK
+
+
+def _discard(value: str) -> str:
+    if value not in ("once", "pages", "both", "off"):
+        raise argparse.ArgumentTypeError(f"{value!r}: expected once, pages, both or off")
+    return value
+
+
+def add_parsers(sub: Any) -> None:
+    """Add the parsers of swapon and swapoff to the subparsers ``sub``."""
+    p = sub.add_parser("swapon", help="swap on a device file (loop device, mkswap, swapon)",
+                       description="Attach a direct-I/O loop device over DEVICE_FILE, mkswap it and "
+                       "swapon it; prints the loop device.  Needs root.  Example: "
+                       "swapfs swapon /run/swapfs/swap0 --priority 100")
+    p.add_argument("device_file", metavar="DEVICE_FILE", help="a device file of a swapfs mount")
+    p.add_argument("--priority", "-p", type=int, metavar="N",
+                   help="swap priority, -1..32767 (higher is used first; default: the kernel's)")
+    p.add_argument("--discard", nargs="?", const="both", default="both", type=_discard,
+                   metavar="once|pages|both|off",
+                   help="how freed swap slots reach swapfs (default both: the whole area at swapon, "
+                   "then each freed cluster; off: swapfs never learns that slots are free)")
+    p.set_defaults(func=cmd_swapon)
+
+    p = sub.add_parser("swapoff", help="swap off a device file and detach its loop device",
+                       description="swapoff the loop device over DEVICE_FILE (the kernel reads every "
+                       "page back in first), then detach it.  Exits 1 if swapoff fails; 0 if swap "
+                       "was not on.")
+    p.add_argument("device_file", metavar="DEVICE_FILE")
+    p.set_defaults(func=cmd_swapoff)
