@@ -303,6 +303,9 @@ class Keeper:
         if problems:
             print(f"swapfs-keeper: {problems}", file=sys.stderr, flush=True)
         print("ready", flush=True)
+        devnull = os.open(os.devnull, os.O_WRONLY)  # whoever read "ready" may close the pipe
+        os.dup2(devnull, 1)
+        os.close(devnull)
         try:
             self.serve()
         finally:

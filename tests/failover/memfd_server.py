@@ -4,7 +4,7 @@ mapping of a memfd held by the keeper (swapfs.keeper), served with swapfs.fuse.h
     python -m tests.failover.memfd_server --keeper SOCK start MOUNTPOINT --size 64M
     python -m tests.failover.memfd_server --keeper SOCK takeover [--standby | --upgrade]
 
-``--standby-cmd`` (repeatable words) starts a new standby once this server serves.  The server
+``--respawn-standby`` starts a new standby once this server serves.  The server
 prints ``serving <monotonic seconds when it started reading>`` once it serves.
 """
 
@@ -139,7 +139,8 @@ def main() -> int:
     p.add_argument("--keeper", required=True)
     p.add_argument("--version", type=int, default=VERSION)
     p.add_argument("--readable", help="state versions this server reads, comma-separated")
-    p.add_argument("--standby-cmd", nargs=argparse.REMAINDER)
+    p.add_argument("--respawn-standby", action="store_true",
+                   help="once serving, start a standby (which does the same when it takes over)")
     sub = p.add_subparsers(dest="mode", required=True)
     s = sub.add_parser("start")
     s.add_argument("mountpoint")
@@ -150,9 +151,15 @@ def main() -> int:
     t.add_argument("--lock", action="store_true", help="lock memory (a standby)")
     a = p.parse_args()
     logging.basicConfig(level=logging.INFO, format=f"[{os.getpid()}] %(name)s %(levelname)s %(message)s")
+    standby_cmd = None
+    if a.respawn_standby:
+        standby_cmd = [sys.executable, "-m", "tests.failover.memfd_server", "--keeper", a.keeper,
+                       "--version", str(a.version), "--respawn-standby",
+                       *(["--readable", a.readable] if a.readable else []),
+                       "takeover", "--standby", "--lock"]
     server = FailoverServer(factory(_size(getattr(a, "size", "0"))), a.keeper, version=a.version,
                             readable=[int(v) for v in a.readable.split(",")] if a.readable else None,
-                            standby_cmd=a.standby_cmd)
+                            standby_cmd=standby_cmd)
 
     if a.mode == "takeover" and a.lock:
         from swapfs.keeper import lock_memory
