@@ -100,13 +100,15 @@ def _exited(pidfd: int) -> bool:
 
 
 def lock_memory() -> str:
-    """mlockall(MCL_CURRENT | MCL_FUTURE) and oom_score_adj -1000; what failed, or ""."""
+    """mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) and oom_score_adj -1000; what failed,
+    or "".  ONFAULT: the pages in use stay resident, and what is touched later is locked as it
+    is touched, without populating every mapping (all of libpython's) up front."""
     problems = []
     try:
         import ctypes
 
         libc = ctypes.CDLL(None, use_errno=True)
-        if libc.mlockall(1 | 2) != 0:
+        if libc.mlockall(1 | 2 | 4) != 0:
             problems.append(f"mlockall: {os.strerror(ctypes.get_errno())}")
     except OSError as e:
         problems.append(f"mlockall: {e}")
