@@ -215,6 +215,10 @@ class Keeper:
             raise KeeperError(f"the active server (pid {self.active}) has not exited")
         if "fuse" not in self.fds:
             raise KeeperError("no FUSE connection is held")
+        probe = select.poll()
+        probe.register(self.fds["fuse"], 0)
+        if probe.poll(0):
+            raise KeeperError("the FUSE connection has ended")
         pidfd = os.pidfd_open(pid)
         if self.active_pidfd is not None:
             os.close(self.active_pidfd)

@@ -116,8 +116,11 @@ class KeeperClient:
         self.sock.close()
 
     def request(self, message: dict[str, Any], fds: Sequence[int] = ()) -> tuple[dict[str, Any], list[int]]:
-        send_message(self.sock, message, list(fds))
-        reply, got = recv_message(self.sock)
+        try:
+            send_message(self.sock, message, list(fds))
+            reply, got = recv_message(self.sock)
+        except OSError as e:
+            raise KeeperError(f"the keeper is gone ({e.strerror})") from None
         if reply is None:
             raise KeeperError("the keeper closed the connection")
         if not reply.get("ok"):
@@ -259,7 +262,12 @@ class FailoverServer:
                     raise TakeoverRefused(str(e)) from None
                 # Another server took over first: wait for that one instead.
                 log.info("standby: %s; waiting on the new server", e)
-                fresh = client.get()
+                try:
+                    fresh = client.get()
+                except KeeperError as gone:  # unmounted: the keeper exited
+                    holding.close()
+                    client.close()
+                    raise TakeoverRefused(str(gone)) from None
                 for fd in fresh.fds.values():
                     os.close(fd)
                 if holding.active_pidfd is not None:
@@ -269,7 +277,13 @@ class FailoverServer:
         # The old server has exited and this one holds the claim: nothing can answer the
         # requests it read but this process.  Resend them, then read.
         fd = holding.fds.pop(FUSE_FD)
-        notify_resend(fd)
+        try:
+            notify_resend(fd)
+        except OSError as e:  # ENODEV: unmounted or aborted meanwhile
+            os.close(fd)
+            holding.close()
+            client.close()
+            raise TakeoverRefused(f"the connection has ended ({e.strerror})") from None
         self.resumed_at = time.monotonic()
         conn = holding.conn
         holding.close()  # the state fds: ops_factory mapped what it needs

@@ -156,3 +156,20 @@ def test_upgrade_hand_off_under_fio(cluster: Cluster) -> None:
             assert p.poll() is None
     finally:
         fio_result(job)
+
+
+@pytest.mark.timeout(60)
+def test_unmount_ends_keeper_server_and_standby(cluster: Cluster) -> None:
+    c = cluster
+    c.start_keeper()
+    server = c.start("16M", "--respawn-standby")
+    s = c.wait(lambda s: bool(s["standbys"]), "a standby")
+    standby = s["standbys"][0]
+    assert subprocess.run(["umount", str(c.mnt)], timeout=10).returncode == 0
+    assert c.keeper is not None
+    assert c.keeper.wait(timeout=10) == 0
+    assert server.wait(timeout=10) == 0
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{standby}") and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not os.path.exists(f"/proc/{standby}"), c.log_text()
