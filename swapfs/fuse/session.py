@@ -318,9 +318,10 @@ class Session:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[ConnectionInfo] = trio.TASK_STATUS_IGNORED) -> None:
-        """Negotiate INIT, call ``ops.init``, report the ConnectionInfo through
-        ``task_status.started``, then serve until the kernel ends the
-        connection (or the task is cancelled); ``ops.destroy`` is called last."""
+        """Negotiate INIT (a resumed session takes the saved parameters instead), call
+        ``ops.init``, report the ConnectionInfo through ``task_status.started``, then serve
+        until the kernel ends the connection (or the task is cancelled); ``ops.destroy`` is
+        called last, except after :meth:`stop_reading`."""
         buf = self._get_buffer()
         initialized = False
         try:
