@@ -70,13 +70,13 @@ def test_kill9_under_fio_verify(cluster: Cluster, successor: str, target: str) -
     rng = random.Random(17)
     if target == "loop":
         with harness.loop_device(c.data, direct_io=True, tune=False) as dev:
-            job = fio(c, dev, runtime=60)
+            job = fio(c, dev, runtime=150)
             for _ in range(KILLS):
                 time.sleep(rng.uniform(0.1, 0.4))
                 kill_active(c, standby=successor == "standby")
             fio_result(job)
     else:
-        job = fio(c, c.data, runtime=60)
+        job = fio(c, c.data, runtime=150)
         for _ in range(KILLS):
             time.sleep(rng.uniform(0.1, 0.4))
             kill_active(c, standby=False)
@@ -144,7 +144,7 @@ def test_upgrade_hand_off_under_fio(cluster: Cluster) -> None:
     c = cluster
     c.start_keeper()
     c.start("64M")
-    job = fio(c, c.data, runtime=60)
+    job = fio(c, c.data, runtime=150)
     try:
         for version in (2, 3, 4):
             time.sleep(0.5)
