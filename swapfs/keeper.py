@@ -20,10 +20,11 @@ reply ``{"ok": true, ...}`` or ``{"ok": false, "error": "..."}``.
 * ``{"op": "get"}``: the reply carries ``names``, ``meta``, ``generation`` and ``active`` (the
   pid of the server that serves now, or null) with the named fds, then, if there is an active
   server, a pidfd of it (the successor waits on that one: no pid can be reused under it).
-* ``{"op": "claim", "generation": g}``: the sender (its pid from SO_PEERCRED) becomes the active
+* ``{"op": "claim", "generation": g, "meta": {...}}``: the sender (its pid from SO_PEERCRED) becomes the active
   server.  Refused unless ``g`` is the current generation (else someone else took over since
   the sender looked) and the previous active server has exited (its pidfd is readable): this
   is where two servers at once, and a resend while the old one still reads, are ruled out.
+  ``meta`` (optional) is merged into the record with the claim (a successor's state version).
   The reply carries the new generation.
 * ``{"op": "standby"}``: the sender waits to take over (counted, and the restart is delayed).
 * ``{"op": "drop", "names": [...]}``, ``{"op": "status"}``, ``{"op": "exit"}`` (close all, exit).
@@ -176,6 +177,7 @@ class Keeper:
                                     "generation": self.generation, "active": self.active}, out)
             elif op == "claim":
                 self.claim(sock, msg.get("generation"))
+                self.meta.update(msg.get("meta") or {})
                 send_message(sock, {"ok": True, "generation": self.generation})
             elif op == "standby":
                 pid = _peer_pid(sock)

@@ -142,9 +142,13 @@ class KeeperClient:
         return Holding(dict(zip(names, fds)), reply["meta"], reply["generation"], reply["active"],
                        active_pidfd)
 
-    def claim(self, generation: int) -> int:
-        """Become the active server; the new generation.  KeeperError if refused."""
-        reply, _ = self.request({"op": "claim", "generation": generation})
+    def claim(self, generation: int, meta: Mapping[str, Any] | None = None) -> int:
+        """Become the active server (and merge ``meta`` into the record, in the same step);
+        the new generation.  KeeperError if refused."""
+        msg: dict[str, Any] = {"op": "claim", "generation": generation}
+        if meta:
+            msg["meta"] = dict(meta)
+        reply, _ = self.request(msg)
         return int(reply["generation"])
 
     def standby(self) -> None:
@@ -251,9 +255,8 @@ class FailoverServer:
             if pidfd is not None:
                 await trio.lowlevel.wait_readable(pidfd)
             try:
-                client.claim(holding.generation)
-                if holding.meta.get("version") != self.version:
-                    client.put({}, {"version": self.version})  # the layout this server writes
+                # The layout this server writes from now on, recorded with the claim.
+                client.claim(holding.generation, {"version": self.version})
                 break
             except KeeperError as e:
                 if not standby:
