@@ -173,3 +173,20 @@ def test_unmount_ends_keeper_server_and_standby(cluster: Cluster) -> None:
     while os.path.exists(f"/proc/{standby}") and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not os.path.exists(f"/proc/{standby}"), c.log_text()
+
+
+@pytest.mark.timeout(60)
+def test_a_dead_standby_is_replaced_by_a_fresh_server(cluster: Cluster) -> None:
+    c = cluster
+    c.start_keeper(*c.server_cmd("--respawn-standby", "takeover"))
+    c.start("16M", "--respawn-standby")
+    s = c.wait(lambda s: bool(s["standbys"]), "a standby")
+    os.kill(s["standbys"][0], signal.SIGKILL)
+    with open(c.data, "r+b", buffering=0) as f:
+        f.write(b"y" * 4096)
+    os.kill(s["active"], signal.SIGKILL)
+    t = c.wait(lambda t: t["generation"] > s["generation"], "a fresh server")
+    assert t["active"] not in (s["active"], s["standbys"][0])
+    with open(c.data, "rb", buffering=0) as f:
+        assert f.read(4096) == b"y" * 4096
+    c.wait(lambda t: bool(t["standbys"]), "the fresh server's standby")
