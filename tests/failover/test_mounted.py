@@ -45,7 +45,8 @@ def fio_result(p: subprocess.Popen[str], timeout: float = 60) -> str:
     assert p.returncode in (0, 128), out
     assert "err= 0" in out, out
     assert not re.search(r"verify(:| failed)|bad magic|bad header", out), out
-    assert "read:" in out, out  # blocks were read back and verified
+    reads = re.search(r"issued rwts: total=(\d+),", out)
+    assert reads and int(reads.group(1)) > 0, out  # blocks were read back and verified
     return out
 
 
