@@ -185,7 +185,7 @@ class FailoverServer:
         self.poll_us = poll_us
         self.session: Session | None = None
         self.ops: Operations | None = None
-        self.resumed_at: float | None = None  # monotonic time the successor started reading
+        self.resumed_at: float | None = None  # monotonic time of the resend (a takeover)
         self.standby_proc: subprocess.Popen[bytes] | None = None
 
     # -- a first start -------------------------------------------------------
@@ -202,7 +202,7 @@ class FailoverServer:
             client.put({FUSE_FD: fd, **state}, {"version": self.version})
             client.claim(0)
         except BaseException:
-            os.close(fd)  # nothing else holds it: the connection ends, the caller unmounts
+            os.close(fd)  # unless the keeper took it, the connection ends; the caller unmounts
             raise
         finally:
             for sfd in state.values():
@@ -235,7 +235,12 @@ class FailoverServer:
             holding.close()
             client.close()
             raise TakeoverRefused("the keeper holds no FUSE connection")
-        holding.conn  # noqa: B018 -- raises TakeoverRefused if INIT was never saved
+        try:
+            holding.conn  # noqa: B018 -- raises TakeoverRefused if INIT was never saved
+        except TakeoverRefused:
+            holding.close()
+            client.close()
+            raise
         return client, holding
 
     async def take_over(self, *, standby: bool = False, upgrade: bool = False,
