@@ -32,8 +32,8 @@ def fio(c: Cluster, target: str, runtime: float, size: str = "32M") -> subproces
         ["fio", "--name=failover", f"--filename={target}", f"--size={size}", "--bs=4k",
          "--rw=randwrite", "--ioengine=libaio", "--iodepth=16", "--direct=1", "--loops=100000",
          f"--runtime={runtime}", "--verify=crc32c", "--verify_backlog=64", "--verify_fatal=1",
-         "--do_verify=1"],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+         "--do_verify=1", "--verify_state_save=0"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=c.tmp)
     c.procs.append(p)  # killed at cleanup if still there
     return p
 
