@@ -43,6 +43,11 @@ backoff, and only a descriptor that is gone for good (EBADF, EINVAL, EFAULT,
 ENOTCONN, or READ_ERROR_LIMIT failures in a row) ends the session, with a
 message -- never an unhandled exception leaving a dead mount under live swap.
 ENODEV (the connection was unmounted or aborted) ends it quietly.
+
+Two hooks let another process take a live connection over (docs/failover.md):
+``Session(resume=conn)`` serves a connection negotiated earlier (no INIT is read),
+and :meth:`Session.stop_reading` ends ``run()`` for a hand-off, without destroy,
+abort or unmount.
 """
 
 from __future__ import annotations
@@ -102,11 +107,20 @@ class Session:
         uring_depth: int = 16,
         connection: int | None = None,
         dispatcher: Dispatcher | None = None,
+        resume: ConnectionInfo | None = None,
     ) -> None:
         """``transport``: "classic", "uring" (io_uring or an error) or "auto" (io_uring when
         every check passes); ``uring_depth``: ring entries per queue; ``connection``: the
         fusectl connection number, to abort the connection if the ring cannot be set up;
-        ``dispatcher``: the requests' Dispatcher (default: a Dispatcher over ``ops``)."""
+        ``dispatcher``: the requests' Dispatcher (default: a Dispatcher over ``ops``).
+
+        ``resume``: serve a connection that another process already negotiated, with the INIT
+        parameters it saved (docs/failover.md): no INIT is read, ``max_pages`` is the
+        negotiated one, and only the classic transport can take over a connection."""
+        if resume is not None:
+            if transport != "classic":
+                raise ValueError("resuming a connection requires the classic transport")
+            max_pages = resume.max_pages
         if max_inflight < 1:
             raise ValueError("max_inflight must be >= 1")
         if not 1 <= max_pages <= 65535:
@@ -132,6 +146,8 @@ class Session:
         self._nursery: trio.Nursery | None = None
         self._reader_active = False
         self.served = False  # INIT done and ops.init returned: the mount has been live
+        self._resume = resume
+        self.handed_off = False  # stop_reading() was called: run() ends without destroy
         # the transports' counters (the dispatcher counts the rest)
         self._interrupted_replies = 0
         self._reply_failures = 0
@@ -158,26 +174,14 @@ class Session:
         )
 
     async def run(self, *, task_status: trio.TaskStatus[ConnectionInfo] = trio.TASK_STATUS_IGNORED) -> None:
-        """Negotiate INIT, call ``ops.init``, report the ConnectionInfo through
-        ``task_status.started``, then serve until the kernel ends the
-        connection (or the task is cancelled); ``ops.destroy`` is called last."""
+        """Negotiate INIT (a resumed session takes the saved parameters instead), call
+        ``ops.init``, report the ConnectionInfo through ``task_status.started``, then serve
+        until the kernel ends the connection (or the task is cancelled); ``ops.destroy`` is
+        called last, except after :meth:`stop_reading`."""
         buf = self._get_buffer()
         initialized = False
         try:
-            while True:
-                n = await self._read(buf)
-                if n is None:
-                    raise OSError(errno.ENODEV, "FUSE connection ended before INIT")
-                if n < _IN:
-                    continue
-                length, opcode, unique, *_ = wire.in_header.unpack_from(buf)
-                if opcode == wire.INIT:
-                    break
-                log.warning("request %d before INIT, answered EIO", opcode)
-                self._reply_error(unique, errno.EIO)
-            conn = self._negotiate(buf, n, unique)
-            if self._uring is not None:
-                self._uring.register(self.connection)  # at once: requests wait for the ring
+            conn = self._resume if self._resume is not None else await self._init(buf)
             self.conn = conn
             await self.ops.init(conn)
             initialized = True
@@ -197,14 +201,44 @@ class Session:
                 # it, and a request handed to the ring waits for this thread's task work.
                 uring.abort_connection(self.connection, quiet=True)
                 self._uring.close()
-            if initialized:
+            if initialized and not self.handed_off:
                 with trio.CancelScope(shield=True):
                     try:
                         await self.ops.destroy()
                     except Exception:
                         log.exception("destroy handler failed")
 
+    def stop_reading(self) -> None:
+        """End ``run()`` for a hand-off to another process (docs/failover.md): read no more
+        requests, let the handlers in flight reply, then return without ``ops.destroy`` and
+        without closing, aborting or unmounting anything.  A request read but not answered
+        (one read as this is called) is resent to the successor once this process has exited.
+        Classic transport only."""
+        if self._uring is not None:
+            raise RuntimeError("a session on io_uring cannot hand its connection off")
+        self.handed_off = True
+        self.dispatcher.ended = True
+        trio.lowlevel.notify_closing(self.fd)  # wakes the parked reader (ClosedResourceError)
+
     # -- INIT ----------------------------------------------------------------
+
+    async def _init(self, buf: bytearray) -> ConnectionInfo:
+        """Read INIT (answering anything before it EIO) and negotiate."""
+        while True:
+            n = await self._read(buf)
+            if n is None:
+                raise OSError(errno.ENODEV, "FUSE connection ended before INIT")
+            if n < _IN:
+                continue
+            length, opcode, unique, *_ = wire.in_header.unpack_from(buf)
+            if opcode == wire.INIT:
+                break
+            log.warning("request %d before INIT, answered EIO", opcode)
+            self._reply_error(unique, errno.EIO)
+        conn = self._negotiate(buf, n, unique)
+        if self._uring is not None:
+            self._uring.register(self.connection)  # at once: requests wait for the ring
+        return conn
 
     def _negotiate(self, buf: bytearray, n: int, unique: int) -> ConnectionInfo:
         if n < _IN + wire.init_in_compat.size:
@@ -292,7 +326,7 @@ class Session:
                 try:
                     await trio.lowlevel.wait_readable(fd)
                 except (OSError, trio.ClosedResourceError, trio.BusyResourceError) as e:
-                    if not await self._read_failed(e):
+                    if self.handed_off or not await self._read_failed(e):
                         return None
             except InterruptedError:
                 pass
