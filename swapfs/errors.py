@@ -2,7 +2,8 @@
 
 Every error the store and its tiers raise derives from StoreError: the
 store's own below, and the tiers' (``PoolFull`` in swapfs/tiers/pool.py;
-``TierFull``, ``TierIOError``, ``ChecksumError`` in swapfs/tiers/file.py),
+``TierFull``, ``TierIOError``, ``ChecksumError``, ``TierRefused`` in
+swapfs/tiers/file/errors.py),
 which the store turns into these before they reach the FUSE adapter.  The
 adapter maps them to errnos in one place (``swapfs.fs.store_errno``).
 Messages are for logs and the CLI.
@@ -29,3 +30,9 @@ class Corruption(StoreError):
 
 class BackingIOError(StoreError):
     """A backing file failed."""
+
+
+class Misuse(StoreError, ValueError):
+    """A caller broke an API's contract (freeing a page not in use, a run out of range,
+    opening a tier twice): a bug in the caller, not a condition of the machine.  Also a
+    ValueError, as such misuse was before it had a name."""
