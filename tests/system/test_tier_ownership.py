@@ -175,6 +175,13 @@ def test_2_tib_sparse_tier_mounts_with_little_memory(mount_factory, tmp_path: Pa
     if vfs.f_frsize * vfs.f_blocks < 64 * MiB:
         pytest.skip("filesystem too small")
     backing = tmp_path / "big.img"
+    conf = tmp_path / "big.toml"
+    conf.write_text(config(backing, size="2T", device="64M"))
+    check = run_swapfs("check-config", str(conf))
+    assert check.returncode == 0, check.stderr
+    if vfs.f_bavail * vfs.f_frsize < 2 << 40:  # sparse and larger than the free space: warned
+        assert "swapfs: warning: " in check.stderr and "2199023255552 bytes (2.0 TiB) is more " \
+            "than the" in check.stderr, check.stderr
     t0 = time.monotonic()
     m = mount_factory(config(backing, size="2T", device="64M"))
     took = time.monotonic() - t0

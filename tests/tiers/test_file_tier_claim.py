@@ -234,3 +234,19 @@ async def test_file_of_a_killed_mount_is_reused_safely(tmp_path: Path) -> None:
         assert await t.read_many([0, 1]) == [b"a" * PAGE, b"b" * PAGE]
     finally:
         t.close()
+
+
+def test_holder_without_a_mount_point_is_named_by_its_command_line(tmp_path: Path) -> None:
+    p = tmp_path / "t.img"
+    first = tier_at(p)  # no mountpoint given: the header cannot say where
+    first.open()
+    try:
+        with pytest.raises(TierRefused) as ei:
+            tier_at(p).open()
+        with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0")[0].decode()
+        msg = str(ei.value)
+        assert f"daemon pid {os.getpid()}" in msg and f": {argv0}" in msg
+        assert "\n" not in msg
+    finally:
+        first.close()

@@ -114,21 +114,30 @@ def try_lock(fd: int, *, shared: bool = False) -> bool:
 def holder(fd: int) -> str:
     """Who holds the lock on the file open at ``fd``, for a refusal message."""
     _, header = read_header(fd)
-    if header is not None:
-        alive = _alive(header.pid)
-        return header.describe() + ("" if alive else "; that pid is gone: the lock is held by "
-                                                     "another process that has the file open")
-    return "another process (the file has no whole swapfs header yet)"
+    if header is None:
+        return "another process (the file has no whole swapfs header yet)"
+    said = header.describe()
+    cmdline = _cmdline(header.pid)
+    if cmdline is None:
+        return said + "; that pid is gone: the lock is held by another process that has the file open"
+    if not header.mountpoint:  # the daemon did not say where it is mounted: its command line does
+        said += f": {cmdline}"
+    return said
 
 
-def _alive(pid: int) -> bool:
+def _cmdline(pid: int) -> str | None:
+    """The command line of a live process (``?`` if unreadable), None if it is gone."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            raw = f.read(4096)
+    except FileNotFoundError:
+        return None
     except OSError:
-        return True
-    return True
+        return "?"
+    if not raw:  # a zombie, or a kernel thread: not the holder
+        return None
+    text = " ".join(raw.rstrip(b"\0").decode("utf-8", "replace").split())  # one line
+    return text if len(text) <= 200 else text[:199] + "…"
 
 
 def judge(fd: int, where: str, force_init: bool) -> str:
