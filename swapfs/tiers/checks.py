@@ -175,7 +175,7 @@ def _check_file(t: _TierLike, where: str) -> int:
             raise TierConfigError(f"{where}: in use by {holder(fd)} (a tier file belongs to "
                                   f"one mount)")
         try:
-            judge(fd, where, t.force_init)
+            judge(fd, where, t.force_init, quiet=True)
         except TierRefused as e:
             raise TierConfigError(str(e)) from e
         return int(st.st_blocks) * 512

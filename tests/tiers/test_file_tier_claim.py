@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import signal
 import socket
@@ -109,11 +110,14 @@ def test_foreign_file_is_refused_and_left_intact(tmp_path: Path, content: bytes,
     assert t._fd < 0
 
 
-async def test_force_init_overwrites_a_foreign_file(tmp_path: Path) -> None:
+async def test_force_init_overwrites_a_foreign_file(tmp_path: Path,
+                                                    caplog: pytest.LogCaptureFixture) -> None:
     p = tmp_path / "data.bin"
     p.write_bytes(b"old" * 10_000)
     t = tier_at(p, force_init=True)
-    t.open()
+    with caplog.at_level(logging.WARNING, logger="swapfs.tiers.file"):
+        t.open()
+    assert "overwriting 30000 bytes (no known signature): force_init is set" in caplog.text
     try:
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
         runs = t.allocate(3)

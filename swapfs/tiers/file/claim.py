@@ -140,20 +140,23 @@ def _cmdline(pid: int) -> str | None:
     return text if len(text) <= 200 else text[:199] + "…"
 
 
-def judge(fd: int, where: str, force_init: bool) -> str:
+def judge(fd: int, where: str, force_init: bool, *, quiet: bool = False) -> str:
     """What the existing file at ``fd`` is, or TierRefused if it is not ours to overwrite.
-    Returns ``"empty"``, ``"ours"`` or ``"forced"``."""
+    Returns ``"empty"``, ``"ours"`` or ``"forced"``; logs what will be overwritten unless
+    ``quiet`` (a check that overwrites nothing)."""
     size = os.fstat(fd).st_size
     if size == 0:
         return "empty"
     signed, header = read_header(fd)
     if signed:
         was = header.describe() if header is not None else "a swapfs mount (header damaged)"
-        log.info("%s: reusing the tier file of %s, which is gone", where, was)
+        if not quiet:
+            log.info("%s: reusing the tier file of %s, which is gone", where, was)
         return "ours"
     found = recognise(fd)
     if force_init:
-        log.warning("%s: overwriting %d bytes (%s): force_init is set", where, size, found)
+        if not quiet:
+            log.warning("%s: overwriting %d bytes (%s): force_init is set", where, size, found)
         return "forced"
     raise TierRefused(errno.EEXIST, f"{where}: exists and holds {size} bytes without a swapfs "
                                     f"signature ({found}); refused, left as it was (set "
