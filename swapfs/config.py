@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from .kernel import PAGE_SIZE
-from .slots import MAX_FILE_TIERS
+from .slots import MAX_FILE_TIERS, SlotTable
 from .stats import xattr_name
 
 ALGORITHMS = ("lz4", "zstd")
@@ -90,6 +90,8 @@ class TierConfig:
     low_watermark: float
     preallocate: bool = False
     encrypt: bool = True  # AES-XTS with a random key per mount (docs/file-tier.md)
+    # Overwrite an existing file that holds data but no swapfs signature (docs/file-tier.md).
+    force_init: bool = False
 
 
 @dataclass(frozen=True)
@@ -102,6 +104,43 @@ class Config:
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]?)(?:I?B)?\s*$", re.IGNORECASE)
 _PERCENT_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*%\s*$")
+
+
+def sized(n: int) -> str:
+    """``n`` bytes for a message: ``2199023255552 bytes (2.0 TiB)``."""
+    if n < 1024:
+        return f"{n} bytes"
+    v = float(n)
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        v /= 1024
+        if v < 1024 or unit == "PiB":
+            break
+    return f"{n} bytes ({v:.1f} {unit})"
+
+
+def check_machine(config: Config) -> None:
+    """What this machine can hold, checked by check-config and mount before anything starts
+    (the tiers' own checks are swapfs.tiers.checks).  Raises ConfigError naming the key and
+    echoing the sizes: a pool larger than RAM (its memory is locked: it cannot itself be
+    swapped); devices whose slot tables the kernel will not reserve address space for (the
+    very reservation is tried, all devices at once, and given back)."""
+    ram = mem_total_bytes()
+    if config.pool.max_bytes > ram:
+        raise ConfigError(f"pool.max_bytes: {sized(config.pool.max_bytes)} is more than this "
+                          f"machine's memory, {sized(ram)} (the pool is locked in memory)")
+    tables: list[SlotTable] = []
+    try:
+        for i, d in enumerate(config.devices):
+            npages = d.size // PAGE_SIZE
+            try:
+                tables.append(SlotTable(npages))
+            except (OSError, MemoryError) as e:
+                why = e.strerror if isinstance(e, OSError) else "out of memory"
+                raise ConfigError(f"device[{i}].size: {sized(d.size)}: the kernel refuses to "
+                                  f"reserve {sized(16 * npages)} of address space for its "
+                                  f"slot table ({why}); use a smaller device") from None
+    finally:
+        tables.clear()
 
 
 def mem_total_bytes() -> int:
@@ -325,7 +364,8 @@ def _parse_device(data: Any, key: str) -> DeviceConfig:
 
 def _parse_tier(data: Any, key: str, base_dir: str) -> TierConfig:
     t = _Table(data, key, ("name", "kind", "path", "size", "priority",
-                           "high_watermark", "low_watermark", "preallocate", "encrypt"))
+                           "high_watermark", "low_watermark", "preallocate", "encrypt",
+                           "force_init"))
     name = t.get_str("name", _REQUIRED)
     if name == "pool":
         raise ConfigError(f"{t.name('name')}: 'pool' is the name of the memory tier")
@@ -343,9 +383,10 @@ def _parse_tier(data: Any, key: str, base_dir: str) -> TierConfig:
     high, low = _watermarks(t, 0.95, 0.9)
     preallocate = t.get_bool("preallocate", False)
     encrypt = t.get_bool("encrypt", True)
+    force_init = t.get_bool("force_init", False)
     return TierConfig(name=name, kind=kind, path=path, size=size, priority=priority,
                       high_watermark=high, low_watermark=low, preallocate=preallocate,
-                      encrypt=encrypt)
+                      encrypt=encrypt, force_init=force_init)
 
 
 def parse_config(text: str, source: str = "<config>", base_dir: str | None = None) -> Config:

@@ -2,7 +2,8 @@
 
 Every error the store and its tiers raise derives from StoreError: the
 store's own below, and the tiers' (``PoolFull`` in swapfs/tiers/pool.py;
-``TierFull``, ``TierIOError``, ``ChecksumError`` in swapfs/tiers/file.py),
+``TierFull``, ``TierIOError``, ``ChecksumError``, ``TierRefused`` in
+swapfs/tiers/file/errors.py),
 which the store turns into these before they reach the FUSE adapter.  The
 adapter maps them to errnos in one place (``swapfs.fs.store_errno``).
 Two more name bugs rather than conditions: ``Misuse`` (a caller broke a
@@ -34,10 +35,11 @@ class BackingIOError(StoreError):
     """A backing file failed."""
 
 
-class Misuse(StoreError):
-    """The store or a tier was called in a way its contract forbids (a
-    second migration while one runs, more file tiers than slot kinds): a
-    bug of the caller, never a state of the data."""
+class Misuse(StoreError, ValueError):
+    """The store or a tier was called in a way its contract forbids (a second
+    migration while one runs, freeing a page not in use, a run out of range,
+    opening a tier twice): a bug of the caller, never a state of the data.
+    Also a ValueError, as such misuse was before it had a name."""
 
 
 class InvariantError(StoreError, AssertionError):

@@ -69,7 +69,7 @@ class FileTierSet:
                 if tc.kind != "file":
                     raise Misuse(f"tier {tc.name!r}: kind {tc.kind!r}: only file tiers exist")
                 tier = FileTier(tc.name, tc.path, tc.size, tc.priority, preallocate=tc.preallocate,
-                                encrypt=tc.encrypt)
+                                encrypt=tc.encrypt, force_init=tc.force_init)
                 tier.open()
                 self.tiers.append(tier)
         except BaseException:

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Any
 
 from .common import EXIT_OK, EXIT_USAGE, die, fmt_bytes
 
 
 def load_checked_config(path: str | None, mountpoint: str | None) -> Any:
-    """The configuration, with its tiers' backing paths checked; raises ValueError
-    (ConfigError or TierConfigError) with a message naming the key or tier."""
-    from ..config import load_config
-    from ..tiers.checks import check_tier_paths
+    """The configuration, checked against this machine and its tiers' backing paths and
+    files (warnings printed); raises ValueError (ConfigError or TierConfigError) with a
+    message naming the key or tier."""
+    from ..config import check_machine, load_config
+    from ..tiers.checks import check_tier_files, check_tier_paths
 
     config = load_config(path)
+    check_machine(config)
     check_tier_paths([(t.name, t.path, t.size) for t in config.tiers], mountpoint)
+    for warning in check_tier_files(config.tiers):
+        print(f"swapfs: warning: {warning}", file=sys.stderr)
     return config
 
 

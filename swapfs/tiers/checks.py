@@ -1,17 +1,27 @@
-"""Checks on file tiers' backing paths, run before anything is opened.
+"""Checks on file tiers, run by check-config and mount before anything is opened.
 
 A backing file is written by a daemon running as root, so a path that points somewhere
 surprising (a symlink, another user's file, a device node, the swapfs mount itself, the same
-file as another tier) is refused with a message naming the tier and the problem.
+file as another tier) is refused with a message naming the tier and the problem
+(:func:`check_tier_paths`).  Then what is at the path (:func:`check_tier_files`): a file another
+live mount holds, a file holding data without a swapfs signature, a directory where no file
+can be created, sizes the filesystem or the kernel cannot give.
 """
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from collections.abc import Sequence
+from typing import Protocol
 
+from ..config import sized
 from ..kernel import PAGE_SIZE as PAGE
+from .file.claim import holder, judge, try_lock
+from .file.clusters import reservation_bytes, reserve
+from .file.errors import TierRefused
+from .file.header import DATA_OFFSET
 
 
 class TierConfigError(ValueError):
@@ -94,3 +104,116 @@ def check_tier_paths(tiers: Sequence[tuple[str, str, int]], mountpoint: str | No
     for name, path, nlink in linked:  # after the loop: two tiers on one file say so first
         raise TierConfigError(f'tier "{name}": {path}: has {nlink} links; a backing file must '
                               f"have exactly one")
+
+
+class _TierLike(Protocol):
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> str: ...
+    @property
+    def size(self) -> int: ...
+    @property
+    def preallocate(self) -> bool: ...
+    @property
+    def force_init(self) -> bool: ...
+
+
+def check_tier_files(tiers: Sequence[_TierLike]) -> list[str]:
+    """What mount would find at each tier's path, checked without changing anything there
+    (paths checked first by check_tier_paths).  Returns warnings; raises TierConfigError.
+
+    Refused: an existing file held by a live mount (its lock is taken; the message names the
+    mount from the file's header); an existing non-empty file without a swapfs signature
+    unless ``force_init`` (the message says what it looks like); a missing file that cannot be
+    created in its directory (read-only filesystem, ``chattr +i``, permissions: a probe file of
+    that name is created and removed); a preallocated tier larger than the free space of its
+    filesystem; metadata whose address-space reservation the kernel refuses.
+
+    Warned: a sparse tier larger than the free space of its filesystem.  Sparse files are
+    legitimate (space is taken as pages are written, and a tier whose filesystem fills counts
+    as full and pages go on to the next tier), so it is not refused: the warning says how far
+    the tier can really fill.
+    """
+    warnings: list[str] = []
+    maps: list[mmap.mmap] = []
+    try:
+        for t in tiers:
+            where = f'tier "{t.name}": {t.path}'
+            reclaim = _check_file(t, where)
+            _check_space(t, where, reclaim, warnings)
+            meta = reservation_bytes(t.size // PAGE)
+            try:
+                maps.append(reserve(meta))
+            except OSError as e:
+                raise TierConfigError(
+                    f"{where}: size {sized(t.size)}: the kernel refuses to reserve "
+                    f"{sized(meta)} of address space for its metadata ({e.strerror}); "
+                    f"use a smaller tier") from e
+    finally:
+        for m in maps:
+            m.close()
+    return warnings
+
+
+def _check_file(t: _TierLike, where: str) -> int:
+    """Lock and signature of an existing file, creatability of a missing one; returns the
+    bytes the existing file takes (given back when mount re-initialises it)."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    try:
+        fd = os.open(t.path, flags)
+    except FileNotFoundError:
+        _probe_create(t.path, where)
+        return 0
+    except OSError as e:
+        raise TierConfigError(f"{where}: cannot open: {e.strerror}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise TierConfigError(f"{where}: exists and is not a regular file")
+        if not try_lock(fd, shared=True):
+            raise TierConfigError(f"{where}: in use by {holder(fd)} (a tier file belongs to "
+                                  f"one mount)")
+        try:
+            judge(fd, where, t.force_init, quiet=True)
+        except TierRefused as e:
+            raise TierConfigError(str(e)) from e
+        return int(st.st_blocks) * 512
+    finally:
+        os.close(fd)  # and with it the shared lock
+
+
+def _probe_create(path: str, where: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600)
+    except FileExistsError:  # appeared meanwhile: mount will judge it
+        return
+    except OSError as e:
+        raise TierConfigError(f"{where}: cannot create the backing file in {directory}: "
+                              f"{e.strerror}") from e
+    os.close(fd)
+    try:
+        os.unlink(path)
+    except OSError as e:
+        raise TierConfigError(f"{where}: cannot remove a probe file from {directory}: "
+                              f"{e.strerror}") from e
+
+
+def _check_space(t: _TierLike, where: str, reclaim: int, warnings: list[str]) -> None:
+    directory = os.path.dirname(os.path.abspath(t.path))
+    try:
+        vfs = os.statvfs(directory)
+    except OSError:
+        return
+    free = vfs.f_bavail * vfs.f_frsize + reclaim
+    need = DATA_OFFSET + t.size
+    if need <= free:
+        return
+    if t.preallocate:
+        raise TierConfigError(f"{where}: preallocating {sized(t.size)} needs more than the "
+                              f"{sized(free)} free on its filesystem")
+    warnings.append(f"{where}: {sized(t.size)} is more than the {sized(free)} free on its "
+                    f"filesystem; the file is sparse, so the tier fills only until the "
+                    f"filesystem does, then counts as full")

@@ -284,3 +284,51 @@ def test_recompress_after_durations(value: object, seconds: float) -> None:
 def test_recompress_is_off_by_default() -> None:
     c = parse_config(MINIMAL_DEVICE)
     assert c.pool.recompress is None and c.pool.recompress_after == 600.0
+
+
+def test_tier_force_init_is_off_unless_said() -> None:
+    (t,) = parse_config(MINIMAL_DEVICE + TIER.format(name="t", path="/x")).tiers
+    assert t.force_init is False
+    (t,) = parse_config(MINIMAL_DEVICE + TIER.format(name="t", path="/x") + "force_init = true\n").tiers
+    assert t.force_init is True
+    with pytest.raises(ConfigError, match=r"tier\[0\]\.force_init"):
+        parse_config(MINIMAL_DEVICE + TIER.format(name="t", path="/x") + "force_init = 1\n")
+
+
+# -- what this machine can hold (check-config and mount) ------------------------------------
+
+
+def test_check_machine_accepts_the_default() -> None:
+    cfg.check_machine(parse_config(DEFAULT_CONFIG_TOML))
+
+
+def test_check_machine_refuses_a_pool_larger_than_ram(monkeypatch: pytest.MonkeyPatch) -> None:
+    c = parse_config('[pool]\nmax_bytes = "32G"\n' + MINIMAL_DEVICE)
+    monkeypatch.setattr(cfg, "mem_total_bytes", lambda: 16 * GiB)
+    with pytest.raises(ConfigError) as ei:
+        cfg.check_machine(c)
+    assert str(ei.value) == ("pool.max_bytes: 34359738368 bytes (32.0 GiB) is more than this "
+                             "machine's memory, 17179869184 bytes (16.0 GiB) (the pool is locked "
+                             "in memory)")
+    monkeypatch.setattr(cfg, "mem_total_bytes", lambda: 64 * GiB)
+    cfg.check_machine(c)
+
+
+def test_check_machine_16_tib_device_mounts_or_is_refused_with_the_sizes() -> None:
+    """The very slot-table reservation is tried: refused with the sizes when the kernel says
+    no, never a traceback from mount."""
+    c = parse_config('[[device]]\nname = "d"\nsize = "16T"\n')
+    try:
+        cfg.check_machine(c)
+    except ConfigError as e:
+        assert str(e).startswith("device[0].size: 17592186044416 bytes (16.0 TiB): the kernel "
+                                 "refuses to reserve 68719476736 bytes (64.0 GiB) of address "
+                                 "space for its slot table")
+    else:
+        from swapfs.slots import SlotTable
+        SlotTable(1 << 32)  # what mount will make: it must work then
+
+
+def test_sized() -> None:
+    assert cfg.sized(1000) == "1000 bytes"
+    assert cfg.sized(2 << 40) == "2199023255552 bytes (2.0 TiB)"

@@ -92,7 +92,7 @@ def test_check_config_resolves_relative_paths_as_mount_does(tmp_path: Path) -> N
 
 def test_existing_0644_backing_file_becomes_0600(mount_factory, tmp_path: Path) -> None:
     backing = tmp_path / "ssd.img"
-    backing.write_bytes(b"old content")
+    backing.write_bytes(b"")  # empty: ours to use (data without a signature is refused)
     os.chmod(backing, 0o644)
     mount_factory(config(str(backing)))
     assert stat.S_IMODE(os.stat(backing).st_mode) == 0o600

@@ -9,6 +9,8 @@ import subprocess
 
 import pytest
 
+from swapfs.tiers.file import DATA_OFFSET
+
 from .conftest import _is_mounted, run_swapfs
 
 pytestmark = pytest.mark.timeout(120)
@@ -120,8 +122,8 @@ def test_flipped_byte_gives_eio_for_that_page(mount_factory, tmp_path):
         assert pages[3] not in backing.read_bytes()  # encrypted at rest by default
         bfd = os.open(backing, os.O_RDWR)
         try:
-            byte = os.pread(bfd, 1, 99)
-            os.pwrite(bfd, bytes([byte[0] ^ 1]), 99)
+            byte = os.pread(bfd, 1, DATA_OFFSET + 99)
+            os.pwrite(bfd, bytes([byte[0] ^ 1]), DATA_OFFSET + 99)
         finally:
             os.close(bfd)
         with pytest.raises(OSError) as e:
@@ -174,5 +176,5 @@ def test_backing_file_created_private(mount_factory, tmp_path):
     m = mount_factory(tiered_config(tmp_path, tiers=(("ssd", 100, "8M"),)))
     st = os.stat(tmp_path / "ssd.img")
     assert st.st_mode & 0o777 == 0o600
-    assert st.st_size == 8 * MiB
+    assert st.st_size == DATA_OFFSET + 8 * MiB
     assert m.stats()["tiers"]["ssd"]["capacity_pages"] == 8 * MiB // PAGE

@@ -1,13 +1,18 @@
-"""check_tier_paths: each refusal, and a valid configuration."""
+"""check_tier_paths and check_tier_files: each refusal, warnings, and a valid configuration."""
 
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
-from swapfs.tiers.checks import TierConfigError, check_tier_paths
+from swapfs.tiers.checks import TierConfigError, check_tier_files, check_tier_paths
+from swapfs.tiers.file import FileTier
+from swapfs.tiers.file.header import TierHeader
 
 MiB = 1 << 20
 
@@ -114,3 +119,81 @@ def test_hard_linked_file(tmp_path: Path):
     os.link(tmp_path / "x.img", tmp_path / "elsewhere.img")
     with pytest.raises(TierConfigError, match='tier "a": .*has 2 links'):
         check_tier_paths([("a", str(tmp_path / "x.img"), MiB)], None)
+
+
+# ---------------------------------------------------------------- what is at the path
+
+
+@dataclass(frozen=True)
+class T:
+    name: str
+    path: str
+    size: int
+    preallocate: bool = False
+    force_init: bool = False
+
+
+def test_files_valid_missing_empty_and_ours(tmp_path: Path):
+    (tmp_path / "empty.img").write_bytes(b"")
+    (tmp_path / "ours.img").write_bytes(TierHeader.new("o", MiB, "/gone", True).pack() * 2)
+    assert check_tier_files([T("a", str(tmp_path / "a.img"), MiB),
+                             T("e", str(tmp_path / "empty.img"), MiB),
+                             T("o", str(tmp_path / "ours.img"), MiB)]) == []
+    assert not (tmp_path / "a.img").exists()  # the creation probe leaves nothing
+
+
+def test_files_foreign_refused_unless_force_init(tmp_path: Path):
+    p = tmp_path / "data.bin"
+    p.write_bytes(b"x" * 5000)
+    with pytest.raises(TierConfigError, match=r'tier "a": .*data.bin: exists and holds 5000 '
+                                              r"bytes without a swapfs signature"):
+        check_tier_files([T("a", str(p), MiB)])
+    assert check_tier_files([T("a", str(p), MiB, force_init=True)]) == []
+    assert p.read_bytes() == b"x" * 5000
+
+
+def test_files_held_by_a_live_tier_refused(tmp_path: Path):
+    p = tmp_path / "t.img"
+    live = FileTier("t", str(p), MiB, 1, mountpoint="/run/swapfs/live")
+    live.open()
+    try:
+        with pytest.raises(TierConfigError, match="in use by the swapfs mount at "
+                                                  "/run/swapfs/live"):
+            check_tier_files([T("t", str(p), MiB)])
+    finally:
+        live.close()
+    assert check_tier_files([T("t", str(p), MiB)]) == []
+
+
+def test_files_sizes_against_free_space(tmp_path: Path):
+    vfs = os.statvfs(tmp_path)
+    free = vfs.f_bavail * vfs.f_frsize
+    big = (free + (1 << 30)) // 4096 * 4096
+    (w,) = check_tier_files([T("s", str(tmp_path / "s.img"), big)])
+    assert 'tier "s"' in w and f"{big} bytes" in w and "free on its filesystem" in w
+    assert "sparse" in w
+    with pytest.raises(TierConfigError, match=r"preallocating .* needs more than the .* free"):
+        check_tier_files([T("p", str(tmp_path / "p.img"), big, preallocate=True)])
+
+
+def test_files_metadata_reservation_refused_with_the_sizes(tmp_path: Path):
+    size = 1 << 60  # 1 EiB: 2.2 PiB of metadata address space
+    with pytest.raises(TierConfigError, match=r"size 1152921504606846976 bytes .*refuses to "
+                                              r"reserve .* of address space for its metadata"):
+        check_tier_files([T("huge", str(tmp_path / "h.img"), size)])
+
+
+def test_files_directory_where_nothing_can_be_created(tmp_path: Path):
+    if os.geteuid() != 0 or shutil.which("chattr") is None:
+        pytest.skip("needs root and chattr")
+    d = tmp_path / "frozen"
+    d.mkdir()
+    if subprocess.run(["chattr", "+i", str(d)], capture_output=True).returncode != 0:
+        pytest.skip("this filesystem has no immutable attribute")
+    try:
+        with pytest.raises(TierConfigError) as ei:
+            check_tier_files([T("ssd", str(d / "x.img"), MiB)])
+        assert str(ei.value) == (f'tier "ssd": {d / "x.img"}: cannot create the backing file '
+                                 f"in {d}: Operation not permitted")
+    finally:
+        subprocess.run(["chattr", "-i", str(d)], check=True)

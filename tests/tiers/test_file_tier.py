@@ -16,7 +16,15 @@ import trio.lowlevel
 
 from swapfs.kernel import PAGE_SIZE as PAGE
 from swapfs.stats import FileTierStats
-from swapfs.tiers.file import CLUSTER_PAGES, ChecksumError, FileTier, TierFull, TierIOError
+from swapfs.tiers.file import (
+    CLUSTER_PAGES,
+    DATA_OFFSET,
+    ChecksumError,
+    FileTier,
+    TierFull,
+    TierIOError,
+)
+from swapfs.tiers.file.header import TierHeader
 
 from .conftest import CLUSTER_BYTES, MiB
 
@@ -190,7 +198,7 @@ async def test_flipped_byte_is_a_checksum_error(make_tier, caplog):
     victim = 7
     fd = os.open(t.path, os.O_RDWR)
     try:
-        off = victim * PAGE + 123
+        off = DATA_OFFSET + victim * PAGE + 123
         b = os.pread(fd, 1, off)
         os.pwrite(fd, bytes([b[0] ^ 0x40]), off)
     finally:
@@ -253,7 +261,7 @@ async def test_punch_shrinks_the_file(make_tier):
     after = t.stats().disk_bytes
     assert after <= before - CLUSTER_BYTES
     assert after >= 2 * CLUSTER_BYTES - 10 * PAGE
-    assert os.stat(t.path).st_size == t.capacity_pages * PAGE  # KEEP_SIZE
+    assert os.stat(t.path).st_size == DATA_OFFSET + t.capacity_pages * PAGE  # KEEP_SIZE
     # the punched cluster reads back as allocatable storage again
     runs = t.allocate(C)
     # the holes of the current cluster first, then the punched cluster
@@ -331,8 +339,8 @@ def test_open_creates_0600_and_refuses_symlink(make_tier, tmp_path: Path):
     t = make_tier(CLUSTER_BYTES, name="a")
     st = os.stat(t.path)
     assert stat.S_IMODE(st.st_mode) == 0o600
-    assert st.st_size == CLUSTER_BYTES
-    assert st.st_blocks == 0  # sparse
+    assert st.st_size == DATA_OFFSET + CLUSTER_BYTES
+    assert st.st_blocks * 512 <= PAGE  # sparse: only the header page is written
     target = tmp_path / "target.img"
     target.write_bytes(b"")
     link = tmp_path / "link.img"
@@ -348,14 +356,19 @@ def test_open_creates_0600_and_refuses_symlink(make_tier, tmp_path: Path):
 
 
 def test_open_reuses_existing_file_and_punches_it(make_tier, tmp_path: Path):
+    # a tier file of a mount that is gone: our signature, old pages, no lock
     p = tmp_path / "old.img"
-    p.write_bytes(b"\xaa" * (3 * CLUSTER_BYTES))
+    old = TierHeader.new("t", 3 * CLUSTER_BYTES, "/gone", True).pack()
+    p.write_bytes(old + b"\xaa" * (DATA_OFFSET - PAGE + 3 * CLUSTER_BYTES))
     os.chmod(p, 0o640)
-    make_tier(2 * CLUSTER_BYTES, path=str(p))
+    t = make_tier(2 * CLUSTER_BYTES, path=str(p))
     st = os.stat(p)
-    assert st.st_size == 2 * CLUSTER_BYTES
-    assert st.st_blocks == 0
+    assert st.st_size == DATA_OFFSET + 2 * CLUSTER_BYTES
+    assert st.st_blocks * 512 <= PAGE  # only the new header page
+    assert stat.S_IMODE(st.st_mode) == 0o600
     with open(p, "rb") as f:
+        assert f.read(PAGE) == t.header.pack() != old
+        f.seek(DATA_OFFSET)
         assert f.read(PAGE) == bytes(PAGE)
 
 
@@ -402,13 +415,15 @@ async def test_stats_fields(make_tier):
     assert s.writes == 1 and s.written_bytes == (C + 10) * PAGE
     assert s.reads == 3 and s.read_bytes == 5 * PAGE
     assert not s.full
-    assert s.metadata_bytes <= 10 * s.capacity_pages
-    assert s.metadata_bytes >= 9 * s.capacity_pages
+    # metadata follows use: 9 bytes a page for the 2 clusters in use, a few per cluster else
+    assert s.metadata_bytes <= 10 * 2 * C
+    assert s.metadata_bytes >= 9 * 2 * C
 
 
 def test_metadata_per_page_large_tier(tmp_path: Path):
     t = FileTier("big", str(tmp_path / "big.img"), 1 << 30, 1)  # never opened
     assert t.metadata_bytes / t.capacity_pages < 9.1
+    assert t.metadata_bytes <= 8 * t.nclusters  # nothing stored: per-cluster arrays only
     t.check_invariants()
 
 

@@ -16,7 +16,14 @@ import pytest
 
 from swapfs.kernel import PAGE_SIZE as PAGE
 from swapfs.tiers import file as file_mod
-from swapfs.tiers.file import CLUSTER_PAGES, ChecksumError, FileTier, TierFull, TierIOError
+from swapfs.tiers.file import (
+    CLUSTER_PAGES,
+    DATA_OFFSET,
+    ChecksumError,
+    FileTier,
+    TierFull,
+    TierIOError,
+)
 
 CLUSTER_BYTES = CLUSTER_PAGES * PAGE
 # A page nobody would write by chance: a marker repeated, so a search finds any copy of it.
@@ -37,7 +44,7 @@ def tier_at(path: Path, *, encrypt: bool = True, size: int = 2 * CLUSTER_BYTES) 
 
 def test_existing_0644_file_becomes_0600(tmp_path: Path) -> None:
     p = tmp_path / "t.img"
-    p.write_bytes(b"old")
+    p.write_bytes(b"")  # an empty file is ours to use (one with data but no signature is not)
     os.chmod(p, 0o644)
     t = tier_at(p)
     t.open()
@@ -153,7 +160,7 @@ def read_all(path: str) -> bytes:
 
 def raw_page(t: FileTier, page: int) -> bytes:
     with open(t.path, "rb") as f:
-        f.seek(page * PAGE)
+        f.seek(DATA_OFFSET + page * PAGE)
         return f.read(PAGE)
 
 
@@ -180,7 +187,7 @@ async def test_flipped_byte_on_disk_is_a_checksum_error_never_wrong_bytes(
         pages = await _write_marked(t, 8)
         fd = os.open(t.path, os.O_RDWR)
         try:
-            off = 3 * PAGE + where
+            off = DATA_OFFSET + 3 * PAGE + where
             b = os.pread(fd, 1, off)
             os.pwrite(fd, bytes([b[0] ^ 0x01]), off)
         finally:
@@ -211,7 +218,7 @@ async def test_close_empties_the_backing_file(tmp_path: Path, encrypt: bool) -> 
     t2 = tier_at(tmp_path / "t.img", encrypt=encrypt)
     t2.open()
     try:
-        assert os.stat(t2.path).st_size == 2 * CLUSTER_BYTES
+        assert os.stat(t2.path).st_size == DATA_OFFSET + 2 * CLUSTER_BYTES
         pages = await _write_marked(t2, 3)
         assert await t2.read_many([0, 1, 2]) == pages
     finally:

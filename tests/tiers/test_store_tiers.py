@@ -13,7 +13,7 @@ import trio.lowlevel
 from swapfs.errors import BackingIOError, Corruption, NoSpace
 from swapfs.kernel import PAGE_SIZE as PAGE
 from swapfs.store import Store
-from swapfs.tiers.file import CLUSTER_PAGES
+from swapfs.tiers.file import CLUSTER_PAGES, DATA_OFFSET
 
 from ..conftest import MakeStore, tier
 
@@ -146,8 +146,8 @@ async def test_flipped_byte_in_backing_file_is_eio_for_that_page_only(stores, tm
     fpage = dev.table.handles[victim]
     fd = os.open(path, os.O_RDWR)
     try:
-        b = os.pread(fd, 1, fpage * PAGE + 123)
-        os.pwrite(fd, bytes([b[0] ^ 0x40]), fpage * PAGE + 123)
+        b = os.pread(fd, 1, DATA_OFFSET + fpage * PAGE + 123)
+        os.pwrite(fd, bytes([b[0] ^ 0x40]), DATA_OFFSET + fpage * PAGE + 123)
     finally:
         os.close(fd)
     with pytest.raises(Corruption):
