@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import shutil
 import subprocess
@@ -178,3 +179,43 @@ def test_backing_file_created_private(mount_factory, tmp_path):
     assert st.st_mode & 0o777 == 0o600
     assert st.st_size == DATA_OFFSET + 8 * MiB
     assert m.stats()["tiers"]["ssd"]["capacity_pages"] == 8 * MiB // PAGE
+
+
+def test_a_corrupt_tier_region_logs_a_bounded_number_of_lines(mount_factory, tmp_path):
+    """Every page of a 4 MiB region of the backing file damaged: each read is EIO, each
+    mismatch is counted, and the log says so in a few lines, not one per page."""
+    m = mount_factory(tiered_config(tmp_path, tiers=(("ssd", 100, "32M"),)))
+    npages = 1024
+    fd = os.open(m.dev(), os.O_RDWR | os.O_DIRECT)
+    aligned = mmap.mmap(-1, npages * PAGE)  # O_DIRECT wants aligned buffers: mmaps are
+    try:
+        aligned.write(os.urandom(npages * PAGE))  # incompressible: straight to the tier
+        os.pwritev(fd, [aligned], 0)
+        assert m.stats()["tiers"]["ssd"]["stored_pages"] == npages
+        bfd = os.open(tmp_path / "ssd.img", os.O_RDWR)
+        try:
+            for p in range(npages):
+                off = DATA_OFFSET + p * PAGE + 123
+                byte = os.pread(bfd, 1, off)
+                os.pwrite(bfd, bytes([byte[0] ^ 0x40]), off)
+        finally:
+            os.close(bfd)
+        page = mmap.mmap(-1, PAGE)
+        eio = 0
+        for p in range(npages):
+            try:
+                os.preadv(fd, [page], p * PAGE)
+            except OSError as e:
+                assert e.errno == errno.EIO
+                eio += 1
+        assert eio == npages
+        page.close()
+    finally:
+        os.close(fd)
+        aligned.close()
+    assert m.stats()["tiers"]["ssd"]["checksum_errors"] >= npages
+    text = m.log_text()
+    lines = [ln for ln in text.splitlines() if "checksum mismatch" in ln]
+    # a burst of single lines; the rest only counted, and summarised when the window closes
+    assert len(lines) <= 20, "\n".join(lines[:30])
+    assert len(text.encode()) < 20_000
