@@ -1,1 +1,1 @@
-"""Store tests without FUSE: config, codec, pool, store."""
+"""Store tests without FUSE: the state, slots, codec, cache, dedup, recompression, writeback and the store."""

@@ -1,0 +1,1 @@
+"""The process side without a mount: the configuration contract, the CPU wake-up bound."""
