@@ -39,9 +39,10 @@ import trio
 
 from . import fuse, kernel, system
 from .config import Config, ConfigError, load_config
+from .errors import StoreError
 from .fs import SwapFS
 from .fuse.handoff import FailoverServer, TakeoverRefused
-from .store import Store, StoreError
+from .store import Store
 from .wakeup import WakeLatency
 from .writeback import Writeback
 
