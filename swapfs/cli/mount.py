@@ -103,7 +103,14 @@ AUTO_NOTE = "transport auto: classic, because failover needs it (--no-failover a
 def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     try:
-        config = load_checked_config(args.config, mountpoint)
+        if args.role in (None, "start"):
+            config = load_checked_config(args.config, mountpoint)
+        else:
+            # A successor never touches the mount before it serves it: while nobody serves,
+            # a stat of it waits for ever.  The first daemon checked the configuration.
+            from ..config import load_config
+
+            config = load_config(args.config)
     except ValueError as exc:
         return die(f"invalid configuration: {exc}", EXIT_USAGE)
     if not 0 <= args.poll_us <= 100_000:
@@ -111,7 +118,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not 0 <= args.cpu_latency_us <= 1_000_000:
         return die(f"--cpu-latency-us {args.cpu_latency_us}: must be between 0 and 1000000 microseconds",
                    EXIT_USAGE)
-    if args.mkdir and not os.path.lexists(mountpoint):
+    if args.mkdir and args.role in (None, "start") and not os.path.lexists(mountpoint):
         try:
             os.makedirs(mountpoint, mode=0o755)
         except OSError as exc:
