@@ -81,7 +81,7 @@ def recover(state: StoreState) -> Recovery:
     for dev in state.devices:
         pages += _scan_device(state, dev, objects, refs, alt)
     _check_headers(state, objects, refs)
-    leaked = state.pool.rebuild(objects)
+    leaked = state.pool.rebuild(objects, lambda w: _is_owner(state, w))
     _restore_headers(state, objects, refs)
     dd = state.dedup
     if dd is not None:
@@ -100,6 +100,14 @@ def recover(state: StoreState) -> Recovery:
     header.set("recovered_leaks", header.get("recovered_leaks") + leaked)
     header.set("recovery_micros", header.get("recovery_micros") + int(seconds * 1e6))
     return Recovery(seconds=seconds, leaked_objects=leaked, leaked_file_pages=0, pages=pages)
+
+
+def _is_owner(state: StoreState, w: int) -> bool:
+    """``w`` can be an object header: a slot of the store, or a shared count."""
+    if w & PINNED:
+        return 1 < w & (PINNED - 1) < 1 << 40
+    di = key_device(w)
+    return di < len(state.devices) and key_slot(w) < state.devices[di].npages
 
 
 def _undo_journal(state: StoreState) -> None:

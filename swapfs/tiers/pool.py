@@ -576,7 +576,8 @@ class Pool:
 
     # -- recovery -----------------------------------------------------------
 
-    def rebuild(self, objects: dict[int, tuple[int, int]]) -> int:
+    def rebuild(self, objects: dict[int, tuple[int, int]],
+                is_owner: Callable[[int], bool] = bool) -> int:
         """Rebuild every piece of bookkeeping from the objects in use, after
         adopting the pool's memory (regions ``pool`` and ``pool.layout``):
         ``objects`` maps each handle a slot names to ``(length, owner)``.
@@ -584,7 +585,10 @@ class Pool:
         names are freed (their span's free list, or whole spans and pages
         given back).  Returns the objects freed (holes of spans in use
         excepted: those are free space, not leaks, unless they held an
-        object header).  StoreError if a handle cannot be an object of the
+        object header).  In a span no slot uses any more, an object counts
+        as a leak if its header ``is_owner`` (a slot key of the store, or a
+        shared object's count): objects never handed out hold whatever the
+        page held before.  StoreError if a handle cannot be an object of the
         pool as laid out (the state cannot be served)."""
         layout = self.layout
         words = self.words
@@ -684,7 +688,7 @@ class Pool:
         # Pages carved but in no object's span: given back, reusable one by one.
         lost = [g for g in range(carved) if g not in owner_of]
         for g in lost:
-            leaked += self._leaks_in_page(g)
+            leaked += self._leaks_in_page(g, is_owner)
         for g in lost:
             self.layout[g] = 0
         for g in reversed(lost):
@@ -702,7 +706,7 @@ class Pool:
                 self.memory.release(self._layout_map, edge * 8, len(self._layout_map) - edge * 8)
         return leaked
 
-    def _leaks_in_page(self, g: int) -> int:
+    def _leaks_in_page(self, g: int, is_owner: Callable[[int], bool]) -> int:
         """Objects (not free) that started in page ``g`` of a span no slot
         uses any more, or 1 for a huge page's worth of data: leaks freed."""
         w = self.layout[g]
@@ -717,7 +721,7 @@ class Pool:
         n = 0
         for i in range(CLASS_CAP[cls]):
             hw = self.words[((g << PAGE_SHIFT) + i * size) >> 3]
-            if hw and not hw & FREE_TAG:
+            if hw and not hw & FREE_TAG and is_owner(hw):
                 n += 1
         return n
 
