@@ -51,13 +51,13 @@ inlines it.
 from __future__ import annotations
 
 import logging
+import mmap
 import sys
 from array import array
 from collections.abc import Iterator
 
 from .errors import InvariantError
-from .kernel import release_memory
-from .memory import reserve
+from .memory import StateMemory
 
 log = logging.getLogger(__name__)
 
@@ -203,13 +203,21 @@ class SlotTable:
     """The handle, info and epoch columns of one device, and its cluster counts."""
 
     __slots__ = ("npages", "nclusters", "handles", "info", "epoch", "cluster_used", "nonempty",
-                 "_maps", "release_errors")
+                 "_maps", "_memory", "release_errors")
 
-    def __init__(self, npages: int) -> None:
+    def __init__(self, npages: int, memory: StateMemory | None = None, name: str = "slots") -> None:
+        """The table of ``npages`` slots, its columns the regions
+        ``<name>.handles``, ``<name>.info`` and ``<name>.epoch`` of
+        ``memory`` (adopted ones keep what they hold: the caller then
+        calls :meth:`recount`)."""
         self.npages = npages
         self.nclusters = -(-npages // CLUSTER_SLOTS)
         span = self.nclusters * CLUSTER_SLOTS
-        self._maps = (reserve(span * 8), reserve(span * 4), reserve(span * 4))
+        memory = memory if memory is not None else StateMemory()
+        self._memory = memory
+        self._maps = (memory.reserve(f"{name}.handles", span * 8),
+                      memory.reserve(f"{name}.info", span * 4),
+                      memory.reserve(f"{name}.epoch", span * 4))
         self.release_errors = 0  # clusters whose memory could not be given back
         self.handles = memoryview(self._maps[0]).cast("Q")[:npages]
         self.info = memoryview(self._maps[1]).cast("I")[:npages]
@@ -235,13 +243,21 @@ class SlotTable:
         used[c] = u
         if not u:
             self.nonempty[c] = 0
-            try:
-                for m, width in zip(self._maps, (8, 4, 4)):
-                    release_memory(m, c * CLUSTER_SLOTS * width, CLUSTER_SLOTS * width)
-            except OSError as e:  # the memory stays held (and zero): nothing is lost
-                self.release_errors += 1
-                if self.release_errors == 1:
-                    log.warning("slot table: cannot give a free cluster's memory back: %s", e)
+            self.release_cluster(c)
+
+    def columns(self) -> tuple[mmap.mmap, mmap.mmap, mmap.mmap]:
+        """The mappings of the handle, info and epoch columns."""
+        return self._maps
+
+    def release_cluster(self, c: int) -> None:
+        """Give the memory of cluster ``c`` (no slot in use) back."""
+        try:
+            for m, width in zip(self._maps, (8, 4, 4)):
+                self._memory.release(m, c * CLUSTER_SLOTS * width, CLUSTER_SLOTS * width)
+        except OSError as e:  # the memory stays held (and zero): nothing is lost
+            self.release_errors += 1
+            if self.release_errors == 1:
+                log.warning("slot table: cannot give a free cluster's memory back: %s", e)
 
     @property
     def clusters_in_use(self) -> int:
