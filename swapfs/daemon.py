@@ -220,25 +220,38 @@ async def serve_failover(
             store = Store(config, memory=memory)
             state = {name: os.dup(fd) for name, fd in memory.fds().items()}  # the server closes these
         else:
+            # Mapped now (a standby: in advance); recovered once the connection is this
+            # process's (recover below), never while the active daemon still writes.
             adopted = {name: os.dup(fd) for name, fd in fds.items() if name != "fuse"}
-            started = time.monotonic()
             try:
-                store = Store(config, memory=StateMemory.adopt(adopted))
-                recovery = store.recover()
+                memory = StateMemory.adopt(adopted)
             except StoreError as exc:
                 for fd in adopted.values():
                     os.close(fd)
                 raise TakeoverRefused(f"the state cannot be served: {exc}") from None
-            log.info("state adopted and recovered in %.3f s: %d page(s), %d leaked object(s) "
-                     "and %d leaked file page(s) freed", time.monotonic() - started,
-                     recovery.pages, recovery.leaked_objects, recovery.leaked_file_pages)
+            try:
+                store = Store(config, memory=memory)
+            except StoreError as exc:
+                raise TakeoverRefused(f"the state cannot be served: {exc}") from None
             state = {}
         writeback = Writeback(store)
         made.append((store, writeback))
         return SwapFS(store, writeback=writeback), state
 
+    def recover() -> None:
+        store = made[0][0]
+        try:
+            recovery = store.recover()
+        except StoreError as exc:
+            log.error("the state cannot be served: %s; this daemon refuses the takeover and the "
+                      "mount waits (a page that reads as zeros would be worse)", exc)
+            raise TakeoverRefused(f"the state cannot be served: {exc}") from None
+        log.info("state recovered in %.3f s: %d page(s), %d leaked object(s) and %d leaked file "
+                 "page(s) freed", recovery.seconds, recovery.pages, recovery.leaked_objects,
+                 recovery.leaked_file_pages)
+
     server = FailoverServer(ops_factory, keeper, version=STATE_VERSION, standby_cmd=standby_cmd,
-                            poll_us=poll_us)
+                            poll_us=poll_us, on_claimed=recover)
     if role == "standby":
         set_process_name(STANDBY_NAME)
     killed_at = time.monotonic()
