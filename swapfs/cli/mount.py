@@ -240,7 +240,7 @@ def _run_failover(args: argparse.Namespace, config: Any, mountpoint: str, config
     except KeyboardInterrupt:
         return EXIT_OK
     except Exception as exc:
-        if keeper_proc is not None and not fuse.is_mount_point(mountpoint):
+        if keeper_proc is not None and not _keeper_holds_connection(keeper):
             _stop_keeper(keeper_proc)  # nothing was deposited: nothing to keep
         return failed(f"daemon at {mountpoint} failed: {one_line(exc)}",
                       exc if log.isEnabledFor(logging.DEBUG) else None)
@@ -248,6 +248,22 @@ def _run_failover(args: argparse.Namespace, config: Any, mountpoint: str, config
         logging.shutdown()
         os._exit(EXIT_OK)  # the successor waits for this exit: no teardown
     return EXIT_OK
+
+
+def _keeper_holds_connection(sock: str) -> bool:
+    """Whether the keeper holds a FUSE connection (asked of the keeper: a daemon never makes a
+    system call on its own mount, which waits for ever while nobody serves it)."""
+    from ..fuse.handoff import KeeperClient
+    from ..keeper import KeeperError
+
+    try:
+        client = KeeperClient(sock)
+        try:
+            return "fuse" in client.status()["names"]
+        finally:
+            client.close()
+    except KeeperError:
+        return False
 
 
 def _start_keeper(sock: str, restart: list[str], log_file: str | None) -> subprocess.Popen[bytes]:
