@@ -106,8 +106,8 @@ def test_kill9_of_the_daemon_under_fio_verify_through_a_loop_device(mount_factor
 
 
 def _swap_workload_with(m: Mount, action: Any, seed: int) -> harness.WorkloadResult:
-    with harness.swap_lock(), harness.loop_device(str(m.dev())) as loop, \
-            harness.swap_on(loop, priority=32767, discard=True):
+    # swap_on holds the harness's machine-wide swap lock
+    with harness.loop_device(str(m.dev())) as loop, harness.swap_on(loop, priority=32767, discard=True):
         return harness.run_swap_workload(working_set_bytes=WORKING_SET, limit_bytes=WORKLOAD_LIMIT,
                                          cgroup_name=f"swapfs-failover-{os.getpid()}", seed=seed,
                                          watch_device=loop, on_poll=action)
