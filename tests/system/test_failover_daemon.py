@@ -242,3 +242,36 @@ def test_unmount_ends_keeper_daemon_and_standby(mount_factory):
         assert system.wait_for_exit(pid, 10), pid
     assert not os.path.exists(keeper_socket(str(m.path)))
     assert not Path(m.path / "swap0").exists()
+
+
+@pytest.mark.timeout(120)
+def test_a_state_that_cannot_be_served_is_refused_and_the_mount_waits(mount_factory):
+    """A successor that cannot read the state serves nothing (never an empty store): the mount
+    waits, and once the state is readable again the keeper's next successor serves every byte."""
+    import mmap
+
+    m = mount_factory(SMALL_CONFIG)
+    data = os.urandom(1 << 20)
+    with open(m.dev(), "r+b") as f:
+        f.write(data)
+    s = status(m)
+    c = KeeperClient(keeper_socket(str(m.path)))
+    try:
+        held = c.get()
+    finally:
+        c.close()
+    try:
+        header = mmap.mmap(held.fds["mem.header"], mmap.PAGESIZE)
+        magic = bytes(header[:8])
+        header[:8] = bytes(8)  # no longer a store's header
+        os.kill(s["active"], signal.SIGKILL)
+        assert m.wait_log("takeover of", 30) and "refused: the state cannot be served" in m.log_text()
+        t = status(m)
+        assert t["generation"] == s["generation"] and t["active"] == s["active"]  # nobody claimed
+        header[:8] = magic  # readable again: the keeper's next attempt (after a back-off) serves
+        wait_status(m, lambda t: t["generation"] > s["generation"], "the takeover", timeout=60)
+        with open(m.dev(), "rb") as f:
+            assert f.read(1 << 20) == data
+        header.close()
+    finally:
+        held.close()
