@@ -202,6 +202,7 @@ def _run_failover(args: argparse.Namespace, config: Any, mountpoint: str, config
     from .. import fuse
     from ..daemon import serve_failover
     from ..fuse.handoff import TakeoverRefused
+    from ..keeper import KeeperError
 
     role = args.role or "start"
     keeper_proc: subprocess.Popen[bytes] | None = None
@@ -229,6 +230,11 @@ def _run_failover(args: argparse.Namespace, config: Any, mountpoint: str, config
                 cpu_latency_us=None if args.no_cpu_latency else args.cpu_latency_us,
             )
         )
+    except KeeperError as exc:  # a successor whose keeper is gone: the mount has ended
+        if role == "upgrade":
+            return failed(f"upgrade of {mountpoint}: {exc}")
+        log.info("%s for %s ends: %s", role, mountpoint, exc)
+        return EXIT_OK
     except TakeoverRefused as exc:
         if role == "standby":
             log.info("standby for %s ends: %s", mountpoint, exc)
