@@ -102,13 +102,17 @@ HOT_LOOPS = frozenset({
     "read_path.ReadPath.read", "read_path.ReadPath._read_pages",
     "write_path.WritePath._store_page", "write_path.WritePath._stage",
     "write_path.WritePath._commit", "recompress.Recompressor.step",
-    "state.StoreState.load_page",
+    "state.StoreState.load_page", "recovery._scan_device",
 })
+
+
+# Every bit the encoding defines.
+VALID_BITS = FLAGS | LENGTH_MASK << KIND_BITS | KIND_MASK
 
 
 def unknown_bits(info: int) -> int:
     """The bits of ``info`` that no part of the encoding defines (0 if valid)."""
-    return info & ~(FLAGS | LENGTH_MASK << KIND_BITS | KIND_MASK)
+    return info & ~VALID_BITS
 
 
 def kind_of(info: int) -> int:

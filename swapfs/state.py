@@ -250,7 +250,7 @@ class StoreState:
         self._by_name = {d.name: d for d in self.devices}
         self.cache = SwapCache(cache_pages)
         # File tiers in config order: tier i is slot kind file_kind(i).
-        self.files = FileTierSet(config.tiers, self.cache)
+        self.files = FileTierSet(config.tiers, self.cache, memory)
         self.tiers: list[FileTier] = self.files.tiers
         # Level 0 is the pool, level 1 + i file tier i.
         self.level_names = ["pool"] + [t.name for t in self.tiers]

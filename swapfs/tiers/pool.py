@@ -595,7 +595,21 @@ class Pool:
         limit = self.reserve_pages
         spans: dict[int, tuple[int, list[int]]] = {}  # first page -> (class, object indexes)
         huge: dict[int, int] = {}  # page -> owner
-        for h, (n, owner) in objects.items():
+        # In handle order: the objects of one span come together, and all but
+        # the first of each take the short road.
+        lo = hi = base = size = cap = 0
+        want = -1
+        idxs: list[int] = []
+        for h in sorted(objects):
+            n, owner = objects[h]
+            if lo <= h < hi and SIZE_CLASS[n] == want:
+                rel = h - base
+                i = rel // size
+                if rel % size or i >= cap:
+                    raise StoreError(f"pool: handle {h:#x} is not an object of the span at "
+                                     f"page {lo >> PAGE_SHIFT}")
+                idxs.append(i)
+                continue
             g = h >> PAGE_SHIFT
             if not 0 < n <= PAGE_SIZE or not 0 <= g < limit:
                 raise StoreError(f"pool: handle {h:#x} ({n} bytes) is outside the pool")
@@ -608,20 +622,21 @@ class Pool:
             first, cls = (w >> 16) - 1, w & 0xFFFF
             if not w or cls != SIZE_CLASS[n] or not first <= g < first + CLASS_PAGES[cls]:
                 raise StoreError(f"pool: handle {h:#x} of {n} bytes is in no span of its class")
-            rel = h - HEADER - (first << PAGE_SHIFT)
-            size = CLASS_SIZE[cls]
-            if rel < 0 or rel % size or rel // size >= CLASS_CAP[cls]:
+            if first in spans:
+                raise StoreError(f"pool: span at page {first} is named out of order or "
+                                 "with two classes")
+            for p in range(first, first + CLASS_PAGES[cls]):
+                if layout[p] != w:
+                    raise StoreError(f"pool: span at page {first} is torn at page {p}")
+            want, size, cap = cls, CLASS_SIZE[cls], CLASS_CAP[cls]
+            lo, hi = first << PAGE_SHIFT, (first + CLASS_PAGES[cls]) << PAGE_SHIFT
+            base = lo + HEADER
+            rel = h - base
+            if rel % size or rel // size >= cap:
                 raise StoreError(f"pool: handle {h:#x} is not an object of the span at page "
                                  f"{first}")
-            entry = spans.get(first)
-            if entry is None:
-                for p in range(first, first + CLASS_PAGES[cls]):
-                    if layout[p] != w:
-                        raise StoreError(f"pool: span at page {first} is torn at page {p}")
-                entry = spans[first] = (cls, [])
-            elif entry[0] != cls:
-                raise StoreError(f"pool: span at page {first} holds two classes")
-            entry[1].append(rel // size)
+            idxs = [rel // size]
+            spans[first] = (cls, idxs)
         owner_of: dict[int, int] = {}  # page -> first page of its span (or itself, huge)
         for g in huge:
             owner_of[g] = g
@@ -654,13 +669,11 @@ class Pool:
             cap = CLASS_CAP[cls]
             k = CLASS_PAGES[cls]
             base = first << PAGE_SHIFT
-            taken = set(idxs)
-            if len(taken) != len(idxs):
-                raise StoreError(f"pool: two slots name one object of the span at page {first}")
-            fresh = max(taken) + 1
+            fresh = idxs[-1] + 1  # (in handle order: increasing, no index twice)
             head = 0
-            for i in range(fresh - 1, -1, -1):  # the free list, lowest object first
-                if i in taken:
+            taken = set(idxs) if fresh != len(idxs) else range(fresh)
+            for i in range(fresh - 1 if fresh != len(idxs) else -1, -1, -1):
+                if i in taken:  # the free list, lowest object first
                     continue
                 hdr = base + i * size
                 w = words[hdr >> 3]
