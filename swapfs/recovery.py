@@ -19,7 +19,9 @@ against what it names, and rebuilds the rest from them:
 3. the pool's bookkeeping (spans, free lists, class lists, counts) from the
    objects slots name; every object or page no slot names is freed and
    counted as a leak; shared objects get their reference count again;
-4. the dedup index (hashing every indexed object), the device counters,
+4. each file tier's allocation from the pages slots name (pages marked
+   used that no slot names are freed);
+5. the dedup index (hashing every indexed object), the device counters,
    the cluster counts.
 
 Any slot that cannot be what it says raises StoreError: the state cannot be

@@ -16,13 +16,16 @@ and fewer classes leave fewer partly used spans.  Objects of more than
 ``4096 - 8`` bytes (raw "huge" pages) are in the last class: one page each,
 no header, no span bookkeeping (see ``page_word``).
 
-**Memory.**  Everything lives in one mapping (``swapfs.memory.reserve``) reserved at
+**Memory.**  The objects live in one region of the store's state memory
+(``pool`` of a ``swapfs.memory.StateMemory``: private, or a memory file a
+successor adopts) reserved at
 ``4 * max_bytes`` of address space (``MAP_NORESERVE``, never populated): a
 page costs memory only once touched, and the daemon's
 ``mlockall(MCL_ONFAULT)`` locks it only then.  Spans are carved from it by
 a bump pointer.  A released span's pages go back to the system with
 ``madvise(MADV_DONTNEED_LOCKED)`` (``MADV_DONTNEED`` fails on locked memory;
-plain DONTNEED on kernels before 5.18) and its first page goes on the free
+plain DONTNEED on kernels before 5.18), or a hole punched in the memory file
+of a shared region, and its first page goes on the free
 list for its page count (``cold[k]``), reused before any new address space.
 Up to ``spare_pages`` (64: 256 KiB) pages stay resident instead, as
 *spares*, to absorb alloc/free churn: a span that becomes empty stays listed
@@ -38,6 +41,11 @@ holds at most the spares.  Address space used by k-page spans never exceeds
 
 **Per page** (``page_word``, ``array('Q')`` over the pages carved so far):
 the span id of a page of a span, or ``HUGE_TAG | owner`` for a huge page.
+The ``pool.layout`` region keeps, per page, ``(first page + 1) << 16 |
+class`` of the span (or huge page) it belongs to, written when the span is
+set up and cleared when it is released (never per object): with the
+handles slots name, all a successor needs to find every span again
+(``rebuild``; span ids, free lists and class lists are derived).
 
 **Per span** (indexed by span id; released ids are reused): first page,
 class, objects in use, objects ever handed out (a bump index: a new span

@@ -28,9 +28,16 @@ Safety at rest: the backing file is opened without following symlinks, created e
 absent, refused unless the open descriptor is a regular file of ours with a single link, locked
 for the mount's life (a second mount is refused), and refused if it holds anything but nothing
 or a tier of a mount that is gone (unless ``force_init``); then it is made mode 0600 and
-signed.  Pages are encrypted (AES-256-XTS, a random key per ``open``, never written anywhere;
-the page number is the tweak) unless ``encrypt=False``; checksums are of the plaintext and stay
-in memory.  ``close`` empties the file (truncates it to zero bytes).
+signed.  Pages are encrypted (AES-256-XTS, a random key per ``open``, kept only in memory: the
+region ``tier.<name>.key`` of the store's state memory; the page number is the tweak) unless
+``encrypt=False``; checksums are of the plaintext and stay in memory.  ``close`` empties the
+file (truncates it to zero bytes).
+
+Surviving the daemon: the columns and the key are regions of the store's ``StateMemory`` and the
+backing file's fd is registered with it (``tierfile.<name>``).  With an adopted memory, ``open``
+adopts that fd (the flock travels with it; reopening the file would find it locked by our own
+predecessor), checks the header names this tier, and takes the key; ``rebuild`` then makes the
+pages slots name the pages in use (see swapfs/recovery.py).
 """
 
 from __future__ import annotations
