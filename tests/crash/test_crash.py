@@ -259,10 +259,22 @@ def test_killed_inside_every_kind_of_operation(dedup: bool, tmp_path: Path) -> N
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(4))
-def test_killed_at_every_instruction_of_rewrites(seed: int, tmp_path: Path) -> None:
-    """Every instruction of every operation of a short mix (rewrites of
-    slots in use, dedup sharing, moves and switches): a kill at each."""
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("seed", [0])
+def test_killed_densely_inside_operations(seed: int, tmp_path: Path) -> None:
+    """A kill at 30 instructions spread over each operation of a mix of 25
+    (rewrites of slots in use, dedup sharing, moves and switches): hundreds
+    of kills a seed."""
     _every_instruction_of(200 + seed, tmp_path, seed % 2 == 0, 25,
                           ("write", "sub", "discard", "compact", "recompress", "migrate"),
-                          per_op=None)
+                          per_op=30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_at_every_instruction_of_a_short_mix(tmp_path: Path) -> None:
+    """Every instruction of the writes and the discard of a short mix: a
+    kill at each (about two thousand)."""
+    kills = _every_instruction_of(201, tmp_path, False, 5, ("write", "discard"),
+                                  per_op=None)
+    assert kills > 1500
