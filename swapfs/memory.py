@@ -195,7 +195,9 @@ class StateMemory:
 
     def close(self) -> None:
         """Unmap every region and close every memfd (the keeper's copies
-        keep the memory)."""
+        keep the memory).  A region whose memory is still viewed (a store
+        alive) stays mapped until the views go, and so does the fd the
+        mapping holds."""
         self.header.close()
         for m in self._maps.values():
             try:

@@ -19,7 +19,9 @@ against what it names, and rebuilds the rest from them:
 3. the pool's bookkeeping (spans, free lists, class lists, counts) from the
    objects slots name; every object or page no slot names is freed and
    counted as a leak; shared objects get their reference count again;
-4. the dedup index (hashing every indexed object), the device counters,
+4. each file tier's allocation from the pages slots name (pages marked
+   used that no slot names are freed);
+5. the dedup index (hashing every indexed object), the device counters,
    the cluster counts.
 
 Any slot that cannot be what it says raises StoreError: the state cannot be
@@ -43,17 +45,17 @@ from .slots import (
     EMPTY,
     HUGE,
     HUGE_INFO,
+    KIND_MASK,
     MOVING,
     POOL,
     SAME,
+    VALID_BITS,
     in_file,
     key_device,
     key_slot,
-    kind_of,
     length_of,
     slot_key,
     tier_of_kind,
-    unknown_bits,
 )
 from .state import Device, StoreState
 from .tiers.pool import FREE_TAG, HEADER, MAX_OBJECT, OBJECT_BYTES, PINNED
@@ -77,11 +79,13 @@ def recover(state: StoreState) -> Recovery:
     objects: dict[int, tuple[int, int]] = {}  # handle -> (length, owner: first slot naming it)
     refs: dict[int, int] = {}  # handle -> slots naming it, where more than one
     alt: set[int] = set()  # handles of objects in the second codec
+    file_pages: list[set[int]] = [set() for _ in state.tiers]
     pages = 0
     for dev in state.devices:
-        pages += _scan_device(state, dev, objects, refs, alt)
+        pages += _scan_device(state, dev, objects, refs, alt, file_pages)
     _check_headers(state, objects, refs)
     leaked = state.pool.rebuild(objects, lambda w: _is_owner(state, w))
+    leaked_file = sum(t.rebuild(p) for t, p in zip(state.tiers, file_pages))
     _restore_headers(state, objects, refs)
     dd = state.dedup
     if dd is not None:
@@ -97,9 +101,10 @@ def recover(state: StoreState) -> Recovery:
     seconds = time.perf_counter() - t0
     header = state.header
     header.set("recoveries", header.get("recoveries") + 1)
-    header.set("recovered_leaks", header.get("recovered_leaks") + leaked)
+    header.set("recovered_leaks", header.get("recovered_leaks") + leaked + leaked_file)
     header.set("recovery_micros", header.get("recovery_micros") + int(seconds * 1e6))
-    return Recovery(seconds=seconds, leaked_objects=leaked, leaked_file_pages=0, pages=pages)
+    return Recovery(seconds=seconds, leaked_objects=leaked, leaked_file_pages=leaked_file,
+                    pages=pages)
 
 
 def _is_owner(state: StoreState, w: int) -> bool:
@@ -125,7 +130,7 @@ def _undo_journal(state: StoreState) -> None:
 
 
 def _scan_device(state: StoreState, dev: Device, objects: dict[int, tuple[int, int]],
-                 refs: dict[int, int], alt: set[int]) -> int:
+                 refs: dict[int, int], alt: set[int], file_pages: list[set[int]]) -> int:
     table = dev.table
     handles = table.handles
     info = table.info
@@ -154,13 +159,13 @@ def _scan_device(state: StoreState, dev: Device, objects: dict[int, tuple[int, i
                 if handles[s]:
                     handles[s] = 0  # a discard killed between its two stores
                 continue
-            if unknown_bits(i):
+            if i & ~VALID_BITS:
                 raise StoreError(f"{dev.name}: slot {s} has an invalid info word {i:#x}")
             if i & MOVING:
                 i &= ~MOVING
                 info[s] = i
             used += 1
-            k = kind_of(i)
+            k = i & KIND_MASK
             h = handles[s]
             if k == SAME:
                 same += 1
@@ -190,8 +195,12 @@ def _scan_device(state: StoreState, dev: Device, objects: dict[int, tuple[int, i
                 if ti >= ntiers:
                     raise StoreError(f"{dev.name}: slot {s} names file tier {ti}, which "
                                      "the configuration does not have")
-                raise StoreError(f"{dev.name}: slot {s} is in file tier "
-                                 f"{state.tiers[ti].name}: file tiers are not adopted yet")
+                named = file_pages[ti]
+                if h in named:
+                    raise StoreError(f"{dev.name}: slot {s} names page {h} of tier "
+                                     f"{state.tiers[ti].name}, which another slot names")
+                named.add(h)
+                files += 1
             elif k == EMPTY:
                 raise StoreError(f"{dev.name}: slot {s} is empty with flags {i:#x}")
             else:

@@ -22,16 +22,18 @@ Three columns, no Python object per slot, 16 bytes per slot in use:
   demotion counter when the page was demoted (mod 2**32).
 
 Memory follows what is stored, not the capacity.  Each column is a typed
-memoryview over a mapping reserved for the whole device
-(``swapfs.memory.reserve``, the one allocator of the store's truth,
-``MAP_NORESERVE``): the kernel backs a page of it only when it is first
-written, and the daemon's ``mlockall(MCL_ONFAULT)`` locks only pages so
+memoryview over a region reserved for the whole device (the regions
+``slots.<device>.handles``, ``.info`` and ``.epoch`` of the store's
+``swapfs.memory.StateMemory``, the one allocator of its truth): the kernel
+backs a page of it only when it is first written, and the daemon's ``mlockall(MCL_ONFAULT)`` locks only pages so
 backed.  Slots are grouped in clusters of CLUSTER_SLOTS (1024: 8 KiB of
 handles, 4 KiB of info and of epochs, each page-aligned); per cluster the
 table counts the slots in use (``cluster_used``) and flags non-empty
 clusters (``nonempty``, one byte each).  When a cluster's last slot is
-freed, its pages are handed back to the kernel (``MADV_DONTNEED_LOCKED``,
-see swapfs.kernel.release_memory).  An
+freed, its pages are handed back (``StateMemory.release``:
+``MADV_DONTNEED_LOCKED``, or a hole punched in a shared region's memory
+file).  After adopting a predecessor's memory, recovery
+(swapfs/recovery.py) recounts the clusters.  An
 unused cluster costs 3 bytes; a 1 TiB device mounts at once.  Scans skip
 empty clusters with one ``bytearray.find``, so their cost follows the
 clusters in use.
@@ -102,13 +104,17 @@ HOT_LOOPS = frozenset({
     "read_path.ReadPath.read", "read_path.ReadPath._read_pages",
     "write_path.WritePath._store_page", "write_path.WritePath._stage",
     "write_path.WritePath._commit", "recompress.Recompressor.step",
-    "state.StoreState.load_page",
+    "state.StoreState.load_page", "recovery._scan_device",
 })
+
+
+# Every bit the encoding defines.
+VALID_BITS = FLAGS | LENGTH_MASK << KIND_BITS | KIND_MASK
 
 
 def unknown_bits(info: int) -> int:
     """The bits of ``info`` that no part of the encoding defines (0 if valid)."""
-    return info & ~(FLAGS | LENGTH_MASK << KIND_BITS | KIND_MASK)
+    return info & ~VALID_BITS
 
 
 def kind_of(info: int) -> int:

@@ -15,9 +15,10 @@ store.  The floors above: :class:`swapfs.read_path.ReadPath` (reads),
 every page is the *truth*; everything else can be rebuilt from it:
 
 * truth: each device's slot table (handle, info and epoch columns), the
-  pool's objects (their bytes, at the handles the slots name), the file
-  tiers' backing files and key, and the two clocks (``epoch``,
-  ``demotions``) the epoch column is read against;
+  pool's objects (their bytes, at the handles the slots name) and the
+  layout of its spans, the file tiers' backing files, checksums and keys,
+  the journal of the slot switch in flight, and the two clocks (``epoch``,
+  ``demotions``, in the state header) the epoch column is read against;
 * derived from the slot tables: the per-device counters, each table's
   cluster counts, the pool's span and class bookkeeping (which objects are
   in use is which handles slots name), the dedup index and its reference
@@ -25,9 +26,12 @@ every page is the *truth*; everything else can be rebuilt from it:
   maps (which pages slots name), the swap cache (a cache), and the
   counters of moves, recompression and I/O (statistics).
 
-The truth's memory is allocated through one function,
-:func:`swapfs.memory.reserve` (anonymous mappings today), so that it can
-move to memory that outlives the process without touching its users.
+The truth's memory is allocated in named regions of one
+:class:`swapfs.memory.StateMemory`: private mappings, or memory files a
+successor process adopts; :mod:`swapfs.recovery` rebuilds the derived state
+from the truth.  The order of the writes that change a slot (content first,
+the info word or the journal as the commit, old content freed last) is
+docs/store.md's "Crash consistency".
 
 Everything runs on the trio loop; no method here awaits.  Each operation
 changes a slot and the counters that describe it in the same step, so the
@@ -250,7 +254,7 @@ class StoreState:
         self._by_name = {d.name: d for d in self.devices}
         self.cache = SwapCache(cache_pages)
         # File tiers in config order: tier i is slot kind file_kind(i).
-        self.files = FileTierSet(config.tiers, self.cache)
+        self.files = FileTierSet(config.tiers, self.cache, memory)
         self.tiers: list[FileTier] = self.files.tiers
         # Level 0 is the pool, level 1 + i file tier i.
         self.level_names = ["pool"] + [t.name for t in self.tiers]

@@ -16,13 +16,16 @@ and fewer classes leave fewer partly used spans.  Objects of more than
 ``4096 - 8`` bytes (raw "huge" pages) are in the last class: one page each,
 no header, no span bookkeeping (see ``page_word``).
 
-**Memory.**  Everything lives in one mapping (``swapfs.memory.reserve``) reserved at
+**Memory.**  The objects live in one region of the store's state memory
+(``pool`` of a ``swapfs.memory.StateMemory``: private, or a memory file a
+successor adopts) reserved at
 ``4 * max_bytes`` of address space (``MAP_NORESERVE``, never populated): a
 page costs memory only once touched, and the daemon's
 ``mlockall(MCL_ONFAULT)`` locks it only then.  Spans are carved from it by
 a bump pointer.  A released span's pages go back to the system with
 ``madvise(MADV_DONTNEED_LOCKED)`` (``MADV_DONTNEED`` fails on locked memory;
-plain DONTNEED on kernels before 5.18) and its first page goes on the free
+plain DONTNEED on kernels before 5.18), or a hole punched in the memory file
+of a shared region, and its first page goes on the free
 list for its page count (``cold[k]``), reused before any new address space.
 Up to ``spare_pages`` (64: 256 KiB) pages stay resident instead, as
 *spares*, to absorb alloc/free churn: a span that becomes empty stays listed
@@ -38,6 +41,11 @@ holds at most the spares.  Address space used by k-page spans never exceeds
 
 **Per page** (``page_word``, ``array('Q')`` over the pages carved so far):
 the span id of a page of a span, or ``HUGE_TAG | owner`` for a huge page.
+The ``pool.layout`` region keeps, per page, ``(first page + 1) << 16 |
+class`` of the span (or huge page) it belongs to, written when the span is
+set up and cleared when it is released (never per object): with the
+handles slots name, all a successor needs to find every span again
+(``rebuild``; span ids, free lists and class lists are derived).
 
 **Per span** (indexed by span id; released ids are reused): first page,
 class, objects in use, objects ever handed out (a bump index: a new span
@@ -595,7 +603,21 @@ class Pool:
         limit = self.reserve_pages
         spans: dict[int, tuple[int, list[int]]] = {}  # first page -> (class, object indexes)
         huge: dict[int, int] = {}  # page -> owner
-        for h, (n, owner) in objects.items():
+        # In handle order: the objects of one span come together, and all but
+        # the first of each take the short road.
+        lo = hi = base = size = cap = 0
+        want = -1
+        idxs: list[int] = []
+        for h in sorted(objects):
+            n, owner = objects[h]
+            if lo <= h < hi and SIZE_CLASS[n] == want:
+                rel = h - base
+                i = rel // size
+                if rel % size or i >= cap:
+                    raise StoreError(f"pool: handle {h:#x} is not an object of the span at "
+                                     f"page {lo >> PAGE_SHIFT}")
+                idxs.append(i)
+                continue
             g = h >> PAGE_SHIFT
             if not 0 < n <= PAGE_SIZE or not 0 <= g < limit:
                 raise StoreError(f"pool: handle {h:#x} ({n} bytes) is outside the pool")
@@ -608,20 +630,21 @@ class Pool:
             first, cls = (w >> 16) - 1, w & 0xFFFF
             if not w or cls != SIZE_CLASS[n] or not first <= g < first + CLASS_PAGES[cls]:
                 raise StoreError(f"pool: handle {h:#x} of {n} bytes is in no span of its class")
-            rel = h - HEADER - (first << PAGE_SHIFT)
-            size = CLASS_SIZE[cls]
-            if rel < 0 or rel % size or rel // size >= CLASS_CAP[cls]:
+            if first in spans:
+                raise StoreError(f"pool: span at page {first} is named out of order or "
+                                 "with two classes")
+            for p in range(first, first + CLASS_PAGES[cls]):
+                if layout[p] != w:
+                    raise StoreError(f"pool: span at page {first} is torn at page {p}")
+            want, size, cap = cls, CLASS_SIZE[cls], CLASS_CAP[cls]
+            lo, hi = first << PAGE_SHIFT, (first + CLASS_PAGES[cls]) << PAGE_SHIFT
+            base = lo + HEADER
+            rel = h - base
+            if rel % size or rel // size >= cap:
                 raise StoreError(f"pool: handle {h:#x} is not an object of the span at page "
                                  f"{first}")
-            entry = spans.get(first)
-            if entry is None:
-                for p in range(first, first + CLASS_PAGES[cls]):
-                    if layout[p] != w:
-                        raise StoreError(f"pool: span at page {first} is torn at page {p}")
-                entry = spans[first] = (cls, [])
-            elif entry[0] != cls:
-                raise StoreError(f"pool: span at page {first} holds two classes")
-            entry[1].append(rel // size)
+            idxs = [rel // size]
+            spans[first] = (cls, idxs)
         owner_of: dict[int, int] = {}  # page -> first page of its span (or itself, huge)
         for g in huge:
             owner_of[g] = g
@@ -654,13 +677,11 @@ class Pool:
             cap = CLASS_CAP[cls]
             k = CLASS_PAGES[cls]
             base = first << PAGE_SHIFT
-            taken = set(idxs)
-            if len(taken) != len(idxs):
-                raise StoreError(f"pool: two slots name one object of the span at page {first}")
-            fresh = max(taken) + 1
+            fresh = idxs[-1] + 1  # (in handle order: increasing, no index twice)
             head = 0
-            for i in range(fresh - 1, -1, -1):  # the free list, lowest object first
-                if i in taken:
+            taken = set(idxs) if fresh != len(idxs) else range(fresh)
+            for i in range(fresh - 1 if fresh != len(idxs) else -1, -1, -1):
+                if i in taken:  # the free list, lowest object first
                     continue
                 hdr = base + i * size
                 w = words[hdr >> 3]

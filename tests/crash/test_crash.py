@@ -7,12 +7,16 @@ model: the operation cut short may have happened or not, nothing else."""
 
 from __future__ import annotations
 
+import gc
+import itertools
 import os
 import random
 import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -24,7 +28,7 @@ from swapfs.errors import StoreError
 from swapfs.memory import StateMemory
 from swapfs.store import Store
 
-from ..conftest import store_config
+from ..conftest import store_config, tier
 from . import model
 from .model import PAGE, SLOTS, Op
 
@@ -32,9 +36,21 @@ MiB = 1 << 20
 _SWAPFS = os.path.dirname(swapfs.__file__)
 
 
-def _config(dedup: bool) -> Any:
-    return store_config(devices=(("swap0", 4 * MiB),), pool_bytes=8 * MiB, dedup=dedup,
-                        recompress="zstd", recompress_after=0.0)
+def _config(dedup: bool, tier_dir: Path) -> Any:
+    """A store over a file tier (a new backing file each time)."""
+    path = tier_dir / f"ssd-{next(_files)}.tier"
+    return store_config((tier("ssd", path, 8 * MiB),), devices=(("swap0", 4 * MiB),),
+                        pool_bytes=8 * MiB, dedup=dedup, recompress="zstd", recompress_after=0.0)
+
+
+_files = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _collect() -> Iterator[None]:
+    """Close the dead stores' mappings (and their fds) before the next test."""
+    yield
+    gc.collect()
 
 
 class _Killer:
@@ -76,14 +92,16 @@ def _child(store: Store, ops: list[Op], log_fd: int, kill_at: int | None,
         os._exit(code)
 
 
-def _crash(seed: int, *, dedup: bool, count: int, kill_at: int | None = None,
+def _crash(seed: int, tier_dir: Path, *, dedup: bool, count: int, kill_at: int | None = None,
            kill_after_s: float | None = None, traced: bool | None = None,
            ) -> tuple[Store, list[Op], int, int, list[int]]:
     """Run the mix of ``seed`` in a child killed as asked; return the
     adopted, recovered store, the operations, the first one not done, the
     one cut short (-1: none) and the instruction count at each operation's
     start (when traced)."""
-    config = _config(dedup)
+    if len(os.listdir("/proc/self/fd")) > 256:
+        gc.collect()  # dead stores' mappings (each holds a dup of its memfd) go with their views
+    config = _config(dedup, tier_dir)
     memory = StateMemory(shared=True)
     store = Store(config, memory=memory)
     ops = model.operations(seed, count)
@@ -114,6 +132,9 @@ def _crash(seed: int, *, dedup: bool, count: int, kill_at: int | None = None,
     if kill_at is None and kill_after_s is None:
         assert os.waitstatus_to_exitcode(status) == 0
     fds = {name: os.dup(fd) for name, fd in memory.fds().items()}
+    for name, fd in memory.fds().items():
+        if name.startswith("tierfile."):  # the dead store's (closing its tier would empty it)
+            os.close(fd)
     memory.close()
     successor = Store(config, memory=StateMemory.adopt(fds))
     successor.recover()
@@ -147,47 +168,52 @@ async def _verify_async(store: Store, ops: list[Op], done: int, cut: int) -> Non
 
 
 def _verify(store: Store, ops: list[Op], done: int, cut: int) -> None:
-    trio.run(_verify_async, store, ops, done, cut)
+    try:
+        trio.run(_verify_async, store, ops, done, cut)
+    finally:
+        store.files.close()
+        store.memory.close()
 
 
 @pytest.mark.parametrize("dedup", [False, True])
 @pytest.mark.parametrize("seed", range(6))
-def test_killed_at_an_instruction(seed: int, dedup: bool) -> None:
+def test_killed_at_an_instruction(seed: int, dedup: bool, tmp_path: Path) -> None:
     """Killed after a random number of swapfs bytecodes (any instruction,
     every commit point among them)."""
     kill_at = random.Random(seed).randrange(20_000, 400_000)
-    store, ops, done, cut, _ = _crash(seed, dedup=dedup, count=300, kill_at=kill_at)
+    store, ops, done, cut, _ = _crash(seed, tmp_path, dedup=dedup, count=300, kill_at=kill_at)
     assert done < len(ops), "the kill came after the last operation: the test tests nothing"
-    _verify(store, ops, done, cut)
     assert store.stats().totals.recoveries == 1
+    _verify(store, ops, done, cut)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("seed", range(100, 140))
-def test_killed_at_an_instruction_many(seed: int) -> None:
+def test_killed_at_an_instruction_many(seed: int, tmp_path: Path) -> None:
     kill_at = random.Random(seed).randrange(1_000, 600_000)
-    store, ops, done, cut, _ = _crash(seed, dedup=seed % 2 == 0, count=400, kill_at=kill_at)
+    store, ops, done, cut, _ = _crash(seed, tmp_path, dedup=seed % 2 == 0, count=400,
+                                      kill_at=kill_at)
     _verify(store, ops, done, cut)
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_killed_at_a_random_moment(seed: int) -> None:
+def test_killed_at_a_random_moment(seed: int, tmp_path: Path) -> None:
     """Killed by the parent, untraced, after a random time."""
     delay = random.Random(seed).uniform(0.05, 0.4)
-    store, ops, done, cut, _ = _crash(seed, dedup=True, count=3000, kill_after_s=delay)
+    store, ops, done, cut, _ = _crash(seed, tmp_path, dedup=True, count=3000, kill_after_s=delay)
     _verify(store, ops, done, cut)
 
 
-def test_clean_exit_recovers_everything() -> None:
-    store, ops, done, cut, _ = _crash(7, dedup=True, count=200)
+def test_clean_exit_recovers_everything(tmp_path: Path) -> None:
+    store, ops, done, cut, _ = _crash(7, tmp_path, dedup=True, count=200)
     assert (done, cut) == (len(ops), -1)
-    _verify(store, ops, done, cut)
     assert store.stats().totals.recovered_leaks == 0
+    _verify(store, ops, done, cut)
 
 
-async def test_a_slot_naming_a_freed_object_is_refused() -> None:
+async def test_a_slot_naming_a_freed_object_is_refused(tmp_path: Path) -> None:
     """Recovery refuses a state it cannot serve instead of reading zeros."""
-    config = _config(False)
+    config = _config(False, tmp_path)
     memory = StateMemory(shared=True)
     store = Store(config, memory=memory)
     dev = store.devices[0]
@@ -195,25 +221,32 @@ async def test_a_slot_naming_a_freed_object_is_refused() -> None:
     h = dev.table.handles[0]
     store.pool.words[(h - 8) >> 3] = 1 << 63  # the object's header says "free"
     fds = {name: os.dup(fd) for name, fd in memory.fds().items()}
+    adopted = StateMemory.adopt(fds)
+    successor = Store(config, memory=adopted)
     with pytest.raises(StoreError, match="free"):
-        Store(config, memory=StateMemory.adopt(fds)).recover()
+        successor.recover()
+    successor.files.close()
+    adopted.close()
+    store.files.close()
+    memory.close()
 
 
-def _targets(seed: int, dedup: bool, count: int) -> tuple[list[Op], list[int]]:
+def _targets(seed: int, tier_dir: Path, dedup: bool, count: int) -> tuple[list[Op], list[int]]:
     """The operations of ``seed`` and the instruction count at each one's
     start, measured by a traced run that is not killed."""
-    store, ops, done, cut, clocks = _crash(seed, dedup=dedup, count=count, traced=True)
+    store, ops, done, cut, clocks = _crash(seed, tier_dir, dedup=dedup, count=count, traced=True)
     assert (done, cut) == (len(ops), -1)
     store.files.close()
+    store.memory.close()
     return ops, clocks
 
 
-def _every_instruction_of(seed: int, dedup: bool, count: int, kinds: tuple[str, ...],
+def _every_instruction_of(seed: int, tier_dir: Path, dedup: bool, count: int, kinds: tuple[str, ...],
                           per_op: int | None) -> int:
     """Kill the mix of ``seed`` inside each operation of ``kinds`` (at
     ``per_op`` instructions spread over it, or at every one) and verify
     each recovery; returns the kills made."""
-    ops, clocks = _targets(seed, dedup, count)
+    ops, clocks = _targets(seed, tier_dir, dedup, count)
     kills = 0
     for k in range(len(ops) - 1):
         if ops[k].kind not in kinds:
@@ -221,7 +254,7 @@ def _every_instruction_of(seed: int, dedup: bool, count: int, kinds: tuple[str, 
         lo, hi = clocks[k] + 1, clocks[k + 1] + 1
         step = 1 if per_op is None else max(1, (hi - lo) // per_op)
         for at in range(lo, hi, step):
-            store, _, done, cut, _ = _crash(seed, dedup=dedup, count=k + 1, kill_at=at)
+            store, _, done, cut, _ = _crash(seed, tier_dir, dedup=dedup, count=k + 1, kill_at=at)
             assert done in (k, k + 1), f"the kill at {at} was meant for op {k}, not {done}"
             _verify(store, ops, done, cut)
             kills += 1
@@ -229,19 +262,33 @@ def _every_instruction_of(seed: int, dedup: bool, count: int, kinds: tuple[str, 
 
 
 @pytest.mark.parametrize("dedup", [False, True])
-def test_killed_inside_every_kind_of_operation(dedup: bool) -> None:
+def test_killed_inside_every_kind_of_operation(dedup: bool, tmp_path: Path) -> None:
     """Kills spread over the instructions of every write, sub-page write,
     discard, compaction and recompression of a short mix (their commit
     points among them)."""
-    kills = _every_instruction_of(3, dedup, 40, ("write", "sub", "discard", "compact",
-                                                 "recompress"), per_op=6)
+    kills = _every_instruction_of(3, tmp_path, dedup, 40,
+                                  ("write", "sub", "discard", "compact", "recompress", "migrate"),
+                                  per_op=6)
     assert kills > 50
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("seed", range(4))
-def test_killed_at_every_instruction_of_rewrites(seed: int) -> None:
-    """Every instruction of every operation of a short mix (rewrites of
-    slots in use, dedup sharing, moves and switches): a kill at each."""
-    _every_instruction_of(200 + seed, seed % 2 == 0, 25,
-                          ("write", "sub", "discard", "compact", "recompress"), per_op=None)
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("seed", [0])
+def test_killed_densely_inside_operations(seed: int, tmp_path: Path) -> None:
+    """A kill at 30 instructions spread over each operation of a mix of 25
+    (rewrites of slots in use, dedup sharing, moves and switches): hundreds
+    of kills a seed."""
+    _every_instruction_of(200 + seed, tmp_path, seed % 2 == 0, 25,
+                          ("write", "sub", "discard", "compact", "recompress", "migrate"),
+                          per_op=30)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_killed_at_every_instruction_of_a_short_mix(tmp_path: Path) -> None:
+    """Every instruction of the writes and the discard of a short mix: a
+    kill at each (about two thousand)."""
+    kills = _every_instruction_of(201, tmp_path, False, 5, ("write", "discard"),
+                                  per_op=None)
+    assert kills > 1500
