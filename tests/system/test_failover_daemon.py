@@ -275,3 +275,24 @@ def test_a_state_that_cannot_be_served_is_refused_and_the_mount_waits(mount_fact
         header.close()
     finally:
         held.close()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("successor", ["standby", "restart"])
+def test_kill9_keeps_the_pages_of_a_file_tier(mount_factory, tmp_path, successor):
+    """Incompressible pages go to the file tier; its backing file is adopted (never reopened:
+    its lock travels with the fd) and every page reads back after each kill."""
+    config = ('[pool]\nmax_bytes = "16M"\n[[device]]\nname = "swap0"\nsize = "64M"\n'
+              f'[[tier]]\nname = "ssd"\nkind = "file"\npath = "{tmp_path}/ssd.img"\nsize = "64M"\n'
+              'priority = 10\n')
+    standby = successor == "standby"
+    m = mount_factory(config, args=("--standby",) if standby else ())
+    data = os.urandom(16 << 20)
+    with open(m.dev(), "r+b") as f:
+        f.write(data)
+    assert m.stats()["tiers"]["ssd"]["stored_pages"] > 0
+    for _ in range(3):
+        kill_active(m, standby=standby)
+        with open(m.dev(), "rb") as f:
+            assert f.read(16 << 20) == data
+    assert m.stats()["tiers"]["ssd"]["stored_pages"] > 0
