@@ -42,6 +42,7 @@ from .config import Config, ConfigError, load_config
 from .errors import StoreError
 from .fs import SwapFS
 from .fuse.handoff import FailoverServer, TakeoverRefused
+from .keeper import KeeperError
 from .store import Store
 from .wakeup import WakeLatency
 from .writeback import Writeback
@@ -299,7 +300,8 @@ async def serve_failover(
         handed_off = server.session is not None and server.session.handed_off
     except BaseExceptionGroup as group:
         if len(group.exceptions) == 1 and isinstance(group.exceptions[0], (fuse.MountError,
-                                                                             TakeoverRefused)):
+                                                                             TakeoverRefused,
+                                                                             KeeperError)):
             raise group.exceptions[0] from None
         raise
     finally:

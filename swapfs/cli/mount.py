@@ -233,7 +233,7 @@ def _run_failover(args: argparse.Namespace, config: Any, mountpoint: str, config
     except KeeperError as exc:  # a successor whose keeper is gone: the mount has ended
         if role == "upgrade":
             return failed(f"upgrade of {mountpoint}: {exc}")
-        log.info("%s for %s ends: %s", role, mountpoint, exc)
+        log.info("%s for %s ends: %s", role, mountpoint, exc)  # also from inside the nursery
         return EXIT_OK
     except TakeoverRefused as exc:
         if role == "standby":
