@@ -14,6 +14,14 @@ serving rather than pull the floor from under the kernel: it says why in the
 log and in systemd's STATUS=, retries every few seconds (and at each new
 signal), and sends STOPPING=1 only once the unmount succeeded.  SIGHUP
 re-reads the configuration file and applies what can change live.
+
+With failover (the default of ``swapfs mount``), :func:`serve_failover` does the
+same through :class:`swapfs.fuse.handoff.FailoverServer`: the store's memory is
+shared (memfds that the keeper holds with the /dev/fuse fd); a successor (a hot
+standby, a fresh daemon the keeper starts, or ``swapfs upgrade``) adopts it,
+recovers, and takes the connection over; SIGUSR2 hands the connection off.  The
+writeback task, the CPU wake-up bound, the signals, the log and sd_notify move
+with the connection.  See docs/failover.md.
 """
 
 from __future__ import annotations
@@ -23,13 +31,18 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import trio
 
 from . import fuse, kernel, system
 from .config import Config, ConfigError, load_config
+from .errors import StoreError
 from .fs import SwapFS
+from .fuse.handoff import FailoverServer, TakeoverRefused
+from .keeper import KeeperError
 from .store import Store
 from .wakeup import WakeLatency
 from .writeback import Writeback
@@ -42,6 +55,7 @@ MCL_ONFAULT = 4
 PR_SET_NAME = 15
 PR_SET_IO_FLUSHER = 57
 PROCESS_NAME = b"swapfs"
+STANDBY_NAME = b"swapfs-standby"  # a hot standby, until it takes over
 OOM_SCORE_ADJ = -1000
 # While a stop waits for swap to go off: how often the unmount is retried.
 STOP_RETRY_SECONDS = 2.0
@@ -158,6 +172,166 @@ async def serve_mount(
     finally:
         await store.aclose()
     log.info("swapfs at %s stopped", mountpoint)
+
+
+ROLES = ("start", "takeover", "standby", "upgrade")
+
+
+def set_process_name(name: bytes) -> None:
+    _libc.prctl(PR_SET_NAME, ctypes.c_char_p(name), 0, 0, 0)
+
+
+async def serve_failover(
+    config: Config,
+    mountpoint: str,
+    *,
+    keeper: str,
+    role: str = "start",
+    standby_cmd: Sequence[str] | None = None,
+    meta: Mapping[str, Any] | None = None,
+    on_ready: Callable[[], None] | None = None,
+    allow_other: bool = False,
+    poll_us: int = 0,
+    cpu_latency_us: int | None = None,
+    config_path: str | None = None,
+) -> bool:
+    """Serve ``mountpoint`` with failover through the keeper at ``keeper``.
+
+    ``role``: "start" creates the store in shared memory, mounts and deposits the
+    state with the keeper; "takeover" (a fresh daemon the keeper started),
+    "standby" (waits on the active daemon's exit) and "upgrade" (asks the active
+    daemon to hand off, after every check that can refuse) adopt the held state,
+    recover it and take the connection over.  A state that cannot be served
+    (StoreError, a layout version this code does not read) raises TakeoverRefused
+    before anything changes: the successor never serves an empty store.
+    ``standby_cmd``: started once this daemon serves (a hot standby).  ``meta``:
+    merged into the keeper's record (how to start a successor).
+
+    Returns True if the connection was handed off (the caller must then exit at
+    once, without tearing the store down: its memory is the successor's), False
+    once the kernel ended the connection (unmounted).
+    """
+    from .memory import STATE_VERSION, StateMemory
+
+    made: list[tuple[Store, Writeback]] = []
+
+    def ops_factory(fds: Mapping[str, int] | None) -> tuple[fuse.Operations, dict[str, int]]:
+        if fds is None:
+            memory = StateMemory(shared=True)
+            store = Store(config, memory=memory)
+            state = {name: os.dup(fd) for name, fd in memory.fds().items()}  # the server closes these
+        else:
+            # Mapped now (a standby: in advance); recovered once the connection is this
+            # process's (recover below), never while the active daemon still writes.
+            adopted = {name: os.dup(fd) for name, fd in fds.items() if name != "fuse"}
+            try:
+                memory = StateMemory.adopt(adopted)
+            except StoreError as exc:
+                for fd in adopted.values():
+                    os.close(fd)
+                raise TakeoverRefused(f"the state cannot be served: {exc}") from None
+            try:
+                store = Store(config, memory=memory)
+            except StoreError as exc:
+                raise TakeoverRefused(f"the state cannot be served: {exc}") from None
+            state = {}
+        writeback = Writeback(store)
+        made.append((store, writeback))
+        return SwapFS(store, writeback=writeback), state
+
+    def recover() -> None:
+        store = made[0][0]
+        try:
+            recovery = store.recover()
+        except StoreError as exc:
+            log.error("the state cannot be served: %s; this daemon refuses the takeover and the "
+                      "mount waits (a page that reads as zeros would be worse)", exc)
+            raise TakeoverRefused(f"the state cannot be served: {exc}") from None
+        log.info("state recovered in %.3f s: %d page(s), %d leaked object(s) and %d leaked file "
+                 "page(s) freed", recovery.seconds, recovery.pages, recovery.leaked_objects,
+                 recovery.leaked_file_pages)
+
+    server = FailoverServer(ops_factory, keeper, version=STATE_VERSION, standby_cmd=standby_cmd,
+                            poll_us=poll_us, on_claimed=recover)
+    if role == "standby":
+        set_process_name(STANDBY_NAME)
+    killed_at = time.monotonic()
+    handed_off = False
+    try:
+        async with trio.open_nursery() as nursery:
+            async def run_server(task_status: trio.TaskStatus[fuse.ConnectionInfo] = trio.TASK_STATUS_IGNORED
+                                 ) -> None:
+                try:
+                    if role == "start":
+                        await server.start(mountpoint, task_status=task_status, fsname="swapfs",
+                                           subtype="swapfs", allow_other=allow_other)
+                    else:
+                        await server.take_over(standby=role == "standby", upgrade=role == "upgrade",
+                                               task_status=task_status)
+                finally:
+                    nursery.cancel_scope.cancel()  # unmounted, or handed off
+
+            conn = await nursery.start(run_server)
+            store, writeback = made[0]
+            session = server.session
+            assert session is not None
+            set_process_name(PROCESS_NAME)
+            if role == "start":
+                log.info("swapfs mounted at %s: %d device(s), max_write %d, protocol 7.%d, "
+                         "transport %s, failover through the keeper at %s", mountpoint,
+                         len(store.devices), conn.max_write, conn.proto_minor,
+                         session.transport_used, keeper)
+                if meta:
+                    _keeper_put_meta(keeper, meta)
+            else:
+                waited = (server.resumed_at or time.monotonic()) - killed_at
+                log.info("swapfs at %s taken over (%s): serving %d device(s) again, protocol 7.%d, "
+                         "transport %s%s", mountpoint, role, len(store.devices), conn.proto_minor,
+                         session.transport_used,
+                         "" if role == "standby" else f", {waited:.3f} s after this process started")
+            await nursery.start(writeback.run)  # cancelled with the nursery
+            if cpu_latency_us is not None:
+                _start_wake_latency(nursery, session, cpu_latency_us)
+            if on_ready is not None:
+                on_ready()
+            sd_notify(f"MAINPID={os.getpid()}\nREADY=1\n"
+                      f"STATUS=serving {len(store.devices)} device(s) at {mountpoint}")
+            nursery.start_soon(_signals_task, mountpoint, store, config_path)
+        handed_off = server.session is not None and server.session.handed_off
+    except BaseExceptionGroup as group:
+        if len(group.exceptions) == 1 and isinstance(group.exceptions[0], (fuse.MountError,
+                                                                             TakeoverRefused,
+                                                                             KeeperError)):
+            raise group.exceptions[0] from None
+        raise
+    finally:
+        # After a hand-off the memory is the successor's: nothing is torn down.
+        if made and not (server.session is not None and server.session.handed_off):
+            await made[0][0].aclose()
+    if handed_off:
+        log.info("swapfs at %s handed off to its successor", mountpoint)
+    else:
+        log.info("swapfs at %s stopped", mountpoint)
+    return handed_off
+
+
+def _keeper_put_meta(keeper: str, meta: Mapping[str, Any]) -> None:
+    from .fuse.handoff import KeeperClient
+    from .keeper import KeeperError
+
+    try:
+        client = KeeperClient(keeper)
+        try:
+            client.put({}, meta)
+        finally:
+            client.close()
+    except KeeperError as exc:
+        log.warning("cannot record how to restart the daemon with the keeper: %s", exc)
+
+
+async def _signals_task(mountpoint: str, store: Store, config_path: str | None) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+        await _handle_signals(signals, mountpoint, store, config_path)
 
 
 def _start_wake_latency(nursery: trio.Nursery, session: fuse.Session, latency_us: int) -> None:

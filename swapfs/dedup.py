@@ -7,7 +7,8 @@ the object's (compared in full: a hash collision never shares another
 page's data), takes a reference to that object instead of a new one.
 
 **The index** is an open-addressing table (linear probing, backward-shift
-deletion) of 64-bit words in an anonymous mapping: no Python object per
+deletion) of 64-bit words in a private mapping (derived state: recovery
+rebuilds it, swapfs/recovery.py): no Python object per
 entry.  A word is ``tag << (LEN_BITS + hbits) | length << hbits | handle >> 4``
 (pool handles are 8 past a 16-byte aligned header, so ``handle >> 4`` loses
 nothing): the tag is the top bits of the hash, the bucket is taken from the

@@ -27,6 +27,7 @@ from typing import NamedTuple
 from .cache import KEY_PAGE_MASK, KEY_SHIFT, SwapCache, file_key
 from .config import TierConfig
 from .errors import Misuse
+from .memory import StateMemory
 from .slots import MAX_FILE_TIERS
 from .tiers.file import FileTier
 
@@ -59,7 +60,8 @@ def run_pages(runs: Sequence[tuple[int, int]]) -> list[int]:
 class FileTierSet:
     """Open file tiers and the state shared across them."""
 
-    def __init__(self, configs: Sequence[TierConfig], cache: SwapCache) -> None:
+    def __init__(self, configs: Sequence[TierConfig], cache: SwapCache,
+                 memory: StateMemory | None = None) -> None:
         if len(configs) > MAX_FILE_TIERS:
             raise Misuse(f"at most {MAX_FILE_TIERS} file tiers")
         self.cache = cache
@@ -69,7 +71,7 @@ class FileTierSet:
                 if tc.kind != "file":
                     raise Misuse(f"tier {tc.name!r}: kind {tc.kind!r}: only file tiers exist")
                 tier = FileTier(tc.name, tc.path, tc.size, tc.priority, preallocate=tc.preallocate,
-                                encrypt=tc.encrypt, force_init=tc.force_init)
+                                encrypt=tc.encrypt, force_init=tc.force_init, memory=memory)
                 tier.open()
                 self.tiers.append(tier)
         except BaseException:

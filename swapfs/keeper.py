@@ -241,6 +241,15 @@ class Keeper:
                 os.close(pidfd)
                 del self.standbys[pid]
 
+    def connection_ended(self) -> bool:
+        """The held connection has ended (unmounted, aborted): nothing to restart for."""
+        fuse = self.fds.get("fuse")
+        if fuse is None:
+            return False
+        probe = select.poll()
+        probe.register(fuse, 0)
+        return bool(probe.poll(0))
+
     def maybe_restart(self) -> None:
         self.children = [c for c in self.children if c.poll() is None]  # reaps them
         if self.restart is None or self.active_pidfd is None or not _exited(self.active_pidfd):
@@ -256,7 +265,7 @@ class Keeper:
             self.orphaned_at = now
         self.reap_standbys()
         delay = self.restart_delay + self.spawn_backoff + (self.standby_grace if self.standbys else 0)
-        if now - self.orphaned_at >= delay:
+        if now - self.orphaned_at >= delay and not self.connection_ended():
             # In the keeper's process group: whoever stops the keeper's group stops them too.
             self.spawned = subprocess.Popen(self.restart, stdin=subprocess.DEVNULL)
             self.children.append(self.spawned)

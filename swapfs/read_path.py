@@ -20,6 +20,7 @@ from .codec import fill_page
 from .config import Config
 from .errors import BackingIOError, Corruption, InvariantError, OutOfRange
 from .kernel import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
+from .memory import StateMemory
 from .slots import (
     ALT,
     EPOCH_MASK,
@@ -43,8 +44,9 @@ from .tiers.file import ChecksumError, TierIOError
 class ReadPath(StoreState):
     """The state and the paths that read it."""
 
-    def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES) -> None:
-        super().__init__(config, cache_pages=cache_pages)
+    def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES,
+                 memory: StateMemory | None = None) -> None:
+        super().__init__(config, cache_pages=cache_pages, memory=memory)
         # Refault distance up to which a page counts as hot; None: the pages
         # the pool holds now (a page that would have stayed had the pool been
         # that much larger, as the kernel's workingset refault test).

@@ -22,16 +22,18 @@ Three columns, no Python object per slot, 16 bytes per slot in use:
   demotion counter when the page was demoted (mod 2**32).
 
 Memory follows what is stored, not the capacity.  Each column is a typed
-memoryview over a mapping reserved for the whole device
-(``swapfs.memory.reserve``, the one allocator of the store's truth,
-``MAP_NORESERVE``): the kernel backs a page of it only when it is first
-written, and the daemon's ``mlockall(MCL_ONFAULT)`` locks only pages so
+memoryview over a region reserved for the whole device (the regions
+``slots.<device>.handles``, ``.info`` and ``.epoch`` of the store's
+``swapfs.memory.StateMemory``, the one allocator of its truth): the kernel
+backs a page of it only when it is first written, and the daemon's ``mlockall(MCL_ONFAULT)`` locks only pages so
 backed.  Slots are grouped in clusters of CLUSTER_SLOTS (1024: 8 KiB of
 handles, 4 KiB of info and of epochs, each page-aligned); per cluster the
 table counts the slots in use (``cluster_used``) and flags non-empty
 clusters (``nonempty``, one byte each).  When a cluster's last slot is
-freed, its pages are handed back to the kernel (``MADV_DONTNEED_LOCKED``,
-see swapfs.kernel.release_memory).  An
+freed, its pages are handed back (``StateMemory.release``:
+``MADV_DONTNEED_LOCKED``, or a hole punched in a shared region's memory
+file).  After adopting a predecessor's memory, recovery
+(swapfs/recovery.py) recounts the clusters.  An
 unused cluster costs 3 bytes; a 1 TiB device mounts at once.  Scans skip
 empty clusters with one ``bytearray.find``, so their cost follows the
 clusters in use.
@@ -51,13 +53,13 @@ inlines it.
 from __future__ import annotations
 
 import logging
+import mmap
 import sys
 from array import array
 from collections.abc import Iterator
 
 from .errors import InvariantError
-from .kernel import release_memory
-from .memory import reserve
+from .memory import StateMemory
 
 log = logging.getLogger(__name__)
 
@@ -102,13 +104,17 @@ HOT_LOOPS = frozenset({
     "read_path.ReadPath.read", "read_path.ReadPath._read_pages",
     "write_path.WritePath._store_page", "write_path.WritePath._stage",
     "write_path.WritePath._commit", "recompress.Recompressor.step",
-    "state.StoreState.load_page",
+    "state.StoreState.load_page", "recovery._scan_device",
 })
+
+
+# Every bit the encoding defines.
+VALID_BITS = FLAGS | LENGTH_MASK << KIND_BITS | KIND_MASK
 
 
 def unknown_bits(info: int) -> int:
     """The bits of ``info`` that no part of the encoding defines (0 if valid)."""
-    return info & ~(FLAGS | LENGTH_MASK << KIND_BITS | KIND_MASK)
+    return info & ~VALID_BITS
 
 
 def kind_of(info: int) -> int:
@@ -203,13 +209,21 @@ class SlotTable:
     """The handle, info and epoch columns of one device, and its cluster counts."""
 
     __slots__ = ("npages", "nclusters", "handles", "info", "epoch", "cluster_used", "nonempty",
-                 "_maps", "release_errors")
+                 "_maps", "_memory", "release_errors")
 
-    def __init__(self, npages: int) -> None:
+    def __init__(self, npages: int, memory: StateMemory | None = None, name: str = "slots") -> None:
+        """The table of ``npages`` slots, its columns the regions
+        ``<name>.handles``, ``<name>.info`` and ``<name>.epoch`` of
+        ``memory`` (adopted ones keep what they hold: the caller then
+        calls :meth:`recount`)."""
         self.npages = npages
         self.nclusters = -(-npages // CLUSTER_SLOTS)
         span = self.nclusters * CLUSTER_SLOTS
-        self._maps = (reserve(span * 8), reserve(span * 4), reserve(span * 4))
+        memory = memory if memory is not None else StateMemory()
+        self._memory = memory
+        self._maps = (memory.reserve(f"{name}.handles", span * 8),
+                      memory.reserve(f"{name}.info", span * 4),
+                      memory.reserve(f"{name}.epoch", span * 4))
         self.release_errors = 0  # clusters whose memory could not be given back
         self.handles = memoryview(self._maps[0]).cast("Q")[:npages]
         self.info = memoryview(self._maps[1]).cast("I")[:npages]
@@ -235,13 +249,21 @@ class SlotTable:
         used[c] = u
         if not u:
             self.nonempty[c] = 0
-            try:
-                for m, width in zip(self._maps, (8, 4, 4)):
-                    release_memory(m, c * CLUSTER_SLOTS * width, CLUSTER_SLOTS * width)
-            except OSError as e:  # the memory stays held (and zero): nothing is lost
-                self.release_errors += 1
-                if self.release_errors == 1:
-                    log.warning("slot table: cannot give a free cluster's memory back: %s", e)
+            self.release_cluster(c)
+
+    def columns(self) -> tuple[mmap.mmap, mmap.mmap, mmap.mmap]:
+        """The mappings of the handle, info and epoch columns."""
+        return self._maps
+
+    def release_cluster(self, c: int) -> None:
+        """Give the memory of cluster ``c`` (no slot in use) back."""
+        try:
+            for m, width in zip(self._maps, (8, 4, 4)):
+                self._memory.release(m, c * CLUSTER_SLOTS * width, CLUSTER_SLOTS * width)
+        except OSError as e:  # the memory stays held (and zero): nothing is lost
+            self.release_errors += 1
+            if self.release_errors == 1:
+                log.warning("slot table: cannot give a free cluster's memory back: %s", e)
 
     @property
     def clusters_in_use(self) -> int:

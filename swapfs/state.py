@@ -15,9 +15,10 @@ store.  The floors above: :class:`swapfs.read_path.ReadPath` (reads),
 every page is the *truth*; everything else can be rebuilt from it:
 
 * truth: each device's slot table (handle, info and epoch columns), the
-  pool's objects (their bytes, at the handles the slots name), the file
-  tiers' backing files and key, and the two clocks (``epoch``,
-  ``demotions``) the epoch column is read against;
+  pool's objects (their bytes, at the handles the slots name) and the
+  layout of its spans, the file tiers' backing files, checksums and keys,
+  the journal of the slot switch in flight, and the two clocks (``epoch``,
+  ``demotions``, in the state header) the epoch column is read against;
 * derived from the slot tables: the per-device counters, each table's
   cluster counts, the pool's span and class bookkeeping (which objects are
   in use is which handles slots name), the dedup index and its reference
@@ -25,9 +26,12 @@ every page is the *truth*; everything else can be rebuilt from it:
   maps (which pages slots name), the swap cache (a cache), and the
   counters of moves, recompression and I/O (statistics).
 
-The truth's memory is allocated through one function,
-:func:`swapfs.memory.reserve` (anonymous mappings today), so that it can
-move to memory that outlives the process without touching its users.
+The truth's memory is allocated in named regions of one
+:class:`swapfs.memory.StateMemory`: private mappings, or memory files a
+successor process adopts; :mod:`swapfs.recovery` rebuilds the derived state
+from the truth.  The order of the writes that change a slot (content first,
+the info word or the journal as the commit, old content freed last) is
+docs/store.md's "Crash consistency".
 
 Everything runs on the trio loop; no method here awaits.  Each operation
 changes a slot and the counters that describe it in the same step, so the
@@ -46,6 +50,7 @@ from .dedup import DedupIndex
 from .errors import InvariantError
 from .fileset import FileTierSet
 from .kernel import PAGE_SIZE
+from .memory import StateMemory
 from .slots import (
     ALT,
     CLUSTER_MASK,
@@ -69,6 +74,7 @@ from .slots import (
     kind_of,
     length_of,
     level_tier,
+    slot_key,
     tier_of_kind,
     with_length,
 )
@@ -87,13 +93,14 @@ class Device:
                  "file_pages", "compressed_bytes", "pool_bytes", "reads", "writes", "discards",
                  "read_bytes", "written_bytes", "discarded_bytes", "nospace_errors")
 
-    def __init__(self, index: int, config: DeviceConfig) -> None:
+    def __init__(self, index: int, config: DeviceConfig,
+                 memory: StateMemory | None = None) -> None:
         self.name = config.name
         self.index = index
         self.size_bytes = config.size
         self.npages = config.size // PAGE_SIZE
         self.config = config
-        self.table = SlotTable(self.npages)
+        self.table = SlotTable(self.npages, memory, f"slots.{config.name}")
         # Derived from the table (the checker recounts them).
         self.stored_pages = 0
         self.same_filled_pages = 0
@@ -224,31 +231,41 @@ class StoreState:
     """Devices over a compressed memory pool and, below it, file tiers: the
     tables, the counters and the operations that change a slot."""
 
-    def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES) -> None:
+    def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES,
+                 memory: StateMemory | None = None) -> None:
         self.config = config
+        # Where the truth lives (private memory unless the daemon asks for
+        # memory that outlives the process); see swapfs/memory.py.
+        self.memory = memory = memory if memory is not None else StateMemory()
+        # The slot switch in flight (see ``journal_switch``): the slot key + 1
+        # (0: none), its old handle and its old info word.
+        self.journal = memoryview(memory.reserve("journal", PAGE_SIZE)).cast("Q")
         self.codec = make_codec(config.pool.algorithm, config.pool.level)
         # The second codec idle pages are recompressed with (slots flagged
         # ALT; see swapfs/recompress.py), or None.
         self.recodec = (make_codec(config.pool.recompress, config.pool.level)
                         if config.pool.recompress else None)
-        self.pool = Pool(config.pool.max_bytes)
+        self.pool = Pool(config.pool.max_bytes, memory=memory)
         # Same content stored once (docs/store.md): the index of pool objects.
         self.dedup = DedupIndex(self.pool) if config.pool.dedup else None
         # A page is kept compressed only if it compresses to at most this.
         self.accept_limit = int(config.pool.accept_ratio * PAGE_SIZE)
-        self.devices = [Device(i, dc) for i, dc in enumerate(config.devices)]
+        self.devices = [Device(i, dc, memory) for i, dc in enumerate(config.devices)]
         self._by_name = {d.name: d for d in self.devices}
         self.cache = SwapCache(cache_pages)
         # File tiers in config order: tier i is slot kind file_kind(i).
-        self.files = FileTierSet(config.tiers, self.cache)
+        self.files = FileTierSet(config.tiers, self.cache, memory)
         self.tiers: list[FileTier] = self.files.tiers
         # Level 0 is the pool, level 1 + i file tier i.
         self.level_names = ["pool"] + [t.name for t in self.tiers]
         # The access clock: advanced by the writeback task (set_epoch),
         # stored per slot on every access of a page (docs/writeback.md).
-        self.epoch = 0
+        # Both clocks are kept in the state header too (a successor reads
+        # the epoch column against them).
+        self.header = memory.header
+        self.epoch = self.header.get("epoch") & EPOCH_MASK
         # Pages demoted so far (mod 2**32 in shadows): the refault clock.
-        self.demotions = 0
+        self.demotions = self.header.get("demotions")
         self.pool_high_bytes = int(config.pool.high_watermark * self.pool.max_bytes)
         self.pool_low_bytes = int(config.pool.low_watermark * self.pool.max_bytes)
         # Called (no await) when a write leaves the pool above its high
@@ -275,6 +292,7 @@ class StoreState:
     def set_epoch(self, epoch: int) -> None:
         """Advance the access clock (the writeback task's, 1/4 s units)."""
         self.epoch = epoch & EPOCH_MASK
+        self.header.set("epoch", self.epoch)
 
     def set_writeback_kicker(self, kick: Callable[[], None] | None) -> None:
         """Who to ask for a writeback pass when the pool passes its high
@@ -313,11 +331,11 @@ class StoreState:
 
     # -- freeing a slot's content --------------------------------------------
 
-    def free_slot_content(self, dev: Device, s: int, old: int) -> None:
-        """Free what slot ``s`` (info ``old``, not EMPTY) holds, keeping the
-        device counters right for a slot that is about to be refilled or
-        emptied (the caller writes its new handle and info)."""
-        h = dev.table.handles[s]
+    def free_slot_content(self, dev: Device, s: int, old: int, h: int) -> None:
+        """Free what slot ``s`` held (info ``old``, not EMPTY, handle ``h``),
+        keeping the device counters right.  Called after the slot was
+        switched to its new content or emptied (the commit order of
+        docs/store.md: a slot never names freed content)."""
         if old == SAME:
             dev.same_filled_pages -= 1
         elif in_file(old):
@@ -332,6 +350,22 @@ class StoreState:
                 dev.pool_pages -= 1
             else:
                 dev.huge_pages -= 1
+
+    def journal_switch(self, dev: Device, s: int, h: int, i: int) -> None:
+        """Switch slot ``s``, which holds content, to handle ``h`` and info
+        ``i`` so that a process killed anywhere in between leaves it as
+        before or as after: the old handle and info go to the journal first
+        (its key word last), then the handle, the info, and the journal is
+        cleared.  The caller frees the old content afterwards.  (The hot
+        loops of the write path do the same inline.)"""
+        table = dev.table
+        j = self.journal
+        j[1] = table.handles[s]
+        j[2] = table.info[s]
+        j[0] = slot_key(dev.index, s) + 1
+        table.handles[s] = h
+        table.info[s] = i
+        j[0] = 0
 
     def free_object(self, h: int, n: int) -> None:
         """Drop a reference to pool object ``h`` of ``n`` bytes: the object
@@ -365,15 +399,15 @@ class StoreState:
         table = dev.table
         if table.info[s] != flagged or table.handles[s] != handle:
             return False
+        self.journal_switch(dev, s, dest, file_kind(ti) | SHADOW)
+        table.epoch[s] = self.demotions & EPOCH_MASK
         if src == POOL_LEVEL:
-            self.free_slot_content(dev, s, flagged)  # the pool object (MOVING still set)
+            self.free_slot_content(dev, s, flagged, handle)  # the pool object (MOVING still set)
             dev.file_pages += 1
         else:
             self.files.free_page(level_tier(src), handle)  # pinned: freed when the move unpins
-        table.handles[s] = dest
-        table.info[s] = file_kind(ti) | SHADOW
-        table.epoch[s] = self.demotions & EPOCH_MASK
         self.demotions += 1
+        self.header.set("demotions", self.demotions)
         return True
 
     # -- recompression (swapfs/recompress.py) -----------------------------
@@ -388,9 +422,9 @@ class StoreState:
         ``new`` of ``m`` bytes: switch the slot to it, free the old object."""
         table = dev.table
         n = length_of(i)
-        self.free_object(table.handles[s], n)
-        table.handles[s] = new
-        table.info[s] = with_length(i, m) | ALT
+        old = table.handles[s]
+        self.journal_switch(dev, s, new, with_length(i, m) | ALT)
+        self.free_object(old, n)
         dev.compressed_bytes += m - n
         saved = OBJECT_BYTES[n] - OBJECT_BYTES[m]
         dev.pool_bytes -= saved

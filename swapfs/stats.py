@@ -138,6 +138,9 @@ class TotalsStats:
     discards: int
     read_bytes: int
     written_bytes: int
+    recoveries: int = 0  # times a successor took this state over and recovered it
+    recovered_leaks: int = 0  # pool objects and file pages no slot named, freed by recoveries
+    recovery_seconds: float = 0.0  # time all recoveries took
 
 
 @dataclass(frozen=True)
@@ -282,7 +285,8 @@ _COUNTERS = {
              "punched_clusters", "cluster_switches", "write_batches", "cached_reads", "thread_reads",
              "pool_limit_hit", "reject_compress_poor", "compactions", "compacted_objects",
              "compacted_bytes", "recompressed_pages", "recompress_saved_bytes", "dedup_hits"},
-    "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages"},
+    "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages",
+               "recoveries", "recovered_leaks", "recovery_seconds"},
     "writeback": {"moved_pages", "aborted_moves", "promotions", "refaults", "moved_bytes", "batches",
                   "failed_batches", "requests"},
     "cache": {"hits", "misses", "inserts", "evictions"},
@@ -298,6 +302,9 @@ _HELP = {
     "pool_bytes": "Memory held by the pool",
     "pool_limit_hit": "Pages that found the pool at its limit (zswap pool_limit_hit)",
     "holes": "Share of the pool's memory that no object uses",
+    "recoveries": "Times a successor daemon took the store's state over and recovered it",
+    "recovered_leaks": "Pool objects and file pages that no slot named, freed by recoveries",
+    "recovery_seconds": "Seconds all recoveries of the store's state took",
     "compactions": "Pool compaction passes",
     "compacted_objects": "Objects moved by pool compaction",
     "compacted_bytes": "Pool memory released by compaction",

@@ -28,15 +28,17 @@ docs/store.md and docs/writeback.md.
 
 from __future__ import annotations
 
-from . import invariants, store_stats
+from . import invariants, recovery, store_stats
 from .config import Config
+from .memory import StateMemory
 from .migrate import Migrator
 from .recompress import Recompressor
+from .recovery import Recovery
 from .state import CACHE_PAGES, Device
 from .stats import Stats
 from .write_path import WritePath
 
-__all__ = ["CACHE_PAGES", "Device", "Store"]
+__all__ = ["CACHE_PAGES", "Device", "Recovery", "Store"]
 
 
 class Store(WritePath):
@@ -44,10 +46,21 @@ class Store(WritePath):
     state (:class:`swapfs.state.StoreState`), the paths that serve I/O, and
     migration, recompression, stats and checks."""
 
-    def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES) -> None:
-        super().__init__(config, cache_pages=cache_pages)
+    def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES,
+                 memory: StateMemory | None = None) -> None:
+        """The store of ``config``; its truth in ``memory`` (private memory
+        if None; ``StateMemory(shared=True)`` for a daemon that survives
+        itself; ``StateMemory.adopt(fds)`` for its successor, which then
+        calls :meth:`recover` before serving).  StoreError if the memory
+        cannot hold this configuration's state."""
+        super().__init__(config, cache_pages=cache_pages, memory=memory)
         self._migrator = Migrator(self)
         self.recompressor = Recompressor(self)
+
+    def recover(self) -> Recovery:
+        """Check the adopted state and rebuild what is derived from it
+        (see :mod:`swapfs.recovery`); StoreError if it cannot be served."""
+        return recovery.recover(self)
 
     def device_stored_pages(self, dev: Device) -> int:
         """Slots of ``dev`` holding a page (same-filled ones included)."""

@@ -78,7 +78,10 @@ def collect(store: StoreState) -> Stats:
         writes=sum(d.writes for d in devices),
         discards=sum(d.discards for d in devices),
         read_bytes=sum(d.read_bytes for d in devices),
-        written_bytes=sum(d.written_bytes for d in devices))
+        written_bytes=sum(d.written_bytes for d in devices),
+        recoveries=store.header.get("recoveries"),
+        recovered_leaks=store.header.get("recovered_leaks"),
+        recovery_seconds=store.header.get("recovery_micros") / 1e6)
     return Stats(devices=devices, tiers=(pstats, *tier_stats), totals=totals,
                  writeback=_writeback(store), cache=_cache(store))
 

@@ -25,6 +25,7 @@ from .config import Config
 from .errors import BackingIOError, NoSpace, OutOfRange
 from .fileset import run_pages
 from .kernel import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
+from .memory import StateMemory
 from .read_path import ReadPath
 from .slots import (
     EMPTY,
@@ -66,8 +67,9 @@ class _SlotChanged(Exception):
 class WritePath(ReadPath):
     """The state and the paths that read and change it."""
 
-    def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES) -> None:
-        super().__init__(config, cache_pages=cache_pages)
+    def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES,
+                 memory: StateMemory | None = None) -> None:
+        super().__init__(config, cache_pages=cache_pages, memory=memory)
         self._last_nospace_log = -_NOSPACE_LOG_INTERVAL
         self._scratch = Staged(_SCRATCH_PAGES)
         # Slots of partly written pages whose read-modify-write is in flight:
@@ -147,13 +149,21 @@ class WritePath(ReadPath):
                 dedup.insert(hv, h, n)
         table = dev.table
         old = table.info[s]
-        if old == EMPTY:
+        if old == EMPTY:  # the info word is the commit (docs/store.md)
             table.filled(s)
             dev.stored_pages += 1
-        else:
-            self.free_slot_content(dev, s, old)
-        table.handles[s] = h
-        table.info[s] = n << 4 | POOL
+            table.handles[s] = h
+            table.info[s] = n << 4 | POOL
+        else:  # a rewrite: journaled (StoreState.journal_switch, inline)
+            j = self.journal
+            oh = j[1] = table.handles[s]
+            j[2] = old
+            key = dev.index << SLOT_SHIFT | s
+            j[0] = key + 1
+            table.handles[s] = h
+            table.info[s] = n << 4 | POOL
+            j[0] = 0
+            self.free_slot_content(dev, s, old, oh)
         table.epoch[s] = self.epoch
         dev.pool_pages += 1
         dev.compressed_bytes += n
@@ -451,13 +461,20 @@ class WritePath(ReadPath):
         for idx in range(staged.npages):
             s = first + idx
             old = info[s]
-            if old == EMPTY:
+            if old == EMPTY:  # the info word is the commit (docs/store.md)
                 stored += 1
                 filled(s)
+                handles[s] = new_h[idx]
+                info[s] = new_i[idx]
             else:  # a rewrite: rare on the swap path (freed slots are discarded)
-                self.free_slot_content(dev, s, old)
-            handles[s] = new_h[idx]
-            info[s] = new_i[idx]
+                j = self.journal  # journaled (StoreState.journal_switch, inline)
+                oh = j[1] = handles[s]
+                j[2] = old
+                j[0] = (base | s) + 1
+                handles[s] = new_h[idx]
+                info[s] = new_i[idx]
+                j[0] = 0
+                self.free_slot_content(dev, s, old, oh)
             epoch[s] = ep
             if track is not None and (entry := track.get(base | s)) is not None:
                 entry[0] += 1
@@ -544,9 +561,10 @@ class WritePath(ReadPath):
                 if old == EMPTY:
                     continue
                 freed += 1
-                self.free_slot_content(dev, s, old)
+                h = handles[s]
+                info[s] = 0  # the commit: the slot is empty from here on
                 handles[s] = 0
-                info[s] = 0
+                self.free_slot_content(dev, s, old, h)
                 table.emptied(s)
                 if track is not None and (entry := track.get(base | s)) is not None:
                     entry[0] += 1

@@ -1,12 +1,24 @@
-"""swapfs mount (in the foreground or as a background daemon) and swapfs unmount."""
+"""swapfs mount (in the foreground or as a background daemon), swapfs unmount and
+swapfs upgrade.
+
+With failover (the default), ``swapfs mount`` first starts a keeper for the mount
+(``python -m swapfs.keeper``, in a session of its own, named swapfs-keeper) that
+holds the /dev/fuse fd and the store's memory, then serves as the first daemon.
+The keeper restarts a fresh daemon (this command with ``--role takeover``) when
+the active one dies unreplaced; with ``--standby`` a hot standby (``--role
+standby``) waits on the active daemon.  ``swapfs upgrade`` starts the installed
+code with ``--role upgrade``.  ``--no-failover`` is the one-process daemon.  See
+docs/failover.md."""
 
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 from typing import Any
 
 from .. import system
@@ -41,13 +53,64 @@ def _mountpoint_problem(path: str) -> str | None:
     return None
 
 
+def keeper_socket(mountpoint: str) -> str:
+    """Where the keeper of ``mountpoint`` listens: beside the default log."""
+    return default_log_file(mountpoint)[: -len(".log")] + ".keeper"
+
+
+def _daemon_args(args: argparse.Namespace, mountpoint: str, log_file: str | None) -> list[str]:
+    """The options of a daemon of this mount (for its successors), without the role."""
+    out = ["--log-level", args.log_level]
+    if log_file:
+        out += ["--log-file", log_file]
+    if args.config:
+        out += ["--config", os.path.abspath(args.config)]
+    if args.allow_other:
+        out.append("--allow-other")
+    if args.no_mlock:
+        out.append("--no-mlock")
+    out += ["--poll-us", str(args.poll_us), "--cpu-latency-us", str(args.cpu_latency_us)]
+    if args.no_cpu_latency:
+        out.append("--no-cpu-latency")
+    if args.standby:
+        out.append("--standby")
+    return [*out, mountpoint]
+
+
+def _successor_cmd(daemon_args: list[str], role: str, keeper: str) -> list[str]:
+    *opts, mountpoint = daemon_args
+    return [sys.executable, "-m", "swapfs", "mount", "--foreground", *opts, "--role", role,
+            "--keeper", keeper, mountpoint]
+
+
+def _transport_problem(args: argparse.Namespace) -> str | None:
+    """Failover needs the classic transport: a ring's entries die with its process."""
+    if args.no_failover or args.transport == "classic":
+        return None
+    if args.transport == "uring":
+        return ("--transport uring cannot take part in failover (a ring's entries belong to the "
+                "process that registered them and die with it); pass --no-failover to run io_uring "
+                "in one process that the mount does not survive")
+    return None  # auto: the classic transport (AUTO_NOTE)
+
+
+AUTO_NOTE = "transport auto: classic, because failover needs it (--no-failover allows io_uring)"
+
+
 # -- mount -------------------------------------------------------------------
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
     mountpoint = os.path.abspath(args.mountpoint)
     try:
-        config = load_checked_config(args.config, mountpoint)
+        if args.role in (None, "start"):
+            config = load_checked_config(args.config, mountpoint)
+        else:
+            # A successor never touches the mount before it serves it: while nobody serves,
+            # a stat of it waits for ever.  The first daemon checked the configuration.
+            from ..config import load_config
+
+            config = load_config(args.config)
     except ValueError as exc:
         return die(f"invalid configuration: {exc}", EXIT_USAGE)
     if not 0 <= args.poll_us <= 100_000:
@@ -55,14 +118,18 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if not 0 <= args.cpu_latency_us <= 1_000_000:
         return die(f"--cpu-latency-us {args.cpu_latency_us}: must be between 0 and 1000000 microseconds",
                    EXIT_USAGE)
-    if args.mkdir and not os.path.lexists(mountpoint):
+    if args.mkdir and args.role in (None, "start") and not os.path.lexists(mountpoint):
         try:
             os.makedirs(mountpoint, mode=0o755)
         except OSError as exc:
             return die(f"cannot create mountpoint {mountpoint}: {exc.strerror}")
-    problem = _mountpoint_problem(mountpoint)
+    problem = _transport_problem(args)
     if problem:
         return die(problem, EXIT_USAGE)
+    if args.role in (None, "start"):
+        problem = _mountpoint_problem(mountpoint)
+        if problem:
+            return die(problem, EXIT_USAGE)
     if args.foreground:
         return _run_foreground(args, config, mountpoint)
     return _spawn_background(args, mountpoint)
@@ -98,6 +165,14 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
     for warning in protect_process(lock_memory=not args.no_mlock):
         log.warning("%s", warning)
     config_path = os.path.abspath(args.config) if args.config else None
+    if not args.no_failover:
+        if args.transport == "auto":
+            log.info("%s", AUTO_NOTE)
+        try:
+            return _run_failover(args, config, mountpoint, config_path, report, failed, log)
+        finally:
+            limiter.flush()
+    log.info("failover off (--no-failover): the mount does not survive this process")
     try:
         trio.run(
             lambda: serve_mount(
@@ -118,6 +193,112 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
     finally:
         limiter.flush()
     return EXIT_OK
+
+
+def _run_failover(args: argparse.Namespace, config: Any, mountpoint: str, config_path: str | None,
+                  report: Any, failed: Any, log: logging.Logger) -> int:
+    import trio
+
+    from .. import fuse
+    from ..daemon import serve_failover
+    from ..fuse.handoff import TakeoverRefused
+    from ..keeper import KeeperError
+
+    role = args.role or "start"
+    keeper_proc: subprocess.Popen[bytes] | None = None
+    if role == "start":
+        keeper = keeper_socket(mountpoint)
+        daemon_args = _daemon_args(args, mountpoint, args.log_file)
+        try:
+            keeper_proc = _start_keeper(keeper, _successor_cmd(daemon_args, "takeover", keeper),
+                                        args.log_file)
+        except OSError as exc:
+            return failed(f"cannot start the keeper of {mountpoint}: {exc}")
+        log.info("keeper of %s started (pid %d, socket %s)", mountpoint, keeper_proc.pid, keeper)
+    else:
+        keeper = args.keeper or keeper_socket(mountpoint)
+        daemon_args = _daemon_args(args, mountpoint, args.log_file)
+    standby_cmd = _successor_cmd(daemon_args, "standby", keeper) if args.standby else None
+    handed_off = False
+    try:
+        handed_off = trio.run(
+            lambda: serve_failover(
+                config, mountpoint, keeper=keeper, role=role, standby_cmd=standby_cmd,
+                meta={"daemon_args": daemon_args},
+                on_ready=lambda: report(f"READY {os.getpid()}"), allow_other=args.allow_other,
+                poll_us=args.poll_us, config_path=config_path,
+                cpu_latency_us=None if args.no_cpu_latency else args.cpu_latency_us,
+            )
+        )
+    except KeeperError as exc:  # a successor whose keeper is gone: the mount has ended
+        if role == "upgrade":
+            return failed(f"upgrade of {mountpoint}: {exc}")
+        log.info("%s for %s ends: %s", role, mountpoint, exc)  # also from inside the nursery
+        return EXIT_OK
+    except TakeoverRefused as exc:
+        if role == "standby":
+            log.info("standby for %s ends: %s", mountpoint, exc)
+            return EXIT_OK
+        return failed(f"takeover of {mountpoint} refused: {exc}")
+    except fuse.MountError as exc:
+        _stop_keeper(keeper_proc)
+        return failed(str(exc))
+    except KeyboardInterrupt:
+        return EXIT_OK
+    except Exception as exc:
+        if keeper_proc is not None and not _keeper_holds_connection(keeper):
+            _stop_keeper(keeper_proc)  # nothing was deposited: nothing to keep
+        return failed(f"daemon at {mountpoint} failed: {one_line(exc)}",
+                      exc if log.isEnabledFor(logging.DEBUG) else None)
+    if handed_off:
+        logging.shutdown()
+        os._exit(EXIT_OK)  # the successor waits for this exit: no teardown
+    return EXIT_OK
+
+
+def _keeper_holds_connection(sock: str) -> bool:
+    """Whether the keeper holds a FUSE connection (asked of the keeper: a daemon never makes a
+    system call on its own mount, which waits for ever while nobody serves it)."""
+    from ..fuse.handoff import KeeperClient
+    from ..keeper import KeeperError
+
+    try:
+        client = KeeperClient(sock)
+        try:
+            return "fuse" in client.status()["names"]
+        finally:
+            client.close()
+    except KeeperError:
+        return False
+
+
+def _start_keeper(sock: str, restart: list[str], log_file: str | None) -> subprocess.Popen[bytes]:
+    """The keeper, in a session of its own (a terminal's ^C or the death of this process
+    does not reach it); it restarts ``restart`` when the active daemon dies unreplaced."""
+    os.makedirs(os.path.dirname(sock), mode=0o700, exist_ok=True)
+    err = open(log_file, "ab") if log_file else None
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "swapfs.keeper", sock, "--restart", *restart],
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=err, start_new_session=True,
+            cwd="/")
+    finally:
+        if err is not None:
+            err.close()
+    assert proc.stdout is not None
+    line = proc.stdout.readline()
+    proc.stdout.close()
+    if line != b"ready\n":
+        proc.kill()
+        proc.wait()
+        raise OSError(f"the keeper did not start (exit status {proc.returncode})")
+    return proc
+
+
+def _stop_keeper(proc: subprocess.Popen[bytes] | None) -> None:
+    if proc is not None:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
 
 
 def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
@@ -141,6 +322,10 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
     if args.no_cpu_latency:
         cmd.append("--no-cpu-latency")
     cmd += ["--transport", args.transport]
+    if args.no_failover:
+        cmd.append("--no-failover")
+    if args.standby:
+        cmd.append("--standby")
     cmd.append(mountpoint)
     proc = subprocess.Popen(
         cmd,
@@ -154,8 +339,13 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
         line = pipe.readline().decode(errors="replace").strip()
-    if line == "READY":
-        print(f"swapfs mounted at {mountpoint} (daemon pid {proc.pid}, log {log_file})")
+    if line == "READY" or line.startswith("READY "):
+        pid = int(line.split()[1]) if " " in line else proc.pid
+        how = "no failover" if args.no_failover else (
+            "failover: keeper, " + ("hot standby" if args.standby else "fresh daemon on a crash"))
+        print(f"swapfs mounted at {mountpoint} (daemon pid {pid}, {how}, log {log_file})")
+        if args.transport == "auto" and not args.no_failover:
+            print(AUTO_NOTE)
         return EXIT_OK
     proc.wait(timeout=30)
     if line.startswith("ERROR "):
@@ -177,13 +367,85 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     busy = system.busy_reason(mountpoint, loops_ok=args.lazy)
     if busy:
         return die(f"cannot unmount {mountpoint}: {busy}")
+    processes = _failover_processes(mountpoint)
     try:
         fuse.unmount(mountpoint, lazy=args.lazy)
     except (OSError, fuse.MountError) as exc:
         return die(f"cannot unmount {mountpoint}: {exc}")
     system.wait_unmounted(mountpoint, 5.0)  # the daemon exits once the kernel ends the connection
+    # Keeper, daemon and standby end by themselves once the connection has ended.
+    left = [pid for pid in processes if not system.wait_for_exit(pid, 10)]
+    if left:
+        return die(f"unmounted {mountpoint}, but process(es) {', '.join(map(str, left))} of it "
+                   "are still running")
     print(f"swapfs unmounted from {mountpoint}")
     return EXIT_OK
+
+
+def _failover_processes(mountpoint: str) -> list[int]:
+    """The pids of the keeper, the active daemon and the standbys of a failover mount."""
+    from ..fuse.handoff import KeeperClient
+    from ..keeper import KeeperError
+
+    sock = keeper_socket(mountpoint)
+    if not os.path.exists(sock):
+        return []
+    try:
+        client = KeeperClient(sock)
+        try:
+            status = client.status()
+        finally:
+            client.close()
+    except KeeperError:
+        return []
+    pids = [status["pid"], *status.get("standbys", [])]
+    if status.get("active"):
+        pids.append(status["active"])
+    return pids
+
+
+# -- upgrade -----------------------------------------------------------------
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    """Hand the mount to the installed code: a new daemon takes over with upgrade=True."""
+    from ..fuse.handoff import KeeperClient
+    from ..keeper import KeeperError
+
+    mountpoint = os.path.abspath(args.mountpoint)
+    if mountpoint not in system.swapfs_mounts():
+        return die(f"{mountpoint} is not a swapfs mount")
+    sock = keeper_socket(mountpoint)
+    try:
+        client = KeeperClient(sock)
+        try:
+            status = client.status()
+        finally:
+            client.close()
+    except KeeperError as exc:
+        return die(f"{mountpoint} has no keeper ({exc}): it was mounted with --no-failover, "
+                   "and only swapoff, unmount and mount can change its code")
+    daemon_args = status["meta"].get("daemon_args")
+    if not daemon_args:
+        return die(f"the keeper of {mountpoint} does not say how its daemon was started")
+    old = status.get("active")
+    r, w = os.pipe()
+    cmd = _successor_cmd(list(daemon_args), "upgrade", sock)
+    cmd[cmd.index("--role"):cmd.index("--role")] = ["--ready-fd", str(w)]
+    started = time.monotonic()
+    proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True, cwd="/")
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        line = pipe.readline().decode(errors="replace").strip()
+    if line.startswith("READY"):
+        pid = int(line.split()[1]) if " " in line else proc.pid
+        print(f"swapfs at {mountpoint} upgraded in {time.monotonic() - started:.2f} s "
+              f"(daemon pid {old} handed off to pid {pid})")
+        return EXIT_OK
+    proc.wait(timeout=30)
+    reason = line[len("ERROR "):] if line.startswith("ERROR ") else f"exit status {proc.returncode}"
+    return die(f"upgrade of {mountpoint} refused: {reason}; the daemon (pid {old}) keeps serving")
 
 
 def add_parsers(sub: Any) -> None:
@@ -214,7 +476,8 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("--transport", choices=["classic", "uring", "auto"], default="classic",
                    help="how FUSE requests reach the daemon: classic (/dev/fuse reads, the default), "
                    "uring (FUSE over io_uring; fails with the reason if the kernel cannot: needs "
-                   "/sys/module/fuse/parameters/enable_uring = Y) or auto (uring when available). "
+                   "/sys/module/fuse/parameters/enable_uring = Y; only with --no-failover) or auto (uring when "
+                   "available; classic with failover). "
                    "The log says which is used and why")
     p.add_argument("--cpu-latency-us", type=int, default=DEFAULT_CPU_LATENCY_US, metavar="N",
                    help="while requests flow, ask the kernel to wake idle CPUs within N microseconds "
@@ -227,8 +490,25 @@ def add_parsers(sub: Any) -> None:
                    help=f"log here (background default: {ROOT_LOG_DIR} as root, else "
                    "$XDG_RUNTIME_DIR or /tmp; swapfs-MOUNT.log)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--no-failover", action="store_true",
+                   help="one process, no keeper: the mount dies with the daemon (for benchmarks, "
+                   "and the io_uring transport)")
+    p.add_argument("--standby", action="store_true",
+                   help="keep a hot standby daemon waiting (about 30-40 MiB more locked memory): "
+                   "a crash then stalls swap for milliseconds instead of the start of a fresh daemon")
     p.add_argument("--ready-fd", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--role", choices=["start", "takeover", "standby", "upgrade"], help=argparse.SUPPRESS)
+    p.add_argument("--keeper", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
+
+    p = sub.add_parser("upgrade", help="hand a mount to the installed swapfs without unmounting",
+                       description="Start the installed swapfs as a new daemon of MOUNTPOINT: it "
+                       "checks that it can read the state, then the running daemon stops reading, "
+                       "finishes what it holds and exits, and the new one serves on, swap and all. "
+                       "If the new code cannot read the state it refuses and the old daemon keeps "
+                       "serving.  (SIGHUP, or systemctl reload, only re-reads the configuration.)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("unmount", aliases=["umount"], help="unmount swapfs",
                        description="Unmount a swapfs mount.  Refuses while swap or a loop device "

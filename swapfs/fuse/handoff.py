@@ -175,8 +175,14 @@ class FailoverServer:
 
     def __init__(self, ops_factory: OpsFactory, keeper: str | os.PathLike[str], *, version: int,
                  readable: Sequence[int] | None = None, standby_cmd: Sequence[str] | None = None,
-                 max_inflight: int = 64, poll_us: int = 0) -> None:
+                 max_inflight: int = 64, poll_us: int = 0,
+                 on_claimed: Callable[[], None] | None = None) -> None:
         self.ops_factory = ops_factory
+        # A takeover's last step before the resend: the old server has exited and this one
+        # holds the claim, so nothing else changes the state (a store's recovery goes here,
+        # never in ops_factory, which a standby runs while the active server still writes).
+        # An exception refuses the takeover (TakeoverRefused); the connection stays held.
+        self.on_claimed = on_claimed
         self.keeper_path = keeper
         self.version = version
         self.readable = frozenset(readable if readable is not None else (version,))
@@ -285,6 +291,14 @@ class FailoverServer:
         # The old server has exited and this one holds the claim: nothing can answer the
         # requests it read but this process.  Resend them, then read.
         fd = holding.fds.pop(FUSE_FD)
+        if self.on_claimed is not None:
+            try:
+                self.on_claimed()
+            except BaseException:
+                os.close(fd)
+                holding.close()
+                client.close()
+                raise
         try:
             notify_resend(fd)
         except OSError as e:  # ENODEV: unmounted or aborted meanwhile

@@ -18,8 +18,9 @@ from typing import Protocol
 
 from ..config import sized
 from ..kernel import PAGE_SIZE as PAGE
+from ..memory import reserve
 from .file.claim import holder, judge, try_lock
-from .file.clusters import reservation_bytes, reserve
+from .file.clusters import reservation_bytes
 from .file.errors import TierRefused
 from .file.header import DATA_OFFSET
 

@@ -16,13 +16,16 @@ and fewer classes leave fewer partly used spans.  Objects of more than
 ``4096 - 8`` bytes (raw "huge" pages) are in the last class: one page each,
 no header, no span bookkeeping (see ``page_word``).
 
-**Memory.**  Everything lives in one mapping (``swapfs.memory.reserve``) reserved at
+**Memory.**  The objects live in one region of the store's state memory
+(``pool`` of a ``swapfs.memory.StateMemory``: private, or a memory file a
+successor adopts) reserved at
 ``4 * max_bytes`` of address space (``MAP_NORESERVE``, never populated): a
 page costs memory only once touched, and the daemon's
 ``mlockall(MCL_ONFAULT)`` locks it only then.  Spans are carved from it by
 a bump pointer.  A released span's pages go back to the system with
 ``madvise(MADV_DONTNEED_LOCKED)`` (``MADV_DONTNEED`` fails on locked memory;
-plain DONTNEED on kernels before 5.18) and its first page goes on the free
+plain DONTNEED on kernels before 5.18), or a hole punched in the memory file
+of a shared region, and its first page goes on the free
 list for its page count (``cold[k]``), reused before any new address space.
 Up to ``spare_pages`` (64: 256 KiB) pages stay resident instead, as
 *spares*, to absorb alloc/free churn: a span that becomes empty stays listed
@@ -38,6 +41,11 @@ holds at most the spares.  Address space used by k-page spans never exceeds
 
 **Per page** (``page_word``, ``array('Q')`` over the pages carved so far):
 the span id of a page of a span, or ``HUGE_TAG | owner`` for a huge page.
+The ``pool.layout`` region keeps, per page, ``(first page + 1) << 16 |
+class`` of the span (or huge page) it belongs to, written when the span is
+set up and cleared when it is released (never per object): with the
+handles slots name, all a successor needs to find every span again
+(``rebuild``; span ids, free lists and class lists are derived).
 
 **Per span** (indexed by span id; released ids are reused): first page,
 class, objects in use, objects ever handed out (a bump index: a new span
@@ -79,8 +87,8 @@ from array import array
 from collections.abc import Callable
 
 from ..errors import InvariantError, Misuse, StoreError
-from ..kernel import PAGE_SIZE, release_memory
-from ..memory import reserve
+from ..kernel import PAGE_SIZE
+from ..memory import StateMemory
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +106,7 @@ OWNER_LIMIT = 1 << 62
 PINNED = OWNER_LIMIT
 PAGE_SHIFT = PAGE_SIZE.bit_length() - 1
 _NO_CLASS = 0xFFFF
+_ZERO_LAYOUT = memoryview(array("Q", bytes(8 * MAX_SPAN_PAGES)))
 
 
 def _build_classes() -> tuple[list[int], list[int], list[int]]:
@@ -170,13 +179,20 @@ Relocate = Callable[[int, int, int], bool]
 class Pool:
     """Size-classed spans holding compressed (and raw huge) pages."""
 
-    def __init__(self, max_bytes: int, spare_pages: int = SPARE_PAGES) -> None:
+    def __init__(self, max_bytes: int, spare_pages: int = SPARE_PAGES,
+                 memory: StateMemory | None = None) -> None:
         self.max_bytes = max_bytes
+        self.memory = memory if memory is not None else StateMemory()
         self.spare_limit = spare_pages
         # The mapping: address space for every span the pool may ever need.
         self.reserve_pages = max(MAX_SPAN_PAGES * -(-max_bytes // PAGE_SIZE), MAX_SPAN_PAGES)
         try:
-            self._map = reserve(self.reserve_pages * PAGE_SIZE)
+            self._map = self.memory.reserve("pool", self.reserve_pages * PAGE_SIZE)
+            # Per page of address space: ``(first page + 1) << 16 | class``
+            # of the span it was last carved into (0: never).  Written when a
+            # span is set up, never per object: what recovery needs to find
+            # a span's objects from a handle (see ``rebuild``).
+            self._layout_map = self.memory.reserve("pool.layout", self.reserve_pages * 8)
         except OSError as e:
             raise OSError(e.errno, f"cannot reserve {self.reserve_pages * PAGE_SIZE} bytes of "
                                    f"address space for a pool of {max_bytes} bytes: "
@@ -186,6 +202,7 @@ class Pool:
         # with bytes is a memcmp (a memoryview compares element by element).
         self.raw = self._map
         self.words = self.mem.cast("Q")
+        self.layout = memoryview(self._layout_map).cast("Q")
         self.page_word = array("Q")  # per page carved: span id, or HUGE_TAG | owner
         # Free spans' first pages by page count: spares (resident, counted in
         # pool_bytes) and released ones (pages given back).
@@ -229,6 +246,7 @@ class Pool:
         if n > MAX_OBJECT:
             g = self._take_pages(1, HUGE_CLASS)
             self.page_word[g] = HUGE_TAG | owner
+            self.layout[g] = (g + 1) << 16 | HUGE_CLASS
             self.compressed_bytes += n
             self.class_objects[HUGE_CLASS] += 1
             self.class_spans[HUGE_CLASS] += 1
@@ -269,6 +287,7 @@ class Pool:
             self.class_objects[HUGE_CLASS] -= 1
             self.class_spans[HUGE_CLASS] -= 1
             self.spans -= 1
+            self.layout[handle >> PAGE_SHIFT] = 0
             self._free_pages(handle >> PAGE_SHIFT, 1, keep=True)
             return
         sid = self.page_word[handle >> PAGE_SHIFT]
@@ -413,7 +432,7 @@ class Pool:
         """Return ``k`` pages from page ``g`` to the system; False (the pages
         stay held, and are counted) if the kernel refuses."""
         try:
-            release_memory(self._map, g << PAGE_SHIFT, k * PAGE_SIZE)
+            self.memory.release(self._map, g << PAGE_SHIFT, k * PAGE_SIZE)
             return True
         except OSError as e:
             self.release_errors += 1
@@ -441,7 +460,10 @@ class Pool:
             self.s_free.append(0)
             self.s_pos.append(0)
         pw = self.page_word
+        lay = self.layout
+        word = (g + 1) << 16 | cls
         for p in range(g, g + k):
+            lay[p] = word
             pw[p] = sid
         part = self.partial[cls]
         self.s_pos[sid] = len(part)
@@ -454,7 +476,9 @@ class Pool:
     def _release_span(self, sid: int, cls: int, *, listed: bool, keep: bool = True) -> None:
         if listed:
             self._unlist(sid, cls)
-        self._free_pages(self.s_page[sid], CLASS_PAGES[cls], keep=keep)
+        g = self.s_page[sid]
+        self.layout[g:g + CLASS_PAGES[cls]] = _ZERO_LAYOUT[:CLASS_PAGES[cls]]
+        self._free_pages(g, CLASS_PAGES[cls], keep=keep)
         self.s_cls[sid] = _NO_CLASS
         self.s_used[sid] = 0
         self.free_ids.append(sid)
@@ -557,6 +581,170 @@ class Pool:
         self.compacted_objects += moved
         self.compacted_bytes += freed
         return moved, freed
+
+    # -- recovery -----------------------------------------------------------
+
+    def rebuild(self, objects: dict[int, tuple[int, int]],
+                is_owner: Callable[[int], bool] = bool) -> int:
+        """Rebuild every piece of bookkeeping from the objects in use, after
+        adopting the pool's memory (regions ``pool`` and ``pool.layout``):
+        ``objects`` maps each handle a slot names to ``(length, owner)``.
+        Spans are found again through the layout words; objects no handle
+        names are freed (their span's free list, or whole spans and pages
+        given back).  Returns the objects freed (holes of spans in use
+        excepted: those are free space, not leaks, unless they held an
+        object header).  In a span no slot uses any more, an object counts
+        as a leak if its header ``is_owner`` (a slot key of the store, or a
+        shared object's count): objects never handed out hold whatever the
+        page held before.  StoreError if a handle cannot be an object of the
+        pool as laid out (the state cannot be served)."""
+        layout = self.layout
+        words = self.words
+        limit = self.reserve_pages
+        spans: dict[int, tuple[int, list[int]]] = {}  # first page -> (class, object indexes)
+        huge: dict[int, int] = {}  # page -> owner
+        # In handle order: the objects of one span come together, and all but
+        # the first of each take the short road.
+        lo = hi = base = size = cap = 0
+        want = -1
+        idxs: list[int] = []
+        for h in sorted(objects):
+            n, owner = objects[h]
+            if lo <= h < hi and SIZE_CLASS[n] == want:
+                rel = h - base
+                i = rel // size
+                if rel % size or i >= cap:
+                    raise StoreError(f"pool: handle {h:#x} is not an object of the span at "
+                                     f"page {lo >> PAGE_SHIFT}")
+                idxs.append(i)
+                continue
+            g = h >> PAGE_SHIFT
+            if not 0 < n <= PAGE_SIZE or not 0 <= g < limit:
+                raise StoreError(f"pool: handle {h:#x} ({n} bytes) is outside the pool")
+            if n > MAX_OBJECT:
+                if h & (PAGE_SIZE - 1):
+                    raise StoreError(f"pool: huge handle {h:#x} is not a page")
+                huge[g] = owner
+                continue
+            w = layout[g]
+            first, cls = (w >> 16) - 1, w & 0xFFFF
+            if not w or cls != SIZE_CLASS[n] or not first <= g < first + CLASS_PAGES[cls]:
+                raise StoreError(f"pool: handle {h:#x} of {n} bytes is in no span of its class")
+            if first in spans:
+                raise StoreError(f"pool: span at page {first} is named out of order or "
+                                 "with two classes")
+            for p in range(first, first + CLASS_PAGES[cls]):
+                if layout[p] != w:
+                    raise StoreError(f"pool: span at page {first} is torn at page {p}")
+            want, size, cap = cls, CLASS_SIZE[cls], CLASS_CAP[cls]
+            lo, hi = first << PAGE_SHIFT, (first + CLASS_PAGES[cls]) << PAGE_SHIFT
+            base = lo + HEADER
+            rel = h - base
+            if rel % size or rel // size >= cap:
+                raise StoreError(f"pool: handle {h:#x} is not an object of the span at page "
+                                 f"{first}")
+            idxs = [rel // size]
+            spans[first] = (cls, idxs)
+        owner_of: dict[int, int] = {}  # page -> first page of its span (or itself, huge)
+        for g in huge:
+            owner_of[g] = g
+        for first, (cls, _) in spans.items():
+            for p in range(first, first + CLASS_PAGES[cls]):
+                if p in owner_of:
+                    raise StoreError(f"pool: page {p} is in two objects' spans")
+                owner_of[p] = first
+        carved = max(owner_of) + 1 if owner_of else 0
+        # Derived state from scratch.
+        self.page_word = array("Q", bytes(8 * carved))
+        self.spare = [array("I") for _ in range(MAX_SPAN_PAGES + 1)]
+        self.cold = [array("I") for _ in range(MAX_SPAN_PAGES + 1)]
+        self.spare_pages = 0
+        for col in (self.s_page, self.s_cls, self.s_used, self.s_fresh, self.s_free, self.s_pos,
+                    self.free_ids):
+            del col[:]
+        self.partial = [array("I") for _ in range(NCLASSES)]
+        self.class_objects = array("Q", [0]) * NCLASSES
+        self.class_spans = array("Q", [0]) * NCLASSES
+        self.compressed_bytes = sum(n for n, _ in objects.values())
+        leaked = 0
+        for g, owner in huge.items():
+            self.page_word[g] = HUGE_TAG | owner
+        self.class_objects[HUGE_CLASS] = self.class_spans[HUGE_CLASS] = len(huge)
+        pages = len(huge)
+        for first, (cls, idxs) in sorted(spans.items()):
+            sid = len(self.s_page)
+            size = CLASS_SIZE[cls]
+            cap = CLASS_CAP[cls]
+            k = CLASS_PAGES[cls]
+            base = first << PAGE_SHIFT
+            fresh = idxs[-1] + 1  # (in handle order: increasing, no index twice)
+            head = 0
+            taken = set(idxs) if fresh != len(idxs) else range(fresh)
+            for i in range(fresh - 1 if fresh != len(idxs) else -1, -1, -1):
+                if i in taken:  # the free list, lowest object first
+                    continue
+                hdr = base + i * size
+                w = words[hdr >> 3]
+                if not w & FREE_TAG:
+                    leaked += 1  # an object no slot names (or never finished)
+                words[hdr >> 3] = FREE_TAG | head
+                head = hdr + 1
+            for p in range(first, first + k):
+                self.page_word[p] = sid
+            self.s_page.append(first)
+            self.s_cls.append(cls)
+            self.s_used.append(len(idxs))
+            self.s_fresh.append(fresh)
+            self.s_free.append(head)
+            self.s_pos.append(0)
+            if len(idxs) < cap:
+                part = self.partial[cls]
+                self.s_pos[sid] = len(part)
+                part.append(sid)
+            self.class_objects[cls] += len(idxs)
+            self.class_spans[cls] += 1
+            pages += k
+        self.spans = len(huge) + len(spans)
+        self.pool_bytes = pages * PAGE_SIZE
+        # Pages carved but in no object's span: given back, reusable one by one.
+        lost = [g for g in range(carved) if g not in owner_of]
+        for g in lost:
+            leaked += self._leaks_in_page(g, is_owner)
+        for g in lost:
+            self.layout[g] = 0
+        for g in reversed(lost):
+            if self._give_back(g, 1):
+                self.cold[1].append(g)
+            else:
+                self.spare[1].append(g)
+                self.spare_pages += 1
+                self.pool_bytes += PAGE_SIZE
+        if carved < limit:  # never carved: nothing there may survive
+            self.memory.release(self._map, carved << PAGE_SHIFT, (limit - carved) << PAGE_SHIFT)
+            edge = min(-(-carved * 8 // PAGE_SIZE) * PAGE_SIZE // 8, limit)
+            self.layout[carved:edge] = array("Q", bytes(8 * (edge - carved)))
+            if edge < limit:
+                self.memory.release(self._layout_map, edge * 8, len(self._layout_map) - edge * 8)
+        return leaked
+
+    def _leaks_in_page(self, g: int, is_owner: Callable[[int], bool]) -> int:
+        """Objects (not free) that started in page ``g`` of a span no slot
+        uses any more, or 1 for a huge page's worth of data: leaks freed."""
+        w = self.layout[g]
+        if not w:
+            return 0
+        first, cls = (w >> 16) - 1, w & 0xFFFF
+        if first != g:
+            return 0
+        if cls == HUGE_CLASS:
+            return 1
+        size = CLASS_SIZE[cls]
+        n = 0
+        for i in range(CLASS_CAP[cls]):
+            hw = self.words[((g << PAGE_SHIFT) + i * size) >> 3]
+            if hw and not hw & FREE_TAG and is_owner(hw):
+                n += 1
+        return n
 
     # -- accounting -------------------------------------------------------
 

@@ -103,17 +103,30 @@ def detach_loops_under(path: Path) -> None:
             system.detach_loop(lo.device, attempts=1)
 
 
+def failover_pids(path: Path) -> list[int]:
+    """Keeper, active daemon and standbys of a failover mount ([] without a keeper)."""
+    from swapfs.cli.mount import _failover_processes
+
+    return _failover_processes(str(path))
+
+
 def stop_mount(m: Mount) -> None:
-    """Unmount and make sure the daemon is gone, whatever state things are in."""
+    """Unmount and make sure the daemon (and its keeper and standby) are gone, whatever
+    state things are in."""
     if os.geteuid() == 0:
         detach_loops_under(m.path)
+    others = failover_pids(m.path)
     if _is_mounted(m.path):
         proc = run_swapfs("unmount", str(m.path), timeout=30)
         if proc.returncode != 0 and _is_mounted(m.path):
             subprocess.run(["umount", "-l", str(m.path)], capture_output=True)
             subprocess.run(["fusermount3", "-u", "-z", str(m.path)], capture_output=True)
-    if not system.wait_for_exit(m.pid, 10):
-        os.kill(m.pid, signal.SIGKILL)
+    for pid in [m.pid, *others]:
+        if not system.wait_for_exit(pid, 10):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+    if _is_mounted(m.path):  # every holder killed: the connection is aborted, this cannot hang
+        subprocess.run(["umount", "-l", str(m.path)], capture_output=True)
 
 
 def start_mount(tmp_path: Path, config: str | None = SMALL_CONFIG, name: str = "mnt",

@@ -124,8 +124,9 @@ def test_signal_unmounts_cleanly(mount_factory, sig):
 
 
 def test_killed_daemon_leaves_a_dead_mount_not_an_empty_directory(mount_factory):
-    """A crash must not unmount: reads then fail (ENOTCONN) instead of finding nothing."""
-    m = mount_factory()
+    """A crash must not unmount: reads then fail (ENOTCONN) instead of finding nothing
+    (one process: with failover, the keeper starts a successor instead)."""
+    m = mount_factory(args=("--no-failover",))
     os.kill(m.pid, signal.SIGKILL)
     assert system.wait_for_exit(m.pid, 10)
     assert _is_mounted(m.path)

@@ -233,8 +233,10 @@ def test_a_daemon_that_dies_without_a_word_to_its_parent_is_explained_by_its_log
     mnt.mkdir()
     log_file = tmp_path / "daemon.log"
     env = {**os.environ, "PYTHONPATH": str(site), "SWAPFS_TEST_FAIL_DAEMON": "1"}
-    proc = subprocess.run([sys.executable, "-m", "swapfs", "mount", "--no-mlock", "--log-file",
-                           str(log_file), str(mnt)], capture_output=True, text=True, timeout=60, env=env)
+    # the one-process daemon (serve_mount, which the site hook replaces)
+    proc = subprocess.run([sys.executable, "-m", "swapfs", "mount", "--no-mlock", "--no-failover",
+                           "--log-file", str(log_file), str(mnt)], capture_output=True, text=True,
+                          timeout=60, env=env)
     assert proc.returncode == 1
     assert proc.stderr == (f"swapfs: the daemon exited (status 9) before mounting, last logging: "
                            f"swapfs.test: pool of 9 TiB: no memory; see {log_file}\n"), proc.stderr
@@ -288,7 +290,9 @@ def test_a_daemon_failure_is_one_line_in_the_log_and_from_mount(tmp_path, foregr
     mnt.mkdir()
     log_file = tmp_path / "daemon.log"
     env = {**os.environ, "PYTHONPATH": str(site), "SWAPFS_TEST_FAIL_DAEMON": "1"}
-    cmd = [sys.executable, "-m", "swapfs", "mount", "--no-mlock", "--log-file", str(log_file)]
+    # the one-process daemon (serve_mount, which the site hook replaces)
+    cmd = [sys.executable, "-m", "swapfs", "mount", "--no-mlock", "--no-failover", "--log-file",
+           str(log_file)]
     if foreground:
         cmd.append("--foreground")
     proc = subprocess.run([*cmd, str(mnt)], capture_output=True, text=True, timeout=60, env=env)

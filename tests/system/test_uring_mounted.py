@@ -20,17 +20,29 @@ from .test_kernel_swap import WORKING_SET, WORKLOAD_LIMIT
 pytestmark = [pytest.mark.root, pytest.mark.skipif(os.geteuid() != 0, reason="needs root")]
 
 MiB = 1 << 20
-URING = ("--transport", "uring")
+URING = ("--transport", "uring", "--no-failover")  # a ring dies with its process
 
 
 @pytest.mark.timeout(60)
 def test_mount_says_which_transport_and_why(uring_enabled, mount_factory):
-    m = mount_factory(SMALL_CONFIG, args=("--transport", "auto"))
+    m = mount_factory(SMALL_CONFIG, args=("--transport", "auto", "--no-failover"))
     assert "transport uring: FUSE over io_uring offered and every check passed" in m.log_text()
     assert "transport uring" in m.log_text().split("swapfs mounted at", 1)[1]
     with enable_uring_set("N"):
-        c = mount_factory(SMALL_CONFIG, args=("--transport", "auto"))
+        c = mount_factory(SMALL_CONFIG, args=("--transport", "auto", "--no-failover"))
         assert f"transport classic: {uring.ENABLE_URING} is N" in c.log_text()
+
+
+@pytest.mark.timeout(60)
+def test_uring_with_failover_is_refused_and_auto_chooses_classic(uring_enabled, mount_factory, tmp_path):
+    mnt = tmp_path / "refused"
+    mnt.mkdir()
+    proc = run_swapfs("mount", "--no-mlock", "--transport", "uring", str(mnt))
+    assert proc.returncode == 2 and "cannot take part in failover" in proc.stderr, proc.stderr
+    assert not system.is_mounted(mnt)
+    m = mount_factory(SMALL_CONFIG, args=("--transport", "auto"))
+    assert "transport auto: classic, because failover needs it" in m.log_text()
+    assert "transport classic" in m.log_text().split("swapfs mounted at", 1)[1]
 
 
 @pytest.mark.timeout(60)

@@ -28,9 +28,16 @@ Safety at rest: the backing file is opened without following symlinks, created e
 absent, refused unless the open descriptor is a regular file of ours with a single link, locked
 for the mount's life (a second mount is refused), and refused if it holds anything but nothing
 or a tier of a mount that is gone (unless ``force_init``); then it is made mode 0600 and
-signed.  Pages are encrypted (AES-256-XTS, a random key per ``open``, never written anywhere;
-the page number is the tweak) unless ``encrypt=False``; checksums are of the plaintext and stay
-in memory.  ``close`` empties the file (truncates it to zero bytes).
+signed.  Pages are encrypted (AES-256-XTS, a random key per ``open``, kept only in memory: the
+region ``tier.<name>.key`` of the store's state memory; the page number is the tweak) unless
+``encrypt=False``; checksums are of the plaintext and stay in memory.  ``close`` empties the
+file (truncates it to zero bytes).
+
+Surviving the daemon: the columns and the key are regions of the store's ``StateMemory`` and the
+backing file's fd is registered with it (``tierfile.<name>``).  With an adopted memory, ``open``
+adopts that fd (the flock travels with it; reopening the file would find it locked by our own
+predecessor), checks the header names this tier, and takes the key; ``rebuild`` then makes the
+pages slots name the pages in use (see swapfs/recovery.py).
 """
 
 from __future__ import annotations
@@ -43,15 +50,16 @@ from collections.abc import Iterable, Sequence
 
 import trio
 
-from ...errors import Misuse
+from ...errors import Misuse, StoreError
 from ...kernel import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from ...kernel import PAGE_SIZE as PAGE
+from ...memory import StateMemory
 from ...stats import FileTierStats
-from .cipher import PageCipher
+from .cipher import PageCipher, new_key
 from .claim import claim
 from .clusters import CLUSTER_PAGES, FREE, FULL, PARTIAL, PENDING, PUNCHING, ClusterMap, reservation_bytes
 from .errors import ChecksumError, TierFull, TierIOError, TierRefused
-from .header import DATA_OFFSET, TierHeader
+from .header import DATA_OFFSET, TierHeader, read_header
 from .io import (
     GroupWriter,
     NoWaitUnsupported,
@@ -67,6 +75,8 @@ __all__ = ["CLUSTER_PAGES", "DATA_OFFSET", "PAGE", "ChecksumError", "FileTier", 
 
 log = logging.getLogger(__name__)
 
+KEY_BYTES = 64  # an AES-256-XTS key
+
 # The default of ``encrypt``, as the configuration's (swapfs.config.TierConfig.encrypt).
 ENCRYPT_DEFAULT = True
 
@@ -77,7 +87,7 @@ class FileTier:
     def __init__(self, name: str, path: str, size_bytes: int, priority: int, *,
                  preallocate: bool = False, max_inflight: int = 8,
                  encrypt: bool = ENCRYPT_DEFAULT, force_init: bool = False,
-                 mountpoint: str = "") -> None:
+                 mountpoint: str = "", memory: StateMemory | None = None) -> None:
         # ``mountpoint``: recorded in the file's header, so that a second mount is refused
         # naming this one.  ``force_init``: overwrite an existing file without our signature.
         if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) \
@@ -97,9 +107,13 @@ class FileTier:
         self.header: TierHeader | None = None  # written by open()
         self._cipher: PageCipher | None = None  # made by open() when encrypt is set
         self.capacity_pages = size_bytes // PAGE
+        # Where the tier's truth lives (its columns, its key), and the backing file's fd is
+        # registered (``tierfile.<name>``); a successor adopts all three (``open``).
+        self._memory = memory if memory is not None else StateMemory()
         self._limiter = trio.CapacityLimiter(max_inflight)
         try:
-            self._map = ClusterMap(name, self.capacity_pages, recycle_at_once=preallocate)
+            self._map = ClusterMap(name, self.capacity_pages, recycle_at_once=preallocate,
+                                   memory=self._memory)
         except OSError as e:
             raise OSError(e.errno, f"tier {name!r}: {path}: cannot reserve "
                                    f"{_reservation(self.capacity_pages)} of address space for "
@@ -138,6 +152,11 @@ class FileTier:
         if self._fd >= 0:
             raise Misuse(f"tier {self.name!r}: already open")
         where = f"tier {self.name!r}: {self.path}"
+        key_map = self._memory.reserve(f"tier.{self.name}.key", KEY_BYTES)
+        adopted = self._memory.adopted_fd(f"tierfile.{self.name}")
+        if self._memory.adopted:
+            self._adopt(adopted, bytes(key_map[:KEY_BYTES]), where)
+            return
         fd, created = claim(self.path, where, force_init=self.force_init)
         total = DATA_OFFSET + self.size_bytes
         header = TierHeader.new(self.name, self.size_bytes, self.mountpoint, self.encrypt)
@@ -176,9 +195,36 @@ class FileTier:
             os.close(fd)
             raise
         self.header = header
-        self._cipher = PageCipher() if self.encrypt else None
+        if self.encrypt:
+            key = new_key()
+            key_map[:KEY_BYTES] = key
+            self._cipher = PageCipher(key)
         self._fd = fd
         self._closing = False
+        if self._memory.shared:
+            self._memory.add_fd(f"tierfile.{self.name}", fd)
+
+    def _adopt(self, fd: int, key: bytes, where: str) -> None:
+        """Take over the backing file a predecessor held (its fd, lock included: never reopen
+        it, or the file would be locked against ourselves) with the key it left; StoreError
+        if the fd is missing or the file is not the tier the configuration names."""
+        if fd < 0:
+            raise StoreError(f"{where}: the state has no backing file to adopt")
+        _signed, header = read_header(fd)
+        if header is None or header.name != self.name or header.size_bytes != self.size_bytes \
+                or header.encrypted != self.encrypt:
+            raise StoreError(f"{where}: the adopted backing file is not this tier's "
+                             f"({header.describe() if header else 'no header'})")
+        if self.encrypt and key == bytes(KEY_BYTES):
+            raise StoreError(f"{where}: the state holds no key for the tier")
+        self.header = header
+        self._cipher = PageCipher(key) if self.encrypt else None
+        self._fd = fd
+        self._closing = False
+
+    def rebuild(self, pages: set[int]) -> int:
+        """After adopting: the pages slots name are in use; returns the leaks freed."""
+        return self._map.rebuild(pages)
 
     def _preallocate(self, fd: int, where: str, total: int) -> None:
         try:

@@ -30,9 +30,9 @@ import mmap
 from array import array
 from collections.abc import Iterable, Sequence
 
-from ...errors import Misuse
+from ...errors import Misuse, StoreError
 from ...kernel import PAGE_SIZE as PAGE
-from ...kernel import release_memory
+from ...memory import StateMemory
 
 log = logging.getLogger(__name__)
 
@@ -69,13 +69,6 @@ _CSUM_GROUP = PAGE // (8 * CLUSTER_PAGES)
 _USED_GROUP = PAGE // CLUSTER_PAGES
 
 
-def reserve(nbytes: int) -> mmap.mmap:
-    """An anonymous mapping of ``nbytes`` (at least a page), backed page by page as written.
-    Raises OSError when the kernel refuses the reservation."""
-    flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | MAP_NORESERVE
-    return mmap.mmap(-1, max(nbytes, PAGE), flags=flags, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-
-
 def reservation_bytes(capacity_pages: int) -> int:
     """Address space the per-page columns of a tier of ``capacity_pages`` reserve."""
     nclusters = -(-capacity_pages // CLUSTER_PAGES)
@@ -85,7 +78,8 @@ def reservation_bytes(capacity_pages: int) -> int:
 class ClusterMap:
     """Pages and clusters of one tier.  See the module docstring."""
 
-    def __init__(self, name: str, capacity_pages: int, *, recycle_at_once: bool) -> None:
+    def __init__(self, name: str, capacity_pages: int, *, recycle_at_once: bool,
+                 memory: StateMemory | None = None) -> None:
         # ``recycle_at_once``: an emptied cluster is allocatable at once (a preallocated tier
         # never punches) instead of waiting in ``pending`` for its punch.
         self.name = name
@@ -93,7 +87,11 @@ class ClusterMap:
         self.nclusters = ncl = -(-capacity_pages // CLUSTER_PAGES)
         self.recycle_at_once = recycle_at_once
         span = ncl * CLUSTER_PAGES
-        self._maps = (reserve(span), reserve(8 * span))
+        # The columns are regions of the store's state memory (``tier.<name>.used`` and
+        # ``.csum``): a successor maps them again and rebuilds the rest (``rebuild``).
+        self._memory = memory if memory is not None else StateMemory()
+        self._maps = (self._memory.reserve(f"tier.{name}.used", span),
+                      self._memory.reserve(f"tier.{name}.csum", 8 * span))
         self.used = self._maps[0]
         self.csum = memoryview(self._maps[1]).cast("Q")
         self.count = array("H", bytes(2 * ncl))
@@ -219,9 +217,59 @@ class ClusterMap:
             if any(count[first:first + group]):
                 continue
             try:
-                release_memory(m, first * CLUSTER_PAGES * width, PAGE)
+                self._memory.release(m, first * CLUSTER_PAGES * width, PAGE)
             except OSError:
                 self.release_errors += 1
+
+    def rebuild(self, pages: set[int]) -> int:
+        """After adopting the columns: ``pages`` (the pages slots name) are the pages in use;
+        every other page marked used is freed (returned: the leaks).  Counts, states and stacks
+        are rebuilt; a cluster a leak leaves empty is queued for its punch.  StoreError if a
+        slot names a page out of range or not marked used (its checksum was never recorded)."""
+        used, cap = self.used, self.capacity_pages
+        for p in pages:
+            if not 0 <= p < cap or used[p] != 1:
+                raise StoreError(f"tier {self.name!r}: a slot names page {p}, which is "
+                                 f"{'out of range' if not 0 <= p < cap else 'not in use'}")
+        leaked_in: set[int] = set()
+        leaked = 0
+        for start, end in self._memory.data_ranges(self._maps[0]):
+            i = used.find(_ONE, start, min(end, cap))
+            while i >= 0:
+                if i not in pages:
+                    used[i] = 0
+                    leaked += 1
+                    leaked_in.add(i // CLUSTER_PAGES)
+                i = used.find(_ONE, i + 1, min(end, cap))
+        count = self.count
+        for c in range(self.nclusters):
+            count[c] = 0
+        for p in pages:
+            count[p // CLUSTER_PAGES] += 1
+        self.free_stack = array("I")
+        self.partial_stack = array("I")
+        self.pending = array("I")
+        for c in range(self.nclusters - 1, -1, -1):  # free ones pop lowest first
+            self.in_partial[c] = 0
+            if count[c] >= self.csize(c):
+                self.state[c] = FULL
+            elif count[c]:
+                self.state[c] = PARTIAL
+                self.in_partial[c] = 1
+                self.partial_stack.append(c)
+            elif c in leaked_in and not self.recycle_at_once:
+                self.state[c] = PENDING
+                self.pending.append(c)
+            else:
+                self.state[c] = FREE
+                self.free_stack.append(c)
+        for c in leaked_in:
+            if not count[c]:
+                self._release(c)
+        self.cur = -1
+        self.cursor = 0
+        self.stored = len(pages)
+        return leaked
 
     def check_runs(self, runs: Sequence[tuple[int, int]]) -> int:
         """Pages in ``runs``; Misuse unless every run is in range and allocated."""
