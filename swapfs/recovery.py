@@ -83,10 +83,10 @@ def recover(state: StoreState) -> Recovery:
     pages = 0
     for dev in state.devices:
         pages += _scan_device(state, dev, objects, refs, alt, file_pages)
-    _check_headers(state, objects, refs)
+    pinned = _check_headers(state, objects, refs)
     leaked = state.pool.rebuild(objects, lambda w: _is_owner(state, w))
     leaked_file = sum(t.rebuild(p) for t, p in zip(state.tiers, file_pages))
-    _restore_headers(state, objects, refs)
+    _restore_headers(state, pinned, refs)
     dd = state.dedup
     if dd is not None:
         mem = state.pool.mem
@@ -222,9 +222,11 @@ def _scan_device(state: StoreState, dev: Device, objects: dict[int, tuple[int, i
 
 
 def _check_headers(state: StoreState, objects: dict[int, tuple[int, int]],
-                   refs: dict[int, int]) -> None:
+                   refs: dict[int, int]) -> list[int]:
     """Every object a slot names must be the slot's: its header names the
-    slot as owner, or says it is shared (dedup).  Nothing is changed here."""
+    slot as owner, or says it is shared (dedup).  Nothing is changed here.
+    Returns the shared objects' handles."""
+    pinned = []
     words = state.pool.words
     size = len(state.pool.mem)
     for h, (n, owner) in objects.items():
@@ -241,21 +243,17 @@ def _check_headers(state: StoreState, objects: dict[int, tuple[int, int]],
             if state.dedup is None:
                 raise StoreError(f"pool: object {h:#x} of slot {owner:#x} is pinned without "
                                  "dedup")
+            pinned.append(h)
         elif h in refs:
             raise StoreError(f"pool: object {h:#x} is named by {refs[h]} slots, unshared")
         elif w != owner:
             raise StoreError(f"pool: slot {owner:#x} names object {h:#x}, whose owner is "
                              f"{w:#x}")
+    return pinned
 
 
-def _restore_headers(state: StoreState, objects: dict[int, tuple[int, int]],
-                     refs: dict[int, int]) -> None:
+def _restore_headers(state: StoreState, pinned: list[int], refs: dict[int, int]) -> None:
     """Shared objects' reference counts, recounted from the slots."""
     words = state.pool.words
-    for h, (n, _owner) in objects.items():
-        if n > MAX_OBJECT:
-            continue
-        i = (h - HEADER) >> 3
-        w = words[i]
-        if w & PINNED:
-            words[i] = PINNED | refs.get(h, 1)
+    for h in pinned:
+        words[(h - HEADER) >> 3] = PINNED | refs.get(h, 1)
