@@ -45,7 +45,7 @@ This module owns the encoding: every decode of an info word, every
 conversion between levels, kinds and tier indexes goes through the helpers
 below.  The hot loops named in HOT_LOOPS inline the same expressions for
 speed (a call costs a tenth of a microsecond a page); each says so where
-it does, and tests/core/test_slots.py checks that what they inline agrees
+it does, and tests/store/test_slots.py checks that what they inline agrees
 with the helpers for every kind, length and flag, and that nothing else
 inlines it.
 """
