@@ -58,6 +58,7 @@ def kill_active(c: Cluster, *, standby: bool) -> None:
     c.wait(lambda t: t["generation"] > s["generation"], "the takeover")
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(240)
 @pytest.mark.parametrize("successor,target", [("standby", "loop"), ("restart", "file")])
 def test_kill9_under_fio_verify(cluster: Cluster, successor: str, target: str) -> None:

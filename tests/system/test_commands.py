@@ -129,6 +129,7 @@ def test_writeback_command_errors(mount_factory):
     assert out.returncode == 2 and "--idle" in out.stderr
 
 
+@pytest.mark.slow
 def test_status_lists_every_device_of_every_mount(mount_factory, tmp_path):
     a = mount_factory(tier_config(tmp_path))
     b = mount_factory()
