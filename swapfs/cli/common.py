@@ -34,7 +34,8 @@ _DAEMON_FIXED = _DAEMON.replace("--timeout", f"{DEFAULT_TIMEOUT:g} s")
 EXIT_CODES = {
     "mount": "0 the mount is live; 1 the daemon failed before mounting (its error is printed); "
              "2 bad arguments, configuration or mountpoint (nothing was mounted)",
-    "upgrade": "0 the new daemon serves; 1 refused (the old daemon keeps serving)",
+    "upgrade": "0 the new daemon serves; 1 refused (the old daemon keeps serving); 4 the "
+               "mount's keeper did not answer within 5 s (nothing was changed)",
     "unmount": "0 unmounted; 1 not a swapfs mount, busy (swap or loop devices on it), or a "
                "process of the mount still running",
     "swapon": "0 swap is on; 1 refused or failed (nothing stays attached)",

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from .. import system
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, die
+from .common import EXIT_FAIL, EXIT_NOT_ANSWERING, EXIT_OK, EXIT_USAGE, die
 from .config import load_checked_config
 from .logs import (
     ROOT_LOG_DIR,
@@ -422,22 +422,36 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# How long the commands wait for a keeper's answer (a local round trip when it runs).
+KEEPER_TIMEOUT = 5.0
+
+
+def _keeper_status(sock: str) -> dict[str, Any]:
+    """The keeper's status; KeeperError without a keeper, TimeoutError if it does not answer
+    within KEEPER_TIMEOUT (a stopped keeper accepts the connection and never replies)."""
+    from ..fuse.handoff import KeeperClient
+
+    def ask() -> dict[str, Any]:
+        client = KeeperClient(sock)
+        try:
+            return client.status()
+        finally:
+            client.close()
+
+    return system.bounded(ask, KEEPER_TIMEOUT, sock)
+
+
 def _failover_processes(mountpoint: str) -> list[int]:
     """The pids of the keeper, the active daemon and the standbys of a failover mount."""
-    from ..fuse.handoff import KeeperClient
     from ..keeper import KeeperError
 
     sock = keeper_socket(mountpoint)
     if not os.path.exists(sock):
         return []
     try:
-        client = KeeperClient(sock)
-        try:
-            status = client.status()
-        finally:
-            client.close()
-    except KeeperError:
-        return []
+        status = _keeper_status(sock)
+    except (KeeperError, TimeoutError):
+        return []  # no keeper, or one that does not answer: nothing to wait for
     pids = [status["pid"], *status.get("standbys", [])]
     if status.get("active"):
         pids.append(status["active"])
@@ -449,7 +463,6 @@ def _failover_processes(mountpoint: str) -> list[int]:
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
     """Hand the mount to the installed code: a new daemon takes over with upgrade=True."""
-    from ..fuse.handoff import KeeperClient
     from ..keeper import KeeperError
 
     mountpoint = os.path.abspath(args.mountpoint)
@@ -457,11 +470,10 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         return die(f"{mountpoint} is not a swapfs mount")
     sock = keeper_socket(mountpoint)
     try:
-        client = KeeperClient(sock)
-        try:
-            status = client.status()
-        finally:
-            client.close()
+        status = _keeper_status(sock)
+    except TimeoutError:
+        return die(f"the keeper of {mountpoint} did not answer within {KEEPER_TIMEOUT:g} s "
+                   "(stopped?); nothing was changed", EXIT_NOT_ANSWERING)
     except KeeperError as exc:
         return die(f"{mountpoint} has no keeper ({exc}): it was mounted with --no-failover, "
                    "and only swapoff, unmount and mount can change its code")

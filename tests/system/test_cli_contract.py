@@ -18,7 +18,7 @@ import pytest
 
 from swapfs import system
 
-from .conftest import Mount, run_swapfs, stop_mount
+from .conftest import Mount, failover_pids, run_swapfs, stop_mount
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -179,3 +179,18 @@ size = "8M"
     assert len({text_width(line) for line in lines}) == 1, lines
     size_ends = [text_width(line[:line.index("MiB") + 3]) for line in lines[1:]]
     assert len(set(size_ends)) == 1, lines
+
+
+def test_a_stopped_keeper_is_waited_for_a_bounded_time(mount_factory) -> None:  # type: ignore[no-untyped-def]
+    """upgrade asks the mount's keeper first: a stopped keeper accepts the connection and
+    never replies, and upgrade says so (4) instead of hanging; nothing changes."""
+    m = mount_factory()
+    keeper = failover_pids(m.path)[0]
+    os.kill(keeper, signal.SIGSTOP)
+    try:
+        out, took = timed("upgrade", str(m.path))
+    finally:
+        os.kill(keeper, signal.SIGCONT)
+    assert out.returncode == 4 and "keeper" in out.stderr and "did not answer" in out.stderr
+    assert took < 30
+    assert run_swapfs("stats", str(m.path)).returncode == 0
