@@ -8,11 +8,12 @@ module assembles the top parser."""
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .. import __version__
 from . import config, control, monitor, mount, stats, swap, units
-from .common import EXIT_USAGE, exit_codes_epilog
+from .common import EXIT_OK, EXIT_USAGE, exit_codes_epilog
 
 DESCRIPTION = """\
 swapfs: a userspace swap store.  It presents virtual swap devices as files
@@ -73,7 +74,16 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return EXIT_USAGE
-    result: int = args.func(args)
+    try:
+        result: int = args.func(args)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``swapfs stats MOUNT | head``): what it read is all it
+        # wanted.  Point stdout at /dev/null so that the interpreter's last flush is quiet.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        return EXIT_OK
     return result
 
 

@@ -193,3 +193,47 @@ def test_status_exit_says_gone_before_not_answering() -> None:
     assert status_exit([ok, {"state": "not answering"}]) == 4
     assert status_exit([{"state": "not answering"}, {"state": "gone"}, ok]) == 3
     assert status_exit([{"state": "error"}]) == 4
+
+
+def test_a_closed_pipe_ends_a_command_quietly() -> None:
+    """``swapfs check-config | head -1``: the reader leaves before the output is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "swapfs", "check-config"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the interpreter has started and written
+    err = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=30) == 0, err
+    assert "Traceback" not in err and "BrokenPipe" not in err
+
+
+def test_check_config_refuses_a_tier_file_the_daemon_could_not_open(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """An existing tier file that is immutable or append-only (chattr +i, +a): the daemon
+    opens it for writing and would fail after starting; check-config (and so mount) says so
+    first, naming the tier."""
+    tier = tmp_path / "ssd.img"
+    tier.write_bytes(b"")
+    tier.chmod(0o600)
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(f"""
+[pool]
+max_bytes = "64M"
+[[device]]
+name = "swap0"
+size = "64M"
+[[tier]]
+name = "ssd"
+path = "{tier}"
+size = "64M"
+""")
+    assert swapfs("check-config", str(cfg)).returncode == 0
+    for flag in ("+i", "+a"):
+        if subprocess.run(["chattr", flag, str(tier)], capture_output=True).returncode != 0:
+            pytest.skip(f"chattr {flag} is not possible here (needs root and a filesystem with it)")
+        try:
+            out = swapfs("check-config", str(cfg))
+        finally:
+            subprocess.run(["chattr", flag.replace("+", "-"), str(tier)], capture_output=True)
+        assert out.returncode == 2, (flag, out.stdout)
+        assert f'tier "ssd": {tier}: cannot open for writing: Operation not permitted' in out.stderr
+        assert "[Errno" not in out.stderr and "Traceback" not in out.stderr
