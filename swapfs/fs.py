@@ -360,7 +360,7 @@ class SwapFS(Operations):
             log.error("writeback request failed: %s", exc)
             raise FUSEError(store_errno(exc)) from None
         self._ctl_results[inode] = moved
-        log.info("writeback request %r on %s: %d pages moved", bytes(value),
+        log.info("writeback request %s on %s: %d pages moved", bytes(value).decode("ascii").strip(),
                  dev.name if dev else "all devices", moved)
 
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:

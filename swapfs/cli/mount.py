@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from .. import system
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, die
+from .common import EXIT_FAIL, EXIT_NOT_ANSWERING, EXIT_OK, EXIT_USAGE, die
 from .config import load_checked_config
 from .logs import (
     ROOT_LOG_DIR,
@@ -50,6 +50,20 @@ def _mountpoint_problem(path: str) -> str | None:
         return f"mountpoint {path} is not a directory"
     if os.path.ismount(path):
         return f"{path} is already a mount point (swapfs unmount {path} first?)"
+    return None
+
+
+def _log_file_problem(log_file: str | None) -> str | None:
+    """A --log-file whose directory is missing is refused (a mistyped path would otherwise
+    create a tree of directories somewhere); the default log directory is made as needed."""
+    if log_file is None:
+        return None
+    directory = os.path.dirname(os.path.abspath(log_file))
+    if not os.path.isdir(directory):
+        what = "does not exist" if not os.path.lexists(directory) else "is not a directory"
+        return f"--log-file {log_file}: the directory {directory} {what} (create it first)"
+    if os.path.isdir(log_file):
+        return f"--log-file {log_file}: is a directory; give a file name"
     return None
 
 
@@ -127,7 +141,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if problem:
         return die(problem, EXIT_USAGE)
     if args.role in (None, "start"):
-        problem = _mountpoint_problem(mountpoint)
+        problem = _mountpoint_problem(mountpoint) or _log_file_problem(args.log_file)
         if problem:
             return die(problem, EXIT_USAGE)
     if args.foreground:
@@ -145,11 +159,20 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
     log = logging.getLogger("swapfs")
     ready_fd = args.ready_fd
 
-    def report(line: str) -> None:
-        nonlocal ready_fd
+    def tell(line: str) -> None:
+        """A line to the waiting parent (``swapfs mount`` or ``swapfs upgrade``)."""
         if ready_fd is not None:
             try:
                 os.write(ready_fd, line.encode() + b"\n")
+            except OSError:
+                pass
+
+    def report(line: str) -> None:
+        """The last line to the parent: READY or ERROR."""
+        nonlocal ready_fd
+        tell(line)
+        if ready_fd is not None:
+            try:
                 os.close(ready_fd)
             except OSError:
                 pass
@@ -163,7 +186,10 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
         return die(line) if args.log_file else EXIT_FAIL
 
     for warning in protect_process(lock_memory=not args.no_mlock):
+        # What keeps the machine from deadlocking could not be set up: in the log, and
+        # printed by the command that started the daemon.
         log.warning("%s", warning)
+        tell(f"WARNING {warning.replace(chr(10), ' ')}")
     config_path = os.path.abspath(args.config) if args.config else None
     if not args.no_failover:
         if args.transport == "auto":
@@ -303,10 +329,11 @@ def _stop_keeper(proc: subprocess.Popen[bytes] | None) -> None:
 
 def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
     log_file = args.log_file or default_log_file(mountpoint)
-    try:
-        os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
-    except OSError as exc:
-        return die(f"cannot create the log directory of {log_file}: {exc.strerror}")
+    if not args.log_file:  # the default directory is ours to make; a given one must exist
+        try:
+            os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            return die(f"cannot create the log directory of {log_file}: {exc.strerror}")
     if not args.log_file:  # the default directory: drop the logs of mounts gone since
         remove_stale_logs(log_dir(), [*system.swapfs_mounts(), mountpoint])
     r, w = os.pipe()
@@ -337,8 +364,7 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
         cwd="/",
     )
     os.close(w)
-    with os.fdopen(r, "rb") as pipe:
-        line = pipe.readline().decode(errors="replace").strip()
+    line = _read_answer(r)
     if line == "READY" or line.startswith("READY "):
         pid = int(line.split()[1]) if " " in line else proc.pid
         how = "no failover" if args.no_failover else (
@@ -353,6 +379,20 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
     last = last_error(log_file)
     return die(f"the daemon exited (status {proc.returncode}) before mounting"
                + (f", last logging: {last}" if last else "") + f"; see {log_file}")
+
+
+def _read_answer(fd: int) -> str:
+    """The daemon's answer on its ready pipe: ``READY [PID]``, ``ERROR ...``, or "" if it
+    closed the pipe without one.  The ``WARNING ...`` lines before it (what the daemon could
+    not set up: mlockall, oom_score_adj, PR_SET_IO_FLUSHER) are printed on stderr."""
+    with os.fdopen(fd, "rb") as pipe:
+        for raw in pipe:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith("WARNING "):
+                print(f"swapfs: warning: {line[len('WARNING '):]}", file=sys.stderr)
+                continue
+            return line
+    return ""
 
 
 # -- unmount -----------------------------------------------------------------
@@ -382,22 +422,36 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# How long the commands wait for a keeper's answer (a local round trip when it runs).
+KEEPER_TIMEOUT = 5.0
+
+
+def _keeper_status(sock: str) -> dict[str, Any]:
+    """The keeper's status; KeeperError without a keeper, TimeoutError if it does not answer
+    within KEEPER_TIMEOUT (a stopped keeper accepts the connection and never replies)."""
+    from ..fuse.handoff import KeeperClient
+
+    def ask() -> dict[str, Any]:
+        client = KeeperClient(sock)
+        try:
+            return client.status()
+        finally:
+            client.close()
+
+    return system.bounded(ask, KEEPER_TIMEOUT, sock)
+
+
 def _failover_processes(mountpoint: str) -> list[int]:
     """The pids of the keeper, the active daemon and the standbys of a failover mount."""
-    from ..fuse.handoff import KeeperClient
     from ..keeper import KeeperError
 
     sock = keeper_socket(mountpoint)
     if not os.path.exists(sock):
         return []
     try:
-        client = KeeperClient(sock)
-        try:
-            status = client.status()
-        finally:
-            client.close()
-    except KeeperError:
-        return []
+        status = _keeper_status(sock)
+    except (KeeperError, TimeoutError):
+        return []  # no keeper, or one that does not answer: nothing to wait for
     pids = [status["pid"], *status.get("standbys", [])]
     if status.get("active"):
         pids.append(status["active"])
@@ -409,7 +463,6 @@ def _failover_processes(mountpoint: str) -> list[int]:
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
     """Hand the mount to the installed code: a new daemon takes over with upgrade=True."""
-    from ..fuse.handoff import KeeperClient
     from ..keeper import KeeperError
 
     mountpoint = os.path.abspath(args.mountpoint)
@@ -417,11 +470,10 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
         return die(f"{mountpoint} is not a swapfs mount")
     sock = keeper_socket(mountpoint)
     try:
-        client = KeeperClient(sock)
-        try:
-            status = client.status()
-        finally:
-            client.close()
+        status = _keeper_status(sock)
+    except TimeoutError:
+        return die(f"the keeper of {mountpoint} did not answer within {KEEPER_TIMEOUT:g} s "
+                   "(stopped?); nothing was changed", EXIT_NOT_ANSWERING)
     except KeeperError as exc:
         return die(f"{mountpoint} has no keeper ({exc}): it was mounted with --no-failover, "
                    "and only swapoff, unmount and mount can change its code")
@@ -436,8 +488,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, cwd="/")
     os.close(w)
-    with os.fdopen(r, "rb") as pipe:
-        line = pipe.readline().decode(errors="replace").strip()
+    line = _read_answer(r)
     if line.startswith("READY"):
         pid = int(line.split()[1]) if " " in line else proc.pid
         print(f"swapfs at {mountpoint} upgraded in {time.monotonic() - started:.2f} s "
