@@ -138,26 +138,36 @@ def draw(samples: list[dict[str, Any]]) -> Any:
     series = plot_series(samples)
     t = series["time"]
     fig = Figure(figsize=(10, 8.5))
+    fig.suptitle(f"swapfs {samples[0].get('mount', '')}", fontweight="bold")
     mem_ax, tier_ax, traffic = fig.subplots(3, 1, sharex=True)
 
-    peak = max(series["data_bytes"] + series["memory_bytes"] + series["limit_bytes"] + [1])
-    unit, scale = _byte_unit(peak)
+    # the scale follows what is stored: a limit far above it (20% of RAM by
+    # default) would flatten every line, so it is then said, not drawn
+    peak = max(series["data_bytes"] + series["memory_bytes"] + [1])
+    limit = max(series["limit_bytes"] + [0])
+    unit, scale = _byte_unit(max(peak, limit) if limit <= 2 * peak else peak)
     data = [v / scale for v in series["data_bytes"]]
     memory = [v / scale for v in series["memory_bytes"]]
     mem_ax.plot(t, data, label="data in memory (orig_data_size)", color="tab:blue", linewidth=2)
     mem_ax.plot(t, memory, label="pool memory (mem_used_total)", color="tab:red", linewidth=2)
     mem_ax.plot(t, [v / scale for v in series["compressed_bytes"]], label="compressed (compr_data_size)",
                 color="tab:green", linewidth=1, linestyle="--")
-    if any(series["limit_bytes"]):
+    if limit and limit <= 2 * peak:
         mem_ax.plot(t, [v / scale for v in series["limit_bytes"]], label="pool limit (max_bytes)",
                     color="tab:gray", linewidth=1, linestyle=":")
+    elif limit:
+        mem_ax.text(0.99, 0.96, f"pool limit (max_bytes) {fmt_bytes(limit)}: above this scale",
+                    transform=mem_ax.transAxes, ha="right", va="top", color="tab:gray", fontsize="small")
     mem_ax.fill_between(t, memory, data, where=[d >= m for d, m in zip(data, memory)], interpolate=True,
                         color="tab:blue", alpha=0.15, label="memory saved")
-    last_data, last_mem = series["data_bytes"][-1], series["memory_bytes"][-1]
-    ratio = f"{last_data / last_mem:.2f}x" if last_mem else "-"
+    top = max(range(len(t)), key=lambda i: series["data_bytes"][i])
+    top_data, top_mem = series["data_bytes"][top], series["memory_bytes"][top]
+    ratio = f"{top_data / top_mem:.2f}x" if top_mem else "-"
     mem_ax.set_ylabel(unit)
-    mem_ax.set_title(f"swapfs {samples[0].get('mount', '')}: pool memory against data stored "
-                     f"(at the end: memory ratio {ratio}, saved {fmt_bytes(max(0, last_data - last_mem))})")
+    mem_ax.set_ylim(0, max(data + memory + [v / scale for v in series["limit_bytes"] if v <= 2 * peak]) * 1.25
+                    or 1)
+    mem_ax.set_title(f"pool memory against data stored (at the most data: memory ratio {ratio}, "
+                     f"saved {fmt_bytes(max(0, top_data - top_mem))})")
     mem_ax.legend(loc="upper left", fontsize="small")
 
     peak = max([v for vs in series["tier_bytes"].values() for v in vs] + [1])
@@ -181,7 +191,8 @@ def draw(samples: list[dict[str, Any]]) -> Any:
     traffic.legend(loc="upper left", fontsize="small")
     for ax in (mem_ax, tier_ax, traffic):
         ax.grid(True, alpha=0.3)
-        ax.set_ylim(bottom=0)
+    tier_ax.set_ylim(bottom=0)
+    traffic.set_ylim(bottom=0)
     fig.tight_layout()
     return fig
 

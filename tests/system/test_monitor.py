@@ -241,11 +241,15 @@ def test_plot_draws_pool_memory_against_data_stored(mount_factory, tmp_path):
     mem_ax, tier_ax, traffic = fig.axes
     lines = {line.get_label(): line for line in mem_ax.get_lines()}
     assert mem_ax.get_ylabel() == "MiB" and "pool memory against data stored" in mem_ax.get_title()
+    assert fig.get_suptitle() == f"swapfs {m.path}"
     data = lines["data in memory (orig_data_size)"].get_ydata()
     memory = lines["pool memory (mem_used_total)"].get_ydata()
     assert list(data) == pytest.approx([v / MiB for v in series["data_bytes"]])
     assert list(memory) == pytest.approx([v / MiB for v in series["memory_bytes"]])
-    assert "compressed (compr_data_size)" in lines and "pool limit (max_bytes)" in lines
+    assert "compressed (compr_data_size)" in lines
+    # the 64 MiB limit is more than twice the data: said, not drawn (it would flatten the lines)
+    assert "pool limit (max_bytes)" not in lines
+    assert [x.get_text() for x in mem_ax.texts] == ["pool limit (max_bytes) 64.0 MiB: above this scale"]
     assert [c.get_label() for c in mem_ax.collections] == ["memory saved"]
     assert {line.get_label() for line in tier_ax.get_lines()} == {"pool", "ssd"}
     assert len(traffic.get_lines()) == 4 and traffic.get_ylabel() == "MiB/s"
