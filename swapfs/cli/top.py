@@ -308,7 +308,8 @@ class Screen:
 
     def __init__(self, out: TextIO, keys_fd: int | None) -> None:
         self.out = out
-        self.tty = out.isatty()
+        # a terminal that can move its cursor (TERM=dumb gets plain frames, as a pipe does)
+        self.tty = out.isatty() and os.environ.get("TERM", "") != "dumb"
         self.keys_fd = keys_fd if keys_fd is not None and os.isatty(keys_fd) else None
         self.saved: list[Any] | None = None
         self.active = False
@@ -336,7 +337,9 @@ class Screen:
 
     def draw(self, lines: list[str]) -> None:
         if self.tty:
-            cols, rows = os.get_terminal_size(self.out.fileno())
+            rows = 50
+            with contextlib.suppress(OSError):
+                rows = os.get_terminal_size(self.out.fileno()).lines
             shown = lines[: max(1, rows - 1)]
             self.out.write("\x1b[H" + "".join(line + "\x1b[K\n" for line in shown) + "\x1b[J")
         else:
@@ -456,6 +459,9 @@ def cmd_top(args: argparse.Namespace) -> int:
                     if screen.tty and prev is not None:
                         screen.draw(frame(mount, None, prev, 0.0, copy.deepcopy(hist), style=style, spark=spark,
                                           width=screen.width(), interval=args.interval, waiting=waited))
+                    elif screen.tty:
+                        screen.draw([style(f"swapfs top {mount}   (q or Ctrl-C to quit)", BOLD),
+                                     style(f"(daemon not answering for {waited:.0f} s)", RED, BOLD)])
                 if now >= next_tick:
                     next_tick += args.interval * max(1, int((now - next_tick) / args.interval) + 1)
                     if fetch is None:

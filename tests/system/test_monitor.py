@@ -142,6 +142,11 @@ def test_top_into_a_pipe_that_closes_ends_quietly(mount_factory):
                          text=True, timeout=60)
     assert out.returncode == 0 and out.stderr == "", out.stderr
     assert out.stdout.startswith(f"swapfs top {m.path}") and len(out.stdout.splitlines()) == 3
+    rec = shlex.join(swapfs_cmd("record", str(m.path), "-o", "-", "--interval", "0.1"))
+    out = subprocess.run(["bash", "-c", f"set -o pipefail; {rec} | head -1"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and out.stderr == "", out.stderr
+    assert json.loads(out.stdout)["mount"] == str(m.path)
     # the reader closes between frames
     with subprocess.Popen(swapfs_cmd("top", str(m.path), "--interval", "0.1"), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE) as proc:
