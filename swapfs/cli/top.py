@@ -456,7 +456,9 @@ def cmd_top(args: argparse.Namespace) -> int:
                     waited = now - fetch.started
                     if not screen.tty and waited >= PIPE_TIMEOUT:
                         return die(f"{mount}: the swapfs daemon is not answering (waited {waited:.0f} s)")
-                    if screen.tty and prev is not None:
+                    if screen.tty and waited < 1.0:
+                        pass  # a slow answer, not yet worth a word
+                    elif screen.tty and prev is not None:
                         screen.draw(frame(mount, None, prev, 0.0, copy.deepcopy(hist), style=style, spark=spark,
                                           width=screen.width(), interval=args.interval, waiting=waited))
                     elif screen.tty:
