@@ -1,7 +1,8 @@
 """The swapfs command line: one module per group of commands, each beside its
 parser (mount.py: mount, unmount; swap.py: swapon, swapoff; stats.py: status,
-stats; control.py: writeback, compact; monitor.py: top, record, plot;
-config.py: check-config; units.py: install-units, generate-units), the log
+stats; control.py: writeback, compact; monitor.py: top (its screen in
+top.py), record, plot, metrics (metrics.py); config.py: check-config;
+units.py: install-units, generate-units), the log
 set-up in logs.py, what they all print the same way in common.py.  This
 module assembles the top parser."""
 

@@ -56,6 +56,10 @@ def cmd_install_units(args: argparse.Namespace) -> int:
     for directory, name, text, mode in [
         (units.UNIT_DIR, "swapfs@.service", units.template_unit(), 0o644),
         (units.GENERATOR_DIR, "swapfs-generator", units.GENERATOR_SCRIPT, 0o755),
+        (units.UNIT_DIR, units.TEXTFILE_SERVICE,
+         units.textfile_service(directory=os.path.abspath(args.textfile_dir)), 0o644),
+        (units.UNIT_DIR, units.TEXTFILE_TIMER,
+         units.textfile_timer(directory=os.path.abspath(args.textfile_dir)), 0o644),
     ]:
         d = at(directory)
         os.makedirs(d, exist_ok=True)
@@ -68,6 +72,8 @@ def cmd_install_units(args: argparse.Namespace) -> int:
     written.append(at(units.CONFIG_DIR) + "/ (put NAME.toml files here)")
     for w in written:
         print(f"installed {w}")
+    print(f"for node_exporter: systemctl enable --now {units.TEXTFILE_TIMER} "
+          f"(writes {os.path.join(args.textfile_dir, units.TEXTFILE_NAME)} every 15 s)")
     if root == "/" and os.path.isdir("/run/systemd/system"):
         try:
             system.run(["systemctl", "daemon-reload"])
@@ -86,9 +92,14 @@ def add_parsers(sub: Any) -> None:
                        "swapfs), the unit template swapfs@.service and the generator swapfs-generator "
                        "under /usr/local/lib/systemd, and create /etc/swapfs; then systemctl "
                        "daemon-reload.  At boot the generator turns each /etc/swapfs/NAME.toml into "
-                       "swapfs@NAME.service and a swap unit per device with swap = true.")
+                       "swapfs@NAME.service and a swap unit per device with swap = true.  Also "
+                       "swapfs-textfile.service and .timer (not enabled): every mount's metrics for "
+                       "node_exporter's textfile collector.")
     p.add_argument("--root", default="/", metavar="DIR", help="install under DIR instead of / (staging)")
     p.add_argument("--target", metavar="PATH", help="the swapfs executable to link (default: this one)")
+    p.add_argument("--textfile-dir", default=units.TEXTFILE_DIR, metavar="DIR",
+                   help="node_exporter's textfile collector directory, for swapfs-textfile.service "
+                   f"(default {units.TEXTFILE_DIR}, Debian's)")
     p.set_defaults(func=cmd_install_units)
 
     p = sub.add_parser("generate-units", help="the systemd generator's work (run by swapfs-generator)",
