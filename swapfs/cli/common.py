@@ -54,6 +54,8 @@ EXIT_CODES = {
               f"{_DAEMON_FIXED}",
     "plot": "0 the image was written; 1 unreadable samples, no matplotlib, or the image cannot "
             "be written",
+    "metrics": "0 every mount answered; 1 a mount did not answer (its swapfs_up is 0; the "
+               "output is written all the same) or the output cannot be written; 2 bad arguments",
     "check-config": "0 the configuration is valid on this machine (what was understood is "
                     "printed); 2 invalid (the message names the key)",
     "install-units": "0 installed; 1 failed",
