@@ -33,6 +33,7 @@ from .slots import (
     HUGE_INFO,
     KIND_MASK,
     POOL,
+    PROMOTED_MARK,
     SAME,
     SLOT_SHIFT,
     file_kind,
@@ -506,6 +507,7 @@ class WritePath(ReadPath):
         if staged.spill:  # it would not stay in the pool: nothing was allocated
             return False
         self._commit(dev, s, staged, None)
+        dev.table.epoch[s] = self.epoch | PROMOTED_MARK  # not read since (swapfs/policy.py)
         self.moves.promotions[tier_level(ti)] += 1
         self._pool_check()  # make room again: demote what is colder
         return True
