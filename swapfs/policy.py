@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import heapq
 
-from .slots import AGE_MASK, PROMOTED_MARK, SHADOW, movable
+from .slots import AGE_MASK, PROMOTED_MARK, SHADOW, UNREAD_MARK, movable
 from .state import Device, SlotCursor, StoreState
 
 # Slots looked at per victim search, and candidates wanted per victim.
@@ -48,6 +48,8 @@ SCAN_SLOTS = 16384
 CANDIDATES_PER_VICTIM = 4
 # The key of a shadowed page: colder than any age.
 _SHADOW_KEY = -(1 << 33)
+# Added to the age of an unread (or cold) page in workingset's order.
+_INACTIVE = 1 << 31
 
 
 class Policy:
@@ -137,6 +139,10 @@ ADAPT_EVERY = 256
 WASTE_HIGH = 0.25
 WASTE_LOW = 0.1
 MIN_THRESHOLD = 64
+# A page read since written ranks with the unread ones once older than
+# COLD_FACTOR eviction ages (and at least MIN_COLD_AGE epochs).
+COLD_FACTOR = 4
+MIN_COLD_AGE = 4 * 4
 
 
 class WorkingsetPolicy(Policy):
@@ -176,17 +182,29 @@ class WorkingsetPolicy(Policy):
         elif waste < WASTE_LOW:
             self.share = min(self.share * 1.25, 1.0)
 
+    def cold_age(self) -> int:
+        """Read pages older than this (epochs) rank with the unread ones."""
+        return max(COLD_FACTOR * self.eviction_age, MIN_COLD_AGE)
+
     def _age_key(self, e: int, now: int) -> int:
         age = (now - e) & AGE_MASK
-        if e & PROMOTED_MARK and age < self.eviction_age:
-            return 1  # just promoted, not read since: after every other candidate
+        if e & PROMOTED_MARK:
+            if age <= self.eviction_age:
+                return 1  # just promoted, not read since: after every other candidate
+            return -age
+        if e & UNREAD_MARK or age > self.cold_age():
+            return -(age + _INACTIVE)  # written and not read since: demoted first
         return -age
 
     def _selected(self, cands: list[tuple[int, int, int]], now: int) -> None:
-        ages = [-k for k, _, _ in cands if k > _SHADOW_KEY]
-        if ages:
+        oldest = -1
+        for k, _, _ in cands:
+            if k > _SHADOW_KEY:
+                age = -k - _INACTIVE if -k >= _INACTIVE else -k
+                oldest = max(oldest, age)
+        if oldest >= 0:
             # a slow average: one batch does not decide the pool's age
-            self.eviction_age = (3 * self.eviction_age + max(ages) + 3) // 4
+            self.eviction_age = (3 * self.eviction_age + oldest + 3) // 4
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (ClassicPolicy, WorkingsetPolicy)}

@@ -27,6 +27,7 @@ XATTR_PREFIX = "user.swapfs."
 STATS_XATTR = XATTR_PREFIX + "stats"  # the whole stats object, JSON
 CTL_WRITEBACK_XATTR = XATTR_PREFIX + "ctl.writeback"  # "N" or "idle:SECONDS": move pages down now
 CTL_COMPACT_XATTR = XATTR_PREFIX + "ctl.compact"  # any value: compact the pool now
+CTL_TRACE_XATTR = XATTR_PREFIX + "ctl.trace"  # "PATH": record requests there; "stop"
 
 
 @dataclass(frozen=True)

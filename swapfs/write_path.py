@@ -36,6 +36,7 @@ from .slots import (
     PROMOTED_MARK,
     SAME,
     SLOT_SHIFT,
+    UNREAD_MARK,
     file_kind,
     in_file,
     in_pool,
@@ -165,7 +166,7 @@ class WritePath(ReadPath):
             table.info[s] = n << 4 | POOL
             j[0] = 0
             self.free_slot_content(dev, s, old, oh)
-        table.epoch[s] = self.epoch
+        table.epoch[s] = self.epoch | UNREAD_MARK  # (swapfs/policy.py)
         dev.pool_pages += 1
         dev.compressed_bytes += n
         dev.pool_bytes += OBJECT_BYTES[n]
@@ -454,7 +455,7 @@ class WritePath(ReadPath):
         epoch = table.epoch
         new_h = staged.handles
         new_i = staged.info
-        ep = self.epoch
+        ep = self.epoch | UNREAD_MARK  # written, not read since (swapfs/policy.py)
         track = partial if partial else None
         base = slot_key(dev.index, 0)
         filled = table.filled

@@ -63,6 +63,18 @@ class Writeback:
         self._passed = trio.Event()  # set at the end of each pass of run()
         self._lock = trio.Lock()
         self._cursors: dict[int, SlotCursor] = {}  # by source level
+        self.busy = False  # a pass is running
+
+    @property
+    def pending(self) -> bool:
+        """A pass is running or has been asked for."""
+        return self.busy or self._wake.is_set()
+
+    async def settle(self) -> None:
+        """Wait until no pass runs or is asked for (replay runs requests
+        between passes, never during one, so that it is deterministic)."""
+        while self.pending:
+            await self.next_pass()
 
     # -- the task ---------------------------------------------------------
 
@@ -86,10 +98,12 @@ class Writeback:
         store = self.store
         self.tick()
         store.set_writeback_kicker(self.kick)
+        self.busy = True  # the first pass starts at once
         try:
             task_status.started(self)
             while True:
                 self._wake = trio.Event()
+                self.busy = True
                 self.tick()
                 try:
                     await self.balance()
@@ -97,11 +111,13 @@ class Writeback:
                         await self.recompress()
                 except Exception:  # never let a failing tier take the mount down
                     log.exception("writeback pass failed")
+                self.busy = False
                 self._passed.set()
                 self._passed = trio.Event()
                 with trio.move_on_after(self.interval):
                     await self._wake.wait()
         finally:
+            self.busy = False
             store.set_writeback_kicker(None)
 
     # -- policy -----------------------------------------------------------

@@ -1,6 +1,7 @@
 """The swapfs command line: one module per group of commands, each beside its
 parser (mount.py: mount, unmount; swap.py: swapon, swapoff; stats.py: status,
 stats; control.py: writeback, compact; monitor.py: top, record, plot;
+trace.py: trace record, trace replay;
 config.py: check-config; units.py: install-units, generate-units), the log
 set-up in logs.py, what they all print the same way in common.py.  This
 module assembles the top parser."""
@@ -11,7 +12,7 @@ import argparse
 import sys
 
 from .. import __version__
-from . import config, control, monitor, mount, stats, swap, units
+from . import config, control, monitor, mount, stats, swap, trace, units
 from .common import EXIT_USAGE
 
 DESCRIPTION = """\
@@ -31,7 +32,7 @@ swap = true) and run 'swapfs install-units' once; see README.md.
 """
 
 # In the order --help lists them.
-COMMAND_MODULES = (mount, swap, stats, control, monitor, config, units)
+COMMAND_MODULES = (mount, swap, stats, control, monitor, trace, config, units)
 
 
 def build_parser() -> argparse.ArgumentParser:
