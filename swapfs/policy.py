@@ -19,21 +19,30 @@ The store holds one, made from ``[writeback] policy`` by :func:`make_policy`;
   holds (the kernel's workingset test against the whole pool) and the pool
   is under ``promote_limit_bytes``; victims are the coldest of a window by
   last access, shadowed pages first.
-* ``workingset`` -- promotion pays only if the page is read from the pool
-  before it is demoted again: it is promoted only while the pool is under
-  its high watermark (a promotion above it is a demotion now), and only if
-  its distance is within a threshold that follows the outcome of earlier
-  promotions (a promoted page demoted before any read is a *wasted
-  promotion*, counted in ``wasted_promotions``: the threshold halves when
-  more than a quarter of recent promotions were wasted and grows back when
-  few are); victims are chosen as classic's, except that a promoted page
-  not read since is passed over while it is younger than the pool's
-  eviction age (the age of the victims taken lately), so a page just
-  promoted is not the next one demoted.
+* ``workingset`` (the default, chosen on replayed traces: docs/policy.md)
+  -- made for what a swap device sees.  A page the kernel reads back is in
+  the kernel's memory from then on: its stored copy is needed again only
+  once the kernel has dropped it (clean) and faults on it again, while a
+  page written and not read since may be needed at any time.  So:
 
-Pages promoted and not read since carry ``PROMOTED_MARK`` in their epoch
-(swapfs/slots.py), set by the promotion and cleared by any read or write
-of the slot; the state counts a move of such a page in ``wasted``.
+  - victims: pages written and not read since are kept before every page
+    read since written (oldest first within each class), and a page just
+    promoted and not read since is passed over while it is younger than
+    the pool's eviction age (the age of the victims taken lately: a cold
+    age that follows the pressure), so it is not the next one demoted;
+  - promotion: only while the pool is under its *low* watermark (the room
+    between the watermarks belongs to writes: a promotion there is a
+    demotion soon), and only if the refault distance is within a threshold
+    that follows the outcome of earlier promotions (a promoted page demoted
+    before any read is a *wasted promotion*, counted in
+    ``wasted_promotions``: the threshold halves when more than a quarter of
+    recent promotions were wasted and grows back when few are; it starts at
+    the pages the pool holds, the kernel's workingset test).
+
+The marks in the epoch column say which pages were read (swapfs/slots.py):
+writes store the epoch with ``UNREAD_MARK``, reads without; a promotion
+stores it with ``PROMOTED_MARK``, cleared by any read or write of the slot,
+and the state counts a demotion of a page still so marked in ``wasted``.
 """
 
 from __future__ import annotations
@@ -48,7 +57,7 @@ SCAN_SLOTS = 16384
 CANDIDATES_PER_VICTIM = 4
 # The key of a shadowed page: colder than any age.
 _SHADOW_KEY = -(1 << 33)
-# Added to the age of an unread (or cold) page in workingset's order.
+# Added to the age of a page read since written in workingset's order.
 _INACTIVE = 1 << 31
 
 
@@ -139,10 +148,6 @@ ADAPT_EVERY = 256
 WASTE_HIGH = 0.25
 WASTE_LOW = 0.1
 MIN_THRESHOLD = 64
-# A page read since written ranks with the unread ones once older than
-# COLD_FACTOR eviction ages (and at least MIN_COLD_AGE epochs).
-COLD_FACTOR = 4
-MIN_COLD_AGE = 4 * 4
 
 
 class WorkingsetPolicy(Policy):
@@ -164,8 +169,8 @@ class WorkingsetPolicy(Policy):
 
     def promote(self, dist: int) -> bool:
         state = self.state
-        if state.pool.pool_bytes >= state.pool_high_bytes:
-            return False  # a promotion now is a demotion now
+        if state.pool.pool_bytes >= state.pool_low_bytes:
+            return False  # the room is the writes': a promotion now is a demotion soon
         self._adapt()
         return dist <= self.threshold()
 
@@ -182,19 +187,13 @@ class WorkingsetPolicy(Policy):
         elif waste < WASTE_LOW:
             self.share = min(self.share * 1.25, 1.0)
 
-    def cold_age(self) -> int:
-        """Read pages older than this (epochs) rank with the unread ones."""
-        return max(COLD_FACTOR * self.eviction_age, MIN_COLD_AGE)
-
     def _age_key(self, e: int, now: int) -> int:
         age = (now - e) & AGE_MASK
-        if e & PROMOTED_MARK:
-            if age <= self.eviction_age:
-                return 1  # just promoted, not read since: after every other candidate
-            return -age
-        if e & UNREAD_MARK or age > self.cold_age():
-            return -(age + _INACTIVE)  # written and not read since: demoted first
-        return -age
+        if e & UNREAD_MARK:
+            return -age  # written, not read since: the kernel may need it any time
+        if e & PROMOTED_MARK and age <= self.eviction_age:
+            return 1  # just promoted, not read since: after every other candidate
+        return -(age + _INACTIVE)  # read since written: the kernel holds a copy
 
     def _selected(self, cands: list[tuple[int, int, int]], now: int) -> None:
         oldest = -1

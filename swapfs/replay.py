@@ -43,7 +43,7 @@ import trio.testing
 from .config import Config, WritebackConfig
 from .errors import StoreError
 from .kernel import PAGE_SIZE
-from .slots import FILE0, KIND_MASK
+from .slots import in_file
 from .store import Device, Store
 from .trace import DISCARD, READ, WRITE, TraceError, TraceHeader, load, records
 from .writeback import EPOCHS_PER_SECOND, Writeback
@@ -244,7 +244,7 @@ async def _replay(header: TraceHeader, body: memoryview, config: Config, pages: 
                 elif op == READ:
                     info = dev.table.info
                     for p in range(first, end):
-                        if info[p] & KIND_MASK < FILE0:
+                        if not in_file(info[p]):
                             res.memory_reads += 1
                     res.pages_read += end - first
                     c0 = cpu()
