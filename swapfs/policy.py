@@ -25,10 +25,11 @@ The store holds one, made from ``[writeback] policy`` by :func:`make_policy`;
   once the kernel has dropped it (clean) and faults on it again, while a
   page written and not read since may be needed at any time.  So:
 
-  - victims: pages written and not read since are kept before every page
-    read since written (oldest first within each class), and a page just
+  - victims: the oldest by last access, where a page read since written
+    ages twice as fast as one written and not read since (a page read
+    again and again stays: its last read is recent), and a page just
     promoted and not read since is passed over while it is younger than
-    the pool's eviction age (the age of the victims taken lately: a cold
+    the pool's eviction age (the key of the victims taken lately: a cold
     age that follows the pressure), so it is not the next one demoted;
   - promotion: only while the pool is under its *low* watermark (the room
     between the watermarks belongs to writes: a promotion there is a
@@ -57,8 +58,9 @@ SCAN_SLOTS = 16384
 CANDIDATES_PER_VICTIM = 4
 # The key of a shadowed page: colder than any age.
 _SHADOW_KEY = -(1 << 33)
-# Added to the age of a page read since written in workingset's order.
-_INACTIVE = 1 << 31
+# In workingset's order a page read since written ages this many times as
+# fast as one written and not read since.
+READ_AGING = 2
 
 
 class Policy:
@@ -193,14 +195,13 @@ class WorkingsetPolicy(Policy):
             return -age  # written, not read since: the kernel may need it any time
         if e & PROMOTED_MARK and age <= self.eviction_age:
             return 1  # just promoted, not read since: after every other candidate
-        return -(age + _INACTIVE)  # read since written: the kernel holds a copy
+        return -(READ_AGING * age + 1)  # read since written: the kernel holds a copy
 
     def _selected(self, cands: list[tuple[int, int, int]], now: int) -> None:
         oldest = -1
         for k, _, _ in cands:
             if k > _SHADOW_KEY:
-                age = -k - _INACTIVE if -k >= _INACTIVE else -k
-                oldest = max(oldest, age)
+                oldest = max(oldest, -k)
         if oldest >= 0:
             # a slow average: one batch does not decide the pool's age
             self.eviction_age = (3 * self.eviction_age + oldest + 3) // 4
