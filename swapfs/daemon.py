@@ -137,7 +137,7 @@ async def serve_mount(
     """
     store = Store(config)
     writeback = Writeback(store)
-    ops = SwapFS(store, writeback=writeback)
+    ops = SwapFS(store, writeback=writeback, mountpoint=mountpoint)
     sessions: list[fuse.Session] = []
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -241,7 +241,7 @@ async def serve_failover(
             state = {}
         writeback = Writeback(store)
         made.append((store, writeback))
-        return SwapFS(store, writeback=writeback), state
+        return SwapFS(store, writeback=writeback, mountpoint=mountpoint), state
 
     def recover() -> None:
         store = made[0][0]

@@ -29,6 +29,7 @@ XATTR_PREFIX = "user.swapfs."
 STATS_XATTR = XATTR_PREFIX + "stats"  # the whole stats object, JSON
 CTL_WRITEBACK_XATTR = XATTR_PREFIX + "ctl.writeback"  # "N" or "idle:SECONDS": move pages down now
 CTL_COMPACT_XATTR = XATTR_PREFIX + "ctl.compact"  # any value: compact the pool now
+CTL_TRACE_XATTR = XATTR_PREFIX + "ctl.trace"  # "PATH": record requests there; "stop"
 
 
 @dataclass(frozen=True)
@@ -159,6 +160,7 @@ class WritebackStats:
     aborted_moves: int = 0  # moves dropped because the slot changed under them
     promotions: int = 0  # refaulted pages moved back to the pool
     refaults: int = 0  # reads of demoted pages (pages with a shadow)
+    wasted_promotions: int = 0  # promoted pages demoted again before any read
     moved_bytes: int = 0  # moved_pages * 4096
     batches: int = 0  # migrations that committed at least one page
     failed_batches: int = 0  # tier writes that failed (the pages stayed)

@@ -109,7 +109,7 @@ def _writeback(store: StoreState) -> WritebackStats:
                                 "used": tier.stored_pages}
     return WritebackStats(
         moved_pages=c.moved, aborted_moves=c.aborted,
-        promotions=sum(c.promotions), refaults=sum(c.refaults),
+        promotions=sum(c.promotions), refaults=sum(c.refaults), wasted_promotions=c.wasted,
         moved_bytes=c.moved * PAGE_SIZE, batches=c.batches,
         failed_batches=c.failed_batches, inflight_pages=sum(files.inflight),
         requests=c.requests, epoch=store.epoch, demotions_clock=store.demotions,

@@ -1,7 +1,8 @@
 """The swapfs command line: one module per group of commands, each beside its
 parser (mount.py: mount, unmount; swap.py: swapon, swapoff; stats.py: status,
 stats; control.py: writeback, compact; monitor.py: top (its screen in
-top.py), record, plot, metrics (metrics.py); config.py: check-config;
+top.py), record, plot, metrics (metrics.py); trace.py: trace record,
+trace replay; config.py: check-config;
 units.py: install-units, generate-units), the log
 set-up in logs.py, what they all print the same way in common.py.  This
 module assembles the top parser."""
@@ -13,7 +14,7 @@ import os
 import sys
 
 from .. import __version__
-from . import config, control, monitor, mount, stats, swap, units
+from . import config, control, monitor, mount, stats, swap, trace, units
 from .common import EXIT_OK, EXIT_USAGE, exit_codes_epilog
 
 DESCRIPTION = """\
@@ -40,7 +41,7 @@ Exit status (each command's --help says which it returns):
 """
 
 # In the order --help lists them.
-COMMAND_MODULES = (mount, swap, stats, control, monitor, config, units)
+COMMAND_MODULES = (mount, swap, stats, control, monitor, trace, config, units)
 
 
 def build_parser() -> argparse.ArgumentParser:
