@@ -56,6 +56,10 @@ EXIT_CODES = {
             "be written",
     "metrics": "0 every mount answered; 1 a mount did not answer (its swapfs_up is 0; the "
                "output is written all the same) or the output cannot be written; 2 bad arguments",
+    "trace": "0 done (replay: every page read back was the page written); 1 record: not a "
+             "swapfs mount, or the file exists or cannot be made; replay: a wrong page, or an "
+             "unreadable trace or configuration; 2 bad arguments; 3 (record) the daemon is gone; "
+             f"4 (record) the daemon did not answer within {DEFAULT_TIMEOUT:g} s",
     "check-config": "0 the configuration is valid on this machine (what was understood is "
                     "printed); 2 invalid (the message names the key)",
     "install-units": "0 installed; 1 failed",

@@ -5,6 +5,7 @@ recorded trace replayed through an in-process store (swapfs/replay.py)."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
 import signal
@@ -15,11 +16,27 @@ from .. import system
 from ..config import POLICY_NAMES, ConfigError, load_config
 from ..stats import CTL_TRACE_XATTR
 from ..trace import TraceError
-from .common import EXIT_OK, EXIT_USAGE, die, fmt_bytes
+from .common import DEFAULT_TIMEOUT, EXIT_GONE, EXIT_NOT_ANSWERING, EXIT_OK, EXIT_USAGE, die, fmt_bytes
 
 
 def _status(mount: str) -> list[str]:
-    return os.getxattr(mount, CTL_TRACE_XATTR).decode().split()
+    raw = system.bounded(lambda: os.getxattr(mount, CTL_TRACE_XATTR), DEFAULT_TIMEOUT, mount)
+    return raw.decode().split()
+
+
+def _control(mount: str, value: bytes) -> None:
+    """The trace control of ``mount`` set to ``value``, within DEFAULT_TIMEOUT (a stopped
+    daemon blocks the call in the kernel)."""
+    system.bounded(lambda: os.setxattr(mount, CTL_TRACE_XATTR, value), DEFAULT_TIMEOUT, mount)
+
+
+def _failed(what: str, mount: str, exc: OSError) -> int:
+    if isinstance(exc, TimeoutError):
+        return die(f"{what}: the swapfs daemon of {mount} is not answering (stopped or stuck? "
+                   "see swapfs status)", EXIT_NOT_ANSWERING)
+    if exc.errno == errno.ENOTCONN:
+        return die(f"{what}: the swapfs daemon of {mount} is gone", EXIT_GONE)
+    return die(f"{what}: {exc.strerror}")
 
 
 def cmd_record(args: argparse.Namespace) -> int:
@@ -41,9 +58,9 @@ def cmd_record(args: argparse.Namespace) -> int:
             return die(f"{out} exists and is not a regular file")
         os.unlink(out)
     try:
-        os.setxattr(mount, CTL_TRACE_XATTR, os.fsencode(out))
+        _control(mount, os.fsencode(out))
     except OSError as exc:
-        return die(f"cannot start a trace of {mount} into {out}: {exc.strerror}")
+        return _failed(f"cannot start a trace of {mount} into {out}", mount, exc)
     print(f"recording the requests of {mount} into {out}"
           + (f" for {args.seconds:g} s" if args.seconds else " until interrupted (Ctrl-C)"))
     stop = threading.Event()
@@ -55,10 +72,10 @@ def cmd_record(args: argparse.Namespace) -> int:
         signal.signal(signal.SIGINT, old)
         signal.signal(signal.SIGTERM, old_term)
         try:
-            os.setxattr(mount, CTL_TRACE_XATTR, b"stop")
+            _control(mount, b"stop")
             status = _status(mount)
         except OSError as exc:
-            return die(f"cannot stop the trace of {mount}: {exc.strerror}")
+            return _failed(f"cannot stop the trace of {mount}", mount, exc)
     recorded, dropped = (int(w) for w in status[-2:])
     size = os.path.getsize(out) if os.path.exists(out) else 0
     print(f"{recorded} requests recorded ({fmt_bytes(size)}), {dropped} dropped")

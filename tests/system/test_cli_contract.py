@@ -66,7 +66,7 @@ def timed(*args: str) -> tuple[subprocess.CompletedProcess[str], float]:
 
 
 def test_a_stopped_daemon_is_waited_for_a_bounded_time(mount_factory) -> None:  # type: ignore[no-untyped-def]
-    """stats, status, compact and writeback on a stopped daemon (kill -STOP) return within
+    """stats, status, compact, writeback and trace record on a stopped daemon (kill -STOP) return within
     their --timeout with status 4, and leave no process behind."""
     m = mount_factory()
     os.kill(m.pid, signal.SIGSTOP)
@@ -84,7 +84,10 @@ def test_a_stopped_daemon_is_waited_for_a_bounded_time(mount_factory) -> None:  
                          "error": "daemon not answering within 1 s"}]
         out, took = timed("compact", str(m.path), "--timeout", "1")
         assert out.returncode == 4 and took < 15
-        left = subprocess.run(["pgrep", "-f", f"swapfs (stats|status|compact) {m.path}"],
+        out, took = timed("trace", "record", str(m.path), "-o", str(m.path.parent / "t.trace"),
+                          "--seconds", "1")
+        assert out.returncode == 4 and "not answering" in out.stderr and took < 20, out.stderr
+        left = subprocess.run(["pgrep", "-f", f"swapfs (stats|status|compact|trace record) {m.path}"],
                               capture_output=True, text=True)
         assert left.stdout == ""
     finally:
