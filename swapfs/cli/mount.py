@@ -407,24 +407,85 @@ def _failover_processes(mountpoint: str) -> list[int]:
 # -- upgrade -----------------------------------------------------------------
 
 
-def cmd_upgrade(args: argparse.Namespace) -> int:
-    """Hand the mount to the installed code: a new daemon takes over with upgrade=True."""
+def _keeper_status(mountpoint: str) -> dict[str, Any] | None:
+    """What the keeper of ``mountpoint`` says (None: no keeper answers)."""
     from ..fuse.handoff import KeeperClient
     from ..keeper import KeeperError
 
+    try:
+        client = KeeperClient(keeper_socket(mountpoint))
+        try:
+            status: dict[str, Any] = client.status()
+            return status
+        finally:
+            client.close()
+    except KeeperError:
+        return None
+
+
+def _runs_this_installation(pid: int) -> bool:
+    """Whether process ``pid`` runs this installation's Python (its argv[0] is under
+    sys.prefix: /usr/lib/swapfs for the package, a checkout's .venv for a checkout)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
+    except OSError:
+        return False
+    return os.path.abspath(argv0).startswith(os.path.join(sys.prefix, ""))
+
+
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    if args.all == (args.mountpoint is not None):
+        return die("upgrade: give MOUNTPOINT or --all", EXIT_USAGE)
+    if args.all:
+        return _upgrade_all()
     mountpoint = os.path.abspath(args.mountpoint)
     if mountpoint not in system.swapfs_mounts():
         return die(f"{mountpoint} is not a swapfs mount")
-    sock = keeper_socket(mountpoint)
-    try:
-        client = KeeperClient(sock)
-        try:
-            status = client.status()
-        finally:
-            client.close()
-    except KeeperError as exc:
-        return die(f"{mountpoint} has no keeper ({exc}): it was mounted with --no-failover, "
+    status = _keeper_status(mountpoint)
+    if status is None:
+        return die(f"{mountpoint} has no keeper: it was mounted with --no-failover, "
                    "and only swapoff, unmount and mount can change its code")
+    return _upgrade(mountpoint, status)
+
+
+def _upgrade_all() -> int:
+    """Every mount whose daemon runs this installation's code (the package's postinst runs
+    this after an upgrade); mounts of other installations are left to theirs."""
+    failed = False
+    for mountpoint in system.swapfs_mounts():
+        status = _keeper_status(mountpoint)
+        if status is None:
+            if _runs_here_without_keeper(mountpoint):
+                print(f"swapfs: {mountpoint} has no keeper (--no-failover): it runs the old code "
+                      "until it is unmounted and mounted again", file=sys.stderr)
+            continue
+        active = status.get("active")
+        if not active or not _runs_this_installation(int(active)):
+            continue
+        failed |= _upgrade(mountpoint, status) != EXIT_OK
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _runs_here_without_keeper(mountpoint: str) -> bool:
+    """A --no-failover daemon of this installation serving ``mountpoint`` (found by its
+    command line, which ends with the mountpoint)."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "--no-failover" in argv and mountpoint in argv and _runs_this_installation(int(entry)):
+            return True
+    return False
+
+
+def _upgrade(mountpoint: str, status: dict[str, Any]) -> int:
+    """Hand the mount to the installed code: a new daemon takes over with upgrade=True."""
+    sock = keeper_socket(mountpoint)
     daemon_args = status["meta"].get("daemon_args")
     if not daemon_args:
         return die(f"the keeper of {mountpoint} does not say how its daemon was started")
@@ -506,8 +567,13 @@ def add_parsers(sub: Any) -> None:
                        "checks that it can read the state, then the running daemon stops reading, "
                        "finishes what it holds and exits, and the new one serves on, swap and all. "
                        "If the new code cannot read the state it refuses and the old daemon keeps "
-                       "serving.  (SIGHUP, or systemctl reload, only re-reads the configuration.)")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+                       "serving.  (SIGHUP, or systemctl reload, only re-reads the configuration.)  "
+                       "--all: every mount whose daemon runs this installation (what the Debian "
+                       "package runs after it is upgraded; mounts of other installations are left "
+                       "alone).")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("--all", action="store_true",
+                   help="every swapfs mount served by this installation's code")
     p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("unmount", aliases=["umount"], help="unmount swapfs",
