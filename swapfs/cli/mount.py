@@ -429,9 +429,12 @@ def _runs_this_installation(pid: int) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
+        if not argv0:
+            return False
+        path = os.path.normpath(os.path.join(os.readlink(f"/proc/{pid}/cwd"), argv0))
     except OSError:
         return False
-    return os.path.abspath(argv0).startswith(os.path.join(sys.prefix, ""))
+    return path.startswith(os.path.join(sys.prefix, ""))
 
 
 def cmd_upgrade(args: argparse.Namespace) -> int:
