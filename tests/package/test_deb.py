@@ -180,6 +180,13 @@ def test_install_use_upgrade_and_purge(deb: Path, tmp_path: Path) -> None:
                    "conv=notrunc,fsync", "status=none"], timeout=30)
         assert out.returncode == 0, out.stderr
 
+        # A recording works; plotting it needs matplotlib, which the package leaves out, and says so
+        rec = tmp_path / "run.jsonl"
+        out = swapfs("record", str(mnt), "-o", str(rec), "--interval", "0.2", "--count", "2", timeout=30)
+        assert out.returncode == 0, out.stderr
+        out = swapfs("plot", str(rec), "-o", str(tmp_path / "run.png"))
+        assert out.returncode != 0 and "needs matplotlib" in out.stderr, out.stdout + out.stderr
+
         # Removing the package under a live mount is refused, and changes nothing
         out = dpkg("--remove", "swapfs")
         assert out.returncode != 0 and "unmount it first" in out.stderr, out.stdout + out.stderr
