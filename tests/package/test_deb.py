@@ -139,6 +139,10 @@ def test_install_use_upgrade_and_purge(deb: Path, tmp_path: Path) -> None:
     out = swapfs("check-config", str(example))
     assert out.returncode == 0, out.stderr
 
+    # The package owns the units: install-units (for a checkout) refuses to add a second set
+    out = swapfs("install-units")
+    assert out.returncode != 0 and "Debian package" in out.stderr, out.stdout + out.stderr
+
     # The generator, as systemd runs it, into a temp dir with a configuration
     conf, normal = tmp_path / "etc-swapfs", tmp_path / "normal"
     conf.mkdir()
@@ -163,6 +167,10 @@ def test_install_use_upgrade_and_purge(deb: Path, tmp_path: Path) -> None:
                "COMP_WORDS=(swapfs check-c) COMP_CWORD=1 && _shtab_swapfs && echo ${COMPREPLY[@]}"],
               env=env)
     assert out.returncode == 0 and out.stdout.split() == ["check-config"], out.stdout + out.stderr
+    if shutil.which("zsh"):  # Debian's zsh reads vendor-completions
+        out = run(["zsh", "-f", "-c", f"autoload -U compinit; compinit -u -d {tmp_path}/zdump; "
+                   "print ${_comps[swapfs]}"], env=env)
+        assert out.stdout.strip() == "_swapfs", out.stdout + out.stderr
 
     # A mount from the installed files, with its keeper; a write read back byte for byte
     mnt = tmp_path / "mnt"
