@@ -12,7 +12,6 @@ from typing import Any
 from .. import system, units
 from .common import EXIT_OK, die
 
-
 # Where the Debian package (scripts/package) installs swapfs's private virtualenv.
 PACKAGE_PREFIX = "/usr/lib/swapfs"
 
