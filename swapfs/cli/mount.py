@@ -454,36 +454,42 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
 
 def _upgrade_all() -> int:
     """Every mount whose daemon runs this installation's code (the package's postinst runs
-    this after an upgrade); mounts of other installations are left to theirs."""
+    this after an upgrade); mounts of other installations are left to theirs, untouched: their
+    keepers are not even asked (a keeper that does not answer would hold up the upgrade)."""
     failed = False
     for mountpoint in system.swapfs_mounts():
-        status = _keeper_status(mountpoint)
-        if status is None:
-            if _runs_here_without_keeper(mountpoint):
+        ours = _processes_of_this_installation(mountpoint)
+        if not ours:
+            continue
+        if not any("swapfs.keeper" in argv for argv in ours):
+            if any("--no-failover" in argv for argv in ours):
                 print(f"swapfs: {mountpoint} has no keeper (--no-failover): it runs the old code "
                       "until it is unmounted and mounted again", file=sys.stderr)
             continue
-        active = status.get("active")
+        status = _keeper_status(mountpoint)
+        active = status.get("active") if status else None
         if not active or not _runs_this_installation(int(active)):
             continue
-        failed |= _upgrade(mountpoint, status) != EXIT_OK
+        failed |= _upgrade(mountpoint, status) != EXIT_OK  # type: ignore[arg-type]
     return EXIT_FAIL if failed else EXIT_OK
 
 
-def _runs_here_without_keeper(mountpoint: str) -> bool:
-    """A --no-failover daemon of this installation serving ``mountpoint`` (found by its
-    command line, which ends with the mountpoint)."""
+def _processes_of_this_installation(mountpoint: str) -> list[list[str]]:
+    """The command lines of this installation's processes of ``mountpoint``: its keeper
+    (``-m swapfs.keeper SOCKET``) and daemons (whose last argument is the mountpoint)."""
+    sock = keeper_socket(mountpoint)
+    found = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
             with open(f"/proc/{entry}/cmdline", "rb") as f:
-                argv = f.read().decode(errors="replace").split("\0")
+                argv = f.read().decode(errors="replace").split("\0")[:-1]
         except OSError:
             continue
-        if "--no-failover" in argv and mountpoint in argv and _runs_this_installation(int(entry)):
-            return True
-    return False
+        if (sock in argv or argv[-1:] == [mountpoint]) and _runs_this_installation(int(entry)):
+            found.append(argv)
+    return found
 
 
 def _upgrade(mountpoint: str, status: dict[str, Any]) -> int:
