@@ -39,20 +39,28 @@ GENERATOR_DIR = "/usr/local/lib/systemd/system-generators"
 _STEM_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _UNIT_SAFE = re.compile(r"[A-Za-z0-9:_.]")
 
-GENERATOR_SCRIPT = """\
+
+def generator_script(exe: str = EXE) -> str:
+    """``swapfs-generator``: a shell script that runs ``exe generate-units`` (the
+    package renders it with /usr/bin/swapfs, ``swapfs install-units`` with
+    /usr/local/bin/swapfs)."""
+    return f"""\
 #!/bin/sh
 # systemd generator for swapfs (systemd.generator(7)): for each /etc/swapfs/NAME.toml
 # (or $SWAPFS_CONFIG_DIR/NAME.toml), a mount service swapfs@NAME.service and, per
 # [[device]] with swap = true, a swap service swapfs-swap@NAME-DEVICE.service,
 # written to the first output directory and pulled in by swap.target.
-# Installed by `swapfs install-units`; the units run $SWAPFS (default /usr/local/bin/swapfs).
-SWAPFS=${SWAPFS:-/usr/local/bin/swapfs}
+# Installed by `swapfs install-units` or the package; the units run $SWAPFS (default {exe}).
+SWAPFS=${{SWAPFS:-{exe}}}
 if [ ! -x "$SWAPFS" ]; then
     echo "swapfs-generator: $SWAPFS is missing; no swapfs units generated" >&2
     exit 0
 fi
 exec "$SWAPFS" generate-units --exe "$SWAPFS" "$@"
 """
+
+
+GENERATOR_SCRIPT = generator_script()
 
 
 def escape(text: str, *, path: bool = False) -> str:

@@ -5,7 +5,8 @@ top.py), record, plot, metrics (metrics.py); trace.py: trace record,
 trace replay; config.py: check-config;
 units.py: install-units, generate-units), the log
 set-up in logs.py, what they all print the same way in common.py.  This
-module assembles the top parser."""
+module assembles the top parser; manual.py renders the manual pages and the
+shell completions from it at build time."""
 
 from __future__ import annotations
 
@@ -27,10 +28,14 @@ To swap into it (as root):
   swapfs swapon /run/swapfs/swap0 --priority 100    # loop device, mkswap, swapon
   swapfs status                           # every swapfs device, like swapon --show
   swapfs stats /run/swapfs                # a table; --format json|prometheus
-and to stop: swapfs swapoff /run/swapfs/swap0 && swapfs unmount /run/swapfs
+and to stop:
+  swapfs swapoff /run/swapfs/swap0 && swapfs unmount /run/swapfs
 
 At boot: put the configuration in /etc/swapfs/NAME.toml (devices with
-swap = true) and run 'swapfs install-units' once; see README.md.
+swap = true; the keys: swapfs.toml(5), 'swapfs check-config FILE' checks one).
+The systemd generator, installed by the Debian package (or from a checkout by
+'swapfs install-units'), makes swapfs@NAME.service of it and a swap unit per
+device; see README.md.
 """
 
 EPILOG = """\

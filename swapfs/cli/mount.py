@@ -461,10 +461,27 @@ def _failover_processes(mountpoint: str) -> list[int]:
 # -- upgrade -----------------------------------------------------------------
 
 
+def _runs_this_installation(pid: int) -> bool:
+    """Whether process ``pid`` runs this installation's Python (its argv[0] is under
+    sys.prefix: /usr/lib/swapfs for the package, a checkout's .venv for a checkout)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
+        if not argv0:
+            return False
+        path = os.path.normpath(os.path.join(os.readlink(f"/proc/{pid}/cwd"), argv0))
+    except OSError:
+        return False
+    return path.startswith(os.path.join(sys.prefix, ""))
+
+
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    """Hand the mount to the installed code: a new daemon takes over with upgrade=True."""
     from ..keeper import KeeperError
 
+    if args.all == (args.mountpoint is not None):
+        return die("upgrade: give MOUNTPOINT or --all", EXIT_USAGE)
+    if args.all:
+        return _upgrade_all()
     mountpoint = os.path.abspath(args.mountpoint)
     if mountpoint not in system.swapfs_mounts():
         return die(f"{mountpoint} is not a swapfs mount")
@@ -477,6 +494,60 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     except KeeperError as exc:
         return die(f"{mountpoint} has no keeper ({exc}): it was mounted with --no-failover, "
                    "and only swapoff, unmount and mount can change its code")
+    return _upgrade(mountpoint, status)
+
+
+def _upgrade_all() -> int:
+    """Every mount whose daemon runs this installation's code (the package's postinst runs
+    this after an upgrade); mounts of other installations are left to theirs, untouched: their
+    keepers are not even asked (a keeper that does not answer would hold up the upgrade)."""
+    from ..keeper import KeeperError
+
+    failed = False
+    for mountpoint in system.swapfs_mounts():
+        ours = _processes_of_this_installation(mountpoint)
+        if not ours:
+            continue
+        if not any("swapfs.keeper" in argv for argv in ours):
+            if any("--no-failover" in argv for argv in ours):
+                print(f"swapfs: {mountpoint} has no keeper (--no-failover): it runs the old code "
+                      "until it is unmounted and mounted again", file=sys.stderr)
+            continue
+        try:
+            status = _keeper_status(keeper_socket(mountpoint))
+        except (KeeperError, TimeoutError) as exc:
+            print(f"swapfs: the keeper of {mountpoint} does not answer ({exc}): not upgraded",
+                  file=sys.stderr)
+            failed = True
+            continue
+        active = status.get("active")
+        if not active or not _runs_this_installation(int(active)):
+            continue
+        failed |= _upgrade(mountpoint, status) != EXIT_OK
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _processes_of_this_installation(mountpoint: str) -> list[list[str]]:
+    """The command lines of this installation's processes of ``mountpoint``: its keeper
+    (``-m swapfs.keeper SOCKET``) and daemons (whose last argument is the mountpoint)."""
+    sock = keeper_socket(mountpoint)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            continue
+        if (sock in argv or argv[-1:] == [mountpoint]) and _runs_this_installation(int(entry)):
+            found.append(argv)
+    return found
+
+
+def _upgrade(mountpoint: str, status: dict[str, Any]) -> int:
+    """Hand the mount to the installed code: a new daemon takes over with upgrade=True."""
+    sock = keeper_socket(mountpoint)
     daemon_args = status["meta"].get("daemon_args")
     if not daemon_args:
         return die(f"the keeper of {mountpoint} does not say how its daemon was started")
@@ -557,8 +628,13 @@ def add_parsers(sub: Any) -> None:
                        "checks that it can read the state, then the running daemon stops reading, "
                        "finishes what it holds and exits, and the new one serves on, swap and all. "
                        "If the new code cannot read the state it refuses and the old daemon keeps "
-                       "serving.  (SIGHUP, or systemctl reload, only re-reads the configuration.)")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+                       "serving.  (SIGHUP, or systemctl reload, only re-reads the configuration.)  "
+                       "--all: every mount whose daemon runs this installation (what the Debian "
+                       "package runs after it is upgraded; mounts of other installations are left "
+                       "alone).")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("--all", action="store_true",
+                   help="every swapfs mount served by this installation's code")
     p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("unmount", aliases=["umount"], help="unmount swapfs",

@@ -12,6 +12,9 @@ from typing import Any
 from .. import system, units
 from .common import EXIT_OK, die
 
+# Where the Debian package (scripts/package) installs swapfs's private virtualenv.
+PACKAGE_PREFIX = "/usr/lib/swapfs"
+
 
 def cmd_generate_units(args: argparse.Namespace) -> int:
     config_dir = args.config_dir or os.environ.get("SWAPFS_CONFIG_DIR") or units.CONFIG_DIR
@@ -35,6 +38,10 @@ def _own_executable() -> str | None:
 
 def cmd_install_units(args: argparse.Namespace) -> int:
     root = os.path.abspath(args.root)
+    if root == "/" and sys.prefix == PACKAGE_PREFIX:
+        return die("this swapfs is the Debian package's, whose generator and unit template are in "
+                   "/usr/lib/systemd already; install-units is for a checkout (units it put in "
+                   "/usr/local would take precedence over the package's)")
     if root == "/" and os.geteuid() != 0:
         return die("install-units writes to /usr/local and /etc: run it as root (or --root DIR)")
     target = args.target or _own_executable()
