@@ -84,7 +84,9 @@ def test_top_in_a_terminal_quits_and_restores_it(mount_factory, tmp_path, how):
     tmux = Tmux(tmp_path)
     pid_file, tty_before, tty_after = tmp_path / "pid", tmp_path / "before", tmp_path / "after"
     top_cmd = shlex.join(swapfs_cmd("top", str(m.path), "--interval", "0.2"))
-    script = (f"stty -g > {tty_before}; sh -c 'echo $$ > {pid_file}; exec {top_cmd}'; "
+    # Ctrl-C reaches the whole foreground group: the shell around top catches it (a handler,
+    # not an ignore, which top would inherit) and waits for top's own exit status
+    script = (f"trap true INT; stty -g > {tty_before}; sh -c 'echo $$ > {pid_file}; exec {top_cmd}'; "
               f"echo EXIT=$?; stty -g > {tty_after}; sleep 60")
     env = {"TERM": "xterm-256color", "NO_COLOR": "1" if how == "ctrl-c" else ""}
     try:
