@@ -371,7 +371,10 @@ def command_manual(version: str = __version__, date: str | None = None) -> str:
     page.add_section("description", "=", _description_roff(description))
     for heading, content in COMMAND_SECTIONS.items():
         page.add_section(heading, ">", content)
-    return str(page)
+    # A help text that begins with ' would be read by roff as a control line (as one that
+    # begins with "." is); argparse-manpage writes its own requests with "." only.
+    return "".join("\\&" + line if line.startswith("'") else line
+                   for line in str(page).splitlines(keepends=True))
 
 
 # -- completions -------------------------------------------------------------

@@ -140,7 +140,7 @@ def add_parser(sub: Any) -> None:
                        "/var/lib/prometheus/node-exporter/swapfs.prom.  Exits 1 if a mount did "
                        "not answer (the file is written all the same).")
     p.add_argument("mounts", nargs="*", metavar="MOUNT", help="default: every swapfs mount")
-    p.add_argument("-o", "--output", default="-", metavar="FILE", help="'-' (the default): stdout")
+    p.add_argument("-o", "--output", default="-", metavar="FILE", help="the file to write atomically (default: - for stdout)")
     p.add_argument("--timeout", type=positive_seconds, default=DEFAULT_TIMEOUT, metavar="S",
                    help=f"seconds to wait for each daemon (default {DEFAULT_TIMEOUT:g})")
     p.set_defaults(func=cmd_metrics)
