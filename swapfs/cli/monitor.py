@@ -209,7 +209,9 @@ def cmd_plot(args: argparse.Namespace) -> int:
     try:
         import matplotlib  # noqa: F401
     except ImportError:
-        return die("swapfs plot needs matplotlib: pip install 'swapfs[plot]' (or .venv/bin/pip install matplotlib)")
+        return die("swapfs plot needs matplotlib, which this installation leaves out: in a "
+                   "checkout, pip install 'swapfs[plot]'; the Debian package has none, so copy "
+                   "the recording to a machine with a checkout and plot it there")
     fig = draw(samples)
     try:
         fig.savefig(args.output, dpi=100)
