@@ -286,9 +286,9 @@ def add_parsers(sub: Any) -> None:
     p = sub.add_parser("stats", help="show statistics of a mount or of one device",
                        description="Print the statistics of a swapfs mount (its user.swapfs.stats "
                        "xattr) or of one device file.  --format prometheus writes the Prometheus "
-                       "text format for node_exporter's textfile collector, e.g. "
-                       "'swapfs stats /run/swapfs/main --format prometheus > "
-                       "/var/lib/node_exporter/swapfs.prom.$$ && mv ... swapfs.prom'.")
+                       "text format of this one mount; for node_exporter's textfile collector use "
+                       "'swapfs metrics -o FILE' (every mount, written atomically, with "
+                       "swapfs_up) or the swapfs-textfile.timer unit.")
     p.add_argument("path", metavar="MOUNT|DEVICE_FILE")
     p.add_argument("--format", choices=["table", "json", "prometheus"], default="table")
     p.add_argument("--json", action="store_true", help="the same as --format json")
