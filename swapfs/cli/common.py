@@ -145,6 +145,8 @@ def add_timeout_option(parser: Any) -> None:
 
 
 def positive_seconds(text: str) -> float:
+    """argparse type of --timeout and --interval: a number of seconds above zero (argparse
+    names the option in its message and exits with status 2)."""
     import argparse
     import math
 

@@ -129,7 +129,7 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def add_parser(sub: Any) -> None:
-    from .monitor import positive_seconds
+    from .common import positive_seconds
 
     p = sub.add_parser("metrics", help="every mount's stats for Prometheus (node_exporter's textfile collector)",
                        description="The stats of every swapfs mount on this machine (or of the MOUNTs "

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import sys
 import time
@@ -17,7 +16,7 @@ from typing import Any
 
 from ..kernel import PAGE_SIZE as PAGE
 from . import metrics
-from .common import EXIT_OK, die, fmt_bytes, read_stats, stats_error
+from .common import EXIT_OK, die, fmt_bytes, positive_seconds, read_stats, stats_error
 from .top import cmd_top, quiet_broken_pipe
 
 # -- record and plot ---------------------------------------------------------
@@ -219,18 +218,6 @@ def cmd_plot(args: argparse.Namespace) -> int:
         return die(f"cannot write {args.output}: {exc.strerror}")
     print(f"{args.output}: {len(samples)} samples over {samples[-1]['time'] - samples[0]['time']:.0f} s")
     return EXIT_OK
-
-
-def positive_seconds(text: str) -> float:
-    """argparse type of --interval: a number of seconds above zero (argparse
-    names the option in its message and exits with status 2)."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text}: must be a number of seconds above 0")
-    return value
 
 
 def positive_count(text: str) -> int:
