@@ -337,22 +337,11 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
     if not args.log_file:  # the default directory: drop the logs of mounts gone since
         remove_stale_logs(log_dir(), [*system.swapfs_mounts(), mountpoint])
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "swapfs", "mount", "--foreground", "--ready-fd", str(w)]
-    cmd += ["--log-file", log_file, "--log-level", args.log_level]
-    if args.config:
-        cmd += ["--config", os.path.abspath(args.config)]
-    if args.allow_other:
-        cmd.append("--allow-other")
-    if args.no_mlock:
-        cmd.append("--no-mlock")
-    cmd += ["--poll-us", str(args.poll_us), "--cpu-latency-us", str(args.cpu_latency_us)]
-    if args.no_cpu_latency:
-        cmd.append("--no-cpu-latency")
-    cmd += ["--transport", args.transport]
+    *opts, _ = _daemon_args(args, mountpoint, log_file)
+    cmd = [sys.executable, "-m", "swapfs", "mount", "--foreground", "--ready-fd", str(w), *opts,
+           "--transport", args.transport]
     if args.no_failover:
         cmd.append("--no-failover")
-    if args.standby:
-        cmd.append("--standby")
     cmd.append(mountpoint)
     proc = subprocess.Popen(
         cmd,
