@@ -10,7 +10,7 @@ import pytest
 import trio
 import trio.lowlevel
 
-from swapfs.slots import FILE0, KIND_MASK, POOL, SHADOW
+from swapfs.slots import FILE0, KIND_MASK, POOL, SHADOW, length_of
 from swapfs.store import Store
 from swapfs.writeback import Writeback, open_writeback
 
@@ -66,8 +66,14 @@ async def test_ctl_pages_moves_the_coldest_contiguously(stores, tmp_path):
     assert moved == 16
     assert [where(store, dev, s) for s in range(16)] == ["ssd"] * 16
     assert all(where(store, dev, s) == "pool" for s in range(16, 64))
-    # one batch, one contiguous extent
-    assert sorted(dev.table.handles[s] for s in range(16)) == list(range(16))
+    # one batch, one contiguous extent: each object right after the one
+    # before (or at the next block, where it would span three)
+    tier_ = store.files[0]
+    objs = sorted((dev.table.handles[s], tier_.object_bytes(length_of(dev.table.info[s])))
+                  for s in range(16))
+    assert objs[0][0] == 0
+    for (h0, n0), (h1, _n1) in zip(objs, objs[1:]):
+        assert h1 == h0 + n0 or (h1 % PAGE == 0 and h0 + n0 < h1 < h0 + n0 + PAGE)
     st = store.stats()
     assert st.writeback.batches == 1 and st.writeback.moved_bytes == 16 * PAGE
     assert st.writeback.requests == 1

@@ -86,16 +86,21 @@ async def test_priority_order_then_round_robin(stores, tmp_path):
     ])
     dev = store.devices[0]
     data = os.urandom(2 * CLUSTER)
-    await store.write(dev, 0, data)  # fills "fast" exactly
+    await store.write(dev, 0, data)  # fills "fast"; what does not fit goes to the next priority
     ts = tier_stats(store)
-    assert ts["fast"].stored_pages == 2 * CLUSTER_PAGES
-    assert ts["ssd_a"].stored_pages == ts["ssd_b"].stored_pages == ts["slow"].stored_pages == 0
-    # four more clusters, one request each: equal priorities take turns, cluster by cluster
+    fast = ts["fast"].stored_pages
+    assert fast > 0 and store.tiers[1].allocate([PAGE]) == []  # full: raw pages and their tags
+    assert ts["slow"].stored_pages == 0
+    assert ts["ssd_a"].stored_pages + ts["ssd_b"].stored_pages == 2 * CLUSTER_PAGES - fast
+    # four more clusters, one request each: equal priorities take turns, segment by segment
     more = [os.urandom(CLUSTER) for _ in range(4)]
     for i, chunk in enumerate(more):
         await store.write(dev, 2 * CLUSTER + i * CLUSTER, chunk)
     ts = tier_stats(store)
-    assert ts["ssd_a"].stored_pages == ts["ssd_b"].stored_pages == 2 * CLUSTER_PAGES
+    per_segment = store.tiers[2].segment_bytes // store.tiers[2].object_bytes(PAGE)
+    a, b = ts["ssd_a"].stored_pages, ts["ssd_b"].stored_pages
+    assert a + b == 6 * CLUSTER_PAGES - fast
+    assert a > 0 and b > 0 and abs(a - b) <= per_segment
     assert ts["slow"].stored_pages == 0
     assert await store.read(dev, 0, 6 * CLUSTER) == data + b"".join(more)
     accounting(store)
@@ -110,7 +115,12 @@ async def test_all_tiers_full_is_nospace_and_keeps_data(stores, tmp_path):
             page = os.urandom(PAGE)
             await store.write(dev, i * PAGE, page)
             stored.append(page)
-    assert len(stored) == CLUSTER_PAGES  # raw pages: all in the file tier
+    # raw pages: all in the file tier, as many as fit with their headers and tags, less the
+    # segments kept back for cleaning (nothing to clean: every object is live)
+    t = store.tiers[0]
+    usable = t.nsegments - 2
+    assert len(stored) == usable * (t.segment_bytes // t.object_bytes(PAGE))
+    assert t.stored_pages == len(stored) and t.full
     assert await store.read(dev, 0, len(stored) * PAGE) == b"".join(stored)
     assert await store.read(dev, len(stored) * PAGE, PAGE) == bytes(PAGE)
     # same-filled pages need no space
@@ -127,12 +137,15 @@ async def test_discard_frees_file_pages_and_punches_clusters(stores, tmp_path):
     assert blocks_full * 512 >= 4 * CLUSTER
     await store.discard(dev, CLUSTER, 2 * CLUSTER)
     assert tier_stats(store)["ssd"].stored_pages == 2 * CLUSTER_PAGES
-    assert os.stat(path).st_blocks * 512 <= blocks_full * 512 - 2 * CLUSTER
+    # every segment left without a live object is punched: all of those the discarded range
+    # covers but the two it shares with the pages kept
+    seg = store.tiers[0].segment_bytes
+    assert os.stat(path).st_blocks * 512 <= blocks_full * 512 - 2 * CLUSTER * 4128 // PAGE + 2 * seg
     assert await store.read(dev, CLUSTER, 2 * CLUSTER) == bytes(2 * CLUSTER)
-    # a rewrite that moves a whole cluster's pages to the pool frees the cluster too
+    # a rewrite that moves a whole cluster's pages to the pool frees their segments too
     await store.write(dev, 0, (b"now compressible " * 250)[:PAGE] * CLUSTER_PAGES)
     assert tier_stats(store)["ssd"].stored_pages == CLUSTER_PAGES
-    assert os.stat(path).st_blocks * 512 <= blocks_full * 512 - 3 * CLUSTER
+    assert os.stat(path).st_blocks * 512 <= blocks_full * 512 - 3 * CLUSTER * 4128 // PAGE + 3 * seg
     accounting(store)
 
 
@@ -143,11 +156,11 @@ async def test_flipped_byte_in_backing_file_is_eio_for_that_page_only(stores, tm
     pages = [os.urandom(PAGE) for _ in range(8)]
     await store.write(dev, 0, b"".join(pages))
     victim = 5
-    fpage = dev.table.handles[victim]
+    handle = dev.table.handles[victim]
     fd = os.open(path, os.O_RDWR)
     try:
-        b = os.pread(fd, 1, DATA_OFFSET + fpage * PAGE + 123)
-        os.pwrite(fd, bytes([b[0] ^ 0x40]), DATA_OFFSET + fpage * PAGE + 123)
+        b = os.pread(fd, 1, DATA_OFFSET + handle + 123)
+        os.pwrite(fd, bytes([b[0] ^ 0x40]), DATA_OFFSET + handle + 123)
     finally:
         os.close(fd)
     with pytest.raises(Corruption):
@@ -365,16 +378,19 @@ async def test_a_write_that_finds_no_room_changes_nothing(stores, tmp_path):
     # the pool and the file tier is refused whole; the old content stays.
     store = stores([tier("ssd", tmp_path / "ssd.img", CLUSTER)], pool_bytes=256 * 1024)
     dev = store.devices[0]
-    old = [os.urandom(PAGE) for _ in range(200)]
-    await store.write(dev, 0, b"".join(old))  # 200 of the tier's 256 pages
+    t = store.tiers[0]
+    room = (t.nsegments - 2) * (t.segment_bytes // t.object_bytes(PAGE))  # raw pages it holds
+    nold = room - 60
+    old = [os.urandom(PAGE) for _ in range(nold)]
+    await store.write(dev, 0, b"".join(old))  # all but 60 of the tier's room
     before = store.stats()
     new = b"".join(os.urandom(PAGE) for _ in range(64))
     with pytest.raises(NoSpace):
         await store.write(dev, 100 * PAGE, new)
     after = store.stats()
-    assert await store.read(dev, 0, 200 * PAGE) == b"".join(old)
+    assert await store.read(dev, 0, nold * PAGE) == b"".join(old)
     assert after.totals.stored_pages == before.totals.stored_pages
-    assert tier_stats(store)["ssd"].stored_pages == 200
+    assert tier_stats(store)["ssd"].stored_pages == nold
     assert after.device("swap0").nospace_errors == 1
     store.check_invariants()
     # A write that fits still goes through, and the space is really free.
