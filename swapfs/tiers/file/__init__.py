@@ -497,14 +497,17 @@ class FileTier:
                          f"({length!r} bytes), not live")
         return size
 
-    def open_object(self, handle: int, length: int, key: int, buf: bytes | memoryview
-                    ) -> tuple[int, bytes]:
+    def open_object(self, handle: int, length: int, key: int, buf: bytes | memoryview,
+                    cipher: ObjectCipher | None = None) -> tuple[int, bytes]:
         """Verify (and decrypt) the bytes ``buf`` of the object at ``handle``, which must be
         slot ``key``'s, of ``length`` payload bytes, in its segment's current generation:
-        ``(codec id, payload)``, or ChecksumError (counted and logged)."""
+        ``(codec id, payload)``, or ChecksumError (counted and logged).  ``cipher``: the one
+        the read began with (a close meanwhile drops the tier's)."""
         m = self._map
+        if cipher is None:
+            cipher = self._cipher
         try:
-            return unseal(self._cipher, handle, m.gen[m.segment_of(handle)], key, length, buf)
+            return unseal(cipher, handle, m.gen[m.segment_of(handle)], key, length, buf)
         except Bad as e:
             raise self._bad(handle, str(e)) from None
 
@@ -529,6 +532,7 @@ class FileTier:
         if not items:
             return []
         ranges = [(h, self._check_read(h, n)) for h, n, _k in items]
+        cipher = self._cipher
         fd = self._begin()
         try:
             got = None
@@ -553,7 +557,7 @@ class FileTier:
         bad = None
         for (h, n, k), buf in zip(items, got):
             try:
-                out.append(self.open_object(h, n, k, buf))
+                out.append(self.open_object(h, n, k, buf, cipher))
             except ChecksumError as e:
                 if bad is None:
                     bad = e
