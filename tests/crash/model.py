@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from swapfs.store import Store
 
-from ..core.conftest import compressible_page
+from ..store.conftest import compressible_page
 
 PAGE = 4096
 SLOTS = 48  # slots the mix touches (of a larger device): most writes are rewrites
