@@ -401,7 +401,7 @@ def _parse_tier(data: Any, key: str, base_dir: str) -> TierConfig:
         raise ConfigError(f"{t.name('segment_bytes')}: {sized(segment_bytes)}: must be a power "
                           f"of two from {MIN_SEGMENT_BYTES >> 10} KiB to "
                           f"{MAX_SEGMENT_BYTES >> 20} MiB")
-    recompress = t.get_str("recompress", "")
+    recompress = t.get_str("recompress", None) if "recompress" in t.data else ""
     if recompress and recompress not in ALGORITHMS:
         raise ConfigError(f"{t.name('recompress')}: unknown algorithm {recompress!r} "
                           f"(known: {', '.join(ALGORITHMS)})")

@@ -202,6 +202,7 @@ def _scan_device(state: StoreState, dev: Device, objects: dict[int, tuple[int, i
                 if h in named:
                     raise StoreError(f"{dev.name}: slot {s} names the object at {h} of tier "
                                      f"{state.tiers[ti].name}, which another slot names")
+                n = length_of(i)
                 if not 0 < n <= PAGE_SIZE:
                     raise StoreError(f"{dev.name}: slot {s} names an object of {n} bytes in "
                                      f"tier {state.tiers[ti].name}")

@@ -159,6 +159,12 @@ class Writeback:
                 await self._yield(False)
         return moved
 
+    async def clean_now(self, ti: int, segments: int = 1) -> int:
+        """Clean up to ``segments`` segments of file tier ``ti`` now, needed
+        or not (between migrations: the same lock); the objects moved."""
+        async with self._lock:
+            return await self.store.clean(ti, segments)
+
     async def recompress(self, *, limit: int = RECOMPRESS_PER_PASS) -> int:
         """Recompress pool pages idle for ``pool.recompress_after`` (see
         swapfs/recompress.py) in steps of RECOMPRESS_STEP with a checkpoint

@@ -24,7 +24,7 @@ SLOTS = 48  # slots the mix touches (of a larger device): most writes are rewrit
 
 @dataclass(frozen=True)
 class Op:
-    kind: str  # write, sub, discard, read, compact, recompress, migrate, epoch
+    kind: str  # write, sub, discard, read, compact, recompress, migrate, clean, epoch
     slot: int = 0
     npages: int = 1
     start: int = 0  # sub-page write or discard: byte offset in the first page
@@ -71,8 +71,10 @@ def operations(seed: int, count: int) -> list[Op]:
             ops.append(Op("compact"))
         elif r < 0.92:
             ops.append(Op("recompress"))
-        elif r < 0.97:  # demote (to the file tier) the pool pages of 8 slots
+        elif r < 0.95:  # demote (to the file tier) the pool pages of 8 slots
             ops.append(Op("migrate", slot, npages=8))
+        elif r < 0.98:  # clean the file tier's emptiest segments (their live objects move)
+            ops.append(Op("clean"))
         else:
             ops.append(Op("epoch", seed=k))
     return ops
@@ -131,6 +133,8 @@ async def run(store: Store, ops: list[Op], log_fd: int,
             store.recompressor.step(16, 0)
         elif op.kind == "migrate":
             await store.migrate([(dev, s) for s in range(op.slot, op.slot + op.npages)], 0)
+        elif op.kind == "clean":
+            await store.clean(0, 2)
         elif op.kind == "epoch":
             store.set_epoch(store.epoch + 1)
         apply(model, op)

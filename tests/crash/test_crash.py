@@ -39,7 +39,9 @@ _SWAPFS = os.path.dirname(swapfs.__file__)
 def _config(dedup: bool, tier_dir: Path) -> Any:
     """A store over a file tier (a new backing file each time)."""
     path = tier_dir / f"ssd-{next(_files)}.tier"
-    return store_config((tier("ssd", path, 8 * MiB),), devices=(("swap0", 4 * MiB),),
+    # small segments: the mix seals some, and cleaning finds them
+    return store_config((tier("ssd", path, 8 * MiB, segment_bytes=64 * 1024),),
+                        devices=(("swap0", 4 * MiB),),
                         pool_bytes=8 * MiB, dedup=dedup, recompress="zstd", recompress_after=0.0)
 
 

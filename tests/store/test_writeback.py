@@ -309,6 +309,16 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
             check()
             await trio.sleep(0.001)
 
+    cleaned = [0]
+
+    async def cleaner(wb: Writeback) -> None:
+        # the file tiers' segments cleaned at any point: their live objects
+        # re-appended and their slots switched while the others run
+        for _ in range(60):
+            cleaned[0] += await wb.clean_now(rng.randrange(2), rng.randrange(1, 4))
+            check()
+            await trio.sleep(0.001)
+
     async def compactor() -> None:
         # compaction in small steps at any point, between any two awaits of
         # the others (the writeback task also compacts as it drains)
@@ -335,6 +345,7 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
             n.start_soon(requester, wb)
             n.start_soon(compactor)
             n.start_soon(recompressor)
+            n.start_soon(cleaner, wb)
     for i in range(npages):
         page = bytes(await store.read(dev, i * PAGE, PAGE))
         assert page in model[i], f"page {i}"
@@ -347,9 +358,12 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
         assert st.writeback.promotions > 0
     assert st.pool.compacted_objects > 0
     assert st.pool.recompressed_pages > 0
+    assert cleaned[0] > 0
+    assert sum(t.cleaned_objects for t in store.tiers) >= cleaned[0]
     if dedup:
         assert st.pool.dedup_hits > 0
     print(f"seed {seed}: {checks[0]} checked steps, moved {st.writeback.moved_pages}, "
+          f"cleaned {cleaned[0]}, "
           f"dedup hits {st.pool.dedup_hits}, "
           f"aborted {st.writeback.aborted_moves}, promotions {st.writeback.promotions}, "
           f"cache hits {st.cache.hits}, compacted {st.pool.compacted_objects}, "

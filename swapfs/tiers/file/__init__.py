@@ -475,10 +475,10 @@ class FileTier:
 
     def _bad(self, handle: int, why: str) -> ChecksumError:
         self.checksum_errors += 1
-        log.error("tier %r: %s: object at %d (offset %d) does not verify: %s",
+        log.error("tier %r: %s: checksum mismatch on the object at %d (offset %d): %s",
                   self.name, self.path, handle, DATA_OFFSET + handle, why)
         return ChecksumError(handle, f"tier {self.name!r}: {self.path}: object at {handle}: "
-                                     f"{why}")
+                                     f"checksum mismatch ({why})")
 
     def _io_error(self, e: OSError, what: str) -> TierIOError:
         self.io_errors += 1
