@@ -30,6 +30,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
+import trio
+
 from .cache import KEY_PAGE_MASK, KEY_SHIFT, SwapCache, file_key
 from .codec import CODECS_BY_ID, Codec
 from .config import TierConfig
@@ -117,6 +119,9 @@ class FileTierSet:
         # Called (no await) when a tier runs low on free segments: the
         # writeback task's kick, which cleans (set by the store).
         self.kick_cleaning: Callable[[], None] | None = None
+        # Set (and replaced) each time cleaning made room: what a write that
+        # found every tier out of room waits for (``wait_for_room``).
+        self._room = trio.Event()
 
     def __len__(self) -> int:
         return len(self.tiers)
@@ -187,6 +192,30 @@ class FileTierSet:
         tier = self.tiers[grant.tier]
         for h, n in zip(grant.handles, lengths):
             tier.free(h, n)
+
+    # -- waiting for cleaning ----------------------------------------------
+
+    @property
+    def cleanable(self) -> bool:
+        """Some tier is out of room but not full: cleaning can make room."""
+        return any(not t.full and t.cleaning_victims() for t in self.tiers)
+
+    async def wait_for_room(self, timeout: float) -> bool:
+        """Ask the writeback task to clean and wait until it made room (True)
+        or ``timeout`` seconds passed (False).  For writes only: a read never
+        waits for cleaning."""
+        if self.kick_cleaning is None or not self.cleanable:
+            return False
+        room = self._room
+        self.kick_cleaning()
+        with trio.move_on_after(timeout):
+            await room.wait()
+        return room.is_set()
+
+    def room_made(self) -> None:
+        """Cleaning freed segments: wake the writes waiting for room."""
+        self._room.set()
+        self._room = trio.Event()
 
     # -- pins and frees -----------------------------------------------------
 

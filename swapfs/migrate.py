@@ -274,6 +274,7 @@ class Migrator:
             for seg in tier.cleaning_victims(segments):
                 moved += await self._clean_segment(ti, seg)
             await self.files.punch()
+            self.files.room_made()
             return moved
         finally:
             self._running = False

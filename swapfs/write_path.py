@@ -49,6 +49,11 @@ from .tiers.pool import MAX_OBJECT, OBJECT_BYTES, PoolFull
 
 log = logging.getLogger(__name__)
 
+# A write that finds every file tier out of room, but some tier's cleaning could make it,
+# waits for the writeback task's cleaning this many times, this long each, before NoSpace.
+ROOM_WAITS = 16
+ROOM_WAIT_SECONDS = 0.5
+
 _LAST_WORD = PAGE_SIZE // 8 - 1
 _HUGE_BYTES = OBJECT_BYTES[PAGE_SIZE]
 # At most one NoSpace warning per this many seconds (the count is in stats).
@@ -386,12 +391,18 @@ class WritePath(ReadPath):
         todo = staged.spill
         errors: list[str] = []
         broken: set[int] = set()  # tiers that failed with an I/O error in this request
+        waits = 0
         while todo:
             lengths = [len(objs[idx][1]) for idx in todo]
             grants = files.allocate(lengths, broken)
             if not grants:
                 if files.punch_pending:  # emptied segments wait for their punch: reuse them
                     await files.punch()
+                    continue
+                # out of room but not full: the writeback task cleans (a write, not a
+                # fault, waits for it; a bounded number of times)
+                if waits < ROOM_WAITS and await files.wait_for_room(ROOM_WAIT_SECONDS):
+                    waits += 1
                     continue
                 break
             for g in grants:

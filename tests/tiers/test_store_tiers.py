@@ -413,3 +413,98 @@ async def test_pages_that_skip_the_pool_are_counted(stores, tmp_path):
     assert pool.pool_limit_hit > 0  # the rest found the pool at its limit and went to the tier
     assert tier_stats(store)["ssd"].stored_pages == 10 + pool.pool_limit_hit
     assert await store.read(dev, 16 * PAGE, 1200 * PAGE) == text
+
+
+async def test_cleaning_moves_live_objects_and_frees_segments(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 4 * MiB, segment_bytes=64 * 1024)],
+                   pool_bytes=256 * 1024)
+    dev = store.devices[0]
+    rng = random.Random(11)
+    n = 600
+    pages = [rng.randbytes(PAGE) if i % 3 else (b"clean me %d " % i * 400)[:PAGE]
+             for i in range(n)]
+    await store.write(dev, 0, b"".join(pages[:300]))
+    await store.migrate([(dev, s) for s in range(300)], 0)  # whatever the pool held, down
+    await store.write(dev, 300 * PAGE, b"".join(pages[300:]))
+    await store.migrate([(dev, s) for s in range(300, n)], 0)
+    t = store.tiers[0]
+    assert t.stored_pages == n
+    kept = set(range(n))
+    for s in rng.sample(range(n), n // 2):  # random discards leave segments half live
+        await store.discard(dev, s * PAGE, PAGE)
+        kept.discard(s)
+    before = t.stats()
+    assert before.dead_bytes > 0
+    moved = 0
+    while t.cleaning_victims():
+        got = await store.clean(0, 4)
+        if not got:
+            break
+        moved += got
+        store.check_invariants()
+    after = t.stats()
+    assert moved > 0 and after.cleaned_objects == moved
+    assert after.cleaned_bytes > 0 and after.write_amplification > 1.0
+    assert after.segments_free > before.segments_free  # emptied, punched, reusable
+    assert after.dead_bytes < before.dead_bytes
+    assert after.live_bytes == before.live_bytes and after.stored_pages == len(kept)
+    for s in range(n):
+        assert await store.read(dev, s * PAGE, PAGE) == (pages[s] if s in kept else bytes(PAGE))
+    accounting(store)
+
+
+async def test_a_cleaning_move_loses_to_a_write_or_discard_meanwhile(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 4 * MiB, segment_bytes=64 * 1024)])
+    dev = store.devices[0]
+    rng = random.Random(12)
+    pages = [rng.randbytes(PAGE) for _ in range(64)]
+    await store.write(dev, 0, b"".join(pages))  # incompressible: 15 to a segment
+    for s in range(0, 64, 2):
+        await store.discard(dev, s * PAGE, PAGE)
+    t = store.tiers[0]
+    write = t.write
+    hold, holding = trio.Event(), trio.Event()
+
+    async def held_write(*args, **kw):
+        holding.set()
+        await hold.wait()  # cleaning stays between its copy and its commit
+        await write(*args, **kw)
+
+    t.write = held_write
+    new = rng.randbytes(PAGE)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.clean, 0, 1)
+        await holding.wait()
+        t.write = write
+        await store.write(dev, 1 * PAGE, new)  # slot 1 rewritten, slot 3 discarded meanwhile
+        await store.discard(dev, 3 * PAGE, PAGE)
+        hold.set()
+    assert await store.read(dev, 1 * PAGE, PAGE) == new
+    assert await store.read(dev, 3 * PAGE, PAGE) == bytes(PAGE)
+    for s in range(5, 64, 2):
+        assert await store.read(dev, s * PAGE, PAGE) == pages[s]
+    assert store.stats().writeback.aborted_moves >= 2
+    store.check_invariants()
+
+
+@pytest.mark.timeout(120)
+async def test_a_tier_under_random_rewrites_at_70_percent_live_never_reports_full(stores, tmp_path):
+    """The writeback task cleans as free segments run low: the tier never refuses a write
+    while less than 70% of it is live."""
+    from swapfs.writeback import open_writeback
+    store = stores([tier("ssd", tmp_path / "ssd.img", 4 * MiB, segment_bytes=64 * 1024)],
+                   pool_bytes=64 * 1024)
+    dev = store.devices[0]
+    t = store.tiers[0]
+    rng = random.Random(13)
+    nslots = int(0.7 * t.size_bytes / t.object_bytes(PAGE))  # 70% live, raw pages
+    async with open_writeback(store, interval=0.01):
+        for k in range(8 * nslots):
+            await store.write(dev, rng.randrange(nslots) * PAGE, rng.randbytes(PAGE))
+            assert not t.full
+            if k % 200 == 0:
+                await trio.sleep(0)
+    st = t.stats()
+    assert st.cleaned_objects > 0
+    assert st.live_bytes <= 0.7 * t.size_bytes + t.object_bytes(PAGE)
+    store.check_invariants()
