@@ -181,7 +181,7 @@ class FileTierSet:
                     misses += 1
                 if not got or tier.segment_switches != switches:
                     self._rr[gi] = (rr + 1) % len(group)
-                if tier.needs_cleaning and self.kick_cleaning is not None:
+                if tier.low_on_segments and self.kick_cleaning is not None:
                     self.kick_cleaning()
             if pos == n:
                 break
@@ -200,15 +200,15 @@ class FileTierSet:
         """Some tier is out of room but not full: cleaning can make room."""
         return any(not t.full and t.cleaning_victims() for t in self.tiers)
 
-    async def wait_for_room(self, timeout: float) -> bool:
+    async def wait_for_room(self, seconds: float) -> bool:
         """Ask the writeback task to clean and wait until it made room (True)
-        or ``timeout`` seconds passed (False).  For writes only: a read never
+        or ``seconds`` passed (False).  For writes only: a read never
         waits for cleaning."""
         if self.kick_cleaning is None or not self.cleanable:
             return False
         room = self._room
         self.kick_cleaning()
-        with trio.move_on_after(timeout):
+        with trio.move_on_after(seconds):
             await room.wait()
         return room.is_set()
 

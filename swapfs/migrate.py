@@ -221,13 +221,18 @@ class Migrator:
         pins += self.files.pin(ti, [mv.handle for mv in moves])
         moves.sort(key=lambda mv: mv.handle)
         tier = self.files[ti]
-        for mv in moves:
-            try:
-                (cid, payload), = await tier.read_objects(
-                    [(mv.handle, length_of(mv.info), mv.key)])
-            except ChecksumError:
-                continue
-            if mv.unchanged():
+        items = [(mv.handle, length_of(mv.info), mv.key) for mv in moves]
+        try:
+            got = await tier.read_objects(items)
+        except ChecksumError:  # one at a time, to leave only the bad ones behind
+            got = []
+            for item in items:
+                try:
+                    got += await tier.read_objects([item])
+                except ChecksumError:
+                    got.append((-1, b""))
+        for mv, (cid, payload) in zip(moves, got):
+            if cid >= 0 and mv.unchanged():
                 mv.codec, mv.data = cid, payload
 
     def _commit(self, live: list[Move], src: int, ti: int) -> int:

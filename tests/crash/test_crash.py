@@ -294,3 +294,14 @@ def test_killed_at_every_instruction_of_a_short_mix(tmp_path: Path) -> None:
     kills = _every_instruction_of(201, tmp_path, False, 5, ("write", "discard"),
                                   per_op=None)
     assert kills > 1500
+
+
+def test_killed_inside_cleaning_steps_and_moves(tmp_path: Path) -> None:
+    """Kills spread over every cleaning step, move and write of a mix long enough that
+    segments seal and cleaning moves live objects (its commit points among them)."""
+    ops, clocks = _targets(5, tmp_path, False, 160)
+    cleaning = [k for k in range(len(ops) - 1) if ops[k].kind == "clean"
+                and clocks[k + 1] - clocks[k] > 2000]  # steps that moved objects
+    assert cleaning, "the mix has no cleaning step that moved anything"
+    kills = _every_instruction_of(5, tmp_path, False, 160, ("clean",), per_op=40)
+    assert kills >= 40 * len(cleaning) // 2

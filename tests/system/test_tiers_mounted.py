@@ -226,3 +226,25 @@ def test_a_corrupt_tier_region_logs_a_bounded_number_of_lines(mount_factory, tmp
     # a burst of single lines; the rest only counted, and summarised when the window closes
     assert len(lines) <= 20, "\n".join(lines[:30])
     assert len(text.encode()) < 20_000
+
+
+@pytest.mark.timeout(150)
+def test_fio_verify_while_a_tier_fills_to_cleaning(mount_factory, tmp_path):
+    """Incompressible pages rewritten at random over a region holding about half of a small
+    tier, eight times over: the tier fills with dead objects, the writeback task cleans its
+    segments as the writes go on, and every block fio reads back verifies."""
+    if not shutil.which("fio"):
+        pytest.skip("fio not installed")
+    m = mount_factory(tiered_config(tmp_path, tiers=(("ssd", 100, "16M"),)))
+    out = subprocess.run(
+        ["fio", "--name=clean", f"--filename={m.dev()}", "--direct=1", "--ioengine=libaio",
+         "--rw=randwrite", "--bs=4k", "--size=8M", "--loops=8", "--iodepth=8",
+         "--verify=crc32c", "--verify_fatal=1", "--verify_state_save=0", "--do_verify=1"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert out.returncode == 0 and "err= 0" in out.stdout, out.stdout + out.stderr
+    t = m.stats()["tiers"]["ssd"]
+    assert t["cleaned_objects"] > 0 and t["write_amplification"] > 1.0, t
+    assert t["segments_free"] > 0 and not t["full"], t
+    assert t["checksum_errors"] == 0 and t["io_errors"] == 0, t
+    assert t["stored_pages"] > 0 and t["live_bytes"] <= 16 << 20

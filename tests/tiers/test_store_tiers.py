@@ -503,7 +503,7 @@ async def test_a_tier_under_random_rewrites_at_70_percent_live_never_reports_ful
             await store.write(dev, rng.randrange(nslots) * PAGE, rng.randbytes(PAGE))
             assert not t.full
             if k % 200 == 0:
-                await trio.sleep(0)
+                await trio.lowlevel.checkpoint()
     st = t.stats()
     assert st.cleaned_objects > 0
     assert st.live_bytes <= 0.7 * t.size_bytes + t.object_bytes(PAGE)

@@ -358,6 +358,11 @@ class FileTier:
         return m.head >= 0 and m.seg_size(m.head) - m.head_off >= self.object_bytes(PAGE)
 
     @property
+    def low_on_segments(self) -> bool:
+        """Fewer segments than ``clean_low`` are free (a cheap test, for every allocation)."""
+        return len(self._map.free_stack) < self.clean_low
+
+    @property
     def needs_cleaning(self) -> bool:
         """Free segments run low and some segment is worth cleaning."""
         m = self._map
@@ -591,6 +596,8 @@ class FileTier:
             self._end()
         self.reads += 1
         self.read_bytes += n
+        if m.gen[seg] != gen or m.state[seg] not in (HEAD, SEALED):
+            return []  # emptied and reused meanwhile: nothing of what was read is live
         extra = object_bytes(0, self.encrypt)
         return [(h, k, ln, data[pos:pos + ln + extra])
                 for h, k, ln, pos in parse(data, base, gen, self.encrypt)]
