@@ -508,3 +508,34 @@ async def test_a_tier_under_random_rewrites_at_70_percent_live_never_reports_ful
     assert st.cleaned_objects > 0
     assert st.live_bytes <= 0.7 * t.size_bytes + t.object_bytes(PAGE)
     store.check_invariants()
+
+
+@pytest.mark.parametrize("recompress", ["", "zstd"])
+async def test_moves_keep_objects_compressed_and_a_tier_may_recompress(stores, tmp_path,
+                                                                        recompress):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 8 * MiB, recompress=recompress)],
+                   pool_bytes=4 * MiB)
+    dev = store.devices[0]
+    rng = random.Random(14)
+    words = [b"alpha ", b"beta ", b"gamma ", b"delta ", b"swap "]
+    pages = [b"".join(rng.choice(words) for _ in range(900))[:PAGE] for _ in range(64)]
+    await store.write(dev, 0, b"".join(pages))
+    sizes = [dev.table.info[s] >> 4 & 0x1FFF for s in range(64)]  # the pool's lz4 lengths
+    assert await store.migrate([(dev, s) for s in range(64)], 0) == 64
+    t = store.tiers[0]
+    codecs = []
+    for s in range(64):
+        n = dev.table.info[s] >> 4 & 0x1FFF
+        cid, payload = t.read_now(dev.table.handles[s], n, s)
+        codecs.append(cid)
+        assert len(payload) == n < PAGE
+    if recompress:
+        assert set(codecs) == {2}  # zstd: every page came down denser
+        assert store.moves.recompressed == 64
+        assert sum(dev.table.info[s] >> 4 & 0x1FFF for s in range(64)) < sum(sizes)
+    else:
+        assert set(codecs) == {1}  # lz4, the pool's bytes as they were
+        assert [dev.table.info[s] >> 4 & 0x1FFF for s in range(64)] == sizes
+    assert t.stats().compression_ratio > 2
+    assert await store.read(dev, 0, 64 * PAGE) == b"".join(pages)
+    store.check_invariants()
