@@ -265,9 +265,10 @@ class Migrator:
 
     # -- cleaning -------------------------------------------------------------
 
-    async def clean(self, ti: int, segments: int = 1) -> int:
+    async def clean(self, ti: int, segments: int = 1, max_live: float | None = None) -> int:
         """Clean up to ``segments`` segments of file tier ``ti`` (those with
-        the least live data): re-append their live objects at the head and
+        the least live data, at most ``max_live`` of each: the tier's
+        threshold unless given): re-append their live objects at the head and
         switch their slots, commit-if-unchanged; the segments, left without
         live objects, are punched and reused.  Returns the objects moved."""
         if self._running:
@@ -276,7 +277,9 @@ class Migrator:
         try:
             moved = 0
             tier = self.files[ti]
-            for seg in tier.cleaning_victims(segments):
+            victims = (tier.cleaning_victims(segments) if max_live is None
+                       else tier.cleaning_victims(segments, max_live))
+            for seg in victims:
                 moved += await self._clean_segment(ti, seg)
             await self.files.punch()
             self.files.room_made()

@@ -161,9 +161,10 @@ class Writeback:
 
     async def clean_now(self, ti: int, segments: int = 1) -> int:
         """Clean up to ``segments`` segments of file tier ``ti`` now, needed
-        or not (between migrations: the same lock); the objects moved."""
+        or not, any sealed segment with dead bytes (between migrations: the
+        same lock); the objects moved."""
         async with self._lock:
-            return await self.store.clean(ti, segments)
+            return await self.store.clean(ti, segments, max_live=1.0)
 
     async def recompress(self, *, limit: int = RECOMPRESS_PER_PASS) -> int:
         """Recompress pool pages idle for ``pool.recompress_after`` (see

@@ -56,7 +56,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     for name, t in stats.get("tiers", {}).items():
         held = t.get("pool_bytes", t.get("disk_bytes", 0))
         limit = t.get("max_bytes", t.get("capacity_pages", 0) * PAGE)
-        payload = t.get("compressed_bytes", t.get("stored_pages", 0) * PAGE)
+        payload = t.get("compressed_bytes", t.get("live_bytes", t.get("stored_pages", 0) * PAGE))
         lines.append(
             f"{name:<12}{t.get('kind', ''):>6}{t.get('stored_pages', 0):>10}"
             f"{fmt_bytes(payload):>12}{fmt_bytes(held):>13}{fmt_bytes(limit):>12}"

@@ -572,9 +572,10 @@ class FileTier:
 
     # ------------------------------------------------------------------ cleaning
 
-    def cleaning_victims(self, n: int = 1) -> list[int]:
-        """Up to ``n`` sealed segments worth cleaning, the least live first."""
-        return self._map.victims(n, CLEAN_MAX_LIVE)
+    def cleaning_victims(self, n: int = 1, max_live: float = CLEAN_MAX_LIVE) -> list[int]:
+        """Up to ``n`` sealed segments worth cleaning (at most ``max_live`` of each live),
+        the least live first."""
+        return self._map.victims(n, max_live)
 
     async def read_segment(self, seg: int) -> list[tuple[int, int, int, bytes]]:
         """The objects segment ``seg`` appears to hold, read in one pread in a worker thread:

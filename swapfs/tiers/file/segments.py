@@ -204,10 +204,11 @@ class SegmentMap:
 
     def victims(self, n: int, max_live: float) -> list[int]:
         """Up to ``n`` sealed segments with the least live bytes, each at most ``max_live``
-        of its size."""
-        st, live = self.state, self.live
+        of its size and holding some dead bytes."""
+        st, live, fill = self.state, self.live, self.fill
         cands = [(live[s], s) for s in range(self.nsegments)
-                 if st[s] == SEALED and live[s] <= max_live * self.seg_size(s)]
+                 if st[s] == SEALED and live[s] <= max_live * self.seg_size(s)
+                 and live[s] < fill[s]]
         cands.sort()
         return [s for _, s in cands[:n]]
 
