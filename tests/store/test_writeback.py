@@ -273,6 +273,7 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
                 end(i + j)
             check()
             await trio.lowlevel.checkpoint()
+        writing[0] -= 1
 
     async def discarder() -> None:
         for _ in range(50):
@@ -311,12 +312,17 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
 
     cleaned = [0]
 
+    writing = [3]
+
     async def cleaner(wb: Writeback) -> None:
-        # the file tiers' segments cleaned at any point: their live objects
-        # re-appended and their slots switched while the others run
-        for _ in range(60):
+        # the file tiers' segments cleaned at any point, as long as the
+        # writers run: their live objects re-appended and their slots
+        # switched while the others run
+        k = 0
+        while writing[0] or k < 60:
             cleaned[0] += await wb.clean_now(rng.randrange(2), rng.randrange(1, 4))
             check()
+            k += 1
             await trio.sleep(0.001)
 
     async def compactor() -> None:
