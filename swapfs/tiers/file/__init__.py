@@ -59,7 +59,7 @@ from ...stats import FileTierStats
 from .cipher import KEY_BYTES, ObjectCipher, new_key
 from .claim import claim
 from .errors import ChecksumError, TierFull, TierIOError, TierRefused
-from .header import DATA_OFFSET, TierHeader, read_header
+from .header import DATA_OFFSET, VERSION, TierHeader, read_header
 from .io import (
     GroupWriter,
     NoWaitUnsupported,
@@ -247,9 +247,10 @@ class FileTier:
             raise StoreError(f"{where}: the state has no backing file to adopt")
         _signed, header = read_header(fd)
         if header is None or header.name != self.name or header.size_bytes != self.size_bytes \
-                or header.encrypted != self.encrypt:
-            raise StoreError(f"{where}: the adopted backing file is not this tier's "
-                             f"({header.describe() if header else 'no header'})")
+                or header.encrypted != self.encrypt or header.version != VERSION:
+            raise StoreError(f"{where}: the adopted backing file is not this tier's, in this "
+                             f"format (version {VERSION}): "
+                             f"{header.describe() + f', version {header.version}' if header else 'no header'}")
         if self.encrypt and key == bytes(KEY_BYTES):
             raise StoreError(f"{where}: the state holds no key for the tier")
         self.header = header
