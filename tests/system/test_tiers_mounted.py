@@ -244,7 +244,8 @@ def test_fio_verify_while_a_tier_fills_to_cleaning(mount_factory, tmp_path):
     )
     assert out.returncode == 0 and "err= 0" in out.stdout, out.stdout + out.stderr
     t = m.stats()["tiers"]["ssd"]
-    assert t["cleaned_objects"] > 0 and t["write_amplification"] > 1.0, t
+    # whole passes over the region empty whole segments: they are punched and reused
+    assert t["punched_segments"] > 0 and t["written_bytes"] > 2 * (16 << 20), t
     assert t["segments_free"] > 0 and not t["full"], t
     assert t["checksum_errors"] == 0 and t["io_errors"] == 0, t
     assert t["stored_pages"] > 0 and t["live_bytes"] <= 16 << 20
