@@ -319,7 +319,7 @@ class Migrator:
         moved = 0
         try:
             lengths = [len(mv.data or b"") for mv in moves]
-            handles = tier.allocate(lengths, cleaning=True)
+            handles = tier.allocate(lengths, cleaning=True, survivors_of=seg)
             live = moves[:len(handles)]
             for mv, h in zip(live, handles):
                 mv.dest = h

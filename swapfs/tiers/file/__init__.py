@@ -80,8 +80,11 @@ CLUSTER_PAGES = 256
 # Segments kept back for cleaning: other appends stop when only these are free.
 CLEAN_RESERVE = 2
 # A tier has at least this many segments where it can (a small tier gets smaller segments, down
-# to MIN_SEGMENT_BYTES): cleaning needs segments to choose from and some to spare.
-MIN_SEGMENTS = 32
+# to MIN_SEGMENT_BYTES): cleaning needs segments to choose from, and the segments that cannot
+# hold data at a given moment (the reserve, the two heads, the free ones cleaning keeps) must
+# be a small share of the tier, or it is that much fuller than its occupancy says: at 32
+# segments they were a sixth of it, and cleaning at 80% occupancy appended 3.8 bytes a byte.
+MIN_SEGMENTS = 256
 MIN_SEGMENT_BYTES = 16 * PAGE
 
 
@@ -371,8 +374,11 @@ class FileTier:
 
     @property
     def clean_low(self) -> int:
-        """Cleaning starts when fewer segments than this are free."""
-        return max(self._map.reserve + 2, self.nsegments // 16)
+        """Cleaning starts when fewer segments than this are free: lazily, just above the
+        reserve, whatever the tier's size (every segment kept free is space the others must
+        make up for, so they are cleaned fuller; and a segment left alone longer holds more
+        dead bytes when its turn comes)."""
+        return self._map.reserve + 2
 
     @property
     def segment_switches(self) -> int:
@@ -392,12 +398,15 @@ class FileTier:
         """Bytes on disk of an object of ``length`` payload bytes."""
         return object_bytes(length, self.encrypt)
 
-    def allocate(self, lengths: Sequence[int], *, cleaning: bool = False) -> list[int]:
+    def allocate(self, lengths: Sequence[int], *, cleaning: bool = False,
+                 survivors_of: int = -1) -> list[int]:
         """Handles for objects of ``lengths`` payload bytes (1..4096), appended at the log's
         head in order; fewer (a prefix, maybe none) when out of room.
 
         Pure bookkeeping: no I/O, no await.  The objects count as live from here on; a write
-        that fails frees them.  ``cleaning``: may use the segments kept back for cleaning.
+        that fails frees them.  ``cleaning``: survivors of cleaning, appended to the cleaning
+        log's head (apart from fresh pages), which may use the segments kept back for it;
+        ``survivors_of``: the segment they leave (its age passes to where they go).
         """
         if not lengths or self._enospc:
             return []
@@ -405,7 +414,8 @@ class FileTier:
             if not 0 < n <= PAGE:
                 raise Misuse(f"tier {self.name!r}: an object of {n!r} bytes")
         enc = self.encrypt
-        return self._map.allocate((object_bytes(n, enc) for n in lengths), cleaning)
+        return self._map.allocate((object_bytes(n, enc) for n in lengths), cleaning,
+                                  survivors_of)
 
     def free(self, handle: int, length: int) -> None:
         """Free the object at ``handle`` of ``length`` payload bytes (pure bookkeeping).
@@ -575,7 +585,7 @@ class FileTier:
 
     def cleaning_victims(self, n: int = 1, max_live: float = CLEAN_MAX_LIVE) -> list[int]:
         """Up to ``n`` sealed segments worth cleaning (at most ``max_live`` of each live),
-        the least live first."""
+        the best first by cost and benefit (swapfs.tiers.file.segments)."""
         return self._map.victims(n, max_live)
 
     async def read_segment(self, seg: int) -> list[tuple[int, int, int, bytes]]:
