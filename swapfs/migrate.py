@@ -239,14 +239,21 @@ class Migrator:
         """Switch each slot of ``live`` still holding what was copied to its
         new object in tier ``ti``; free the new object of the others.  No
         await."""
-        commit = self.state.commit_move
         moved = 0
         tier = self.files[ti]
         aborted = 0
         nbytes = 0
-        for mv in live:
-            n = len(mv.data or b"")
-            if commit(mv.dev, mv.slot, mv.info, mv.handle, src, ti, mv.dest, n):
+        lengths = [len(mv.data or b"") for mv in live]
+        if src == POOL_LEVEL:  # the common case, in one loop
+            done = self.state.commit_pool_moves(
+                [mv.dev for mv in live], [mv.slot for mv in live], [mv.info for mv in live],
+                [mv.handle for mv in live], ti, [mv.dest for mv in live], lengths)
+        else:
+            commit = self.state.commit_move
+            done = [commit(mv.dev, mv.slot, mv.info, mv.handle, src, ti, mv.dest, n)
+                    for mv, n in zip(live, lengths)]
+        for mv, n, ok in zip(live, lengths, done):
+            if ok:
                 moved += 1
                 nbytes += n
             else:

@@ -458,12 +458,18 @@ class FileTier:
         m = self._map
         items = []
         total = 0
+        extra = object_bytes(0, self.encrypt)
+        seg, nseg, state, fill, gen = m.segment_bytes, m.nsegments, m.state, m.fill, m.gen
         for h, (key, codec, payload) in zip(handles, objects):
-            n = len(payload)
-            if not m.is_live(h, object_bytes(n, self.encrypt)):
-                raise Misuse(f"tier {self.name!r}: write of {n} bytes at {h}, not allocated")
-            items.append((h, m.gen[m.segment_of(h)], key, codec, payload))
-            total += object_bytes(n, self.encrypt)
+            size = len(payload) + extra
+            s = h // seg
+            # allocated: in a segment appended to, within what was appended (is_live, inline)
+            if not (0 <= s < nseg and (state[s] == HEAD or state[s] == SEALED)
+                    and h - s * seg + size <= fill[s] and m.live[s] >= size):
+                raise Misuse(f"tier {self.name!r}: write of {size - extra} bytes at {h}, "
+                             f"not allocated")
+            items.append((h, gen[s], key, codec, payload))
+            total += size
         try:
             calls = await self._writer.write(items)
         except OSError as e:
