@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import logging
 
+import trio
+import trio.lowlevel
+
 from .codec import Lz4Codec, ZstdCodec
 from .errors import Misuse
 from .fileset import Grant
@@ -49,6 +52,12 @@ from .state import Device, StoreState
 from .tiers.file import ChecksumError, TierFull, TierIOError
 
 log = logging.getLogger(__name__)
+
+# Pages per write of a move from the pool: a larger batch is cut into chunks
+# of this many, each copied and placed while the one before is being
+# written (the tier's group writer takes the chunks queued meanwhile in one
+# thread hop).
+CHUNK_PAGES = 256
 
 
 class Move:
@@ -122,13 +131,11 @@ class Migrator:
         moved = 0
         try:
             if src == POOL_LEVEL:
-                load = state.load_object
-                for mv in moves:
-                    mv.codec, mv.data = load(mv.dev, mv.slot)
+                moved = await self._from_pool(moves, min_group)
             else:
                 await self._copy_from_file(level_tier(src), moves, pins)
-            moved = await self._place([mv for mv in moves if mv.data is not None
-                                       and mv.unchanged()], src, min_group)
+                moved = await self._place([mv for mv in moves if mv.data is not None
+                                           and mv.unchanged()], src, min_group)
         finally:
             for mv in moves:  # whatever did not commit keeps its place
                 state.unflag_moving(mv.dev, mv.slot, mv.info)
@@ -137,6 +144,29 @@ class Migrator:
         if moved:
             self.counters.batches += 1
         await files.punch()
+        return moved
+
+    async def _from_pool(self, moves: list[Move], min_group: int) -> int:
+        """Copy, place, write and commit the pool's ``moves``, CHUNK_PAGES at
+        a time: each chunk is copied (the slots still unchanged) and placed
+        while the chunks before it are written."""
+        load = self.state.load_object
+        moved = 0
+
+        async def place(chunk: list[Move]) -> None:
+            nonlocal moved
+            got = await self._place(chunk, POOL_LEVEL, min_group)
+            moved += got  # after the await: chunks finish in any order
+
+        async with trio.open_nursery() as nursery:
+            for i in range(0, len(moves), CHUNK_PAGES):
+                chunk = [mv for mv in moves[i:i + CHUNK_PAGES] if mv.unchanged()]
+                for mv in chunk:
+                    mv.codec, mv.data = load(mv.dev, mv.slot)
+                if chunk:
+                    nursery.start_soon(place, chunk)
+                # the chunk allocates and hands its write over before the next is copied
+                await trio.lowlevel.checkpoint()
         return moved
 
     async def _place(self, moves: list[Move], src: int, min_group: int) -> int:
