@@ -17,9 +17,14 @@ the pages it is given, by the rule of docs/writeback.md:
    content and the copy is freed (``aborted_moves``).
 
 Cleaning (:meth:`Migrator.clean`) is the same move within one tier: the
-live objects of a segment with little live data are re-appended at the
-head and each slot switched under the same commit-if-unchanged rule; the
+live objects of a segment worth cleaning (by cost and benefit) are
+re-appended at the head of the tier's cleaning log, apart from fresh pages,
+and each slot switched under the same commit-if-unchanged rule; the
 segment, left without live objects, is punched and reused.
+
+Moves from the pool go a chunk (CHUNK_PAGES) at a time, each copied and
+placed while the chunks before it are written, and committed as its write
+ends.
 
 Until the commit a read finds the page where it was.  Cancellation at any
 await leaves every slot as it was.
@@ -303,10 +308,10 @@ class Migrator:
     # -- cleaning -------------------------------------------------------------
 
     async def clean(self, ti: int, segments: int = 1, max_live: float | None = None) -> int:
-        """Clean up to ``segments`` segments of file tier ``ti`` (those with
-        the least live data, at most ``max_live`` of each: the tier's
-        threshold unless given): re-append their live objects at the head and
-        switch their slots, commit-if-unchanged; the segments, left without
+        """Clean up to ``segments`` segments of file tier ``ti`` (the best
+        by cost and benefit, at most ``max_live`` of each live: the tier's
+        threshold unless given): re-append their live objects at the
+        cleaning log's head and switch their slots, commit-if-unchanged; the segments, left without
         live objects, are punched and reused.  Returns the objects moved."""
         if self._running:
             raise Misuse("one migration at a time (Writeback holds a lock)")

@@ -161,7 +161,7 @@ class Writeback:
 
     async def clean(self, *, limit: int = CLEAN_SEGMENTS_PER_PASS) -> int:
         """Clean the file tiers whose free segments run low, a segment per
-        step (the least live first), at most ``limit`` segments a pass;
+        step (the best by cost and benefit first), at most ``limit`` segments a pass;
         returns the objects re-appended."""
         store = self.store
         moved = 0

@@ -2,8 +2,8 @@
 
 :class:`FileTier` is the one public entry; the package holds its parts by concern:
 
-* :mod:`.segments`: the segment map (the log's head, live bytes and generations per segment),
-  whose memory is a few bytes per segment;
+* :mod:`.segments`: the segment map (the heads of its two logs, live bytes, generations and
+  ages per segment, cleaning's choice of victims), whose memory is a few bytes per segment;
 * :mod:`.objects`: the object format (header naming the slot, payload as the pool held it,
   integrity tag) and the parse of a segment for cleaning;
 * :mod:`.io`: the group-commit writer and the worker-thread bodies (sealing and vectored writes,

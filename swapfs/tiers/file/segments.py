@@ -1,4 +1,4 @@
-"""The segment map of a file tier: where the log's head is, what each segment holds.
+"""The segment map of a file tier: where the heads of its two logs are, what each segment holds.
 
 The data area is cut into segments of ``segment_bytes`` (the last one may be shorter).  Each
 segment is in one state:
