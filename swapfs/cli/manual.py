@@ -74,6 +74,11 @@ POOL_KEYS = (
         "true: equal pages share one compressed object (found by an xxh3 index, confirmed by "
         "comparing the bytes). Worth it only for workloads with many equal pages: the index "
         "costs memory per stored object."),
+    Key("expected_ratio", "number from 1 to 64", "2.5",
+        "The pool memory ratio (uncompressed bytes per byte of pool memory) assumed where none "
+        "is measured; the default is the codec's: 2.5 for lz4, 3.5 for zstd: check-config and mount warn when the devices total more than max_bytes "
+        "at this ratio plus the file tiers' sizes, and the stats' headroom uses it while the "
+        "pool holds nothing."),
 )
 
 DEVICE_KEYS = (
