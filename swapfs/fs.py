@@ -71,6 +71,7 @@ _CTL_WRITEBACK_RE = re.compile(rb"(?:(\d{1,10})|idle:(\d{1,10}(?:\.\d{1,6})?))\n
 # Attributes never change behind the kernel's back except st_blocks, which
 # only informs; a second of caching saves a GETATTR per stat() burst.
 ATTR_TIMEOUT = 1.0
+FULL_ANSWER = os.environ.get("SWAPFS_FULL_ANSWER", "enospc")
 ENTRY_TIMEOUT = 60.0
 
 
@@ -292,14 +293,26 @@ class SwapFS(Operations):
 
     async def write(self, fh: int, offset: int, data: memoryview) -> int:
         dev = self._device(fh)
-        try:
-            written = await self.io.write(dev, offset, data)
-            self._note_pool_peak()
-            return written
-        except StoreError as exc:
-            if not isinstance(exc, OutOfRange):  # (the kernel's own probing past the end)
+        deadline = None
+        while True:
+            try:
+                written = await self.io.write(dev, offset, data)
+                self._note_pool_peak()
+                return written
+            except NoSpace as exc:
+                if FULL_ANSWER.startswith("hold:"):
+                    now = trio.current_time()
+                    if deadline is None:
+                        deadline = now + float(FULL_ANSWER[5:])
+                    if now < deadline:
+                        await trio.sleep(0.05)
+                        continue
                 log.error("write %s offset %d size %d: %s", dev.name, offset, len(data), exc)
-            raise FUSEError(store_errno(exc)) from None
+                raise FUSEError(errno.EIO if FULL_ANSWER == "eio" else store_errno(exc)) from None
+            except StoreError as exc:
+                if not isinstance(exc, OutOfRange):  # (the kernel's own probing past the end)
+                    log.error("write %s offset %d size %d: %s", dev.name, offset, len(data), exc)
+                raise FUSEError(store_errno(exc)) from None
 
     async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
         dev = self._device(fh)
