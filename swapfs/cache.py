@@ -1,9 +1,10 @@
 """The swap cache: a bounded set of uncompressed pages of the file tiers.
 
-Keyed by *file location* (:func:`file_key`: ``tier_index << 40 | page``),
-not by slot: a file page's content never changes while it is allocated (the
-store writes only to freshly allocated pages), so an entry stays valid until
-that page is freed, and the file-tier set drops it at that moment
+Keyed by *file location* (:func:`file_key`: ``tier_index << 56 | handle``,
+the handle being the object's byte offset in the tier), not by slot: an
+object never changes while it is live (the store appends only to fresh
+places), so an entry stays valid until that object is freed, and the
+file-tier set drops it at that moment
 (``FileTierSet.free_page``).  No slot
 write or discard has to look at the cache: the pool paths never touch it.
 
@@ -31,12 +32,12 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 # A file location as one integer: the cache's keys and the file-tier set's pins.
-KEY_SHIFT = 40
+KEY_SHIFT = 56
 KEY_PAGE_MASK = (1 << KEY_SHIFT) - 1
 
 
-def file_key(tier_index: int, page: int) -> int:
-    return tier_index << KEY_SHIFT | page
+def file_key(tier_index: int, handle: int) -> int:
+    return tier_index << KEY_SHIFT | handle
 
 
 class SwapCache:

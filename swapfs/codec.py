@@ -1,13 +1,12 @@
 """Compression and same-filled page detection.
 
-Checksums are not this module's: the file tiers compute their own xxh3-64
-per page (swapfs/tiers/file.py); ``checksum`` below is the same function
-for tools and tests.
+Checksums are not this module's: the file tiers tag their own objects
+(swapfs/tiers/file/objects.py); ``checksum`` below is an xxh3-64 for tools
+and tests.
 
-One small class per algorithm, each with a stable one-byte id (for any
-record that will name the codec of a stored page; never reuse an id).  Pages
-in file tiers are stored raw (incompressible ones, or demoted pages
-decompressed first), so no id is written today.  The store binds
+One small class per algorithm, each with a stable one-byte id, written in
+the header of every file-tier object (0 there means a raw page; never reuse
+an id): pages move down the tiers as the pool holds them, compressed.  The store binds
 ``codec.compress`` and ``codec.decompress`` once and calls them per page, so
 they are plain C callables where possible.
 """
@@ -118,5 +117,5 @@ def fill_page(word: int) -> bytes:
 
 
 def checksum(buf: Buffer) -> int:
-    """64-bit xxh3 of a buffer: what a file tier records for a page."""
+    """64-bit xxh3 of a buffer (an unencrypted file tier tags its objects with it, seeded)."""
     return xxhash.xxh3_64_intdigest(buf)

@@ -94,6 +94,13 @@ class DeviceConfig:
     discard: str = "both"
 
 
+# [[tier]] segment_bytes: the default, and the sizes allowed (a segment holds at least a few
+# pages' objects; larger than a FUSE request's worth of writes gains nothing measurable).
+SEGMENT_BYTES = 4 << 20
+MIN_SEGMENT_BYTES = 64 << 10
+MAX_SEGMENT_BYTES = 64 << 20
+
+
 @dataclass(frozen=True)
 class TierConfig:
     name: str
@@ -104,9 +111,13 @@ class TierConfig:
     high_watermark: float
     low_watermark: float
     preallocate: bool = False
-    encrypt: bool = True  # AES-XTS with a random key per mount (docs/file-tier.md)
+    encrypt: bool = True  # AES-GCM with a random key per mount (docs/file-tier.md)
     # Overwrite an existing file that holds data but no swapfs signature (docs/file-tier.md).
     force_init: bool = False
+    # The unit of sequential writes and of cleaning (docs/file-tier.md).
+    segment_bytes: int = SEGMENT_BYTES
+    # A codec the pages are recompressed with on their way down to this tier ("": none).
+    recompress: str = ""
 
 
 # The tiering policies (swapfs/policy.py, docs/policy.md): which refaults
@@ -432,7 +443,7 @@ def _parse_device(data: Any, key: str) -> DeviceConfig:
 def _parse_tier(data: Any, key: str, base_dir: str) -> TierConfig:
     t = _Table(data, key, ("name", "kind", "path", "size", "priority",
                            "high_watermark", "low_watermark", "preallocate", "encrypt",
-                           "force_init"))
+                           "force_init", "segment_bytes", "recompress"))
     name = t.get_str("name", _REQUIRED)
     if name == "pool":
         raise ConfigError(f"{t.name('name')}: 'pool' is the name of the memory tier")
@@ -451,9 +462,20 @@ def _parse_tier(data: Any, key: str, base_dir: str) -> TierConfig:
     preallocate = t.get_bool("preallocate", False)
     encrypt = t.get_bool("encrypt", True)
     force_init = t.get_bool("force_init", False)
+    segment_bytes = t.get_size("segment_bytes", SEGMENT_BYTES)
+    if not MIN_SEGMENT_BYTES <= segment_bytes <= MAX_SEGMENT_BYTES \
+            or segment_bytes & (segment_bytes - 1):
+        raise ConfigError(f"{t.name('segment_bytes')}: {sized(segment_bytes)}: must be a power "
+                          f"of two from {MIN_SEGMENT_BYTES >> 10} KiB to "
+                          f"{MAX_SEGMENT_BYTES >> 20} MiB")
+    recompress = t.get_str("recompress", None) if "recompress" in t.data else ""
+    if recompress and recompress not in ALGORITHMS:
+        raise ConfigError(f"{t.name('recompress')}: unknown algorithm {recompress!r} "
+                          f"(known: {', '.join(ALGORITHMS)})")
     return TierConfig(name=name, kind=kind, path=path, size=size, priority=priority,
                       high_watermark=high, low_watermark=low, preallocate=preallocate,
-                      encrypt=encrypt, force_init=force_init)
+                      encrypt=encrypt, force_init=force_init, segment_bytes=segment_bytes,
+                      recompress=recompress)
 
 
 def parse_config(text: str, source: str = "<config>", base_dir: str | None = None) -> Config:

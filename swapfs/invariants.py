@@ -44,7 +44,8 @@ def check_store(store: StoreState, *, quiescent: bool = True) -> None:
     files = store.files
     live: dict[int, tuple[int, int]] = {}  # pool handle -> (payload bytes, owner)
     refs: dict[int, int] = {}  # pool handle -> references, where more than one
-    file_owner: list[dict[int, tuple[str, int]]] = [{} for _ in files]
+    # file tier -> handle -> (device name, slot, payload length)
+    file_owner: list[dict[int, tuple[str, int, int]]] = [{} for _ in files]
     moving = 0
     for dev in store.devices:
         _cbytes, nmoving = _check_device(store, dev, live, refs, file_owner)
@@ -64,6 +65,7 @@ def check_store(store: StoreState, *, quiescent: bool = True) -> None:
         if owned != len(file_owner[ti]):
             raise InvariantError(f"tier {tier.name}: {owned} pages owned by slots by the counts, "
                                  f"{len(file_owner[ti])} referenced by slot tables")
+        _check_segments(store, ti, file_owner[ti])
     _check_cache(store, file_owner, quiet=not in_moves)
     _check_accounting(store)
 
@@ -120,7 +122,7 @@ def _check_dedup(store: StoreState, live: dict[int, tuple[int, int]], refs: dict
 
 def _check_device(store: StoreState, dev: Device, live: dict[int, tuple[int, int]],
                   refs: dict[int, int],
-                  file_owner: list[dict[int, tuple[str, int]]]) -> tuple[int, int]:
+                  file_owner: list[dict[int, tuple[str, int, int]]]) -> tuple[int, int]:
     """Walk one slot table; returns (compressed bytes, slots flagged MOVING)."""
     table = dev.table
     if not (len(table.handles) == len(table.info) == len(table.epoch) == dev.npages):
@@ -164,13 +166,15 @@ def _check_device(store: StoreState, dev: Device, live: dict[int, tuple[int, int
             cbytes += n
             pbytes += OBJECT_BYTES[n]
         elif in_file(i) and tier_of_kind(k) < len(file_owner):
-            if n:
-                raise InvariantError(f"{dev.name}: file slot {s} has length {n}")
+            tier = store.files[tier_of_kind(k)]
+            if not 0 < n <= 4096 or not tier.is_used(h, n):
+                raise InvariantError(f"{dev.name}: file slot {s} names an object of {n} bytes "
+                                     f"at {h} of tier {tier.name}, not live there")
             owners = file_owner[tier_of_kind(k)]
             if h in owners:
-                raise InvariantError(f"{dev.name}: slot {s} and {owners[h]} share page {h} "
-                                     f"of tier {store.files[tier_of_kind(k)].name}")
-            owners[h] = (dev.name, s)
+                raise InvariantError(f"{dev.name}: slot {s} and {owners[h][:2]} share the "
+                                     f"object at {h} of tier {tier.name}")
+            owners[h] = (dev.name, s, n)
             nfile += 1
             continue
         else:
@@ -192,26 +196,55 @@ def _check_device(store: StoreState, dev: Device, live: dict[int, tuple[int, int
     return cbytes, moving
 
 
-def _check_cache(store: StoreState, file_owner: list[dict[int, tuple[str, int]]], *,
+def _check_segments(store: StoreState, ti: int, owners: dict[int, tuple[str, int, int]]) -> None:
+    """With no object of tier ``ti`` in flight, each segment's live objects
+    and bytes are exactly those slots name and deferred frees hold."""
+    files = store.files
+    if files.inflight[ti]:
+        return
+    tier = files[ti]
+    want: dict[int, list[int]] = {}
+    named = [(h, n) for h, (_d, _s, n) in owners.items()] + files.deferred_objects(ti)
+    for h, n in named:
+        w = want.setdefault(tier.segment_of(h), [0, 0])
+        w[0] += 1
+        w[1] += tier.object_bytes(n)
+    for seg, (objs, nbytes) in enumerate(tier.segment_live()):
+        w = want.get(seg, [0, 0])
+        if [objs, nbytes] != w:
+            raise InvariantError(f"tier {tier.name}: segment {seg} counts {objs} objects, "
+                                 f"{nbytes} bytes; slots and deferred frees name {w[0]}, "
+                                 f"{w[1]}")
+
+
+def _check_cache(store: StoreState, file_owner: list[dict[int, tuple[str, int, int]]], *,
                  quiet: bool) -> None:
-    """Every cached page is an allocated file page; with no move in flight,
+    """Every cached page is a live file object's; with no move in flight,
     a slot's, and equal to what the tier holds."""
     cache = store.cache
     files = store.files
     cache.check_invariants()
     for key in cache.keys():
-        ti, page = key >> KEY_SHIFT, key & KEY_PAGE_MASK
-        if not (ti < len(files) and files[ti].is_used(page)):
-            raise InvariantError(f"swap cache holds tier {ti} page {page}, not in use")
+        ti, h = key >> KEY_SHIFT, key & KEY_PAGE_MASK
+        if ti >= len(files):
+            raise InvariantError(f"swap cache holds tier {ti}, which does not exist")
+        owner = file_owner[ti].get(h)
+        if owner is None:
+            if quiet:
+                raise InvariantError(f"swap cache holds tier {ti} object {h}, no slot's")
+            continue
+        dname, s, n = owner
+        if not files[ti].is_used(h, n):
+            raise InvariantError(f"swap cache holds tier {ti} object {h}, not live")
         if not quiet:
             continue
-        if page not in file_owner[ti]:
-            raise InvariantError(f"swap cache holds tier {ti} page {page}, no slot's")
         cached = cache.get(key)
         if cached is None:
             raise InvariantError(f"swap cache: key {key:#x} listed but not held")
-        if files[ti].is_open and files[ti].read_now(page) != bytes(cached):
-            raise InvariantError(f"swap cache: tier {ti} page {page} differs from disk")
+        dev = store.device(dname)
+        if files[ti].is_open and files.read_page_now(ti, h, n, slot_key(dev.index, s)) \
+                != bytes(cached):
+            raise InvariantError(f"swap cache: tier {ti} object {h} differs from disk")
 
 
 def _check_accounting(store: StoreState) -> None:

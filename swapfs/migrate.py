@@ -1,50 +1,75 @@
-"""Migration: the mechanism that moves pages down the tiers.
+"""Migration: the mechanism that moves pages down the tiers, and cleans
+the file tiers' segments.
 
 The policy (which pages, when) is swapfs/writeback.py; this module moves
 the pages it is given, by the rule of docs/writeback.md:
 
-1. each slot still at the source level is flagged MOVING and its content
-   copied (decompressed from the pool, or read from its file tier with the
-   page pinned);
-2. the copies are written to freshly allocated pages of the first file
-   tiers below with room, as contiguous extents;
+1. each slot still at the source level is flagged MOVING and its object
+   copied as it is stored, still compressed (from the pool's memory, or
+   read and verified from its file tier with the object pinned); a tier
+   with ``recompress`` gets lz4 objects recompressed with zstd on the way;
+2. the copies are appended at the log head of the first file tiers below
+   with room, in one write per tier;
 3. then, with no await in between, each slot whose info and handle are
-   exactly what was copied is switched to its new page, leaving a shadow,
+   exactly what was copied is switched to its new object, leaving a shadow,
    and its old place is freed.  Any write, discard or promotion meanwhile
    replaced the info word and so cleared MOVING: that slot keeps its new
    content and the copy is freed (``aborted_moves``).
 
-Until the commit a read finds the page where it was, or in the swap cache.
-Cancellation at any await leaves every slot as it was.
+Cleaning (:meth:`Migrator.clean`) is the same move within one tier: the
+live objects of a segment with little live data are re-appended at the
+head and each slot switched under the same commit-if-unchanged rule; the
+segment, left without live objects, is punched and reused.
+
+Until the commit a read finds the page where it was.  Cancellation at any
+await leaves every slot as it was.
 """
 
 from __future__ import annotations
 
 import logging
 
-from .cache import file_key
+from .codec import Lz4Codec, ZstdCodec
 from .errors import Misuse
-from .fileset import Grant, run_pages, to_runs
-from .slots import POOL_LEVEL, level_tier, movable, tier_level
+from .fileset import Grant
+from .slots import (
+    MOVING,
+    POOL_LEVEL,
+    file_kind,
+    key_device,
+    key_slot,
+    kind_of,
+    length_of,
+    level_tier,
+    movable,
+    slot_key,
+    tier_level,
+)
 from .state import Device, StoreState
-from .tiers.file import TierFull, TierIOError
+from .tiers.file import ChecksumError, TierFull, TierIOError
 
 log = logging.getLogger(__name__)
 
 
 class Move:
     """One page in a migration: its slot, what the slot held when copied,
-    the copy, and the destination page once granted."""
+    the copy (codec id and payload, as stored), and the destination once
+    granted."""
 
-    __slots__ = ("dev", "slot", "handle", "info", "data", "dest")
+    __slots__ = ("dev", "slot", "handle", "info", "codec", "data", "dest")
 
     def __init__(self, dev: Device, slot: int, handle: int, info: int) -> None:
         self.dev = dev
         self.slot = slot
         self.handle = handle
         self.info = info  # with MOVING set
+        self.codec = 0
         self.data: bytes | None = None
         self.dest = -1
+
+    @property
+    def key(self) -> int:
+        return slot_key(self.dev.index, self.slot)
 
     def unchanged(self) -> bool:
         """The slot still holds exactly what was copied (and MOVING)."""
@@ -61,6 +86,8 @@ class Migrator:
         self.cache = state.cache
         self.counters = state.moves
         self._running = False
+        self._zstd: ZstdCodec | None = None
+        self._lz4: Lz4Codec | None = None
 
     async def migrate(self, victims: list[tuple[Device, int]], src: int) -> int:
         """Move the pages of ``victims`` from level ``src`` (0: the pool,
@@ -88,35 +115,21 @@ class Migrator:
                  for dev, s in victims if dev.table.info[s] & mask == want]
         if not moves:
             return 0
-        grants = files.allocate(len(moves), min_group=min_group)
-        del moves[sum(g.npages for g in grants):]
-        if not moves:
-            return 0
         state = self.state
         for mv in moves:
             mv.info = state.flag_moving(mv.dev, mv.slot)
-        for g in grants:
-            files.inflight[g.tier] += g.npages
-        todo = list(grants)  # grants neither written nor given back yet
         pins: list[int] = []
         moved = 0
         try:
             if src == POOL_LEVEL:
-                load = state.load_page
+                load = state.load_object
                 for mv in moves:
-                    mv.data = load(mv.dev, mv.slot)
+                    mv.codec, mv.data = load(mv.dev, mv.slot)
             else:
                 await self._copy_from_file(level_tier(src), moves, pins)
-            pos = 0
-            while todo:
-                grant = todo.pop(0)
-                chunk = moves[pos:pos + grant.npages]
-                pos += grant.npages
-                moved += await self._write_and_commit(grant, chunk, src)
+            moved = await self._place([mv for mv in moves if mv.data is not None
+                                       and mv.unchanged()], src, min_group)
         finally:
-            for g in todo:  # never written: give the pages back
-                files[g.tier].free_runs(g.runs)
-                files.inflight[g.tier] -= g.npages
             for mv in moves:  # whatever did not commit keeps its place
                 state.unflag_moving(mv.dev, mv.slot, mv.info)
             if pins:
@@ -126,87 +139,213 @@ class Migrator:
         await files.punch()
         return moved
 
+    async def _place(self, moves: list[Move], src: int, min_group: int) -> int:
+        """Append the copies of ``moves`` to the tiers from ``min_group`` down
+        and commit; returns the moves committed.  A tier with
+        ``recompress`` gets lz4 copies recompressed first."""
+        files = self.files
+        if not moves:
+            return 0
+        for ti in {ti for g in files.groups[min_group:] for ti in g}:
+            if files[ti].recompress:
+                self._recompress_for(files[ti].recompress, moves)
+                break
+        lengths = [len(mv.data) for mv in moves if mv.data is not None]
+        grants = files.allocate(lengths, min_group=min_group)
+        for g in grants:
+            files.inflight[g.tier] += g.npages
+        todo = list(grants)  # grants neither written nor given back yet
+        moved = 0
+        pos = 0
+        try:
+            while todo:
+                grant = todo.pop(0)
+                chunk = moves[pos:pos + grant.npages]
+                pos += grant.npages
+                moved += await self._write_and_commit(grant, chunk, src)
+        finally:
+            for g in todo:  # never written: give the objects back
+                files.give_back(g, lengths[pos:pos + g.npages])
+                files.inflight[g.tier] -= g.npages
+                pos += g.npages
+        return moved
+
+    def _recompress_for(self, name: str, moves: list[Move]) -> None:
+        """Recompress lz4 copies with ``name`` (zstd) where that is smaller."""
+        if name != "zstd":
+            return
+        if self._zstd is None or self._lz4 is None:
+            self._zstd, self._lz4 = ZstdCodec(), Lz4Codec()
+        z, lz = self._zstd, self._lz4
+        for mv in moves:
+            if mv.codec == lz.id and mv.data is not None:
+                c = z.compress(lz.decompress(mv.data))
+                if len(c) < len(mv.data):
+                    mv.codec, mv.data = z.id, c
+                    self.counters.recompressed += 1
+
     async def _write_and_commit(self, grant: Grant, chunk: list[Move], src: int) -> int:
-        """Write the copies of ``chunk`` to the pages of ``grant`` and commit
-        the moves whose slots did not change meanwhile."""
+        """Write the copies of ``chunk`` to the objects of ``grant`` and
+        commit the moves whose slots did not change meanwhile."""
         files = self.files
         ti = grant.tier
         tier = files[ti]
         live: list[Move] = []
-        copies: list[bytes] = []
-        dead: list[int] = []
-        for mv, page in zip(chunk, run_pages(grant.runs)):
+        for mv, h in zip(chunk, grant.handles):
+            mv.dest = h
             if mv.data is not None and mv.dev.table.info[mv.slot] == mv.info:
-                mv.dest = page
                 live.append(mv)
-                copies.append(mv.data)
             else:  # the slot changed before the copy was written
-                dead.append(page)
-        if dead:
-            tier.free(dead)
-            files.inflight[ti] -= len(dead)
-            self.counters.aborted += len(dead)
+                tier.free(h, len(mv.data or b""))
+                files.inflight[ti] -= 1
+                self.counters.aborted += 1
         if not live:
             return 0
-        cache = self.cache
-        for mv, data in zip(live, copies):  # the page in flight
-            cache.put(file_key(ti, mv.dest), data)
         ok = False
         try:
-            await tier.write(to_runs([mv.dest for mv in live]), copies)
+            await tier.write([mv.dest for mv in live],
+                             [(mv.key, mv.codec, mv.data or b"") for mv in live])
             ok = True
-        except (TierFull, TierIOError) as e:  # the tier gave the pages back
+        except (TierFull, TierIOError) as e:  # the tier gave the objects back
             log.warning("writeback to %s failed: %s", tier.name, e)
             self.counters.failed_batches += 1
         finally:
             files.inflight[ti] -= len(live)
-            if not ok:  # cancelled or failed: the tier gave the pages back
-                for mv in live:
-                    cache.invalidate(file_key(ti, mv.dest))
         return self._commit(live, src, ti) if ok else 0
 
     async def _copy_from_file(self, ti: int, moves: list[Move], pins: list[int]) -> None:
-        """Fill the copies of ``moves`` (slots of file tier ``ti``) from the
-        swap cache or the tier, their pages pinned (``pins``) until the move
-        ends.  A slot that changed during the read keeps no copy."""
-        cache = self.cache
+        """Fill the copies of ``moves`` (slots of file tier ``ti``) with their
+        objects, read and verified, their places pinned (``pins``) until the
+        move ends.  A slot that changed during the read keeps no copy; an
+        object that does not verify stays where it is (its reads say EIO)."""
         pins += self.files.pin(ti, [mv.handle for mv in moves])
-        todo: list[Move] = []
-        for mv in moves:
-            hit = cache.get(file_key(ti, mv.handle))
-            if hit is not None:
-                mv.data = bytes(hit)
-            else:
-                todo.append(mv)
-        if not todo:
-            return
-        todo.sort(key=lambda mv: mv.handle)
-        data = await self.files[ti].read_many([mv.handle for mv in todo])
-        for mv, page in zip(todo, data):
-            if mv.unchanged():
-                mv.data = page
-                cache.put(file_key(ti, mv.handle), page)  # in flight
+        moves.sort(key=lambda mv: mv.handle)
+        tier = self.files[ti]
+        items = [(mv.handle, length_of(mv.info), mv.key) for mv in moves]
+        try:
+            got = await tier.read_objects(items)
+        except ChecksumError:  # one at a time, to leave only the bad ones behind
+            got = []
+            for item in items:
+                try:
+                    got += await tier.read_objects([item])
+                except ChecksumError:
+                    got.append((-1, b""))
+        for mv, (cid, payload) in zip(moves, got):
+            if cid >= 0 and mv.unchanged():
+                mv.codec, mv.data = cid, payload
 
     def _commit(self, live: list[Move], src: int, ti: int) -> int:
         """Switch each slot of ``live`` still holding what was copied to its
-        new page of tier ``ti``; free the new page of the others.  No await."""
+        new object in tier ``ti``; free the new object of the others.  No
+        await."""
         commit = self.state.commit_move
         moved = 0
-        aborted: list[int] = []
+        tier = self.files[ti]
+        aborted = 0
+        nbytes = 0
         for mv in live:
-            if commit(mv.dev, mv.slot, mv.info, mv.handle, src, ti, mv.dest):
+            n = len(mv.data or b"")
+            if commit(mv.dev, mv.slot, mv.info, mv.handle, src, ti, mv.dest, n):
                 moved += 1
+                nbytes += n
             else:
-                aborted.append(mv.dest)
-                self.cache.invalidate(file_key(ti, mv.dest))
+                aborted += 1
+                tier.free(mv.dest, n)
         c = self.counters
-        if aborted:
-            self.files[ti].free(aborted)
-            c.aborted += len(aborted)
+        c.aborted += aborted
         if moved:
             c.moved += moved
+            c.moved_payload += nbytes
             c.demotions[src] += moved
             pair = c.pairs.setdefault((src, tier_level(ti)), [0, 0])
             pair[0] += moved
             pair[1] += 1
+        return moved
+
+    # -- cleaning -------------------------------------------------------------
+
+    async def clean(self, ti: int, segments: int = 1, max_live: float | None = None) -> int:
+        """Clean up to ``segments`` segments of file tier ``ti`` (those with
+        the least live data, at most ``max_live`` of each: the tier's
+        threshold unless given): re-append their live objects at the head and
+        switch their slots, commit-if-unchanged; the segments, left without
+        live objects, are punched and reused.  Returns the objects moved."""
+        if self._running:
+            raise Misuse("one migration at a time (Writeback holds a lock)")
+        self._running = True
+        try:
+            moved = 0
+            tier = self.files[ti]
+            victims = (tier.cleaning_victims(segments) if max_live is None
+                       else tier.cleaning_victims(segments, max_live))
+            for seg in victims:
+                moved += await self._clean_segment(ti, seg)
+            await self.files.punch()
+            self.files.room_made()
+            return moved
+        finally:
+            self._running = False
+
+    async def _clean_segment(self, ti: int, seg: int) -> int:
+        files = self.files
+        tier = files[ti]
+        state = self.state
+        found = await tier.read_segment(seg)
+        kind = file_kind(ti)
+        devices = state.devices
+        moves: list[Move] = []
+        for h, key, n, buf in found:
+            di, s = key_device(key), key_slot(key)
+            if di >= len(devices) or s >= devices[di].npages:
+                continue
+            dev = devices[di]
+            i = dev.table.info[s]
+            if kind_of(i) != kind or i & MOVING or dev.table.handles[s] != h \
+                    or length_of(i) != n:
+                continue  # dead: its slot moved on
+            try:
+                cid, _payload = tier.open_object(h, n, key, buf)
+            except ChecksumError:
+                continue  # stays where it is; its reads say EIO
+            mv = Move(dev, s, h, 0)
+            mv.codec, mv.data = cid, _payload
+            moves.append(mv)
+        if not moves:
+            return 0
+        for mv in moves:
+            mv.info = state.flag_moving(mv.dev, mv.slot)
+        pins = files.pin(ti, [mv.handle for mv in moves])
+        moved = 0
+        try:
+            lengths = [len(mv.data or b"") for mv in moves]
+            handles = tier.allocate(lengths, cleaning=True)
+            live = moves[:len(handles)]
+            for mv, h in zip(live, handles):
+                mv.dest = h
+            if live:
+                files.inflight[ti] += len(live)
+                ok = False
+                try:
+                    await tier.write(handles, [(mv.key, mv.codec, mv.data or b"") for mv in live])
+                    ok = True
+                except (TierFull, TierIOError) as e:
+                    log.warning("cleaning of %s failed: %s", tier.name, e)
+                finally:
+                    files.inflight[ti] -= len(live)
+                if ok:
+                    nbytes = 0
+                    for mv in live:
+                        n = len(mv.data or b"")
+                        if state.commit_clean(mv.dev, mv.slot, mv.info, mv.handle, ti, mv.dest):
+                            moved += 1
+                            nbytes += tier.object_bytes(n)
+                        else:
+                            tier.free(mv.dest, n)
+                            self.counters.aborted += 1
+                    tier.cleaned(moved, nbytes)
+        finally:
+            for mv in moves:
+                state.unflag_moving(mv.dev, mv.slot, mv.info)
+            files.unpin(pins)
         return moved

@@ -7,8 +7,8 @@ discard, and :class:`swapfs.store.Store` is the facade over both.
 
 A read takes each page from where its slot says: a fill word, the pool
 (decompressed from a memoryview of the pool's memory, within the step), the
-swap cache, or a file tier (pinned while read: a free of the page meanwhile
-is deferred, docs/store.md).  A read of a demoted page is a refault: a hot
+swap cache, or a file tier (its object pinned while read, verified and
+decompressed: a free of it meanwhile is deferred, docs/store.md).  A read of a demoted page is a refault: a hot
 one is promoted to the pool, which is a write of the slot
 (``WritePath._promote``).  The pool path never awaits.
 """
@@ -35,6 +35,8 @@ from .slots import (
     file_kind,
     in_file,
     kind_of,
+    length_of,
+    slot_key,
     tier_level,
     tier_of_kind,
 )
@@ -151,10 +153,11 @@ class ReadPath(StoreState):
         handles = table.handles
         cache = self.cache
         files = self.files
+        base = slot_key(dev.index, 0)
         promoted = False
         pending = where
         while pending:
-            by_tier: dict[int, list[tuple[int, int, int]]] = {}
+            by_tier: dict[int, list[tuple[int, int, int, int]]] = {}
             for o, s in pending:
                 i = info[s]
                 if not in_file(i):  # it left the file tiers meanwhile
@@ -169,18 +172,20 @@ class ReadPath(StoreState):
                     promoted |= self._accessed(dev, s, i, ti, hit)
                     continue
                 cache.misses += 1
-                by_tier.setdefault(ti, []).append((o, s, p))
+                by_tier.setdefault(ti, []).append((o, s, p, length_of(i)))
             pending = []
-            # Pin the pages of every tier before the first await: a page
-            # looked up now must not be freed and reused before its read.
+            # Pin the objects of every tier before the first await: an object
+            # looked up now must not be freed and its segment reused before
+            # its read.
             pinned: dict[int, list[int]] = {}
             for ti, items in by_tier.items():
                 items.sort(key=lambda x: x[2])
-                pinned[ti] = files.pin(ti, [p for _, _, p in items])
+                pinned[ti] = files.pin(ti, [p for _, _, p, _ in items])
             try:
                 for ti, items in by_tier.items():
                     try:
-                        data = await files[ti].read_many([p for _, _, p in items])
+                        data = await files.read_pages(ti, [(p, n, base | s)
+                                                           for _, s, p, n in items])
                     except ChecksumError as e:
                         raise Corruption(f"{dev.name}: {e}") from None
                     except TierIOError as e:
@@ -188,7 +193,7 @@ class ReadPath(StoreState):
                     finally:
                         files.unpin(pinned.pop(ti))
                     kind = file_kind(ti)
-                    for (o, s, p), page in zip(items, data):
+                    for (o, s, p, _n), page in zip(items, data):
                         i = info[s]
                         if kind_of(i) == kind and handles[s] == p:
                             out[o:o + PAGE_SIZE] = page

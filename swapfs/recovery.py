@@ -19,8 +19,11 @@ against what it names, and rebuilds the rest from them:
 3. the pool's bookkeeping (spans, free lists, class lists, counts) from the
    objects slots name; every object or page no slot names is freed and
    counted as a leak; shared objects get their reference count again;
-4. each file tier's allocation from the pages slots name (pages marked
-   used that no slot names are freed);
+4. each file tier's segment map from the objects slots name: live bytes
+   and objects per segment; a segment no slot names is free (punched first
+   if it held objects), appends resume in a fresh segment under a new
+   generation (the generations are truth, kept in the state memory); the
+   objects the predecessor counted that no slot names are the leaks;
 5. the dedup index (hashing every indexed object), the device counters,
    the cluster counts.
 
@@ -79,13 +82,13 @@ def recover(state: StoreState) -> Recovery:
     objects: dict[int, tuple[int, int]] = {}  # handle -> (length, owner: first slot naming it)
     refs: dict[int, int] = {}  # handle -> slots naming it, where more than one
     alt: set[int] = set()  # handles of objects in the second codec
-    file_pages: list[set[int]] = [set() for _ in state.tiers]
+    file_pages: list[dict[int, int]] = [{} for _ in state.tiers]  # handle -> length
     pages = 0
     for dev in state.devices:
         pages += _scan_device(state, dev, objects, refs, alt, file_pages)
     pinned = _check_headers(state, objects, refs)
     leaked = state.pool.rebuild(objects, lambda w: _is_owner(state, w))
-    leaked_file = sum(t.rebuild(p) for t, p in zip(state.tiers, file_pages))
+    leaked_file = sum(t.rebuild(p.items()) for t, p in zip(state.tiers, file_pages))
     _restore_headers(state, pinned, refs)
     dd = state.dedup
     if dd is not None:
@@ -130,7 +133,7 @@ def _undo_journal(state: StoreState) -> None:
 
 
 def _scan_device(state: StoreState, dev: Device, objects: dict[int, tuple[int, int]],
-                 refs: dict[int, int], alt: set[int], file_pages: list[set[int]]) -> int:
+                 refs: dict[int, int], alt: set[int], file_pages: list[dict[int, int]]) -> int:
     table = dev.table
     handles = table.handles
     info = table.info
@@ -197,9 +200,13 @@ def _scan_device(state: StoreState, dev: Device, objects: dict[int, tuple[int, i
                                      "the configuration does not have")
                 named = file_pages[ti]
                 if h in named:
-                    raise StoreError(f"{dev.name}: slot {s} names page {h} of tier "
+                    raise StoreError(f"{dev.name}: slot {s} names the object at {h} of tier "
                                      f"{state.tiers[ti].name}, which another slot names")
-                named.add(h)
+                n = length_of(i)
+                if not 0 < n <= PAGE_SIZE:
+                    raise StoreError(f"{dev.name}: slot {s} names an object of {n} bytes in "
+                                     f"tier {state.tiers[ti].name}")
+                named[h] = n
                 files += 1
             elif k == EMPTY:
                 raise StoreError(f"{dev.name}: slot {s} is empty with flags {i:#x}")

@@ -3,12 +3,13 @@
 Three columns, no Python object per slot, 16 bytes per slot in use:
 
 * ``handles`` (64 bits): where the page lives.  EMPTY: 0.  SAME: the
-  8-byte fill word.  POOL and HUGE: the pool handle.  FILE kinds: the page
-  number in the tier's backing file.
+  8-byte fill word.  POOL and HUGE: the pool handle.  FILE kinds: the
+  object's place in the tier (its byte offset in the data area).
 * ``info`` (32 bits): ``length << 4 | kind``, plus flags.  Kind is the
   low 4 bits (EMPTY, SAME, POOL, HUGE; FILE0 + n, 8..15, for file tier n).
   Length (bits 4..16) is the stored payload in bytes: the compressed length
-  for POOL, 4096 for HUGE, 0 otherwise.  Bit 17 is MOVING: writeback is
+  for POOL, 4096 for HUGE, the object's payload length for FILE kinds
+  (4096 for a raw page), 0 otherwise.  Bit 17 is MOVING: writeback is
   copying this slot's page; any write, discard or promotion replaces the
   whole info word and so clears it, which is how the mover learns that the
   slot changed under it.  Bit 18 is SHADOW (file kinds only): the page was
@@ -147,6 +148,11 @@ def with_length(info: int, n: int) -> int:
 def pool_info(n: int) -> int:
     """The info word of a compressed page of ``n`` bytes in the pool."""
     return n << KIND_BITS | POOL
+
+
+def file_info(ti: int, n: int) -> int:
+    """The info word of an object of ``n`` payload bytes in file tier ``ti``."""
+    return n << KIND_BITS | FILE0 + ti
 
 
 def in_pool(info: int) -> bool:

@@ -67,7 +67,7 @@ from .slots import (
     SETTLED,
     SHADOW,
     SlotTable,
-    file_kind,
+    file_info,
     in_file,
     in_pool,
     key_device,
@@ -79,7 +79,7 @@ from .slots import (
     tier_of_kind,
     with_length,
 )
-from .tiers.file import FileTier
+from .tiers.file import RAW, FileTier
 from .tiers.pool import MAX_OBJECT, OBJECT_BYTES, Pool
 
 # Default size of the swap cache, in pages.
@@ -127,11 +127,14 @@ class MoveCounters:
     """Counters of migration, refaults and promotions, per level (0: the
     pool, 1 + i: file tier i) where it matters."""
 
-    __slots__ = ("moved", "aborted", "batches", "failed_batches", "requests", "demotions",
-                 "refaults", "promotions", "wasted", "pairs")
+    __slots__ = ("moved", "moved_payload", "recompressed", "aborted", "batches",
+                 "failed_batches", "requests", "demotions", "refaults", "promotions", "wasted",
+                 "pairs")
 
     def __init__(self, levels: int) -> None:
         self.moved = 0  # pages demoted (committed moves)
+        self.moved_payload = 0  # their payload bytes, as stored (compressed)
+        self.recompressed = 0  # copies recompressed on their way down (a tier's recompress)
         self.aborted = 0  # copies dropped because their slot changed
         self.batches = 0  # migrations that committed at least one page
         self.failed_batches = 0  # tier writes that failed
@@ -304,8 +307,10 @@ class StoreState:
 
     def set_writeback_kicker(self, kick: Callable[[], None] | None) -> None:
         """Who to ask for a writeback pass when the pool passes its high
-        watermark (no await), or None while no writeback task runs."""
+        watermark (no await), or None while no writeback task runs.  The
+        same call asks for cleaning when a file tier runs low on segments."""
         self.kick_writeback = kick
+        self.files.kick_cleaning = kick
 
     def set_pool_watermarks(self, high: float, low: float) -> bool:
         """New pool watermarks (shares of max_bytes), live; True if they
@@ -347,7 +352,7 @@ class StoreState:
         if old == SAME:
             dev.same_filled_pages -= 1
         elif in_file(old):
-            self.files.free_page(tier_of_kind(kind_of(old)), h)
+            self.files.free_page(tier_of_kind(kind_of(old)), h, length_of(old))
             dev.file_pages -= 1
         else:
             n = length_of(old)
@@ -399,26 +404,53 @@ class StoreState:
         self.moving -= 1
 
     def commit_move(self, dev: Device, s: int, flagged: int, handle: int, src: int, ti: int,
-                    dest: int) -> bool:
-        """Switch slot ``s`` to page ``dest`` of file tier ``ti``, leaving a
-        shadow, if it still holds exactly what was flagged (info ``flagged``,
-        ``handle``) at level ``src``; free its old place.  False, with
-        nothing changed, if anything replaced the slot's content meanwhile."""
+                    dest: int, length: int) -> bool:
+        """Switch slot ``s`` to the object at ``dest`` (``length`` payload
+        bytes) of file tier ``ti``, leaving a shadow, if it still holds
+        exactly what was flagged (info ``flagged``, ``handle``) at level
+        ``src``; free its old place.  False, with nothing changed, if anything
+        replaced the slot's content meanwhile."""
         table = dev.table
         if table.info[s] != flagged or table.handles[s] != handle:
             return False
         if table.epoch[s] & PROMOTED_MARK and src == POOL_LEVEL:
             self.moves.wasted += 1  # promoted, and demoted again before any read
-        self.journal_switch(dev, s, dest, file_kind(ti) | SHADOW)
+        self.journal_switch(dev, s, dest, file_info(ti, length) | SHADOW)
         table.epoch[s] = self.demotions & EPOCH_MASK
         if src == POOL_LEVEL:
             self.free_slot_content(dev, s, flagged, handle)  # the pool object (MOVING still set)
             dev.file_pages += 1
-        else:
-            self.files.free_page(level_tier(src), handle)  # pinned: freed when the move unpins
+        else:  # pinned: freed when the move unpins
+            self.files.free_page(level_tier(src), handle, length_of(flagged))
         self.demotions += 1
         self.header.set("demotions", self.demotions)
         return True
+
+    def commit_clean(self, dev: Device, s: int, flagged: int, handle: int, ti: int,
+                     dest: int) -> bool:
+        """Cleaning copied slot ``s``'s object of file tier ``ti`` from
+        ``handle`` to ``dest`` (same bytes, same tier): point the slot at it
+        if it still holds exactly what was flagged, and free the old object.
+        False, with nothing changed, otherwise."""
+        table = dev.table
+        if table.info[s] != flagged or table.handles[s] != handle:
+            return False
+        self.journal_switch(dev, s, dest, flagged & ~MOVING)
+        self.files.free_page(ti, handle, length_of(flagged))  # pinned: freed when unpinned
+        return True
+
+    def load_object(self, dev: Device, slot: int) -> tuple[int, bytes]:
+        """A pool slot's object as it is stored, for a move that keeps it
+        compressed: ``(codec id, bytes)``; a huge page is ``(RAW, page)``."""
+        i = dev.table.info[slot]
+        k = kind_of(i)
+        h = dev.table.handles[slot]
+        if k == POOL:
+            codec = self.recodec if i & ALT and self.recodec is not None else self.codec
+            return codec.id, bytes(self.pool.view(h, length_of(i)))
+        if k == HUGE:
+            return RAW, bytes(self.pool.view(h, PAGE_SIZE))
+        raise InvariantError(f"{dev.name}: slot {slot} has kind {k}, not in the pool")
 
     # -- recompression (swapfs/recompress.py) -----------------------------
 

@@ -20,8 +20,10 @@ from .kernel import PAGE_SIZE as PAGE
 # 1: the first contract; 2: zram names, writeback pair keys "pool_to_ssd"
 # (were "pool->ssd"), this version field; 3: compression_ratio is zram's
 # (orig_data_size / compr_data_size), the pool's memory ratio it was is
-# memory_ratio; fragmentation and holes are 0.0 while the pool stores nothing.
-SCHEMA_VERSION = 3
+# memory_ratio; fragmentation and holes are 0.0 while the pool stores nothing;
+# 4: file tiers hold segments: their cluster* stats became segment* stats, with
+# live_bytes, dead_bytes, cleaning and write_amplification (README's migration note).
+SCHEMA_VERSION = 4
 
 # The xattr names of the interface, spelled here only (the daemon serves
 # them, the command line and the scripts read and set them).
@@ -100,10 +102,13 @@ class PoolStats:
 class FileTierStats:
     """One file tier's counters.
 
-    ``reads``/``writes`` count system calls (one pread/preadv per run read, one pwritev per run
-    written), ``read_bytes``/``written_bytes`` count payload bytes.  ``clusters_free`` counts
-    clusters with no page in use, including those waiting for their punch
-    (``clusters_punch_pending``).
+    ``stored_pages`` counts the objects (one page each) live in the tier, ``live_bytes`` the
+    bytes they take on disk (headers and tags included), ``dead_bytes`` the bytes appended to
+    segments in use that nothing live holds any more (cleaning reclaims them);
+    ``compression_ratio`` is ``stored_pages * 4096 / live_bytes``.  ``cleaned_objects`` and
+    ``cleaned_bytes`` count what cleaning re-appended; ``write_amplification`` is all bytes
+    appended over those appended for pages written or moved down (1.0: no cleaning).
+    ``reads``/``writes`` count system calls, ``read_bytes``/``written_bytes`` bytes on disk.
     """
 
     name: str
@@ -113,9 +118,6 @@ class FileTierStats:
     capacity_pages: int
     stored_pages: int
     free_pages: int
-    clusters_free: int
-    clusters_partial: int
-    clusters_full: int
     disk_bytes: int
     reads: int
     writes: int
@@ -125,14 +127,23 @@ class FileTierStats:
     io_errors: int
     full: bool
     metadata_bytes: int
-    clusters_punch_pending: int = 0
-    punched_clusters: int = 0
-    cluster_switches: int = 0
+    live_bytes: int = 0
+    dead_bytes: int = 0
+    segments_used: int = 0
+    segments_free: int = 0  # including those waiting for their punch
+    segments_punch_pending: int = 0
+    punched_segments: int = 0
+    segment_bytes: int = 0
+    cleaned_objects: int = 0
+    cleaned_bytes: int = 0
+    write_amplification: float = 0.0
+    compression_ratio: float = 0.0
+    segment_switches: int = 0
     write_batches: int = 0  # thread hops that wrote (grouping every write queued meanwhile)
     cached_reads: int = 0  # reads served inline from the page cache (RWF_NOWAIT)
     thread_reads: int = 0  # reads that went to a worker thread
-    encrypted: bool = False  # pages are stored encrypted (AES-XTS, a key per mount)
-    headroom_pages: int = 0  # pages the tier can still take (its free pages: stored whole)
+    encrypted: bool = False  # objects are stored encrypted (AES-GCM, a key per mount)
+    headroom_pages: int = 0  # pages the tier can still take at its compression ratio
 
 
 @dataclass(frozen=True)
@@ -304,7 +315,8 @@ _COUNTERS = {
     "device": {"reads", "writes", "discards", "read_bytes", "written_bytes", "discarded_bytes",
                "nospace_errors"},
     "tier": {"reads", "writes", "read_bytes", "written_bytes", "checksum_errors", "io_errors",
-             "punched_clusters", "cluster_switches", "write_batches", "cached_reads", "thread_reads",
+             "punched_segments", "segment_switches", "cleaned_objects", "cleaned_bytes",
+             "write_batches", "cached_reads", "thread_reads",
              "pool_limit_hit", "reject_compress_poor", "compactions", "compacted_objects",
              "compacted_bytes", "recompressed_pages", "recompress_saved_bytes", "dedup_hits"},
     "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages",
@@ -336,8 +348,15 @@ _HELP = {
                     "(absent while the pool stores nothing)",
     "arenas": "Spans the pool holds (huge pages included)",
     "moved_bytes": "Bytes of the pages demoted",
+    "live_bytes": "Bytes on disk of the objects live in a file tier",
+    "dead_bytes": "Bytes of a file tier's segments in use that no live object holds",
+    "segments_used": "Segments of a file tier holding objects (or the log's head)",
+    "segments_free": "Segments of a file tier free to append to",
+    "cleaned_objects": "Objects a file tier's cleaning re-appended",
+    "cleaned_bytes": "Bytes a file tier's cleaning re-appended",
+    "write_amplification": "Bytes appended to a file tier over those appended for pages stored",
     "recoveries": "Times a successor daemon took the store's state over and recovered it",
-    "recovered_leaks": "Pool objects and file pages that no slot named, freed by recoveries",
+    "recovered_leaks": "Pool objects and file-tier objects that no slot named, freed by recoveries",
     "recovery_seconds": "Seconds all recoveries of the store's state took",
     "compactions": "Pool compaction passes",
     "compacted_objects": "Objects moved by pool compaction",

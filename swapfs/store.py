@@ -74,6 +74,11 @@ class Store(WritePath):
         1 + i: file tier i) down; see :mod:`swapfs.migrate`."""
         return await self._migrator.migrate(victims, src)
 
+    async def clean(self, ti: int, segments: int = 1, max_live: float | None = None) -> int:
+        """Clean up to ``segments`` segments of file tier ``ti``; see
+        :meth:`swapfs.migrate.Migrator.clean`."""
+        return await self._migrator.clean(ti, segments, max_live)
+
     def stats(self) -> Stats:
         return store_stats.collect(self)
 

@@ -117,7 +117,7 @@ def _writeback(store: StoreState) -> WritebackStats:
         if files.has_lower(ti):
             marks[tier.name] = {"high": int(tc.high_watermark * tier.capacity_pages),
                                 "low": int(tc.low_watermark * tier.capacity_pages),
-                                "used": tier.stored_pages}
+                                "used": tier.used_pages}
     return WritebackStats(
         moved_pages=c.moved, aborted_moves=c.aborted,
         promotions=sum(c.promotions), refaults=sum(c.refaults), wasted_promotions=c.wasted,

@@ -23,7 +23,6 @@ import time
 from .codec import same_fill_word
 from .config import Config
 from .errors import BackingIOError, NoSpace, OutOfRange
-from .fileset import run_pages
 from .kernel import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from .memory import StateMemory
 from .read_path import ReadPath
@@ -37,7 +36,7 @@ from .slots import (
     SAME,
     SLOT_SHIFT,
     UNREAD_MARK,
-    file_kind,
+    file_info,
     in_file,
     in_pool,
     kind_of,
@@ -47,10 +46,15 @@ from .slots import (
     tier_of_kind,
 )
 from .state import CACHE_PAGES, Device, Staged
-from .tiers.file import TierFull, TierIOError
+from .tiers.file import RAW, TierFull, TierIOError
 from .tiers.pool import MAX_OBJECT, OBJECT_BYTES, PoolFull
 
 log = logging.getLogger(__name__)
+
+# A write that finds every file tier out of room, but some tier's cleaning could make it,
+# waits for the writeback task's cleaning this many times, this long each, before NoSpace.
+ROOM_WAITS = 16
+ROOM_WAIT_SECONDS = 0.5
 
 _LAST_WORD = PAGE_SIZE // 8 - 1
 _HUGE_BYTES = OBJECT_BYTES[PAGE_SIZE]
@@ -375,25 +379,46 @@ class WritePath(ReadPath):
         files = self.files
         handles = staged.handles
         info = staged.info
+        owner = staged.owner
+        # Each page as the object it will be: compressed with the pool's
+        # codec if that saves anything (a page that found the pool full
+        # usually does), else raw.
+        compress = self.codec.compress
+        cid = self.codec.id
+        objs: dict[int, tuple[int, bytes]] = {}
+        for idx in staged.spill:
+            page = mv[idx << PAGE_SHIFT:(idx + 1) << PAGE_SHIFT]
+            c = compress(page)
+            objs[idx] = (cid, c) if len(c) < PAGE_SIZE else (RAW, bytes(page))
         todo = staged.spill
         errors: list[str] = []
         broken: set[int] = set()  # tiers that failed with an I/O error in this request
+        waits = 0
         while todo:
-            grants = files.allocate(len(todo), broken)
+            lengths = [len(objs[idx][1]) for idx in todo]
+            grants = files.allocate(lengths, broken)
             if not grants:
+                if files.punch_pending:  # emptied segments wait for their punch: reuse them
+                    await files.punch()
+                    continue
+                # out of room but not full: the writeback task cleans (a write, not a
+                # fault, waits for it; a bounded number of times)
+                if waits < ROOM_WAITS and await files.wait_for_room(ROOM_WAIT_SECONDS):
+                    waits += 1
+                    continue
                 break
+            for g in grants:
+                files.inflight[g.tier] += g.npages
             retry: list[int] = []
             pos = 0
             try:
                 while grants:
-                    ti, runs, count = grants[0]
+                    ti, hs, count = grants[0]
                     chunk = todo[pos:pos + count]
                     pos += count
-                    pages = [mv[idx << PAGE_SHIFT:(idx + 1) << PAGE_SHIFT] for idx in chunk]
-                    del grants[0]  # the tier's write frees the pages if it fails
-                    files.inflight[ti] += count
+                    del grants[0]  # the tier's write frees the objects if it fails
                     try:
-                        await files[ti].write(runs, pages)
+                        await files[ti].write(hs, [(owner + idx, *objs[idx]) for idx in chunk])
                     except TierFull as e:  # the filesystem under a sparse tier is full
                         log.warning("%s; trying the next tier", e)
                         retry += chunk
@@ -408,13 +433,15 @@ class WritePath(ReadPath):
                     except BaseException:
                         files.inflight[ti] -= count
                         raise
-                    kind = file_kind(ti)
-                    for idx, page in zip(chunk, run_pages(runs)):
-                        handles[idx] = page
-                        info[idx] = kind
+                    for idx, h in zip(chunk, hs):
+                        handles[idx] = h
+                        info[idx] = file_info(ti, len(objs[idx][1]))
             finally:
+                gpos = pos
                 for g in grants:  # allocated, never written
-                    files[g.tier].free_runs(g.runs)
+                    files.give_back(g, lengths[gpos:gpos + g.npages])
+                    files.inflight[g.tier] -= g.npages
+                    gpos += g.npages
             retry += todo[pos:]  # the tiers had room for fewer pages than asked
             todo = retry
         if todo:
@@ -434,7 +461,7 @@ class WritePath(ReadPath):
             elif in_file(i):
                 ti = tier_of_kind(kind_of(i))
                 self.files.inflight[ti] -= 1
-                self.files[ti].free((handles[idx],))
+                self.files[ti].free(handles[idx], length_of(i))
             info[idx] = 0
 
     def _commit(self, dev: Device, first: int, staged: Staged,

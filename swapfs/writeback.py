@@ -51,6 +51,9 @@ COMPACT_STEP = 2048
 # per writeback pass (4 passes a second at rest).
 RECOMPRESS_STEP = 64
 RECOMPRESS_PER_PASS = 1024
+# Segments a writeback pass cleans at most, per file tier (one step each: a
+# segment's read, one append of its live objects).
+CLEAN_SEGMENTS_PER_PASS = 16
 
 
 class Writeback:
@@ -142,14 +145,38 @@ class Writeback:
         for ti, (tier, tc) in enumerate(zip(store.tiers, store.config.tiers)):
             if not store.files.has_lower(ti):
                 continue
-            if tier.stored_pages > tc.high_watermark * tier.capacity_pages:
+            if tier.used_pages > tc.high_watermark * tier.capacity_pages:
                 low_pages = tc.low_watermark * tier.capacity_pages
 
                 def above_low(t: FileTier = tier, lo: float = low_pages) -> bool:
-                    return t.stored_pages > lo
+                    return t.used_pages > lo
 
                 moved += await self._drain(tier_level(ti), above_low, urgent=True)
+        await self.clean()
         return moved
+
+    async def clean(self, *, limit: int = CLEAN_SEGMENTS_PER_PASS) -> int:
+        """Clean the file tiers whose free segments run low, a segment per
+        step (the least live first), at most ``limit`` segments a pass;
+        returns the objects re-appended."""
+        store = self.store
+        moved = 0
+        for ti, tier in enumerate(store.tiers):
+            budget = limit
+            while budget > 0 and tier.needs_cleaning:
+                async with self._lock:
+                    got = await store.clean(ti, 1)
+                budget -= 1
+                moved += got
+                await self._yield(False)
+        return moved
+
+    async def clean_now(self, ti: int, segments: int = 1) -> int:
+        """Clean up to ``segments`` segments of file tier ``ti`` now, needed
+        or not, any sealed segment with dead bytes (between migrations: the
+        same lock); the objects moved."""
+        async with self._lock:
+            return await self.store.clean(ti, segments, max_live=1.0)
 
     async def recompress(self, *, limit: int = RECOMPRESS_PER_PASS) -> int:
         """Recompress pool pages idle for ``pool.recompress_after`` (see

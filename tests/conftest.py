@@ -20,10 +20,12 @@ MakeStore = Callable[..., Store]
 
 
 def tier(name: str, path: Path | str, size: int, priority: int = 100, high: float = 0.95,
-         low: float = 0.9, encrypt: bool = True) -> TierConfig:
+         low: float = 0.9, encrypt: bool = True, segment_bytes: int = 4 * MiB,
+         recompress: str = "") -> TierConfig:
     """A file tier's config."""
     return TierConfig(name=name, kind="file", path=str(path), size=size, priority=priority,
-                      high_watermark=high, low_watermark=low, encrypt=encrypt)
+                      high_watermark=high, low_watermark=low, encrypt=encrypt,
+                      segment_bytes=segment_bytes, recompress=recompress)
 
 
 def store_config(tiers: Sequence[TierConfig] = (), *, pool_bytes: int = 64 * MiB,

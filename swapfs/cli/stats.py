@@ -89,7 +89,7 @@ def format_stats(stats: dict[str, Any]) -> str:
     for name, t in stats.get("tiers", {}).items():
         held = t.get("pool_bytes", t.get("disk_bytes", 0))
         limit = t.get("max_bytes", t.get("capacity_pages", 0) * PAGE)
-        payload = t.get("compressed_bytes", t.get("stored_pages", 0) * PAGE)
+        payload = t.get("compressed_bytes", t.get("live_bytes", t.get("stored_pages", 0) * PAGE))
         table.append([name, t.get("kind", ""), str(t.get("stored_pages", 0)), fmt_bytes(payload),
                       fmt_bytes(held), fmt_bytes(limit), str(t.get("checksum_errors", 0)),
                       str(t.get("io_errors", 0))])

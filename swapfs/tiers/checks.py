@@ -20,9 +20,9 @@ from ..config import sized
 from ..kernel import PAGE_SIZE as PAGE
 from ..memory import reserve
 from .file.claim import holder, judge, try_lock
-from .file.clusters import reservation_bytes
 from .file.errors import TierRefused
 from .file.header import DATA_OFFSET
+from .file.segments import SEGMENT_BYTES, reservation_bytes
 
 
 class TierConfigError(ValueError):
@@ -144,7 +144,7 @@ def check_tier_files(tiers: Sequence[_TierLike]) -> list[str]:
             where = f'tier "{t.name}": {t.path}'
             reclaim = _check_file(t, where)
             _check_space(t, where, reclaim, warnings)
-            meta = reservation_bytes(t.size // PAGE)
+            meta = reservation_bytes(t.size, getattr(t, "segment_bytes", SEGMENT_BYTES))
             try:
                 maps.append(reserve(meta))
             except OSError as e:

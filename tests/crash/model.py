@@ -24,7 +24,7 @@ SLOTS = 48  # slots the mix touches (of a larger device): most writes are rewrit
 
 @dataclass(frozen=True)
 class Op:
-    kind: str  # write, sub, discard, read, compact, recompress, migrate, epoch
+    kind: str  # write, spill, sub, discard, read, compact, recompress, migrate, clean, epoch
     slot: int = 0
     npages: int = 1
     start: int = 0  # sub-page write or discard: byte offset in the first page
@@ -36,6 +36,8 @@ def content(op: Op) -> bytes:
     """The bytes an operation writes (npages pages, or length bytes)."""
     rng = random.Random(op.seed)
     n = op.length if op.kind == "sub" else op.npages * PAGE
+    if op.kind == "spill":  # incompressible: straight to the file tier
+        return rng.randbytes(n)
     out = bytearray()
     while len(out) < n:
         r = rng.random()
@@ -71,17 +73,28 @@ def operations(seed: int, count: int) -> list[Op]:
             ops.append(Op("compact"))
         elif r < 0.92:
             ops.append(Op("recompress"))
-        elif r < 0.97:  # demote (to the file tier) the pool pages of 8 slots
+        elif r < 0.95:  # demote (to the file tier) the pool pages of 8 slots
             ops.append(Op("migrate", slot, npages=8))
+        elif r < 0.98:  # clean the file tier's emptiest segments (their live objects move)
+            ops.append(Op("clean"))
         else:
             ops.append(Op("epoch", seed=k))
+    return ops
+
+
+def cleaning_mix() -> list[Op]:
+    """Incompressible pages straight to the file tier (several segments' worth), every other
+    one discarded (the segments half live), then cleaning steps between reads."""
+    ops = [Op("spill", s, npages=4, seed=s + 1) for s in range(0, SLOTS, 4)]
+    ops += [Op("discard", s, npages=1) for s in range(0, SLOTS, 2)]
+    ops += [Op("clean"), Op("read", 1, npages=4), Op("clean"), Op("read", 5, npages=4)]
     return ops
 
 
 def _span(op: Op) -> tuple[int, int]:
     """Byte range an operation changes."""
     base = op.slot * PAGE
-    if op.kind == "write":
+    if op.kind in ("write", "spill"):
         return base, base + op.npages * PAGE
     if op.kind == "sub":
         return base + op.start, base + op.start + op.length
@@ -93,7 +106,7 @@ def _span(op: Op) -> tuple[int, int]:
 def apply(model: bytearray, op: Op) -> None:
     """Apply ``op`` to ``model`` (the device's bytes over SLOTS + 8 pages)."""
     a, b = _span(op)
-    if op.kind in ("write", "sub"):
+    if op.kind in ("write", "spill", "sub"):
         model[a:b] = content(op)
     elif op.kind == "discard":
         model[a:b] = bytes(b - a)
@@ -116,7 +129,7 @@ async def run(store: Store, ops: list[Op], log_fd: int,
     for k, op in enumerate(ops):
         os.write(log_fd, b"B%d %d\n" % (k, clock()))
         a, b = _span(op)
-        if op.kind in ("write", "sub"):
+        if op.kind in ("write", "spill", "sub"):
             await store.write(dev, a, content(op))
         elif op.kind == "discard":
             await store.discard(dev, a, b - a)
@@ -131,6 +144,8 @@ async def run(store: Store, ops: list[Op], log_fd: int,
             store.recompressor.step(16, 0)
         elif op.kind == "migrate":
             await store.migrate([(dev, s) for s in range(op.slot, op.slot + op.npages)], 0)
+        elif op.kind == "clean":
+            await store.clean(0, 2)
         elif op.kind == "epoch":
             store.set_epoch(store.epoch + 1)
         apply(model, op)

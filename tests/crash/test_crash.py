@@ -39,7 +39,9 @@ _SWAPFS = os.path.dirname(swapfs.__file__)
 def _config(dedup: bool, tier_dir: Path) -> Any:
     """A store over a file tier (a new backing file each time)."""
     path = tier_dir / f"ssd-{next(_files)}.tier"
-    return store_config((tier("ssd", path, 8 * MiB),), devices=(("swap0", 4 * MiB),),
+    # small segments: the mix seals some, and cleaning finds them
+    return store_config((tier("ssd", path, 8 * MiB, segment_bytes=64 * 1024),),
+                        devices=(("swap0", 4 * MiB),),
                         pool_bytes=8 * MiB, dedup=dedup, recompress="zstd", recompress_after=0.0)
 
 
@@ -94,7 +96,7 @@ def _child(store: Store, ops: list[Op], log_fd: int, kill_at: int | None,
 
 def _crash(seed: int, tier_dir: Path, *, dedup: bool, count: int, kill_at: int | None = None,
            kill_after_s: float | None = None, traced: bool | None = None,
-           ) -> tuple[Store, list[Op], int, int, list[int]]:
+           mix: list[Op] | None = None) -> tuple[Store, list[Op], int, int, list[int]]:
     """Run the mix of ``seed`` in a child killed as asked; return the
     adopted, recovered store, the operations, the first one not done, the
     one cut short (-1: none) and the instruction count at each operation's
@@ -104,7 +106,7 @@ def _crash(seed: int, tier_dir: Path, *, dedup: bool, count: int, kill_at: int |
     config = _config(dedup, tier_dir)
     memory = StateMemory(shared=True)
     store = Store(config, memory=memory)
-    ops = model.operations(seed, count)
+    ops = mix[:count] if mix is not None else model.operations(seed, count)
     r, w = os.pipe()
     pid = os.fork()
     if pid == 0:  # the child
@@ -231,10 +233,12 @@ async def test_a_slot_naming_a_freed_object_is_refused(tmp_path: Path) -> None:
     memory.close()
 
 
-def _targets(seed: int, tier_dir: Path, dedup: bool, count: int) -> tuple[list[Op], list[int]]:
-    """The operations of ``seed`` and the instruction count at each one's
-    start, measured by a traced run that is not killed."""
-    store, ops, done, cut, clocks = _crash(seed, tier_dir, dedup=dedup, count=count, traced=True)
+def _targets(seed: int, tier_dir: Path, dedup: bool, count: int,
+             mix: list[Op] | None = None) -> tuple[list[Op], list[int]]:
+    """The operations of ``seed`` (or ``mix``) and the instruction count at
+    each one's start, measured by a traced run that is not killed."""
+    store, ops, done, cut, clocks = _crash(seed, tier_dir, dedup=dedup, count=count, traced=True,
+                                           mix=mix)
     assert (done, cut) == (len(ops), -1)
     store.files.close()
     store.memory.close()
@@ -242,11 +246,11 @@ def _targets(seed: int, tier_dir: Path, dedup: bool, count: int) -> tuple[list[O
 
 
 def _every_instruction_of(seed: int, tier_dir: Path, dedup: bool, count: int, kinds: tuple[str, ...],
-                          per_op: int | None) -> int:
-    """Kill the mix of ``seed`` inside each operation of ``kinds`` (at
-    ``per_op`` instructions spread over it, or at every one) and verify
-    each recovery; returns the kills made."""
-    ops, clocks = _targets(seed, tier_dir, dedup, count)
+                          per_op: int | None, mix: list[Op] | None = None) -> int:
+    """Kill the mix of ``seed`` (or ``mix``) inside each operation of
+    ``kinds`` (at ``per_op`` instructions spread over it, or at every one)
+    and verify each recovery; returns the kills made."""
+    ops, clocks = _targets(seed, tier_dir, dedup, count, mix)
     kills = 0
     for k in range(len(ops) - 1):
         if ops[k].kind not in kinds:
@@ -254,7 +258,8 @@ def _every_instruction_of(seed: int, tier_dir: Path, dedup: bool, count: int, ki
         lo, hi = clocks[k] + 1, clocks[k + 1] + 1
         step = 1 if per_op is None else max(1, (hi - lo) // per_op)
         for at in range(lo, hi, step):
-            store, _, done, cut, _ = _crash(seed, tier_dir, dedup=dedup, count=k + 1, kill_at=at)
+            store, _, done, cut, _ = _crash(seed, tier_dir, dedup=dedup, count=k + 1, kill_at=at,
+                                            mix=mix)
             assert done in (k, k + 1), f"the kill at {at} was meant for op {k}, not {done}"
             _verify(store, ops, done, cut)
             kills += 1
@@ -292,3 +297,16 @@ def test_killed_at_every_instruction_of_a_short_mix(tmp_path: Path) -> None:
     kills = _every_instruction_of(201, tmp_path, False, 5, ("write", "discard"),
                                   per_op=None)
     assert kills > 1500
+
+
+def test_killed_inside_cleaning_steps(tmp_path: Path) -> None:
+    """Kills spread over each cleaning step of a mix that leaves the file
+    tier's segments half live (the copy, the write, each slot's commit and
+    the frees and punch among them): every recovery finds each page as it
+    was, and the recovered tier's segments count what slots name."""
+    mix = model.cleaning_mix()
+    ops, clocks = _targets(0, tmp_path, False, len(mix), mix)
+    steps = [k for k in range(len(ops) - 1) if ops[k].kind == "clean"]
+    assert all(clocks[k + 1] - clocks[k] > 2000 for k in steps), "a cleaning step moved nothing"
+    kills = _every_instruction_of(0, tmp_path, False, len(mix), ("clean",), per_op=25, mix=mix)
+    assert kills >= 40

@@ -109,7 +109,7 @@ async def test_compression_ratio_is_zrams_and_the_memory_ratio_has_its_own_name(
     pool = d["tiers"]["pool"]
     assert t["memory_ratio"] == pytest.approx(pool["stored_pages"] * P / pool["pool_bytes"])
     assert t["compression_ratio"] > t["memory_ratio"] > 1
-    assert d["schema"] == 3
+    assert d["schema"] == 4
 
 
 async def test_an_empty_pool_reads_as_calm_not_as_an_alarm(store: Store) -> None:

@@ -11,7 +11,7 @@ import trio
 import trio.lowlevel
 
 from swapfs.policy import make_policy
-from swapfs.slots import FILE0, KIND_MASK, POOL, SHADOW
+from swapfs.slots import FILE0, KIND_MASK, POOL, SHADOW, length_of
 from swapfs.store import Store
 from swapfs.writeback import Writeback, open_writeback
 
@@ -67,8 +67,14 @@ async def test_ctl_pages_moves_the_coldest_contiguously(stores, tmp_path):
     assert moved == 16
     assert [where(store, dev, s) for s in range(16)] == ["ssd"] * 16
     assert all(where(store, dev, s) == "pool" for s in range(16, 64))
-    # one batch, one contiguous extent
-    assert sorted(dev.table.handles[s] for s in range(16)) == list(range(16))
+    # one batch, one contiguous extent: each object right after the one
+    # before (or at the next block, where it would span three)
+    tier_ = store.files[0]
+    objs = sorted((dev.table.handles[s], tier_.object_bytes(length_of(dev.table.info[s])))
+                  for s in range(16))
+    assert objs[0][0] == 0
+    for (h0, n0), (h1, _n1) in zip(objs, objs[1:]):
+        assert h1 == h0 + n0 or (h1 % PAGE == 0 and h0 + n0 < h1 < h0 + n0 + PAGE)
     st = store.stats()
     assert st.writeback.batches == 1 and st.writeback.moved_bytes == 16 * PAGE
     assert st.writeback.requests == 1
@@ -272,6 +278,7 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
                 end(i + j)
             check()
             await trio.lowlevel.checkpoint()
+        writing[0] -= 1
 
     async def discarder() -> None:
         for _ in range(50):
@@ -308,6 +315,21 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
             check()
             await trio.sleep(0.001)
 
+    cleaned = [0]
+
+    writing = [3]
+
+    async def cleaner(wb: Writeback) -> None:
+        # the file tiers' segments cleaned at any point, as long as the
+        # writers run: their live objects re-appended and their slots
+        # switched while the others run
+        k = 0
+        while writing[0] or k < 60:
+            cleaned[0] += await wb.clean_now(rng.randrange(2), rng.randrange(1, 4))
+            check()
+            k += 1
+            await trio.sleep(0.001)
+
     async def compactor() -> None:
         # compaction in small steps at any point, between any two awaits of
         # the others (the writeback task also compacts as it drains)
@@ -334,6 +356,7 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
             n.start_soon(requester, wb)
             n.start_soon(compactor)
             n.start_soon(recompressor)
+            n.start_soon(cleaner, wb)
     for i in range(npages):
         page = bytes(await store.read(dev, i * PAGE, PAGE))
         assert page in model[i], f"page {i}"
@@ -346,9 +369,12 @@ async def test_concurrent_moves_against_a_model(stores, tmp_path, seed, dedup):
         assert st.writeback.promotions > 0
     assert st.pool.compacted_objects > 0
     assert st.pool.recompressed_pages > 0
+    assert cleaned[0] > 0
+    assert sum(t.cleaned_objects for t in store.tiers) >= cleaned[0]
     if dedup:
         assert st.pool.dedup_hits > 0
     print(f"seed {seed}: {checks[0]} checked steps, moved {st.writeback.moved_pages}, "
+          f"cleaned {cleaned[0]}, "
           f"dedup hits {st.pool.dedup_hits}, "
           f"aborted {st.writeback.aborted_moves}, promotions {st.writeback.promotions}, "
           f"cache hits {st.cache.hits}, compacted {st.pool.compacted_objects}, "

@@ -67,7 +67,7 @@ def test_stats_formats_prometheus_parses_and_names_are_shell_safe(mount_factory,
 
     js = json.loads(run_swapfs("stats", str(m.path), "--format", "json").stdout)
     assert js.keys() == json.loads(run_swapfs("stats", str(m.path), "--json").stdout).keys()
-    assert js["schema"] == 3
+    assert js["schema"] == 4
     t = js["totals"]
     assert t["same_pages"] == t["same_filled_pages"]
     assert t["orig_data_size"] == (t["same_filled_pages"] + js["tiers"]["pool"]["stored_pages"]) * PAGE

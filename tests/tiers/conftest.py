@@ -16,11 +16,11 @@ MiB = 1 << 20
 CLUSTER_BYTES = CLUSTER_PAGES * PAGE
 
 
-@pytest.fixture(params=[False, True], ids=["plain", "xts"])
+@pytest.fixture(params=[False, True], ids=["plain", "gcm"])
 def make_tier(tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[Callable[..., FileTier]]:
     """Build and open tiers; every one passes check_invariants at teardown and is closed.
 
-    Every test using it runs twice: pages stored in the clear and encrypted (AES-XTS)."""
+    Every test using it runs twice: objects stored in the clear and encrypted (AES-GCM)."""
     made: list[FileTier] = []
 
     def make(size_bytes: int = 4 * CLUSTER_BYTES, *, name: str = "t", path: str | None = None,

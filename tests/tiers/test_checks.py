@@ -131,6 +131,7 @@ class T:
     size: int
     preallocate: bool = False
     force_init: bool = False
+    segment_bytes: int = 4 << 20
 
 
 def test_files_valid_missing_empty_and_ours(tmp_path: Path):
@@ -177,10 +178,10 @@ def test_files_sizes_against_free_space(tmp_path: Path):
 
 
 def test_files_metadata_reservation_refused_with_the_sizes(tmp_path: Path):
-    size = 1 << 60  # 1 EiB: 2.2 PiB of metadata address space
+    size = 1 << 60  # 1 EiB in 64 KiB segments: 128 TiB of metadata address space
     with pytest.raises(TierConfigError, match=r"size 1152921504606846976 bytes .*refuses to "
                                               r"reserve .* of address space for its metadata"):
-        check_tier_files([T("huge", str(tmp_path / "h.img"), size)])
+        check_tier_files([T("huge", str(tmp_path / "h.img"), size, segment_bytes=64 << 10)])
 
 
 def test_files_directory_where_nothing_can_be_created(tmp_path: Path):

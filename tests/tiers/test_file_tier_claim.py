@@ -18,7 +18,7 @@ import trio
 
 from swapfs.errors import Misuse, StoreError
 from swapfs.kernel import PAGE_SIZE as PAGE
-from swapfs.tiers.file import CLUSTER_PAGES, DATA_OFFSET, FileTier, TierRefused
+from swapfs.tiers.file import CLUSTER_PAGES, DATA_OFFSET, RAW, FileTier, TierRefused
 from swapfs.tiers.file.claim import try_lock
 from swapfs.tiers.file.header import MAGIC, VERSION, TierHeader, recognise, unpack
 
@@ -120,9 +120,10 @@ async def test_force_init_overwrites_a_foreign_file(tmp_path: Path,
     assert "overwriting 30000 bytes (no known signature): force_init is set" in caplog.text
     try:
         assert stat.S_IMODE(os.stat(p).st_mode) == 0o600
-        runs = t.allocate(3)
-        await t.write(runs, [b"n" * PAGE] * 3)
-        assert await t.read_many([0, 1, 2]) == [b"n" * PAGE] * 3
+        hs = t.allocate([PAGE] * 3)
+        await t.write(hs, [(i, RAW, b"n" * PAGE) for i in range(3)])
+        got = await t.read_objects([(h, PAGE, i) for i, h in enumerate(hs)])
+        assert got == [(RAW, b"n" * PAGE)] * 3
         assert unpack(_head(p)) == t.header
     finally:
         t.close()
@@ -136,8 +137,8 @@ async def test_second_open_of_a_held_file_is_refused_naming_the_holder(tmp_path:
     first = tier_at(p, mountpoint="/run/swapfs/first")
     first.open()
     try:
-        runs = first.allocate(4)
-        await first.write(runs, [b"1" * PAGE] * 4)
+        hs = first.allocate([PAGE] * 4)
+        await first.write(hs, [(i, RAW, b"1" * PAGE) for i in range(4)])
         before = p.read_bytes()
         second = tier_at(p, mountpoint="/run/swapfs/second")
         with pytest.raises(TierRefused) as ei:
@@ -148,7 +149,8 @@ async def test_second_open_of_a_held_file_is_refused_naming_the_holder(tmp_path:
         assert f"daemon pid {os.getpid()}" in msg
         # the first mount's file and pages are untouched
         assert p.read_bytes() == before
-        assert await first.read_many([0, 1, 2, 3]) == [b"1" * PAGE] * 4
+        got = await first.read_objects([(h, PAGE, i) for i, h in enumerate(hs)])
+        assert got == [(RAW, b"1" * PAGE)] * 4
         assert second._fd < 0
     finally:
         first.close()
@@ -193,12 +195,12 @@ def test_open_twice_is_misuse(tmp_path: Path) -> None:
 
 _DAEMON = textwrap.dedent("""
     import os, sys, trio
-    from swapfs.tiers.file import FileTier
+    from swapfs.tiers.file import RAW, FileTier
     t = FileTier("ssd", sys.argv[1], 2 * 1024 * 1024, 1, mountpoint="/run/swapfs/dead")
     t.open()
     async def main():
-        runs = t.allocate(300)
-        await t.write(runs, [b"secret-page-" * 341 + b"...."] * 300)
+        hs = t.allocate([4096] * 300)
+        await t.write(hs, [(i, RAW, b"secret-page-" * 341 + b"....") for i in range(len(hs))])
     trio.run(main)
     os.fsync(t._fd)
     print("ready", flush=True)
@@ -233,9 +235,10 @@ async def test_file_of_a_killed_mount_is_reused_safely(tmp_path: Path) -> None:
         assert st.st_blocks * 512 <= PAGE  # old pages punched: only the new header is written
         assert t.header is not None and t.header.mountpoint == "/run/swapfs/next"
         assert t.stored_pages == 0
-        runs = t.allocate(2)
-        await t.write(runs, [b"a" * PAGE, b"b" * PAGE])
-        assert await t.read_many([0, 1]) == [b"a" * PAGE, b"b" * PAGE]
+        hs = t.allocate([PAGE] * 2)
+        await t.write(hs, [(0, RAW, b"a" * PAGE), (1, RAW, b"b" * PAGE)])
+        got = await t.read_objects([(h, PAGE, i) for i, h in enumerate(hs)])
+        assert got == [(RAW, b"a" * PAGE), (RAW, b"b" * PAGE)]
     finally:
         t.close()
 

@@ -1,14 +1,14 @@
-"""File-tier metadata follows what is stored: reserved for the capacity, backed as clusters
-fill, given back as they empty."""
+"""File-tier metadata is a few bytes per segment, nothing per stored object: a huge tier
+mounts with little memory, and storing objects adds none."""
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 from swapfs.kernel import PAGE_SIZE as PAGE
-from swapfs.tiers.file import CLUSTER_PAGES, FileTier
+from swapfs.tiers.file import RAW, FileTier
 
-C = CLUSTER_PAGES
 MiB = 1 << 20
 
 
@@ -20,34 +20,32 @@ def rss() -> int:
     raise AssertionError("no VmRSS")
 
 
-def test_a_2_tib_tier_costs_its_per_cluster_arrays_only(tmp_path: Path) -> None:
+def test_a_2_tib_tier_costs_its_per_segment_arrays_only(tmp_path: Path) -> None:
     before = rss()
-    t = FileTier("big", str(tmp_path / "big.img"), 2 << 40, 1)  # 2M clusters, never opened
+    t = FileTier("big", str(tmp_path / "big.img"), 2 << 40, 1)  # 512k segments, never opened
     grew = rss() - before
-    assert t.nclusters == 2 << 20
-    assert t.metadata_bytes <= 8 * t.nclusters  # 16 MiB; by capacity it was 4.5 GiB
+    assert t.nsegments == (2 << 40) // (4 * MiB)
+    assert t.metadata_bytes <= 25 * t.nsegments  # 12.5 MiB; raw pages by capacity was 4.5 GiB
     assert grew <= 32 * MiB, f"RSS grew {grew / MiB:.1f} MiB"
-    runs = t.allocate(3 * C + 5)  # backs the columns of the clusters in use only
-    assert t.metadata_bytes <= 8 * t.nclusters + 4 * C * 9
+    hs = t.allocate([PAGE] * 3000)  # bookkeeping of the segments in use only
+    assert len(hs) == 3000
     assert rss() - before <= 32 * MiB + 4 * PAGE * 4
-    t.free_runs(runs)
+    for h in hs:
+        t.free(h, PAGE)
 
 
-async def test_an_emptied_cluster_gives_its_columns_back(make_tier) -> None:
-    t = make_tier(4 * C * PAGE)
-    runs = t.allocate(2 * C)  # clusters 0 and 1: one page of checksums, one of used bytes
-    await t.write(runs, [b"\x07" * PAGE] * (2 * C))
-    csum = t._map.csum
-    assert csum[0] != 0 and csum[C] != 0
-    t.free(range(C))  # cluster 0 empties; cluster 1 shares its pages of both columns: kept
-    assert csum[C] != 0 and t._map.used[C] == 1
-    assert await t.read(C + 1) == b"\x07" * PAGE
-    t.free(range(C, 2 * C))  # both empty: the pages are handed back and read as zeros
-    assert csum[0] == 0 and csum[C] == 0 and csum[2 * C - 1] == 0
-    assert t._map.release_errors == 0
-    await t.punch_free_clusters()
-    runs = t.allocate(C + 3)  # and are backed again as written
-    await t.write(runs, [b"\x08" * PAGE] * (C + 3))
-    assert await t.read_many([p for s, k in runs for p in range(s, s + k)]) == \
-        [b"\x08" * PAGE] * (C + 3)
-    assert t.metadata_bytes >= 2 * C * 9
+async def test_storing_objects_adds_no_metadata(make_tier) -> None:
+    t = make_tier(8 * MiB, segment_bytes=64 * 1024)
+    empty = t.metadata_bytes
+    rng = random.Random(1)
+    data = [rng.randbytes(rng.randint(100, PAGE)) for _ in range(1000)]
+    hs = t.allocate([len(p) for p in data])
+    await t.write(hs, [(i, RAW if len(p) == PAGE else 1, p) for i, p in enumerate(data)])
+    assert t.stored_pages == 1000
+    assert t.metadata_bytes <= empty + 4 * t.nsegments  # the free stack shrank, if anything
+    got = await t.read_objects([(h, len(p), i) for i, (h, p) in enumerate(zip(hs, data))])
+    assert [p for _c, p in got] == data
+    for h, p in zip(hs, data):
+        t.free(h, len(p))
+    await t.punch_free_segments()
+    assert t.metadata_bytes <= empty

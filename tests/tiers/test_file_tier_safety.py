@@ -19,6 +19,7 @@ from swapfs.tiers import file as file_mod
 from swapfs.tiers.file import (
     CLUSTER_PAGES,
     DATA_OFFSET,
+    RAW,
     ChecksumError,
     FileTier,
     TierFull,
@@ -121,10 +122,30 @@ def test_missing_directory_is_a_clear_error(tmp_path: Path) -> None:
 # -------------------------------------------------------------- encryption at rest
 
 
+# The pages below are raw objects of slots 0, 1, ... (in the order written); HANDLES says
+# where each landed, per tier.
+HANDLES: dict[int, list[int]] = {}
+
+
+async def write_pages(t: FileTier, pages: list[bytes]) -> list[int]:
+    handles = HANDLES.setdefault(id(t), [])
+    first = len(handles)
+    hs = t.allocate([PAGE] * len(pages))
+    assert len(hs) == len(pages)
+    await t.write(hs, [(first + i, RAW, p) for i, p in enumerate(pages)])
+    handles += hs
+    return hs
+
+
+async def read_pages(t: FileTier, which: list[int]) -> list[bytes]:
+    hs = HANDLES[id(t)]
+    return [p for _c, p in await t.read_objects([(hs[i], PAGE, i) for i in which])]
+
+
 async def _write_marked(t: FileTier, n: int) -> list[bytes]:
+    HANDLES.pop(id(t), None)
     pages = [marked_page(i) for i in range(n)]
-    runs = t.allocate(n)
-    await t.write(runs, pages)
+    await write_pages(t, pages)
     return pages
 
 
@@ -134,21 +155,20 @@ async def test_backing_file_holds_plaintext_only_when_not_encrypted(tmp_path: Pa
     t = tier_at(tmp_path / "t.img", encrypt=encrypt)
     t.open()
     try:
-        pages = await _write_marked(t, 300)  # two runs across a cluster boundary
+        pages = await _write_marked(t, 300)  # across several segments
         raw = read_all(t.path)
         assert (MARK in raw) is (not encrypt)
         assert (marked_page(5) in raw) is (not encrypt)
-        assert await t.read_many(list(range(300))) == pages
-        assert [await t.read(p) for p in (0, 255, 256, 299)] == [pages[p] for p in (0, 255, 256, 299)]
-        assert t.read_now(17) == pages[17]
+        assert await read_pages(t, list(range(300))) == pages
+        assert [(await read_pages(t, [p]))[0] for p in (0, 255, 256, 299)] == \
+            [pages[p] for p in (0, 255, 256, 299)]
+        assert t.read_now(HANDLES[id(t)][17], PAGE, 17) == (RAW, pages[17])
         if encrypt:
-            # the page number is the tweak: equal pages encrypt differently at different places
+            # the place (and generation) is the nonce: equal pages encrypt differently
             same = [b"\x42" * 8 + bytes(PAGE - 8)] * 2
-            runs = t.allocate(2)
-            await t.write(runs, same)
-            a, b = runs[0][0], runs[0][0] + 1
-            assert raw_page(t, a) != raw_page(t, b)
-            assert await t.read_many([a, b]) == same
+            a, b = await write_pages(t, same)
+            assert raw_page(t, a)[16:] != raw_page(t, b)[16:]
+            assert await read_pages(t, [300, 301]) == same
     finally:
         t.close()
 
@@ -158,10 +178,11 @@ def read_all(path: str) -> bytes:
         return f.read()
 
 
-def raw_page(t: FileTier, page: int) -> bytes:
+def raw_page(t: FileTier, handle: int) -> bytes:
+    """The bytes of the raw page's object at ``handle``, as on disk."""
     with open(t.path, "rb") as f:
-        f.seek(DATA_OFFSET + page * PAGE)
-        return f.read(PAGE)
+        f.seek(DATA_OFFSET + handle)
+        return f.read(t.object_bytes(PAGE))
 
 
 async def test_each_open_has_its_own_key(tmp_path: Path) -> None:
@@ -171,33 +192,34 @@ async def test_each_open_has_its_own_key(tmp_path: Path) -> None:
         t.open()
         try:
             await _write_marked(t, 1)
-            raws.append(raw_page(t, 0))
+            raws.append(raw_page(t, HANDLES[id(t)][0]))
         finally:
             t.close()
     assert raws[0] != raws[1]
 
 
 @pytest.mark.parametrize("encrypt", [True, False])
-@pytest.mark.parametrize("where", [0, 15, 16, 2000, PAGE - 1])
+@pytest.mark.parametrize("where", [0, 15, 16, 2000, PAGE - 1, PAGE + 16, PAGE + 23])
 async def test_flipped_byte_on_disk_is_a_checksum_error_never_wrong_bytes(
         tmp_path: Path, encrypt: bool, where: int) -> None:
     t = tier_at(tmp_path / "t.img", encrypt=encrypt)
     t.open()
     try:
         pages = await _write_marked(t, 8)
+        h3 = HANDLES[id(t)][3]
         fd = os.open(t.path, os.O_RDWR)
         try:
-            off = DATA_OFFSET + 3 * PAGE + where
+            off = DATA_OFFSET + h3 + where  # header, page or tag: every byte counts
             b = os.pread(fd, 1, off)
             os.pwrite(fd, bytes([b[0] ^ 0x01]), off)
         finally:
             os.close(fd)
         with pytest.raises(ChecksumError) as ei:
-            await t.read(3)
-        assert ei.value.page == 3
+            await read_pages(t, [3])
+        assert ei.value.page == h3
         with pytest.raises(ChecksumError):
-            await t.read_many(list(range(8)))
-        assert await t.read_many([0, 1, 2, 4, 5, 6, 7]) == [pages[i] for i in (0, 1, 2, 4, 5, 6, 7)]
+            await read_pages(t, list(range(8)))
+        assert await read_pages(t, [0, 1, 2, 4, 5, 6, 7]) == [pages[i] for i in (0, 1, 2, 4, 5, 6, 7)]
     finally:
         t.close()
 
@@ -220,7 +242,7 @@ async def test_close_empties_the_backing_file(tmp_path: Path, encrypt: bool) -> 
     try:
         assert os.stat(t2.path).st_size == DATA_OFFSET + 2 * CLUSTER_BYTES
         pages = await _write_marked(t2, 3)
-        assert await t2.read_many([0, 1, 2]) == pages
+        assert await read_pages(t2, [0, 1, 2]) == pages
     finally:
         t2.close()
 
@@ -276,9 +298,10 @@ async def test_short_writes_are_completed(tmp_path: Path, faults: _Faults, encry
     faults.write = short
     try:
         pages = [rng.randbytes(PAGE) for _ in range(40)]
-        await t.write(t.allocate(40), pages)
+        HANDLES.pop(id(t), None)
+        await write_pages(t, pages)
         faults.write = None
-        assert await t.read_many(list(range(40))) == pages
+        assert await read_pages(t, list(range(40))) == pages
         assert t.writes > 40  # it really did continue short writes
     finally:
         t.close()
@@ -298,13 +321,13 @@ async def test_short_reads_are_continued_or_eio(tmp_path: Path, faults: _Faults,
             return faults.real_preadv(fd, [mv[:min(mv.nbytes, 1000)]], offset, *flags)
 
         faults.read = short
-        assert await t.read_many(list(range(16))) == pages
+        assert await read_pages(t, list(range(16))) == pages
         faults.read = lambda *a: 0  # the file "ends early"
         with pytest.raises(TierIOError) as ei:
-            await t.read_many([1, 2])
+            await read_pages(t, [1, 2])
         assert ei.value.errno == errno.EIO
         faults.read = None
-        assert await t.read_many(list(range(16))) == pages
+        assert await read_pages(t, list(range(16))) == pages
     finally:
         t.close()
 
@@ -319,11 +342,11 @@ async def test_read_eio_is_an_io_error_never_bytes(tmp_path: Path, faults: _Faul
         t._nowait = nowait
         faults.read = _raise(errno.EIO)
         with pytest.raises(TierIOError) as ei:
-            await t.read_many([0, 1, 2, 3])
+            await read_pages(t, [0, 1, 2, 3])
         assert ei.value.errno == errno.EIO
         assert t.io_errors == 1 and t.stored_pages == 4
         faults.read = None
-        assert await t.read_many([0, 1, 2, 3]) == pages
+        assert await read_pages(t, [0, 1, 2, 3]) == pages
         t.check_invariants()
     finally:
         t.close()
@@ -337,16 +360,16 @@ async def test_write_failure_frees_the_pages_and_keeps_the_others(tmp_path: Path
     try:
         kept = await _write_marked(t, 10)
         faults.write = _raise(err)
-        runs = t.allocate(5)
+        hs = t.allocate([PAGE] * 5)
         with pytest.raises(TierFull if err != errno.EIO else TierIOError):
-            await t.write(runs, [bytes(PAGE)] * 5)
+            await t.write(hs, [(10 + i, RAW, bytes(PAGE)) for i in range(5)])
         assert t.stored_pages == 10
         assert t.full is (err != errno.EIO)
         faults.write = None
-        assert await t.read_many(list(range(10))) == kept
+        assert await read_pages(t, list(range(10))) == kept
         t.check_invariants()
         if err != errno.EIO:  # a free clears the full condition
-            t.free([9])
+            t.free(HANDLES[id(t)][9], PAGE)
             assert not t.full
     finally:
         t.close()

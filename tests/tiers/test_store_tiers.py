@@ -86,16 +86,21 @@ async def test_priority_order_then_round_robin(stores, tmp_path):
     ])
     dev = store.devices[0]
     data = os.urandom(2 * CLUSTER)
-    await store.write(dev, 0, data)  # fills "fast" exactly
+    await store.write(dev, 0, data)  # fills "fast"; what does not fit goes to the next priority
     ts = tier_stats(store)
-    assert ts["fast"].stored_pages == 2 * CLUSTER_PAGES
-    assert ts["ssd_a"].stored_pages == ts["ssd_b"].stored_pages == ts["slow"].stored_pages == 0
-    # four more clusters, one request each: equal priorities take turns, cluster by cluster
+    fast = ts["fast"].stored_pages
+    assert fast > 0 and store.tiers[1].allocate([PAGE]) == []  # full: raw pages and their tags
+    assert ts["slow"].stored_pages == 0
+    assert ts["ssd_a"].stored_pages + ts["ssd_b"].stored_pages == 2 * CLUSTER_PAGES - fast
+    # four more clusters, one request each: equal priorities take turns, segment by segment
     more = [os.urandom(CLUSTER) for _ in range(4)]
     for i, chunk in enumerate(more):
         await store.write(dev, 2 * CLUSTER + i * CLUSTER, chunk)
     ts = tier_stats(store)
-    assert ts["ssd_a"].stored_pages == ts["ssd_b"].stored_pages == 2 * CLUSTER_PAGES
+    per_segment = store.tiers[2].segment_bytes // store.tiers[2].object_bytes(PAGE)
+    a, b = ts["ssd_a"].stored_pages, ts["ssd_b"].stored_pages
+    assert a + b == 6 * CLUSTER_PAGES - fast
+    assert a > 0 and b > 0 and abs(a - b) <= per_segment
     assert ts["slow"].stored_pages == 0
     assert await store.read(dev, 0, 6 * CLUSTER) == data + b"".join(more)
     accounting(store)
@@ -110,7 +115,12 @@ async def test_all_tiers_full_is_nospace_and_keeps_data(stores, tmp_path):
             page = os.urandom(PAGE)
             await store.write(dev, i * PAGE, page)
             stored.append(page)
-    assert len(stored) == CLUSTER_PAGES  # raw pages: all in the file tier
+    # raw pages: all in the file tier, as many as fit with their headers and tags, less the
+    # segments kept back for cleaning (nothing to clean: every object is live)
+    t = store.tiers[0]
+    usable = t.nsegments - 2
+    assert len(stored) == usable * (t.segment_bytes // t.object_bytes(PAGE))
+    assert t.stored_pages == len(stored) and t.full
     assert await store.read(dev, 0, len(stored) * PAGE) == b"".join(stored)
     assert await store.read(dev, len(stored) * PAGE, PAGE) == bytes(PAGE)
     # same-filled pages need no space
@@ -127,12 +137,15 @@ async def test_discard_frees_file_pages_and_punches_clusters(stores, tmp_path):
     assert blocks_full * 512 >= 4 * CLUSTER
     await store.discard(dev, CLUSTER, 2 * CLUSTER)
     assert tier_stats(store)["ssd"].stored_pages == 2 * CLUSTER_PAGES
-    assert os.stat(path).st_blocks * 512 <= blocks_full * 512 - 2 * CLUSTER
+    # every segment left without a live object is punched: all of those the discarded range
+    # covers but the two it shares with the pages kept
+    seg = store.tiers[0].segment_bytes
+    assert os.stat(path).st_blocks * 512 <= blocks_full * 512 - 2 * CLUSTER * 4128 // PAGE + 2 * seg
     assert await store.read(dev, CLUSTER, 2 * CLUSTER) == bytes(2 * CLUSTER)
-    # a rewrite that moves a whole cluster's pages to the pool frees the cluster too
+    # a rewrite that moves a whole cluster's pages to the pool frees their segments too
     await store.write(dev, 0, (b"now compressible " * 250)[:PAGE] * CLUSTER_PAGES)
     assert tier_stats(store)["ssd"].stored_pages == CLUSTER_PAGES
-    assert os.stat(path).st_blocks * 512 <= blocks_full * 512 - 3 * CLUSTER
+    assert os.stat(path).st_blocks * 512 <= blocks_full * 512 - 3 * CLUSTER * 4128 // PAGE + 3 * seg
     accounting(store)
 
 
@@ -143,11 +156,11 @@ async def test_flipped_byte_in_backing_file_is_eio_for_that_page_only(stores, tm
     pages = [os.urandom(PAGE) for _ in range(8)]
     await store.write(dev, 0, b"".join(pages))
     victim = 5
-    fpage = dev.table.handles[victim]
+    handle = dev.table.handles[victim]
     fd = os.open(path, os.O_RDWR)
     try:
-        b = os.pread(fd, 1, DATA_OFFSET + fpage * PAGE + 123)
-        os.pwrite(fd, bytes([b[0] ^ 0x40]), DATA_OFFSET + fpage * PAGE + 123)
+        b = os.pread(fd, 1, DATA_OFFSET + handle + 123)
+        os.pwrite(fd, bytes([b[0] ^ 0x40]), DATA_OFFSET + handle + 123)
     finally:
         os.close(fd)
     with pytest.raises(Corruption):
@@ -365,16 +378,19 @@ async def test_a_write_that_finds_no_room_changes_nothing(stores, tmp_path):
     # the pool and the file tier is refused whole; the old content stays.
     store = stores([tier("ssd", tmp_path / "ssd.img", CLUSTER)], pool_bytes=256 * 1024)
     dev = store.devices[0]
-    old = [os.urandom(PAGE) for _ in range(200)]
-    await store.write(dev, 0, b"".join(old))  # 200 of the tier's 256 pages
+    t = store.tiers[0]
+    room = (t.nsegments - 2) * (t.segment_bytes // t.object_bytes(PAGE))  # raw pages it holds
+    nold = room - 60
+    old = [os.urandom(PAGE) for _ in range(nold)]
+    await store.write(dev, 0, b"".join(old))  # all but 60 of the tier's room
     before = store.stats()
     new = b"".join(os.urandom(PAGE) for _ in range(64))
     with pytest.raises(NoSpace):
         await store.write(dev, 100 * PAGE, new)
     after = store.stats()
-    assert await store.read(dev, 0, 200 * PAGE) == b"".join(old)
+    assert await store.read(dev, 0, nold * PAGE) == b"".join(old)
     assert after.totals.stored_pages == before.totals.stored_pages
-    assert tier_stats(store)["ssd"].stored_pages == 200
+    assert tier_stats(store)["ssd"].stored_pages == nold
     assert after.device("swap0").nospace_errors == 1
     store.check_invariants()
     # A write that fits still goes through, and the space is really free.
@@ -397,3 +413,129 @@ async def test_pages_that_skip_the_pool_are_counted(stores, tmp_path):
     assert pool.pool_limit_hit > 0  # the rest found the pool at its limit and went to the tier
     assert tier_stats(store)["ssd"].stored_pages == 10 + pool.pool_limit_hit
     assert await store.read(dev, 16 * PAGE, 1200 * PAGE) == text
+
+
+async def test_cleaning_moves_live_objects_and_frees_segments(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 4 * MiB, segment_bytes=64 * 1024)],
+                   pool_bytes=256 * 1024)
+    dev = store.devices[0]
+    rng = random.Random(11)
+    n = 600
+    pages = [rng.randbytes(PAGE) if i % 3 else (b"clean me %d " % i * 400)[:PAGE]
+             for i in range(n)]
+    await store.write(dev, 0, b"".join(pages[:300]))
+    await store.migrate([(dev, s) for s in range(300)], 0)  # whatever the pool held, down
+    await store.write(dev, 300 * PAGE, b"".join(pages[300:]))
+    await store.migrate([(dev, s) for s in range(300, n)], 0)
+    t = store.tiers[0]
+    assert t.stored_pages == n
+    kept = set(range(n))
+    for s in rng.sample(range(n), n // 2):  # random discards leave segments half live
+        await store.discard(dev, s * PAGE, PAGE)
+        kept.discard(s)
+    before = t.stats()
+    assert before.dead_bytes > 0
+    moved = 0
+    while t.cleaning_victims():
+        got = await store.clean(0, 4)
+        if not got:
+            break
+        moved += got
+        store.check_invariants()
+    after = t.stats()
+    assert moved > 0 and after.cleaned_objects == moved
+    assert after.cleaned_bytes > 0 and after.write_amplification > 1.0
+    assert after.segments_free > before.segments_free  # emptied, punched, reusable
+    assert after.dead_bytes < before.dead_bytes
+    assert after.live_bytes == before.live_bytes and after.stored_pages == len(kept)
+    for s in range(n):
+        assert await store.read(dev, s * PAGE, PAGE) == (pages[s] if s in kept else bytes(PAGE))
+    accounting(store)
+
+
+async def test_a_cleaning_move_loses_to_a_write_or_discard_meanwhile(stores, tmp_path):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 4 * MiB, segment_bytes=64 * 1024)])
+    dev = store.devices[0]
+    rng = random.Random(12)
+    pages = [rng.randbytes(PAGE) for _ in range(64)]
+    await store.write(dev, 0, b"".join(pages))  # incompressible: 15 to a segment
+    for s in range(0, 64, 2):
+        await store.discard(dev, s * PAGE, PAGE)
+    t = store.tiers[0]
+    write = t.write
+    hold, holding = trio.Event(), trio.Event()
+
+    async def held_write(*args, **kw):
+        holding.set()
+        await hold.wait()  # cleaning stays between its copy and its commit
+        await write(*args, **kw)
+
+    t.write = held_write
+    new = rng.randbytes(PAGE)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(store.clean, 0, 1)
+        await holding.wait()
+        t.write = write
+        await store.write(dev, 1 * PAGE, new)  # slot 1 rewritten, slot 3 discarded meanwhile
+        await store.discard(dev, 3 * PAGE, PAGE)
+        hold.set()
+    assert await store.read(dev, 1 * PAGE, PAGE) == new
+    assert await store.read(dev, 3 * PAGE, PAGE) == bytes(PAGE)
+    for s in range(5, 64, 2):
+        assert await store.read(dev, s * PAGE, PAGE) == pages[s]
+    assert store.stats().writeback.aborted_moves >= 2
+    store.check_invariants()
+
+
+@pytest.mark.timeout(120)
+async def test_a_tier_under_random_rewrites_at_70_percent_live_never_reports_full(stores, tmp_path):
+    """The writeback task cleans as free segments run low: the tier never refuses a write
+    while less than 70% of it is live."""
+    from swapfs.writeback import open_writeback
+    store = stores([tier("ssd", tmp_path / "ssd.img", 4 * MiB, segment_bytes=64 * 1024)],
+                   pool_bytes=64 * 1024)
+    dev = store.devices[0]
+    t = store.tiers[0]
+    rng = random.Random(13)
+    nslots = int(0.7 * t.size_bytes / t.object_bytes(PAGE))  # 70% live, raw pages
+    async with open_writeback(store, interval=0.01):
+        for k in range(8 * nslots):
+            await store.write(dev, rng.randrange(nslots) * PAGE, rng.randbytes(PAGE))
+            assert not t.full
+            if k % 200 == 0:
+                await trio.lowlevel.checkpoint()
+    st = t.stats()
+    assert st.cleaned_objects > 0
+    assert st.live_bytes <= 0.7 * t.size_bytes + t.object_bytes(PAGE)
+    store.check_invariants()
+
+
+@pytest.mark.parametrize("recompress", ["", "zstd"])
+async def test_moves_keep_objects_compressed_and_a_tier_may_recompress(stores, tmp_path,
+                                                                        recompress):
+    store = stores([tier("ssd", tmp_path / "ssd.img", 8 * MiB, recompress=recompress)],
+                   pool_bytes=4 * MiB)
+    dev = store.devices[0]
+    rng = random.Random(14)
+    words = [b"alpha ", b"beta ", b"gamma ", b"delta ", b"swap "]
+    pages = [b"".join(rng.choice(words) for _ in range(900))[:PAGE] for _ in range(64)]
+    await store.write(dev, 0, b"".join(pages))
+    sizes = [dev.table.info[s] >> 4 & 0x1FFF for s in range(64)]  # the pool's lz4 lengths
+    assert await store.migrate([(dev, s) for s in range(64)], 0) == 64
+    t = store.tiers[0]
+    codecs = []
+    for s in range(64):
+        n = dev.table.info[s] >> 4 & 0x1FFF
+        cid, payload = t.read_now(dev.table.handles[s], n, s)
+        codecs.append(cid)
+        assert len(payload) == n < PAGE
+    if recompress:
+        assert set(codecs) == {2}  # zstd: every page came down denser
+        assert store.moves.recompressed == 64
+        assert sum(dev.table.info[s] >> 4 & 0x1FFF for s in range(64)) < sum(sizes)
+    else:
+        assert set(codecs) == {1}  # lz4, the pool's bytes as they were
+        assert [dev.table.info[s] >> 4 & 0x1FFF for s in range(64)] == sizes
+    assert t.stats().compression_ratio > 2
+    assert await store.read(dev, 0, 64 * PAGE) == b"".join(pages)
+    store.check_invariants()

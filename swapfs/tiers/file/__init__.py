@@ -1,43 +1,45 @@
-"""The file tier: 4 KiB pages, uncompressed, in a backing file on an ordinary filesystem.
+"""The file tier: a log of segments of compressed objects in a backing file.
 
 :class:`FileTier` is the one public entry; the package holds its parts by concern:
 
-* :mod:`.clusters`: the allocator (pages in use, checksums, clusters and their states), whose
-  memory follows what is stored;
-* :mod:`.io`: the group-commit writer and the worker-thread bodies (vectored writes and reads,
-  punching);
-* :mod:`.cipher`: AES-256-XTS of pages at rest;
+* :mod:`.segments`: the segment map (the log's head, live bytes and generations per segment),
+  whose memory is a few bytes per segment;
+* :mod:`.objects`: the object format (header naming the slot, payload as the pool held it,
+  integrity tag) and the parse of a segment for cleaning;
+* :mod:`.io`: the group-commit writer and the worker-thread bodies (sealing and vectored writes,
+  reads of byte ranges, punching);
+* :mod:`.cipher`: AES-256-GCM of objects at rest;
 * :mod:`.header`: the signature at the start of every tier file, and the recognition of what
   else a file holds;
 * :mod:`.claim`: the safe open, the lock that makes a file one mount's, and the judgement of an
   existing file's content;
 * :mod:`.errors`: TierFull, TierIOError, ChecksumError, TierRefused (all StoreError).
 
-Layout: the header cluster (``DATA_OFFSET``, 1 MiB, mostly a hole), then page ``p`` of the
-tier at ``DATA_OFFSET + p * PAGE``; the file is ``DATA_OFFSET + capacity_pages * PAGE`` bytes
-long and sparse unless ``preallocate`` is set.
+Layout: the header cluster (``DATA_OFFSET``, 1 MiB, mostly a hole), then the data area cut
+into segments; the object at handle ``h`` is at ``DATA_OFFSET + h``.  The file is
+``DATA_OFFSET + size`` bytes long and sparse unless ``preallocate`` is set.
 
 Concurrency (one trio loop owns this object; see docs/file-tier.md): ``allocate`` and ``free``
-never await, so each runs atomically between two awaits.  ``write``, ``read``, ``read_many`` and
-``punch_free_clusters`` do their system calls in worker threads, at most ``max_inflight`` at
-once.  The pages passed to ``write`` belong to that write until it returns; if it raises
-(any exception, cancellation included) it frees them.  A cluster that becomes entirely free is
-not allocatable again until it has been punched, so a punch can never hit data written after it.
+never await, so each runs atomically between two awaits.  ``write``, ``read_objects``,
+``read_segment`` and ``punch_free_segments`` do their system calls in worker threads, at most
+``max_inflight`` at once.  The handles passed to ``write`` belong to that write until it
+returns; if it raises (any exception, cancellation included) it frees them.  A segment left
+without live objects is not reusable until it has been punched, and is reused under a new
+generation, so nothing read from it before can pass for something written after.
 
 Safety at rest: the backing file is opened without following symlinks, created exclusively when
 absent, refused unless the open descriptor is a regular file of ours with a single link, locked
 for the mount's life (a second mount is refused), and refused if it holds anything but nothing
 or a tier of a mount that is gone (unless ``force_init``); then it is made mode 0600 and
-signed.  Pages are encrypted (AES-256-XTS, a random key per ``open``, kept only in memory: the
-region ``tier.<name>.key`` of the store's state memory; the page number is the tweak) unless
-``encrypt=False``; checksums are of the plaintext and stay in memory.  ``close`` empties the
-file (truncates it to zero bytes).
+signed.  Objects are encrypted and authenticated (AES-256-GCM, a random key per ``open``, kept
+only in memory: the region ``tier.<name>.key`` of the store's state memory) unless
+``encrypt=False``, when an xxh3-64 tag guards them.  ``close`` empties the file.
 
-Surviving the daemon: the columns and the key are regions of the store's ``StateMemory`` and the
-backing file's fd is registered with it (``tierfile.<name>``).  With an adopted memory, ``open``
-adopts that fd (the flock travels with it; reopening the file would find it locked by our own
-predecessor), checks the header names this tier, and takes the key; ``rebuild`` then makes the
-pages slots name the pages in use (see swapfs/recovery.py).
+Surviving the daemon: the generations, the object counts and the key are regions of the store's
+``StateMemory`` and the backing file's fd is registered with it (``tierfile.<name>``).  With an
+adopted memory, ``open`` adopts that fd (the flock travels with it; reopening the file would
+find it locked by our own predecessor), checks the header names this tier, and takes the key;
+``rebuild`` then makes the objects slots name the live ones (see swapfs/recovery.py).
 """
 
 from __future__ import annotations
@@ -45,7 +47,6 @@ from __future__ import annotations
 import errno
 import logging
 import os
-from array import array
 from collections.abc import Iterable, Sequence
 
 import trio
@@ -55,41 +56,67 @@ from ...kernel import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from ...kernel import PAGE_SIZE as PAGE
 from ...memory import StateMemory
 from ...stats import FileTierStats
-from .cipher import PageCipher, new_key
+from .cipher import KEY_BYTES, ObjectCipher, new_key
 from .claim import claim
-from .clusters import CLUSTER_PAGES, FREE, FULL, PARTIAL, PENDING, PUNCHING, ClusterMap, reservation_bytes
 from .errors import ChecksumError, TierFull, TierIOError, TierRefused
-from .header import DATA_OFFSET, TierHeader, read_header
+from .header import DATA_OFFSET, VERSION, TierHeader, read_header
 from .io import (
     GroupWriter,
     NoWaitUnsupported,
-    pread_runs,
-    pread_runs_nowait,
+    pread_full,
+    pread_ranges,
+    pread_ranges_nowait,
     punch_ranges,
     punch_ranges_of,
-    xxh3,
 )
+from .objects import RAW, Bad, object_bytes, parse, unseal
+from .segments import HEAD, PENDING, PUNCHING, SEALED, SEGMENT_BYTES, SegmentMap, reservation_bytes
 
-__all__ = ["CLUSTER_PAGES", "DATA_OFFSET", "PAGE", "ChecksumError", "FileTier", "TierFull",
-           "TierIOError", "TierRefused"]
+__all__ = ["CLUSTER_PAGES", "DATA_OFFSET", "PAGE", "RAW", "SEGMENT_BYTES", "ChecksumError",
+           "FileTier", "TierFull", "TierIOError", "TierRefused"]
+
+# Pages per writeback batch (one FUSE request's worth, 1 MiB raw).
+CLUSTER_PAGES = 256
+# Segments kept back for cleaning: other appends stop when only these are free.
+CLEAN_RESERVE = 2
+# A tier has at least this many segments where it can (a small tier gets smaller segments, down
+# to MIN_SEGMENT_BYTES): cleaning needs segments to choose from and some to spare.
+MIN_SEGMENTS = 32
+MIN_SEGMENT_BYTES = 16 * PAGE
+
+
+def effective_segment_bytes(size_bytes: int, segment_bytes: int) -> int:
+    """The segment size of a tier of ``size_bytes`` configured with ``segment_bytes``: halved
+    until the tier has MIN_SEGMENTS segments, but not below MIN_SEGMENT_BYTES."""
+    seg = max(min(segment_bytes, size_bytes) // PAGE * PAGE, PAGE)
+    while seg // 2 >= MIN_SEGMENT_BYTES and size_bytes // seg < MIN_SEGMENTS:
+        seg = seg // 2 // PAGE * PAGE
+    return seg
+
+
+# A segment is worth cleaning while at most this share of it is live (a tier is full only
+# when no segment is: less than this share of it is live).
+CLEAN_MAX_LIVE = 0.75
 
 log = logging.getLogger(__name__)
-
-KEY_BYTES = 64  # an AES-256-XTS key
 
 # The default of ``encrypt``, as the configuration's (swapfs.config.TierConfig.encrypt).
 ENCRYPT_DEFAULT = True
 
 
 class FileTier:
-    """A backing file holding 4 KiB pages in clusters.  See the package docstring."""
+    """A backing file holding compressed objects in log-structured segments.  See the package
+    docstring."""
 
     def __init__(self, name: str, path: str, size_bytes: int, priority: int, *,
                  preallocate: bool = False, max_inflight: int = 8,
                  encrypt: bool = ENCRYPT_DEFAULT, force_init: bool = False,
-                 mountpoint: str = "", memory: StateMemory | None = None) -> None:
+                 mountpoint: str = "", memory: StateMemory | None = None,
+                 segment_bytes: int = SEGMENT_BYTES, recompress: str = "") -> None:
         # ``mountpoint``: recorded in the file's header, so that a second mount is refused
         # naming this one.  ``force_init``: overwrite an existing file without our signature.
+        # ``recompress``: the codec the store recompresses objects with on their way down to
+        # this tier ("" for none); the tier itself stores whatever it is given.
         if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) \
                 or size_bytes <= 0 or size_bytes % PAGE:
             raise Misuse(f"tier {name!r}: size {size_bytes!r} is not a positive whole "
@@ -104,21 +131,24 @@ class FileTier:
         self.encrypt = encrypt
         self.force_init = force_init
         self.mountpoint = mountpoint
+        self.recompress = recompress
         self.header: TierHeader | None = None  # written by open()
-        self._cipher: PageCipher | None = None  # made by open() when encrypt is set
+        self._cipher: ObjectCipher | None = None  # made by open() when encrypt is set
         self.capacity_pages = size_bytes // PAGE
-        # Where the tier's truth lives (its columns, its key), and the backing file's fd is
-        # registered (``tierfile.<name>``); a successor adopts all three (``open``).
+        self.segment_bytes = effective_segment_bytes(size_bytes, segment_bytes)
+        # Where the tier's truth lives (generations, object counts, its key), and the backing
+        # file's fd is registered (``tierfile.<name>``); a successor adopts them (``open``).
         self._memory = memory if memory is not None else StateMemory()
         self._limiter = trio.CapacityLimiter(max_inflight)
         try:
-            self._map = ClusterMap(name, self.capacity_pages, recycle_at_once=preallocate,
-                                   memory=self._memory)
+            self._map = SegmentMap(name, size_bytes, self.segment_bytes, reserve=CLEAN_RESERVE,
+                                   recycle_at_once=preallocate, memory=self._memory)
         except OSError as e:
             raise OSError(e.errno, f"tier {name!r}: {path}: cannot reserve "
-                                   f"{_reservation(self.capacity_pages)} of address space for "
-                                   f"the metadata of {size_bytes} bytes: {e.strerror}") from e
-        self.nclusters = self._map.nclusters
+                                   f"{reservation_bytes(size_bytes, self.segment_bytes)} bytes "
+                                   f"of address space for the metadata of {size_bytes} bytes: "
+                                   f"{e.strerror}") from e
+        self.nsegments = self._map.nsegments
         self._enospc = False
 
         self.reads = 0
@@ -127,11 +157,16 @@ class FileTier:
         self.written_bytes = 0
         self.checksum_errors = 0
         self.io_errors = 0
-        self.punched_clusters = 0
+        self.punched_segments = 0
         self._punch_warned = False
         self._nowait = hasattr(os, "RWF_NOWAIT")  # cleared if the filesystem refuses it
-        self.cached_reads = 0  # read_many calls served inline from the page cache
-        self.thread_reads = 0  # read_many calls that went to a worker thread
+        self.cached_reads = 0  # reads served inline from the page cache
+        self.thread_reads = 0  # reads that went to a worker thread
+        # Bytes appended, all of them and those cleaning appended (write amplification).
+        self.appended_bytes = 0
+        self.cleaned_objects = 0
+        self.cleaned_bytes = 0
+        # Pages stored, as pages (stored_pages * PAGE over live bytes: the compression ratio).
 
         self._writer = GroupWriter(self._begin, self._end, lambda: self._cipher, DATA_OFFSET,
                                    self._limiter)
@@ -198,7 +233,7 @@ class FileTier:
         if self.encrypt:
             key = new_key()
             key_map[:KEY_BYTES] = key
-            self._cipher = PageCipher(key)
+            self._cipher = ObjectCipher(key)
         self._fd = fd
         self._closing = False
         if self._memory.shared:
@@ -212,19 +247,22 @@ class FileTier:
             raise StoreError(f"{where}: the state has no backing file to adopt")
         _signed, header = read_header(fd)
         if header is None or header.name != self.name or header.size_bytes != self.size_bytes \
-                or header.encrypted != self.encrypt:
-            raise StoreError(f"{where}: the adopted backing file is not this tier's "
-                             f"({header.describe() if header else 'no header'})")
+                or header.encrypted != self.encrypt or header.version != VERSION:
+            raise StoreError(f"{where}: the adopted backing file is not this tier's, in this "
+                             f"format (version {VERSION}): "
+                             f"{header.describe() + f', version {header.version}' if header else 'no header'}")
         if self.encrypt and key == bytes(KEY_BYTES):
             raise StoreError(f"{where}: the state holds no key for the tier")
         self.header = header
-        self._cipher = PageCipher(key) if self.encrypt else None
+        self._cipher = ObjectCipher(key) if self.encrypt else None
         self._fd = fd
         self._closing = False
 
-    def rebuild(self, pages: set[int]) -> int:
-        """After adopting: the pages slots name are in use; returns the leaks freed."""
-        return self._map.rebuild(pages)
+    def rebuild(self, objects: Iterable[tuple[int, int]]) -> int:
+        """After adopting: the objects slots name, ``(handle, payload length)``, are the live
+        ones; returns the objects no slot names any more (leaks of writes cut short)."""
+        enc = self.encrypt
+        return self._map.rebuild((h, object_bytes(n, enc)) for h, n in objects)
 
     def _preallocate(self, fd: int, where: str, total: int) -> None:
         try:
@@ -284,117 +322,169 @@ class FileTier:
 
     @property
     def stored_pages(self) -> int:
+        """Live objects (one page each), in-flight writes included."""
         return self._map.stored
 
     @property
+    def live_bytes(self) -> int:
+        return self._map.live_bytes
+
+    @property
+    def used_pages(self) -> int:
+        """The space live objects take, in pages (what the watermarks compare)."""
+        return -(-self._map.live_bytes // PAGE)
+
+    @property
     def free_pages(self) -> int:
-        return self.capacity_pages - self._map.stored
+        return max(self.capacity_pages - self.used_pages, 0)
 
     @property
     def punch_pending(self) -> bool:
-        """Whether freed clusters wait for punch_free_clusters."""
+        """Whether emptied segments wait for punch_free_segments."""
         return bool(self._map.pending)
 
     @property
     def full(self) -> bool:
-        return self._enospc or self._map.stored >= self.capacity_pages
+        """No room to append, even after cleaning: the filesystem said ENOSPC, or no segment
+        is free and cleaning cannot free one (none is ``CLEAN_MAX_LIVE`` live or less)."""
+        if self._enospc:
+            return True
+        m = self._map
+        if len(m.free_stack) > m.reserve or m.pending:
+            return False
+        return not m.victims(1, CLEAN_MAX_LIVE) and not self._head_room()
+
+    def _head_room(self) -> bool:
+        m = self._map
+        return m.head >= 0 and m.seg_size(m.head) - m.head_off >= self.object_bytes(PAGE)
+
+    @property
+    def low_on_segments(self) -> bool:
+        """Fewer segments than ``clean_low`` are free (a cheap test, for every allocation)."""
+        return len(self._map.free_stack) < self.clean_low
+
+    @property
+    def needs_cleaning(self) -> bool:
+        """Free segments run low and some segment is worth cleaning."""
+        m = self._map
+        return m.free_segments < self.clean_low and bool(m.victims(1, CLEAN_MAX_LIVE))
+
+    @property
+    def clean_low(self) -> int:
+        """Cleaning starts when fewer segments than this are free."""
+        return max(self._map.reserve + 2, self.nsegments // 16)
+
+    @property
+    def segment_switches(self) -> int:
+        """Segments opened for appending so far."""
+        return self._map.switches
 
     @property
     def cluster_switches(self) -> int:
-        return self._map.cluster_switches
+        return self._map.switches
 
     @property
     def write_batches(self) -> int:
         """Thread hops for writes (each takes every write queued meanwhile)."""
         return self._writer.batches
 
-    def allocate(self, n: int) -> list[tuple[int, int]]:
-        """Up to ``n`` pages as runs ``(start_page, count)``; fewer (maybe none) when out of room.
+    def object_bytes(self, length: int) -> int:
+        """Bytes on disk of an object of ``length`` payload bytes."""
+        return object_bytes(length, self.encrypt)
 
-        Takes from the current cluster first, then partially used clusters, then free ones.
-        Pure bookkeeping: no I/O, no await.  ``cluster_switches`` grows by one each time the
-        allocation moves to another cluster (during the call that moves).
+    def allocate(self, lengths: Sequence[int], *, cleaning: bool = False) -> list[int]:
+        """Handles for objects of ``lengths`` payload bytes (1..4096), appended at the log's
+        head in order; fewer (a prefix, maybe none) when out of room.
+
+        Pure bookkeeping: no I/O, no await.  The objects count as live from here on; a write
+        that fails frees them.  ``cleaning``: may use the segments kept back for cleaning.
         """
-        if n <= 0 or self._enospc:
+        if not lengths or self._enospc:
             return []
-        return self._map.allocate(n)
+        for n in lengths:
+            if not 0 < n <= PAGE:
+                raise Misuse(f"tier {self.name!r}: an object of {n!r} bytes")
+        enc = self.encrypt
+        return self._map.allocate((object_bytes(n, enc) for n in lengths), cleaning)
 
-    def free(self, pages: Iterable[int]) -> None:
-        """Free pages (pure bookkeeping, no await).
+    def free(self, handle: int, length: int) -> None:
+        """Free the object at ``handle`` of ``length`` payload bytes (pure bookkeeping).
 
-        Raises Misuse (a ValueError), freeing nothing, if a page is out of range or not in
-        use.  A cluster left with no page in use is queued for punching and is not allocatable
-        until ``punch_free_clusters`` has punched it (a preallocated tier does not punch: the
-        cluster is allocatable at once).  Frees clear an earlier ENOSPC: the freed pages were
-        written, so their blocks exist and can be rewritten in place.
+        Raises Misuse, freeing nothing, if no such object can be live there.  A segment left
+        with no live object is queued for punching and is not reusable until
+        ``punch_free_segments`` has punched it (a preallocated tier does not punch: the
+        segment is free at once).  Frees clear an earlier ENOSPC.
         """
-        pages = list(pages)
-        self._map.check_free(pages)
-        self._map.free_pages(pages)
-        if pages:
-            self._enospc = False
+        self._map.free(handle, object_bytes(length, self.encrypt))
+        self._enospc = False
 
-    def free_runs(self, runs: Iterable[tuple[int, int]]) -> None:
-        """``free`` for runs ``(start_page, count)``."""
-        self.free(p for s, k in runs for p in range(s, s + k))
+    def free_many(self, objects: Iterable[tuple[int, int]]) -> None:
+        """``free`` for ``(handle, length)`` pairs."""
+        for h, n in objects:
+            self.free(h, n)
 
-    def is_used(self, page: int) -> bool:
-        """Page ``page`` is allocated."""
-        return self._map.is_used(page)
+    def is_used(self, handle: int, length: int) -> bool:
+        """An object of ``length`` payload bytes can be live at ``handle``."""
+        return self._map.is_live(handle, object_bytes(length, self.encrypt))
+
+    def segment_of(self, handle: int) -> int:
+        return self._map.segment_of(handle)
 
     # ------------------------------------------------------------------ I/O
 
-    async def write(self, runs: list[tuple[int, int]],
-                    pages: Sequence[bytes | bytearray | memoryview]) -> None:
-        """Write ``pages`` (bytes-like, PAGE bytes each, in run order) to allocated ``runs``.
+    async def write(self, handles: Sequence[int],
+                    objects: Sequence[tuple[int, int, bytes]]) -> None:
+        """Write ``objects``, each ``(slot key, codec id, payload)``, at ``handles`` (allocated
+        for their lengths, in order).
 
-        One pwritev per run (split only at IOV_MAX), in a worker thread, grouped with the
-        writes queued meanwhile (swapfs.tiers.file.io.GroupWriter).  Once queued, a write is
-        not cancellable: it completes (or fails) before this returns, so its pages are never
-        freed under the thread.  On ENOSPC the tier is marked full, the runs are freed and
-        TierFull is raised; on another OSError io_errors grows, the runs are freed and
-        TierIOError is raised.  Any other exception also frees the runs.
+        Sealed and written in a worker thread, objects that follow each other in one pwritev,
+        grouped with the writes queued meanwhile (swapfs.tiers.file.io.GroupWriter).  Once
+        queued, a write is not cancellable.  On ENOSPC the tier is marked full, the handles are
+        freed and TierFull is raised; on another OSError io_errors grows, the handles are freed
+        and TierIOError is raised.  Any other exception also frees the handles.
         """
-        total = self._map.check_runs(runs)
-        if len(pages) != total:
-            raise Misuse(f"tier {self.name!r}: {len(pages)} pages for runs of {total}")
-        views = []
-        for b in pages:
-            m = memoryview(b)
-            if m.nbytes != PAGE:
-                raise Misuse(f"tier {self.name!r}: a page of {m.nbytes} bytes")
-            views.append(m if m.format == "B" and m.ndim == 1 else m.cast("B"))
-        sums = [xxh3(m) for m in views]  # ~0.3 us a page: inline costs less than a hop
+        if len(handles) != len(objects):
+            raise Misuse(f"tier {self.name!r}: {len(objects)} objects for {len(handles)} handles")
+        m = self._map
+        items = []
+        total = 0
+        for h, (key, codec, payload) in zip(handles, objects):
+            n = len(payload)
+            if not m.is_live(h, object_bytes(n, self.encrypt)):
+                raise Misuse(f"tier {self.name!r}: write of {n} bytes at {h}, not allocated")
+            items.append((h, m.gen[m.segment_of(h)], key, codec, payload))
+            total += object_bytes(n, self.encrypt)
         try:
-            calls = await self._writer.write(runs, views)
+            calls = await self._writer.write(items)
         except OSError as e:
-            self._map.free_pages(p for s, k in runs for p in range(s, s + k))
+            self._free_written(handles, objects)
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 self._enospc = True
                 raise TierFull(f"tier {self.name!r}: {self.path}: filesystem full "
                                f"({e.strerror})") from e
             self.io_errors += 1
-            log.error("tier %r: %s: write of %d pages failed: %s", self.name, self.path,
-                      total, e.strerror)
+            log.error("tier %r: %s: write of %d objects failed: %s", self.name, self.path,
+                      len(items), e.strerror)
             raise TierIOError(e.errno or errno.EIO, f"tier {self.name!r}: {self.path}: "
                                                     f"write failed: {e.strerror}") from e
         except BaseException:
-            self._map.free_pages(p for s, k in runs for p in range(s, s + k))
+            self._free_written(handles, objects)
             raise
-        csum = self._map.csum
-        i = 0
-        for s, k in runs:
-            csum[s:s + k] = array("Q", sums[i:i + k])
-            i += k
         self.writes += calls
-        self.written_bytes += total * PAGE
+        self.written_bytes += total
+        self.appended_bytes += total
 
-    def _bad_page(self, page: int) -> ChecksumError:
+    def _free_written(self, handles: Sequence[int],
+                      objects: Sequence[tuple[int, int, bytes]]) -> None:
+        for h, (_key, _codec, payload) in zip(handles, objects):
+            self._map.free(h, object_bytes(len(payload), self.encrypt))
+
+    def _bad(self, handle: int, why: str) -> ChecksumError:
         self.checksum_errors += 1
-        log.error("tier %r: %s: checksum mismatch on page %d (offset %d)",
-                  self.name, self.path, page, DATA_OFFSET + page * PAGE)
-        return ChecksumError(page, f"tier {self.name!r}: {self.path}: page {page}: "
-                                   f"checksum mismatch")
+        log.error("tier %r: %s: checksum mismatch on the object at %d (offset %d): %s",
+                  self.name, self.path, handle, DATA_OFFSET + handle, why)
+        return ChecksumError(handle, f"tier {self.name!r}: {self.path}: object at {handle}: "
+                                     f"checksum mismatch ({why})")
 
     def _io_error(self, e: OSError, what: str) -> TierIOError:
         self.io_errors += 1
@@ -406,91 +496,132 @@ class FileTier:
     def is_open(self) -> bool:
         return self._fd >= 0 and not self._closing
 
-    def read_now(self, page: int) -> bytes:
-        """One page, read, decrypted and verified synchronously, blocking:
-        for consistency checks, never on the trio loop's serving path."""
-        self._check_read(page)
+    def _check_read(self, handle: int, length: int) -> int:
+        size = object_bytes(length, self.encrypt)
+        if not self._map.is_live(handle, size):
+            raise Misuse(f"tier {self.name!r}: read of an object at {handle!r} "
+                         f"({length!r} bytes), not live")
+        return size
+
+    def open_object(self, handle: int, length: int, key: int, buf: bytes | memoryview,
+                    cipher: ObjectCipher | None = None) -> tuple[int, bytes]:
+        """Verify (and decrypt) the bytes ``buf`` of the object at ``handle``, which must be
+        slot ``key``'s, of ``length`` payload bytes, in its segment's current generation:
+        ``(codec id, payload)``, or ChecksumError (counted and logged).  ``cipher``: the one
+        the read began with (a close meanwhile drops the tier's)."""
+        m = self._map
+        if cipher is None:
+            cipher = self._cipher
+        try:
+            return unseal(cipher, handle, m.gen[m.segment_of(handle)], key, length, buf)
+        except Bad as e:
+            raise self._bad(handle, str(e)) from None
+
+    def read_now(self, handle: int, length: int, key: int) -> tuple[int, bytes]:
+        """One object, read and verified synchronously, blocking: for consistency checks,
+        never on the trio loop's serving path."""
+        size = self._check_read(handle, length)
         if self._fd < 0:
             raise TierIOError(errno.EBADF, f"tier {self.name!r}: {self.path}: tier is closed")
-        out, sums, _ = pread_runs(self._fd, [(page, 1)], self._cipher, DATA_OFFSET)
-        if sums[0] != self._map.csum[page]:
-            raise self._bad_page(page)
-        return out[0]
+        return self.open_object(handle, length, key, pread_full(self._fd, size,
+                                                                 DATA_OFFSET + handle))
 
-    def _check_read(self, page: int) -> None:
-        if not self._map.is_used(page):
-            raise Misuse(f"tier {self.name!r}: read of page {page!r}, not in use")
+    async def read_objects(self, items: Sequence[tuple[int, int, int]]
+                           ) -> list[tuple[int, bytes]]:
+        """``(codec id, payload)`` of each object ``(handle, length, slot key)``, in the order
+        asked; one pread each (at most two 4 KiB blocks).
 
-    async def read(self, page: int) -> bytes:
-        """One page, its checksum verified (see read_many)."""
-        return (await self.read_many((page,)))[0]
-
-    async def read_many(self, pages: Sequence[int]) -> list[bytes]:
-        """Pages in the order asked; consecutive page numbers are read with one preadv.
-
-        First inline with RWF_NOWAIT, which succeeds only if every page is in the page cache
-        (a couple of microseconds a page, no thread hop); otherwise in a worker thread.
-        Checksums are computed where the read ran and compared here; on a mismatch every bad
-        page is counted and ChecksumError names the first.
+        First inline with RWF_NOWAIT, which succeeds only if every byte is in the page cache
+        (no thread hop); otherwise in a worker thread.  Every object is verified; on a
+        mismatch every bad one is counted and ChecksumError names the first.
         """
-        if not pages:
+        if not items:
             return []
-        for p in pages:
-            self._check_read(p)
-        runs: list[tuple[int, int]] = []
-        s = prev = pages[0]
-        for p in pages[1:]:
-            if p != prev + 1:
-                runs.append((s, prev - s + 1))
-                s = p
-            prev = p
-        runs.append((s, prev - s + 1))
+        ranges = [(h, self._check_read(h, n)) for h, n, _k in items]
+        cipher = self._cipher
         fd = self._begin()
         try:
             got = None
-            cipher = self._cipher
             if self._nowait:
                 try:
-                    got = pread_runs_nowait(fd, runs, cipher, DATA_OFFSET)
+                    got = pread_ranges_nowait(fd, ranges, DATA_OFFSET)
                 except NoWaitUnsupported:
                     self._nowait = False
             if got is None:
-                got = await trio.to_thread.run_sync(pread_runs, fd, runs, cipher, DATA_OFFSET,
+                got = await trio.to_thread.run_sync(pread_ranges, fd, ranges, DATA_OFFSET,
                                                     limiter=self._limiter)
                 self.thread_reads += 1
             else:
                 self.cached_reads += 1
-            out, sums, calls = got
         except OSError as e:
-            raise self._io_error(e, f"read of {len(pages)} pages") from e
+            raise self._io_error(e, f"read of {len(items)} objects") from e
         finally:
             self._end()
-        self.reads += calls
-        self.read_bytes += len(pages) * PAGE
-        csum = self._map.csum
+        self.reads += len(ranges)
+        self.read_bytes += sum(n for _h, n in ranges)
+        out: list[tuple[int, bytes]] = []
         bad = None
-        for p, h in zip(pages, sums):
-            if h != csum[p]:
-                err = self._bad_page(p)
+        for (h, n, k), buf in zip(items, got):
+            try:
+                out.append(self.open_object(h, n, k, buf, cipher))
+            except ChecksumError as e:
                 if bad is None:
-                    bad = err
+                    bad = e
         if bad is not None:
             raise bad
         return out
 
-    async def punch_free_clusters(self) -> int:
-        """Punch every cluster queued by ``free`` and make it allocatable again.
+    # ------------------------------------------------------------------ cleaning
 
-        Adjacent clusters are punched with one fallocate(PUNCH_HOLE|KEEP_SIZE).  A punch that
-        fails (EOPNOTSUPP on some filesystems) is logged once; the clusters become allocatable
-        anyway (their old content is never read).  Returns how many clusters were punched.
+    def cleaning_victims(self, n: int = 1, max_live: float = CLEAN_MAX_LIVE) -> list[int]:
+        """Up to ``n`` sealed segments worth cleaning (at most ``max_live`` of each live),
+        the least live first."""
+        return self._map.victims(n, max_live)
+
+    async def read_segment(self, seg: int) -> list[tuple[int, int, int, bytes]]:
+        """The objects segment ``seg`` appears to hold, read in one pread in a worker thread:
+        ``(handle, slot key, length, object bytes)``, unverified (the caller checks a slot
+        names the handle, then verifies with ``open_object``)."""
+        m = self._map
+        if m.state[seg] not in (HEAD, SEALED):
+            return []
+        n = m.fill[seg]
+        base = seg * m.segment_bytes
+        gen = m.gen[seg]
+        fd = self._begin()
+        try:
+            data = await trio.to_thread.run_sync(pread_full, fd, n, DATA_OFFSET + base,
+                                                 limiter=self._limiter)
+        except OSError as e:
+            raise self._io_error(e, f"read of segment {seg}") from e
+        finally:
+            self._end()
+        self.reads += 1
+        self.read_bytes += n
+        if m.gen[seg] != gen or m.state[seg] not in (HEAD, SEALED):
+            return []  # emptied and reused meanwhile: nothing of what was read is live
+        extra = object_bytes(0, self.encrypt)
+        return [(h, k, ln, data[pos:pos + ln + extra])
+                for h, k, ln, pos in parse(data, base, gen, self.encrypt)]
+
+    def cleaned(self, objects: int, nbytes: int) -> None:
+        """Count objects cleaning re-appended."""
+        self.cleaned_objects += objects
+        self.cleaned_bytes += nbytes
+
+    async def punch_free_segments(self) -> int:
+        """Punch every segment that frees emptied and make it reusable.
+
+        Adjacent segments are punched with one fallocate(PUNCH_HOLE|KEEP_SIZE).  A punch that
+        fails (EOPNOTSUPP on some filesystems) is logged once; the segments become reusable
+        anyway (their old objects fail the tag under the next generation).  Returns how many
+        segments were punched.
         """
         if not self._map.pending:
             return 0
         m = self._map
-        clusters = m.take_pending()
-        ranges = punch_ranges_of(clusters, lambda c: m.csize(c) * PAGE, CLUSTER_PAGES * PAGE,
-                                 DATA_OFFSET)
+        segs = m.take_pending()
+        ranges = punch_ranges_of(segs, m.seg_size, m.segment_bytes, DATA_OFFSET)
         punched = False
         try:
             fd = self._begin()
@@ -502,47 +633,56 @@ class FileTier:
         except OSError as e:
             if not self._punch_warned:
                 self._punch_warned = True
-                log.warning("tier %r: %s: cannot punch holes (%s); freed clusters keep their "
+                log.warning("tier %r: %s: cannot punch holes (%s); emptied segments keep their "
                             "disk space", self.name, self.path, e.strerror)
         finally:
-            m.recycle(clusters)
+            m.recycle(segs)
         if punched:
-            self.punched_clusters += len(clusters)
+            self.punched_segments += len(segs)
             self._enospc = False
-        return len(clusters)
+        return len(segs)
 
     # ------------------------------------------------------------------ checks and stats
 
     def check_invariants(self) -> None:
-        """Counts vs used bytes vs cluster states and lists; AssertionError names the
+        """Live bytes and objects vs segment states and lists; AssertionError names the
         discrepancy."""
         self._map.check_invariants()
         if self._inflight < 0:
             raise AssertionError(f"tier {self.name}: negative in-flight count")
+
+    def segment_live(self) -> list[tuple[int, int]]:
+        """Per segment, ``(live objects, live bytes)`` (for the consistency check)."""
+        m = self._map
+        return [(m.objects[s], m.live[s]) for s in range(m.nsegments)]
 
     @property
     def metadata_bytes(self) -> int:
         return self._map.metadata_bytes
 
     def stats(self) -> FileTierStats:
-        st = self._map.state
+        m = self._map
+        st = m.state
         disk = os.fstat(self._fd).st_blocks * 512 if self._fd >= 0 else 0
         pending = st.count(PENDING) + st.count(PUNCHING)
+        free = m.free_segments
+        user = self.appended_bytes - self.cleaned_bytes
         return FileTierStats(
             name=self.name, path=self.path, priority=self.priority,
-            capacity_pages=self.capacity_pages, stored_pages=self._map.stored,
-            free_pages=self.free_pages,
-            clusters_free=st.count(FREE) + pending, clusters_partial=st.count(PARTIAL),
-            clusters_full=st.count(FULL), disk_bytes=disk,
+            capacity_pages=self.capacity_pages, stored_pages=m.stored,
+            free_pages=self.free_pages, disk_bytes=disk,
             reads=self.reads, writes=self.writes, read_bytes=self.read_bytes,
             written_bytes=self.written_bytes, checksum_errors=self.checksum_errors,
             io_errors=self.io_errors, full=self.full, metadata_bytes=self.metadata_bytes,
-            clusters_punch_pending=pending, punched_clusters=self.punched_clusters,
-            cluster_switches=self.cluster_switches,
+            live_bytes=m.live_bytes, dead_bytes=m.dead_bytes,
+            segments_used=m.nsegments - free, segments_free=free,
+            segments_punch_pending=pending, punched_segments=self.punched_segments,
+            segment_bytes=m.segment_bytes,
+            cleaned_objects=self.cleaned_objects, cleaned_bytes=self.cleaned_bytes,
+            write_amplification=round(self.appended_bytes / user, 4) if user > 0 else 0.0,
+            compression_ratio=round(m.stored * PAGE / m.live_bytes, 4) if m.live_bytes else 0.0,
+            segment_switches=self.segment_switches,
             write_batches=self.write_batches, cached_reads=self.cached_reads,
             thread_reads=self.thread_reads, encrypted=self.encrypt)
 
 
-def _reservation(capacity_pages: int) -> str:
-    n = reservation_bytes(capacity_pages)
-    return f"{n} bytes ({n / (1 << 30):.1f} GiB)"

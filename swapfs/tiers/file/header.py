@@ -1,16 +1,17 @@
 """The signature at the start of every tier file, and what else a file may turn out to hold.
 
-Layout of the backing file: the header cluster (``DATA_OFFSET`` bytes, one cluster, so that
-page clusters stay aligned to 1 MiB for punching and direct I/O), then page ``p`` of the tier
-at ``DATA_OFFSET + p * PAGE``.  The header's first page holds, little-endian:
+Layout of the backing file: the header cluster (``DATA_OFFSET`` bytes, 1 MiB, so that
+segments stay aligned to 1 MiB for punching and direct I/O), then the data area: the object at
+handle ``h`` of the tier at ``DATA_OFFSET + h`` (swapfs.tiers.file.segments).  The header's
+first page holds, little-endian:
 
 =========  =====  ==========================================================
 magic      8      ``SWAPFSTR``
-version    u16    ``VERSION``
+version    u16    ``VERSION`` (2: log-structured segments of objects; 1 was raw pages)
 (zero)     u16
 flags      u32    1 = pages encrypted
-offset     u64    where page 0 starts (``DATA_OFFSET``)
-size       u64    the tier's size in bytes (pages only)
+offset     u64    where the data area starts (``DATA_OFFSET``)
+size       u64    the tier's size in bytes (the data area)
 created    i64    when the mount initialised the file, ns since the epoch
 pid        u32    the daemon's process id
 mount id   16     random, one per initialisation
@@ -34,11 +35,10 @@ from dataclasses import dataclass
 import xxhash
 
 from ...kernel import PAGE_SIZE as PAGE
-from .clusters import CLUSTER_PAGES
 
 MAGIC = b"SWAPFSTR"
-VERSION = 1
-DATA_OFFSET = CLUSTER_PAGES * PAGE  # one cluster: page data stays 1 MiB-aligned
+VERSION = 2
+DATA_OFFSET = 256 * PAGE  # 1 MiB: the data area stays 1 MiB-aligned
 FLAG_ENCRYPTED = 1
 
 _FIELDS = struct.Struct("<8sHHIQQqI16s64s1024s")

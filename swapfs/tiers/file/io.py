@@ -1,8 +1,8 @@
 """The file tier's system calls: the group-commit writer and the bodies that run in worker
-threads (vectored writes and reads, decryption, checksums of what was read, punching).
+threads (sealing and vectored writes of objects, reads of byte ranges, punching).
 
-Offsets: page ``p`` of a tier is at byte ``base + p * PAGE`` of its backing file (``base`` is
-the header cluster, swapfs.tiers.file.header.DATA_OFFSET).
+Offsets: the object at handle ``h`` of a tier is at byte ``base + h`` of its backing file
+(``base`` is the header cluster, swapfs.tiers.file.header.DATA_OFFSET).
 """
 
 from __future__ import annotations
@@ -10,13 +10,17 @@ from __future__ import annotations
 import errno
 import os
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import trio
-import xxhash
 
 from ...kernel import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from ...kernel import PAGE_SIZE as PAGE
-from .cipher import PageCipher
+from .cipher import ObjectCipher
+from .objects import seal
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 try:
     IOV_MAX = os.sysconf("SC_IOV_MAX")
@@ -25,20 +29,17 @@ except (ValueError, OSError):  # pragma: no cover
 if IOV_MAX <= 0:  # pragma: no cover
     IOV_MAX = 1024
 
-xxh3 = xxhash.xxh3_64_intdigest
-
-
 # ---------------------------------------------------------------------- group commit
 
 
 class WriteJob:
-    """One write waiting in a tier's group-commit queue."""
+    """One write waiting in a tier's group-commit queue: objects to seal and write, each
+    ``(handle, generation, slot key, codec, payload)``."""
 
-    __slots__ = ("runs", "views", "finished", "error", "calls")
+    __slots__ = ("items", "finished", "error", "calls")
 
-    def __init__(self, runs: list[tuple[int, int]], views: list[memoryview]) -> None:
-        self.runs = runs
-        self.views = views
+    def __init__(self, items: list[tuple[int, int, int, int, bytes]]) -> None:
+        self.items = items
         self.finished = False
         self.error: BaseException | None = None
         self.calls = 0
@@ -54,7 +55,7 @@ class GroupWriter:
     """
 
     def __init__(self, begin: Callable[[], int], end: Callable[[], None],
-                 cipher: Callable[[], PageCipher | None], base: int,
+                 cipher: Callable[[], ObjectCipher | None], base: int,
                  limiter: trio.CapacityLimiter) -> None:
         self._begin = begin
         self._end = end
@@ -66,12 +67,12 @@ class GroupWriter:
         self._batch_done = trio.Event()  # set when the batch in the thread is done
         self.batches = 0  # thread hops for writes (each takes every queued write)
 
-    async def write(self, runs: list[tuple[int, int]], views: list[memoryview]) -> int:
-        """Write ``views`` to ``runs``; returns the pwritev calls made, raises the OSError of
+    async def write(self, items: list[tuple[int, int, int, int, bytes]]) -> int:
+        """Seal and write ``items``; returns the pwritev calls made, raises the OSError of
         this write.  Once queued the write is not cancellable: it completes (or fails) before
         this returns."""
         await trio.lowlevel.checkpoint_if_cancelled()  # cancelled before queueing: nothing written
-        job = WriteJob(runs, views)
+        job = WriteJob(items)
         self._queue.append(job)
         with trio.CancelScope(shield=True):
             while not job.finished:
@@ -114,12 +115,13 @@ class GroupWriter:
 # ---------------------------------------------------------------------- worker-thread bodies
 
 
-def pwritev_full(fd: int, bufs: list[memoryview], offset: int) -> int:
+def pwritev_full(fd: int, bufs: list[Buffer], offset: int) -> int:
     """Write every buffer at ``offset``; completes short writes.  Returns pwritev calls made."""
+    views = [memoryview(b) for b in bufs]
     calls = 0
     i = 0
-    while i < len(bufs):
-        chunk = bufs[i:i + IOV_MAX]
+    while i < len(views):
+        chunk = views[i:i + IOV_MAX]
         want = sum(b.nbytes for b in chunk)
         n = os.pwritev(fd, chunk, offset)
         calls += 1
@@ -131,91 +133,84 @@ def pwritev_full(fd: int, bufs: list[memoryview], offset: int) -> int:
             continue
         # short write: drop what was written, go on with the rest
         while n:
-            b = bufs[i]
+            b = views[i]
             if n >= b.nbytes:
                 n -= b.nbytes
                 i += 1
             else:
-                bufs[i] = b[n:]
+                views[i] = b[n:]
                 n = 0
     return calls
 
 
-def pwrite_runs(fd: int, runs: Sequence[tuple[int, int]], views: list[memoryview],
-                cipher: PageCipher | None, base: int) -> int:
+_ZEROS = bytes(PAGE)
+
+
+def write_objects(fd: int, items: Sequence[tuple[int, int, int, int, bytes]],
+                  cipher: ObjectCipher | None, base: int) -> int:
+    """Seal ``items`` and write them, objects that follow each other (padding between them
+    written as zeros) in one pwritev.  Returns the pwritev calls made."""
     calls = 0
-    i = 0
-    for s, k in runs:
-        chunk = views[i:i + k]
-        if cipher is not None:
-            enc = cipher.encrypt
-            chunk = [memoryview(enc(s + j, v)) for j, v in enumerate(chunk)]
-        calls += pwritev_full(fd, chunk, base + s * PAGE)
-        i += k
+    bufs: list[Buffer] = []
+    start = end = -1
+    for handle, gen, key, codec, payload in sorted(items, key=lambda it: it[0]):
+        parts = seal(cipher, handle, gen, key, codec, payload)
+        size = sum(len(p) for p in parts)
+        if bufs and 0 <= handle - end < PAGE:
+            if handle > end:
+                bufs.append(_ZEROS[:handle - end])
+        else:
+            if bufs:
+                calls += pwritev_full(fd, bufs, base + start)
+            bufs = []
+            start = handle
+        bufs += parts
+        end = handle + size
+    if bufs:
+        calls += pwritev_full(fd, bufs, base + start)
     return calls
 
 
-def pwrite_batch(fd: int, batch: list[WriteJob], cipher: PageCipher | None, base: int) -> None:
-    """Every job's runs (encrypted first if ``cipher``); an OSError fails only its own job."""
+def pwrite_batch(fd: int, batch: list[WriteJob], cipher: ObjectCipher | None, base: int) -> None:
+    """Every job's objects; an OSError fails only its own job."""
     for job in batch:
         try:
-            job.calls = pwrite_runs(fd, job.runs, job.views, cipher, base)
+            job.calls = write_objects(fd, job.items, cipher, base)
         except OSError as e:
             job.error = e
 
 
-def pread_runs(fd: int, runs: Sequence[tuple[int, int]], cipher: PageCipher | None, base: int
-               ) -> tuple[list[bytes], list[int], int]:
-    """The pages of ``runs`` (decrypted if ``cipher``), their checksums, the preadv calls."""
-    out: list[bytes] = []
-    sums: list[int] = []
-    calls = 0
-    for s, k in runs:
-        n = k * PAGE
-        buf = bytearray(n)
-        mv = memoryview(buf)
-        got = 0
-        while got < n:
-            r = os.preadv(fd, [mv[got:]], base + s * PAGE + got)
-            calls += 1
-            if r <= 0:
-                raise OSError(errno.EIO, "short read: backing file ends early")
-            got += r
-        split_pages(mv, s, cipher, out, sums)
-    return out, sums, calls
+def pread_full(fd: int, n: int, offset: int) -> bytes:
+    """``n`` bytes at ``offset`` (preadv, completed if short); OSError(EIO) if the file ends
+    first."""
+    buf = bytearray(n)
+    mv = memoryview(buf)
+    got = 0
+    while got < n:
+        r = os.preadv(fd, [mv[got:]], offset + got)
+        if r <= 0:
+            raise OSError(errno.EIO, "short read: backing file ends early")
+        got += r
+    return bytes(buf)
 
 
-def split_pages(mv: memoryview, first: int, cipher: PageCipher | None,
-                out: list[bytes], sums: list[int]) -> None:
-    """The pages of one run read at page ``first``, decrypted if ``cipher``, and the checksums
-    of their plaintext."""
-    if cipher is None:
-        for i in range(0, mv.nbytes, PAGE):
-            page = bytes(mv[i:i + PAGE])
-            out.append(page)
-            sums.append(xxh3(page))
-    else:
-        dec = cipher.decrypt
-        for j, i in enumerate(range(0, mv.nbytes, PAGE)):
-            page = dec(first + j, mv[i:i + PAGE])
-            out.append(page)
-            sums.append(xxh3(page))
+def pread_ranges(fd: int, ranges: Sequence[tuple[int, int]], base: int) -> list[bytes]:
+    """The bytes of each ``(handle, length)`` range."""
+    return [pread_full(fd, n, base + h) for h, n in ranges]
 
 
 class NoWaitUnsupported(Exception):
     """The filesystem refuses RWF_NOWAIT reads."""
 
 
-def pread_runs_nowait(fd: int, runs: Sequence[tuple[int, int]], cipher: PageCipher | None,
-                      base: int) -> tuple[list[bytes], list[int], int] | None:
-    """pread_runs without blocking: None unless every byte came from the page cache."""
+def pread_ranges_nowait(fd: int, ranges: Sequence[tuple[int, int]], base: int
+                        ) -> list[bytes] | None:
+    """pread_ranges without blocking: None unless every byte came from the page cache."""
     out: list[bytes] = []
-    sums: list[int] = []
-    for s, k in runs:
-        n = k * PAGE
+    for h, n in ranges:
         buf = bytearray(n)
         try:
-            r = os.preadv(fd, [buf], base + s * PAGE, os.RWF_NOWAIT)
+            r = os.preadv(fd, [buf], base + h, os.RWF_NOWAIT)
         except BlockingIOError:
             return None
         except OSError as e:
@@ -224,8 +219,8 @@ def pread_runs_nowait(fd: int, runs: Sequence[tuple[int, int]], cipher: PageCiph
             raise
         if r != n:
             return None
-        split_pages(memoryview(buf), s, cipher, out, sums)
-    return out, sums, len(runs)
+        out.append(bytes(buf))
+    return out
 
 
 # ---------------------------------------------------------------------- punching
