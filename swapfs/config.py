@@ -183,9 +183,10 @@ def check_machine(config: Config) -> None:
 
 def store_capacity_bytes(config: Config) -> int:
     """What the pool and the file tiers can hold, in uncompressed bytes: the pool's
-    max_bytes at its assumed ratio (:meth:`PoolConfig.ratio`), plus each file tier's size
-    (a file tier stores pages whole).  Same-filled pages take no room and come on top."""
-    return int(config.pool.max_bytes * config.pool.ratio()) + sum(t.size for t in config.tiers)
+    max_bytes and each file tier's size at the pool's assumed ratio (:meth:`PoolConfig.ratio`;
+    a file tier stores the pool codec's objects).  Same-filled pages take no room and come
+    on top."""
+    return int((config.pool.max_bytes + sum(t.size for t in config.tiers)) * config.pool.ratio())
 
 
 def capacity_warnings(config: Config) -> list[str]:
@@ -198,10 +199,10 @@ def capacity_warnings(config: Config) -> list[str]:
     if devices <= capacity:
         return []
     pool = config.pool
-    tiers = "".join(f" + tier {t.name} {sized(t.size)}" for t in config.tiers)
+    tiers = "".join(f" and tier {t.name} {sized(t.size)}" for t in config.tiers)
     return [f"devices larger than the store can hold: they total {sized(devices)}, the "
-            f"store about {sized(capacity)} (pool.max_bytes {sized(pool.max_bytes)} at "
-            f"{pool.ratio():g}:1, pool.expected_ratio{tiers}).  Once it is full, every write "
+            f"store about {sized(capacity)} (pool.max_bytes {sized(pool.max_bytes)}{tiers} "
+            f"at {pool.ratio():g}:1, pool.expected_ratio).  Once it is full, every write "
             "is refused while the kernel still sees free swap slots: it keeps retrying rather "
             "than using the next swap device or OOM-killing.  Make the devices total at most "
             f"{sized(capacity // PAGE_SIZE * PAGE_SIZE)}, or give the store more room"]

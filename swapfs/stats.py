@@ -143,7 +143,9 @@ class FileTierStats:
     cached_reads: int = 0  # reads served inline from the page cache (RWF_NOWAIT)
     thread_reads: int = 0  # reads that went to a worker thread
     encrypted: bool = False  # objects are stored encrypted (AES-GCM, a key per mount)
-    headroom_pages: int = 0  # pages the tier can still take at its compression ratio
+    # pages the tier can still take: the bytes it could append, cleaning included, at its
+    # compression_ratio (the pool's assumed ratio while it holds nothing)
+    headroom_pages: int = 0
 
 
 @dataclass(frozen=True)

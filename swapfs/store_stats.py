@@ -70,8 +70,10 @@ def collect(store: StoreState) -> Stats:
     for ti, tier in enumerate(files):
         st = tier.stats()
         owned = files.owned_pages(ti)
-        tier_stats.append(dataclasses.replace(st, stored_pages=owned,
-                                              headroom_pages=max(0, st.free_pages)))
+        # a tier stores the pool codec's objects: its measured ratio, or the pool's assumed
+        ratio = st.compression_ratio or store.config.pool.ratio()
+        tier_stats.append(dataclasses.replace(
+            st, stored_pages=owned, headroom_pages=int(tier.room_bytes * ratio) // PAGE_SIZE))
     file_pages = sum(t.stored_pages for t in tier_stats)
     headroom = pool_room + sum(t.headroom_pages for t in tier_stats)
     device_pages = sum(d.size_bytes for d in devices) // PAGE_SIZE

@@ -345,16 +345,16 @@ def test_expected_ratio_defaults_to_the_codecs_and_is_checked() -> None:
 
 
 def test_capacity_warning_says_the_sizes_and_what_fits() -> None:
-    """The store holds max_bytes at the assumed ratio plus the file tiers' sizes; devices
+    """The store holds max_bytes and the file tiers' sizes at the assumed ratio; devices
     beyond that are warned of, devices within it are not."""
     text = ('[pool]\nmax_bytes = "16M"\n[[device]]\nname = "swap0"\nsize = "{size}"\n'
             '[[tier]]\nname = "disk"\npath = "/var/tmp/x.img"\nsize = "32M"\n')
     big = parse_config(text.format(size="1G"))
-    assert cfg.store_capacity_bytes(big) == 72 << 20  # 16 MiB * 2.5 + 32 MiB
+    assert cfg.store_capacity_bytes(big) == 120 << 20  # (16 MiB + 32 MiB) * 2.5
     (warning,) = cfg.capacity_warnings(big)
     assert "they total 1073741824 bytes (1.0 GiB)" in warning
-    assert "the store about 75497472 bytes (72.0 MiB)" in warning
-    assert "pool.expected_ratio" in warning and "at most 75497472 bytes" in warning
-    assert cfg.capacity_warnings(parse_config(text.format(size="72M"))) == []
+    assert "the store about 125829120 bytes (120.0 MiB)" in warning
+    assert "pool.expected_ratio" in warning and "at most 125829120 bytes" in warning
+    assert cfg.capacity_warnings(parse_config(text.format(size="120M"))) == []
     assert cfg.capacity_warnings(parse_config(
         text.format(size="1G").replace("[pool]\n", "[pool]\nexpected_ratio = 64\n"))) == []
