@@ -316,6 +316,42 @@ def test_swapon_and_swapoff_commands(mount_factory):
         assert out.returncode == 1 and "no such device" in out.stderr
 
 
+def test_swapon_sizes_the_swap_area_to_what_the_store_backs(tmp_path):
+    """1 GiB over a store that holds about 120 MiB: the swap area stops there, so that the
+    kernel sees the device full when the store is; --whole takes the whole device."""
+    from .conftest import start_mount, stop_mount
+
+    why = harness.kernel_swap_unavailable()
+    if why:
+        pytest.skip(why)
+    m = start_mount(tmp_path, FULL_CONFIG.format(tmp=tmp_path))
+    try:
+        dev = str(m.dev())
+        tot = m.stats()["totals"]
+        backed = int((1 << 18) * tot["backed_fraction"])
+        assert backed < 120 * MiB // PAGE
+        with harness.swap_lock():
+            out = run_swapfs("swapon", dev)
+            assert out.returncode == 0, out.stderr
+            loop = out.stdout.strip()
+            try:
+                assert "swap area of" in out.stderr and "--whole" in out.stderr
+                # the area less its header page
+                assert system.active_swaps()[loop].size_kib == (backed - 1) * 4
+            finally:
+                assert run_swapfs("swapoff", dev, timeout=120).returncode == 0
+            out = run_swapfs("swapon", "--whole", dev)
+            assert out.returncode == 0, out.stderr
+            loop = out.stdout.strip()
+            try:
+                assert "swap area" not in out.stderr
+                assert system.active_swaps()[loop].size_kib == (1 << 20) - 4
+            finally:
+                assert run_swapfs("swapoff", dev, timeout=120).returncode == 0
+    finally:
+        stop_mount(m)
+
+
 def test_swapon_and_swapoff_say_they_need_root(monkeypatch, capsys):
     from swapfs import cli
 
