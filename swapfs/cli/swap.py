@@ -66,14 +66,21 @@ def cmd_swapon(args: argparse.Namespace) -> int:
 
 # mkswap refuses smaller areas (it needs 10 pages); a few more make a swap area worth having.
 MIN_AREA_PAGES = 16
+# The share of what the store backs that the swap area takes: the rest absorbs a ratio a little
+# worse than the one assumed.  An area the store overfills by even 0.5% (measured:
+# scripts/bench-full, docs/operations.md) leaves the pages refused at its end retried for good.
+AREA_MARGIN = 0.9
 
 
 def backed_area(stats: dict[str, Any], device: str) -> tuple[int, int]:
-    """(the device's size in bytes, the pages of it the store backs): its share, by size,
-    of the pages stored and the headroom of its mount (``backed_fraction`` of it)."""
+    """(the device's size in bytes, the pages of the swap area swapon makes): AREA_MARGIN of
+    the device's share, by size, of the pages stored and the headroom of its mount
+    (``backed_fraction`` of it), at most the whole device."""
     size = stats["devices"][device]["size_bytes"]
     fraction = stats.get("totals", {}).get("backed_fraction", 1.0)
-    return size, min(size // PAGE, int(size // PAGE * fraction))
+    if fraction >= 1.0:
+        return size, size // PAGE
+    return size, int(size // PAGE * fraction * AREA_MARGIN)
 
 
 def stats_line(stats: dict[str, Any]) -> str:
