@@ -328,7 +328,7 @@ def test_swapon_sizes_the_swap_area_to_what_the_store_backs(tmp_path):
     try:
         dev = str(m.dev())
         tot = m.stats()["totals"]
-        backed = int((1 << 18) * tot["backed_fraction"] * 0.9)  # less a tenth for the ratio
+        backed = int((1 << 18) * tot["backed_fraction"] * 0.5)  # half: stale pages, dead bytes
         assert backed < 120 * MiB // PAGE
         with harness.swap_lock():
             out = run_swapfs("swapon", dev)
