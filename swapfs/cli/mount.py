@@ -190,6 +190,12 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
         # printed by the command that started the daemon.
         log.warning("%s", warning)
         tell(f"WARNING {warning.replace(chr(10), ' ')}")
+    if args.role in (None, "start"):
+        from ..config import capacity_warnings
+
+        for warning in capacity_warnings(config):  # devices the store cannot back
+            log.warning("%s", warning)
+            tell(f"WARNING {warning}")
     config_path = os.path.abspath(args.config) if args.config else None
     if not args.no_failover:
         if args.transport == "auto":
@@ -373,7 +379,8 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
 def _read_answer(fd: int) -> str:
     """The daemon's answer on its ready pipe: ``READY [PID]``, ``ERROR ...``, or "" if it
     closed the pipe without one.  The ``WARNING ...`` lines before it (what the daemon could
-    not set up: mlockall, oom_score_adj, PR_SET_IO_FLUSHER) are printed on stderr."""
+    not set up: mlockall, oom_score_adj, PR_SET_IO_FLUSHER; devices larger than the store
+    can hold) are printed on stderr."""
     with os.fdopen(fd, "rb") as pipe:
         for raw in pipe:
             line = raw.decode(errors="replace").strip()
