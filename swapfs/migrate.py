@@ -17,9 +17,14 @@ the pages it is given, by the rule of docs/writeback.md:
    content and the copy is freed (``aborted_moves``).
 
 Cleaning (:meth:`Migrator.clean`) is the same move within one tier: the
-live objects of a segment with little live data are re-appended at the
-head and each slot switched under the same commit-if-unchanged rule; the
+live objects of a segment worth cleaning (by cost and benefit) are
+re-appended at the head of the tier's cleaning log, apart from fresh pages,
+and each slot switched under the same commit-if-unchanged rule; the
 segment, left without live objects, is punched and reused.
+
+Moves from the pool go a chunk (CHUNK_PAGES) at a time, each copied and
+placed while the chunks before it are written, and committed as its write
+ends.
 
 Until the commit a read finds the page where it was.  Cancellation at any
 await leaves every slot as it was.
@@ -28,6 +33,9 @@ await leaves every slot as it was.
 from __future__ import annotations
 
 import logging
+
+import trio
+import trio.lowlevel
 
 from .codec import Lz4Codec, ZstdCodec
 from .errors import Misuse
@@ -49,6 +57,12 @@ from .state import Device, StoreState
 from .tiers.file import ChecksumError, TierFull, TierIOError
 
 log = logging.getLogger(__name__)
+
+# Pages per write of a move from the pool: a larger batch is cut into chunks
+# of this many, each copied and placed while the one before is being
+# written (the tier's group writer takes the chunks queued meanwhile in one
+# thread hop).
+CHUNK_PAGES = 256
 
 
 class Move:
@@ -122,13 +136,11 @@ class Migrator:
         moved = 0
         try:
             if src == POOL_LEVEL:
-                load = state.load_object
-                for mv in moves:
-                    mv.codec, mv.data = load(mv.dev, mv.slot)
+                moved = await self._from_pool(moves, min_group)
             else:
                 await self._copy_from_file(level_tier(src), moves, pins)
-            moved = await self._place([mv for mv in moves if mv.data is not None
-                                       and mv.unchanged()], src, min_group)
+                moved = await self._place([mv for mv in moves if mv.data is not None
+                                           and mv.unchanged()], src, min_group)
         finally:
             for mv in moves:  # whatever did not commit keeps its place
                 state.unflag_moving(mv.dev, mv.slot, mv.info)
@@ -137,6 +149,29 @@ class Migrator:
         if moved:
             self.counters.batches += 1
         await files.punch()
+        return moved
+
+    async def _from_pool(self, moves: list[Move], min_group: int) -> int:
+        """Copy, place, write and commit the pool's ``moves``, CHUNK_PAGES at
+        a time: each chunk is copied (the slots still unchanged) and placed
+        while the chunks before it are written."""
+        load = self.state.load_object
+        moved = 0
+
+        async def place(chunk: list[Move]) -> None:
+            nonlocal moved
+            got = await self._place(chunk, POOL_LEVEL, min_group)
+            moved += got  # after the await: chunks finish in any order
+
+        async with trio.open_nursery() as nursery:
+            for i in range(0, len(moves), CHUNK_PAGES):
+                chunk = [mv for mv in moves[i:i + CHUNK_PAGES] if mv.unchanged()]
+                for mv in chunk:
+                    mv.codec, mv.data = load(mv.dev, mv.slot)
+                if chunk:
+                    nursery.start_soon(place, chunk)
+                # the chunk allocates and hands its write over before the next is copied
+                await trio.lowlevel.checkpoint()
         return moved
 
     async def _place(self, moves: list[Move], src: int, min_group: int) -> int:
@@ -239,14 +274,21 @@ class Migrator:
         """Switch each slot of ``live`` still holding what was copied to its
         new object in tier ``ti``; free the new object of the others.  No
         await."""
-        commit = self.state.commit_move
         moved = 0
         tier = self.files[ti]
         aborted = 0
         nbytes = 0
-        for mv in live:
-            n = len(mv.data or b"")
-            if commit(mv.dev, mv.slot, mv.info, mv.handle, src, ti, mv.dest, n):
+        lengths = [len(mv.data or b"") for mv in live]
+        if src == POOL_LEVEL:  # the common case, in one loop
+            done = self.state.commit_pool_moves(
+                [mv.dev for mv in live], [mv.slot for mv in live], [mv.info for mv in live],
+                [mv.handle for mv in live], ti, [mv.dest for mv in live], lengths)
+        else:
+            commit = self.state.commit_move
+            done = [commit(mv.dev, mv.slot, mv.info, mv.handle, src, ti, mv.dest, n)
+                    for mv, n in zip(live, lengths)]
+        for mv, n, ok in zip(live, lengths, done):
+            if ok:
                 moved += 1
                 nbytes += n
             else:
@@ -266,10 +308,10 @@ class Migrator:
     # -- cleaning -------------------------------------------------------------
 
     async def clean(self, ti: int, segments: int = 1, max_live: float | None = None) -> int:
-        """Clean up to ``segments`` segments of file tier ``ti`` (those with
-        the least live data, at most ``max_live`` of each: the tier's
-        threshold unless given): re-append their live objects at the head and
-        switch their slots, commit-if-unchanged; the segments, left without
+        """Clean up to ``segments`` segments of file tier ``ti`` (the best
+        by cost and benefit, at most ``max_live`` of each live: the tier's
+        threshold unless given): re-append their live objects at the
+        cleaning log's head and switch their slots, commit-if-unchanged; the segments, left without
         live objects, are punched and reused.  Returns the objects moved."""
         if self._running:
             raise Misuse("one migration at a time (Writeback holds a lock)")
@@ -319,7 +361,7 @@ class Migrator:
         moved = 0
         try:
             lengths = [len(mv.data or b"") for mv in moves]
-            handles = tier.allocate(lengths, cleaning=True)
+            handles = tier.allocate(lengths, cleaning=True, survivors_of=seg)
             live = moves[:len(handles)]
             for mv, h in zip(live, handles):
                 mv.dest = h

@@ -41,7 +41,7 @@ tables and the counters agree at every moment (docs/store.md).
 from __future__ import annotations
 
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from .cache import SwapCache
 from .codec import ZERO_PAGE, fill_page, make_codec
@@ -425,6 +425,52 @@ class StoreState:
         self.demotions += 1
         self.header.set("demotions", self.demotions)
         return True
+
+    def commit_pool_moves(self, devs: Sequence[Device], slots: Sequence[int],
+                          flagged: Sequence[int], handles: Sequence[int], ti: int,
+                          dests: Sequence[int], lengths: Sequence[int]) -> list[bool]:
+        """``commit_move`` of a batch of pool pages to file tier ``ti``, in one loop: the
+        same steps, slot by slot, each switched through the journal (a kill between two
+        slots leaves the first moved and the second not).  Per slot, whether it moved."""
+        out: list[bool] = []
+        j = self.journal
+        moves = self.moves
+        header = self.header
+        dedup = self.dedup
+        pool_free = self.pool.free_object
+        demotions = self.demotions
+        for dev, s, i, h, dest, n in zip(devs, slots, flagged, handles, dests, lengths):
+            table = dev.table
+            if table.info[s] != i or table.handles[s] != h:
+                out.append(False)
+                continue
+            epoch = table.epoch
+            if epoch[s] & PROMOTED_MARK:
+                moves.wasted += 1  # promoted, and demoted again before any read
+            # journal_switch, inline: old handle and info first, the key word last
+            j[1] = h
+            j[2] = i
+            j[0] = slot_key(dev.index, s) + 1
+            table.handles[s] = dest
+            table.info[s] = file_info(ti, n) | SHADOW
+            j[0] = 0
+            epoch[s] = demotions & EPOCH_MASK
+            # free_slot_content of a pool (or huge) object, MOVING still set in ``i``
+            m = length_of(i)
+            if dedup is None or m > MAX_OBJECT or dedup.release(h, m):
+                pool_free(h, m)
+            dev.compressed_bytes -= m
+            dev.pool_bytes -= OBJECT_BYTES[m]
+            if kind_of(i) == POOL:
+                dev.pool_pages -= 1
+            else:
+                dev.huge_pages -= 1
+            dev.file_pages += 1
+            demotions += 1
+            self.demotions = demotions
+            header.set("demotions", demotions)
+            out.append(True)
+        return out
 
     def commit_clean(self, dev: Device, s: int, flagged: int, handle: int, ti: int,
                      dest: int) -> bool:

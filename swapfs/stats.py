@@ -352,7 +352,7 @@ _HELP = {
     "moved_bytes": "Bytes of the pages demoted",
     "live_bytes": "Bytes on disk of the objects live in a file tier",
     "dead_bytes": "Bytes of a file tier's segments in use that no live object holds",
-    "segments_used": "Segments of a file tier holding objects (or the log's head)",
+    "segments_used": "Segments of a file tier holding objects (or a log's head)",
     "segments_free": "Segments of a file tier free to append to",
     "cleaned_objects": "Objects a file tier's cleaning re-appended",
     "cleaned_bytes": "Bytes a file tier's cleaning re-appended",

@@ -40,8 +40,12 @@ log = logging.getLogger(__name__)
 
 # The access clock's units per second (store.epoch; see docs/writeback.md).
 EPOCHS_PER_SECOND = 4
-# Pages per migration: one cluster, one pwritev.
+# Pages per migration: one cluster, one pwritev.  A request (not the
+# watermarks, which should not overshoot the low one by much) takes
+# REQUEST_BATCH_PAGES at a time, moved in chunks of a cluster with several
+# writes in flight (swapfs/migrate.py).
 BATCH_PAGES = CLUSTER_PAGES
+REQUEST_BATCH_PAGES = 4 * CLUSTER_PAGES
 # The pool is compacted when its holes pass COMPACT_HOLES (swapfs.tiers.pool),
 # in steps of at most this many objects (one step of the trio loop: a few
 # milliseconds).
@@ -157,7 +161,7 @@ class Writeback:
 
     async def clean(self, *, limit: int = CLEAN_SEGMENTS_PER_PASS) -> int:
         """Clean the file tiers whose free segments run low, a segment per
-        step (the least live first), at most ``limit`` segments a pass;
+        step (the best by cost and benefit first), at most ``limit`` segments a pass;
         returns the objects re-appended."""
         store = self.store
         moved = 0
@@ -231,8 +235,9 @@ class Writeback:
                      now: int | None = None) -> int:
         moved = 0
         budget = limit if limit is not None else self._stored_at(src)
+        batch = BATCH_PAGES if urgent else REQUEST_BATCH_PAGES
         while more() and budget > 0:
-            want = min(BATCH_PAGES, budget)
+            want = min(batch, budget)
             async with self._lock:
                 victims = self.select(src, want, devices=devices, idle_before=idle_before,
                                       now=now)

@@ -117,7 +117,7 @@ TIER_KEYS = (
         "preallocate is true."),
     Key("priority", "integer", "0",
         "Tiers are used by priority, higher first; equal priorities share the load "
-        "round-robin, cluster by cluster."),
+        "round-robin, segment by segment."),
     Key("high_watermark", RATIO, "0.95",
         "Moves to the next (lower-priority) tier start when this tier holds more than this "
         "share of its size ..."),
@@ -127,11 +127,19 @@ TIER_KEYS = (
         "true: reserve the whole size up front (fallocate); refused if the filesystem has not "
         "the free space. A sparse tier on a filesystem that fills counts as full."),
     Key("encrypt", "boolean", "true",
-        "Pages on disk are encrypted with AES-256-XTS under a random key made at mount and held "
-        "only in the daemon's locked memory; false stores them in the clear."),
+        "Pages on disk are encrypted and authenticated (AES-256-GCM) under a random key made at "
+        "mount and held only in the daemon's locked memory; false stores them in the clear, "
+        "with a checksum."),
     Key("force_init", "boolean", "false",
         "true: overwrite an existing file that holds data without a swapfs signature (a swap "
         "area, a filesystem image, ...), which is otherwise refused and left untouched."),
+    Key("segment_bytes", SIZE, '"4M"',
+        "The tier is a log of segments of this size, a power of two from 64K to 64M: the unit "
+        "of its sequential writes and of cleaning, which reclaims the space of pages that died. "
+        "A tier smaller than 256 segments gets smaller ones, down to 64K."),
+    Key("recompress", "string", NONE,
+        '"zstd": pages the pool holds with lz4 are recompressed with zstd on their way down '
+        "to this tier (kept if smaller); unset, they are stored as the pool held them."),
 )
 
 TABLES = (
@@ -209,7 +217,7 @@ def check_keys() -> None:
                 raise ManualError(f"{where}: documented as required, but a file without it loads")
             implicit = getattr(_load(table, base), key.name)
             if key.default == NONE:
-                if implicit is not None:
+                if implicit not in (None, ""):  # unset: None, or "" for a string
                     raise ManualError(f"{where}: documented without a default, but it is {implicit!r}")
                 continue
             try:

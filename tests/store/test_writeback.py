@@ -207,6 +207,50 @@ async def test_write_during_move_wins_and_the_move_aborts(stores, tmp_path):
     assert dev.table.info[2] & KIND_MASK == POOL
 
 
+async def test_a_large_request_keeps_several_writes_in_flight_and_each_commit_checks(
+        stores, tmp_path):
+    """A request's batch is moved in chunks: each chunk's write is in flight while the next is
+    copied, and every chunk commits by the same rule (a write or discard meanwhile wins)."""
+    store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)], pool_bytes=8 * MiB)
+    dev = store.devices[0]
+    n = 600  # three chunks
+    old = pages_of(n, 3)
+    await store.write(dev, 0, b"".join(old))
+    t = store.tiers[0]
+    write = t.write
+    held: list[int] = []
+    release = trio.Event()
+
+    async def held_write(handles, objects):
+        held.append(len(handles))
+        await release.wait()
+        await write(handles, objects)
+
+    t.write = held_write
+    wb = Writeback(store)
+    new = pages_of(2, 4)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wb.writeback_pages, n)
+        for _ in range(100):
+            if sum(held) == n:
+                break
+            await trio.lowlevel.checkpoint()
+        assert len(held) > 1 and sum(held) == n  # every chunk's write in flight at once
+        assert store.moves_in_flight == n
+        await store.write(dev, 1 * PAGE, new[0])
+        await store.write(dev, (n - 1) * PAGE, new[1])
+        await store.discard(dev, 300 * PAGE, PAGE)
+        release.set()
+    st = store.stats().writeback
+    assert st.moved_pages == n - 3 and st.aborted_moves == 3
+    expect = list(old)
+    expect[1], expect[n - 1], expect[300] = new[0], new[1], bytes(PAGE)
+    assert where(store, dev, 1) == where(store, dev, n - 1) == "pool"
+    assert [s for s in range(n) if where(store, dev, s) != "ssd"] == [1, 300, n - 1]
+    assert await store.read(dev, 0, n * PAGE) == b"".join(expect)  # (reads may promote)
+    store.check_invariants()
+
+
 @pytest.mark.parametrize("dedup", [False, True], ids=["plain", "dedup"])
 @pytest.mark.parametrize("seed", [0, 1, *(pytest.param(s, marks=pytest.mark.slow)
                                           for s in range(2, 8))])

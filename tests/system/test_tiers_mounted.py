@@ -45,8 +45,9 @@ def test_fio_verify_across_pool_and_tiers(mount_factory, tmp_path):
     if not shutil.which("fio"):
         pytest.skip("fio not installed")
     # the equal-priority tiers large enough that neither fills (a full one, waiting for its
-    # cleaning, would leave the turns to the other): their objects are compressed now
-    m = mount_factory(tiered_config(tmp_path, tiers=(("ssd_a", 50, "48M"), ("ssd_b", 50, "48M"),
+    # cleaning, would leave the turns to the other): their objects are compressed now; and
+    # large enough for 1.5 MiB segments (a tier has at least 256 segments where it can)
+    m = mount_factory(tiered_config(tmp_path, tiers=(("ssd_a", 50, "384M"), ("ssd_b", 50, "384M"),
                                                      ("hdd", 10, "64M"))))
     out = subprocess.run(
         ["fio", "--name=tiers", f"--filename={m.dev()}", "--direct=1", "--ioengine=libaio",
@@ -189,7 +190,7 @@ def test_backing_file_created_private(mount_factory, tmp_path):
 
 
 def test_a_corrupt_tier_region_logs_a_bounded_number_of_lines(mount_factory, tmp_path):
-    """Every page of a 4 MiB region of the backing file damaged: each read is EIO, each
+    """Every page of a 4 MiB region of the device damaged in the backing file: each read is EIO, each
     mismatch is counted, and the log says so in a few lines, not one per page."""
     m = mount_factory(tiered_config(tmp_path, tiers=(("ssd", 100, "32M"),)))
     npages = 1024
@@ -198,10 +199,15 @@ def test_a_corrupt_tier_region_logs_a_bounded_number_of_lines(mount_factory, tmp
     try:
         aligned.write(os.urandom(npages * PAGE))  # incompressible: straight to the tier
         os.pwritev(fd, [aligned], 0)
-        assert m.stats()["tiers"]["ssd"]["stored_pages"] == npages
+        st = m.stats()["tiers"]["ssd"]
+        assert st["stored_pages"] == npages
+        # the segments the objects fill, back to back from the start (each object holds a
+        # page and less than 64 bytes more; a segment's end may be left empty)
+        seg = st["segment_bytes"]
+        region = -(-npages // (seg // (PAGE + 64))) * seg
         bfd = os.open(tmp_path / "ssd.img", os.O_RDWR)
-        try:  # a byte in every KiB of the objects' region (each object holds a page and more)
-            for k in range(npages * (PAGE + 64) // 1024):
+        try:  # a byte in every KiB of the objects' region
+            for k in range(region // 1024):
                 off = DATA_OFFSET + k * 1024 + 123
                 byte = os.pread(bfd, 1, off)
                 os.pwrite(bfd, bytes([byte[0] ^ 0x40]), off)

@@ -79,10 +79,11 @@ async def test_pool_full_spills_to_file_tier(stores, tmp_path):
 
 async def test_priority_order_then_round_robin(stores, tmp_path):
     store = stores([
-        tier("slow", tmp_path / "slow.img", 8 * MiB, priority=10),
+        tier("slow", tmp_path / "slow.img", 64 * MiB, priority=10),
         tier("fast", tmp_path / "fast.img", 2 * CLUSTER, priority=100),
-        tier("ssd_a", tmp_path / "a.img", 8 * MiB, priority=50),
-        tier("ssd_b", tmp_path / "b.img", 8 * MiB, priority=50),
+        # 256 KiB segments (a tier has at least 256 where it can)
+        tier("ssd_a", tmp_path / "a.img", 64 * MiB, priority=50),
+        tier("ssd_b", tmp_path / "b.img", 64 * MiB, priority=50),
     ])
     dev = store.devices[0]
     data = os.urandom(2 * CLUSTER)
@@ -484,6 +485,35 @@ async def test_a_cleaning_move_loses_to_a_write_or_discard_meanwhile(stores, tmp
     for s in range(5, 64, 2):
         assert await store.read(dev, s * PAGE, PAGE) == pages[s]
     assert store.stats().writeback.aborted_moves >= 2
+    store.check_invariants()
+
+
+async def test_cleaning_keeps_survivors_apart_from_fresh_pages(stores, tmp_path):
+    """Survivors of cleaning (cold: they outlived their segment's other objects) go to
+    segments of their own, never the head fresh pages are appended to."""
+    seg = 64 * 1024
+    store = stores([tier("ssd", tmp_path / "ssd.img", 4 * MiB, segment_bytes=seg)])
+    dev = store.devices[0]
+    t = store.tiers[0]
+    rng = random.Random(15)
+    pages = {s: rng.randbytes(PAGE) for s in range(90)}  # incompressible: 15 to a segment
+    await store.write(dev, 0, b"".join(pages.values()))
+    for s in range(0, 90, 3):  # two of three survive: no segment empties on its own
+        await store.discard(dev, s * PAGE, PAGE)
+        del pages[s]
+    fresh = {90 + i: rng.randbytes(PAGE) for i in range(10)}
+    await store.write(dev, 90 * PAGE, b"".join(fresh.values()))  # the user head takes them
+    before = {s: dev.table.handles[s] for s in pages}
+    assert await store.clean(0, 3, max_live=1.0) > 0
+    moved = [s for s in pages if dev.table.handles[s] != before[s]]
+    assert len(moved) == t.stats().cleaned_objects > 0
+    more = {100 + i: rng.randbytes(PAGE) for i in range(20)}
+    await store.write(dev, 100 * PAGE, b"".join(more.values()))
+    hot = {dev.table.handles[s] // seg for s in [*fresh, *more]}
+    cold = {dev.table.handles[s] // seg for s in moved}
+    assert not cold & hot, "cleaning wrote survivors where fresh pages go"
+    for s, p in {**pages, **fresh, **more}.items():
+        assert await store.read(dev, s * PAGE, PAGE) == p
     store.check_invariants()
 
 

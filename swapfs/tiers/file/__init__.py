@@ -2,8 +2,8 @@
 
 :class:`FileTier` is the one public entry; the package holds its parts by concern:
 
-* :mod:`.segments`: the segment map (the log's head, live bytes and generations per segment),
-  whose memory is a few bytes per segment;
+* :mod:`.segments`: the segment map (the heads of its two logs, live bytes, generations and
+  ages per segment, cleaning's choice of victims), whose memory is a few bytes per segment;
 * :mod:`.objects`: the object format (header naming the slot, payload as the pool held it,
   integrity tag) and the parse of a segment for cleaning;
 * :mod:`.io`: the group-commit writer and the worker-thread bodies (sealing and vectored writes,
@@ -80,8 +80,11 @@ CLUSTER_PAGES = 256
 # Segments kept back for cleaning: other appends stop when only these are free.
 CLEAN_RESERVE = 2
 # A tier has at least this many segments where it can (a small tier gets smaller segments, down
-# to MIN_SEGMENT_BYTES): cleaning needs segments to choose from and some to spare.
-MIN_SEGMENTS = 32
+# to MIN_SEGMENT_BYTES): cleaning needs segments to choose from, and the segments that cannot
+# hold data at a given moment (the reserve, the two heads, the free ones cleaning keeps) must
+# be a small share of the tier, or it is that much fuller than its occupancy says: at 32
+# segments they were a sixth of it, and cleaning at 80% occupancy appended 3.8 bytes a byte.
+MIN_SEGMENTS = 256
 MIN_SEGMENT_BYTES = 16 * PAGE
 
 
@@ -377,8 +380,11 @@ class FileTier:
 
     @property
     def clean_low(self) -> int:
-        """Cleaning starts when fewer segments than this are free."""
-        return max(self._map.reserve + 2, self.nsegments // 16)
+        """Cleaning starts when fewer segments than this are free: lazily, just above the
+        reserve, whatever the tier's size (every segment kept free is space the others must
+        make up for, so they are cleaned fuller; and a segment left alone longer holds more
+        dead bytes when its turn comes)."""
+        return self._map.reserve + 2
 
     @property
     def segment_switches(self) -> int:
@@ -398,12 +404,15 @@ class FileTier:
         """Bytes on disk of an object of ``length`` payload bytes."""
         return object_bytes(length, self.encrypt)
 
-    def allocate(self, lengths: Sequence[int], *, cleaning: bool = False) -> list[int]:
+    def allocate(self, lengths: Sequence[int], *, cleaning: bool = False,
+                 survivors_of: int = -1) -> list[int]:
         """Handles for objects of ``lengths`` payload bytes (1..4096), appended at the log's
         head in order; fewer (a prefix, maybe none) when out of room.
 
         Pure bookkeeping: no I/O, no await.  The objects count as live from here on; a write
-        that fails frees them.  ``cleaning``: may use the segments kept back for cleaning.
+        that fails frees them.  ``cleaning``: survivors of cleaning, appended to the cleaning
+        log's head (apart from fresh pages), which may use the segments kept back for it;
+        ``survivors_of``: the segment they leave (its age passes to where they go).
         """
         if not lengths or self._enospc:
             return []
@@ -411,7 +420,8 @@ class FileTier:
             if not 0 < n <= PAGE:
                 raise Misuse(f"tier {self.name!r}: an object of {n!r} bytes")
         enc = self.encrypt
-        return self._map.allocate((object_bytes(n, enc) for n in lengths), cleaning)
+        return self._map.allocate((object_bytes(n, enc) for n in lengths), cleaning,
+                                  survivors_of)
 
     def free(self, handle: int, length: int) -> None:
         """Free the object at ``handle`` of ``length`` payload bytes (pure bookkeeping).
@@ -454,12 +464,18 @@ class FileTier:
         m = self._map
         items = []
         total = 0
+        extra = object_bytes(0, self.encrypt)
+        seg, nseg, state, fill, gen = m.segment_bytes, m.nsegments, m.state, m.fill, m.gen
         for h, (key, codec, payload) in zip(handles, objects):
-            n = len(payload)
-            if not m.is_live(h, object_bytes(n, self.encrypt)):
-                raise Misuse(f"tier {self.name!r}: write of {n} bytes at {h}, not allocated")
-            items.append((h, m.gen[m.segment_of(h)], key, codec, payload))
-            total += object_bytes(n, self.encrypt)
+            size = len(payload) + extra
+            s = h // seg
+            # allocated: in a segment appended to, within what was appended (is_live, inline)
+            if not (0 <= s < nseg and (state[s] == HEAD or state[s] == SEALED)
+                    and h - s * seg + size <= fill[s] and m.live[s] >= size):
+                raise Misuse(f"tier {self.name!r}: write of {size - extra} bytes at {h}, "
+                             f"not allocated")
+            items.append((h, gen[s], key, codec, payload))
+            total += size
         try:
             calls = await self._writer.write(items)
         except OSError as e:
@@ -581,7 +597,7 @@ class FileTier:
 
     def cleaning_victims(self, n: int = 1, max_live: float = CLEAN_MAX_LIVE) -> list[int]:
         """Up to ``n`` sealed segments worth cleaning (at most ``max_live`` of each live),
-        the least live first."""
+        the best first by cost and benefit (swapfs.tiers.file.segments)."""
         return self._map.victims(n, max_live)
 
     async def read_segment(self, seg: int) -> list[tuple[int, int, int, bytes]]:

@@ -1,10 +1,10 @@
-"""The segment map of a file tier: where the log's head is, what each segment holds.
+"""The segment map of a file tier: where the heads of its two logs are, what each segment holds.
 
 The data area is cut into segments of ``segment_bytes`` (the last one may be shorter).  Each
 segment is in one state:
 
 * FREE: empty, punched, on the free stack;
-* HEAD: the segment objects are appended to (at most one);
+* HEAD: a segment objects are appended to: at most one per log (below);
 * SEALED: appended to, no longer the head; it holds live objects (or is about to be cleaned);
 * PENDING: no live object left, queued for its punch; PUNCHING: the punch is running.
 
@@ -16,6 +16,19 @@ written once per generation (the head only moves forward; a failed write's bytes
 it is the one part of the map that is truth: the region ``tier.<name>.gen`` of the store's state
 memory, which a successor maps again (a nonce must never repeat under the key it inherits).
 Everything else is rebuilt from the slot tables after a failover (``rebuild``).
+
+Two logs, each with its own head: pages written or moved down are appended to the **user**
+log's head, the survivors of cleaning to the **cleaning** log's.  Survivors are the data that
+outlived a segment's other objects, the cold data; kept apart from fresh pages, the segments
+they fill stay live, and those fresh pages fill die together (hot/cold separation, as in LFS).
+
+Victims of cleaning are chosen by cost and benefit (LFS): the segment with the highest
+``(1 - u) * age / (1 + u)``, where ``u`` is its live share and ``age`` how many user segments
+were opened since its youngest data was written (``stamp``: the clock when a user segment was
+opened; a cleaning segment takes the youngest stamp of the segments whose survivors it took).
+An old segment is cleaned at a higher ``u`` than a young one, whose objects are still dying.
+The stamps are not state memory: after a failover every segment is as old as any other, and
+the choice is greedy (least live first) until new segments are written.
 
 Placement: an object never crosses a segment's end, and never spans more than two 4 KiB blocks
 (if it would, it starts at the next block boundary), so a read is one pread of at most two
@@ -40,6 +53,8 @@ PENDING = 3
 PUNCHING = 4
 GEN_MASK = 0xFFFFFFFF
 _BLOCK_MASK = PAGE - 1
+USER = 0  # the log of pages written and moved down
+CLEANING = 1  # the log of cleaning's survivors
 
 
 class SegmentMap:
@@ -68,8 +83,13 @@ class SegmentMap:
         self.state = bytearray(n)  # all FREE
         self.free_stack = array("I", range(n - 1, -1, -1))  # pops segment 0 first
         self.pending = array("I")
-        self.head = -1
-        self.head_off = 0
+        # Per log (USER, CLEANING): its head segment (-1: none) and how far it is appended.
+        self.heads = [-1, -1]
+        self.offs = [0, 0]
+        # Per segment, the clock of its youngest data (see the module docstring); the clock
+        # counts user segments opened.
+        self.stamp = array("I", bytes(4 * n))
+        self.clock = 0
         self.stored = 0  # live objects
         self.live_bytes = 0
         self.switches = 0  # heads opened
@@ -88,54 +108,86 @@ class SegmentMap:
     def segment_of(self, handle: int) -> int:
         return handle // self.segment_bytes
 
-    def _open_head(self, cleaning: bool) -> bool:
-        """Seal the head and make a free segment the head; False if none may be taken."""
-        if len(self.free_stack) <= (0 if cleaning else self.reserve):
+    @property
+    def head(self) -> int:
+        """The user log's head segment (-1: none)."""
+        return self.heads[USER]
+
+    @property
+    def head_off(self) -> int:
+        return self.offs[USER]
+
+    def _open_head(self, log: int) -> bool:
+        """Seal ``log``'s head and make a free segment its head; False if none may be taken
+        (the user log leaves ``reserve`` segments to cleaning)."""
+        if len(self.free_stack) <= (self.reserve if log == USER else 0):
             return False
-        self._seal_head()
+        self._seal_head(log)
         s = self.free_stack.pop()
         self.gen[s] = (self.gen[s] + 1) & GEN_MASK
         self.state[s] = HEAD
         self.fill[s] = 0
-        self.head = s
-        self.head_off = 0
+        if log == USER:
+            self.clock = (self.clock + 1) & GEN_MASK
+            self.stamp[s] = self.clock
+        else:
+            self.stamp[s] = 0  # the youngest of the survivors it takes (``allocate``)
+        self.heads[log] = s
+        self.offs[log] = 0
         self.switches += 1
         return True
 
-    def _seal_head(self) -> None:
-        h = self.head
+    def _seal_head(self, log: int) -> None:
+        h = self.heads[log]
         if h < 0:
             return
-        self.head = -1
-        self.fill[h] = self.head_off
+        self.heads[log] = -1
+        self.fill[h] = self.offs[log]
         self.state[h] = SEALED
         if not self.live[h]:
             self._emptied(h)
 
-    def allocate(self, sizes: Iterable[int], cleaning: bool = False) -> list[int]:
-        """Handles for objects of ``sizes`` bytes, appended at the head in order; fewer
-        (a prefix) when out of room."""
+    def allocate(self, sizes: Iterable[int], cleaning: bool = False,
+                 survivors_of: int = -1) -> list[int]:
+        """Handles for objects of ``sizes`` bytes, appended at the head of the user log (of
+        the cleaning log with ``cleaning``, which may use the reserve) in order; fewer (a
+        prefix) when out of room.  ``survivors_of``: the segment cleaning moves them from
+        (its stamp passes to the segments that take them)."""
         out: list[int] = []
         live, objects = self.live, self.objects
+        log = CLEANING if cleaning else USER
+        heads, offs = self.heads, self.offs
+        seg = self.segment_bytes
+        h, off = heads[log], offs[log]
+        size_h = self.seg_size(h) if h >= 0 else 0
+        stamp = self.stamp
+        age = stamp[survivors_of] if survivors_of >= 0 else 0
+        total = 0
         for size in sizes:
-            h = self.head
-            off = self.head_off
             if h >= 0:
                 if (off & _BLOCK_MASK) + size > 2 * PAGE:
                     off = (off + _BLOCK_MASK) & ~_BLOCK_MASK
-                if off + size > self.seg_size(h):
+                if off + size > size_h:
                     h = -1
             if h < 0:
-                if not self._open_head(cleaning) or size > self.seg_size(self.head):
+                offs[log] = off
+                if not self._open_head(log) or size > self.seg_size(heads[log]):
+                    h, off = heads[log], offs[log]
                     break
-                h, off = self.head, 0
-            self.head_off = off + size
-            self.fill[h] = self.head_off
+                h, off = heads[log], 0
+                size_h = self.seg_size(h)
+            if stamp[h] < age:
+                stamp[h] = age
             live[h] += size
             objects[h] += 1
-            self.stored += 1
-            self.live_bytes += size
-            out.append(h * self.segment_bytes + off)
+            total += size
+            out.append(h * seg + off)
+            off += size
+        if out:
+            offs[log] = off
+            self.fill[h] = off
+            self.stored += len(out)
+            self.live_bytes += total
         return out
 
     def check_free(self, handle: int, size: int) -> int:
@@ -154,7 +206,7 @@ class SegmentMap:
         self.objects[s] -= 1
         self.stored -= 1
         self.live_bytes -= size
-        if not self.live[s] and s != self.head:
+        if not self.live[s] and s != self.heads[USER] and s != self.heads[CLEANING]:
             self._emptied(s)
 
     def _emptied(self, s: int) -> None:
@@ -203,14 +255,28 @@ class SegmentMap:
         return sum(fill[s] - live[s] for s in range(self.nsegments) if st[s] in (HEAD, SEALED))
 
     def victims(self, n: int, max_live: float) -> list[int]:
-        """Up to ``n`` sealed segments with the least live bytes, each at most ``max_live``
-        of its size and holding some dead bytes."""
-        st, live, fill = self.state, self.live, self.fill
-        cands = [(live[s], s) for s in range(self.nsegments)
-                 if st[s] == SEALED and live[s] <= max_live * self.seg_size(s)
-                 and live[s] < fill[s]]
+        """Up to ``n`` sealed segments worth cleaning, the best first: each at most
+        ``max_live`` of its size live and holding some dead bytes, ordered by cost and
+        benefit, ``(1 - u) * age / (1 + u)`` (u: the live share; age: user segments opened
+        since its youngest data was written, plus one), the least live first among equals."""
+        st, live, fill, stamp = self.state, self.live, self.fill, self.stamp
+        clock = self.clock
+        full = self.segment_bytes
+        last = self.nsegments - 1
+        cands = []
+        for s in range(self.nsegments):
+            if st[s] != SEALED:
+                continue
+            lv = live[s]
+            size = full if s != last else self.seg_size(s)
+            if lv < fill[s] and lv <= max_live * size:
+                u = lv / size
+                age = ((clock - stamp[s]) & GEN_MASK) + 1
+                cands.append((-(1.0 - u) * age / (1.0 + u), lv, s))
+        if n == 1:
+            return [min(cands)[2]] if cands else []
         cands.sort()
-        return [s for _, s in cands[:n]]
+        return [s for _, _, s in cands[:n]]
 
     def room_bytes(self, max_live: float) -> int:
         """Bytes appends could still take: the rest of the head, the free segments beyond
@@ -259,7 +325,9 @@ class SegmentMap:
         self.objects[:n] = objs
         self.free_stack = array("I")
         self.pending = array("I")
-        self.head, self.head_off = -1, 0
+        self.heads, self.offs = [-1, -1], [0, 0]
+        self.stamp = array("I", bytes(4 * n))  # ages unknown: all alike
+        self.clock = 0
         for s in range(n - 1, -1, -1):
             if objs[s]:
                 self.state[s] = SEALED
@@ -277,7 +345,7 @@ class SegmentMap:
 
     @property
     def metadata_bytes(self) -> int:
-        return 17 * self.nsegments + 4 * (len(self.free_stack) + len(self.pending))
+        return 21 * self.nsegments + 4 * (len(self.free_stack) + len(self.pending))
 
     def check_invariants(self) -> None:
         def fail(what: str) -> None:
@@ -289,8 +357,11 @@ class SegmentMap:
         if sum(objs[:self.nsegments]) != self.stored:
             fail(f"stored objects {self.stored} != sum over segments {sum(objs)}")
         heads = [s for s in range(self.nsegments) if st[s] == HEAD]
-        if heads != ([self.head] if self.head >= 0 else []):
-            fail(f"head {self.head}, segments in state head {heads}")
+        if heads != sorted(h for h in self.heads if h >= 0) or self.heads[0] == self.heads[1] >= 0:
+            fail(f"heads {self.heads}, segments in state head {heads}")
+        for log, h in enumerate(self.heads):
+            if h >= 0 and self.fill[h] != self.offs[log]:
+                fail(f"head {h}: fill {self.fill[h]} != its log's offset {self.offs[log]}")
         for s in range(self.nsegments):
             if st[s] in (FREE, PENDING, PUNCHING):
                 if live[s] or objs[s]:
