@@ -34,6 +34,7 @@ Concurrency: one trio loop; the slot map and the connection table change only be
 from __future__ import annotations
 
 import binascii
+import os
 import ssl
 from array import array
 from collections import deque
@@ -197,14 +198,19 @@ class Connection:
             b.event.set()
         self.pending.clear()
         self.outbuf.clear()
-        if isinstance(self.stream, trio.SocketStream):
-            # Closing the socket is immediate; trio's aclose would checkpoint.
-            self.stream.socket.close()
-        else:
+        stream: object = self.stream
+        if not isinstance(stream, trio.SocketStream):
             # TLS: the raw transport under it is a SocketStream, closed the same way.
-            inner = getattr(self.stream, "transport_stream", None)
-            if isinstance(inner, trio.SocketStream):
-                inner.socket.close()
+            stream = getattr(stream, "transport_stream", None)
+        if isinstance(stream, trio.SocketStream):
+            # Closing the socket is immediate (trio's aclose would checkpoint).  Outside a
+            # trio run (a tier closed at teardown) nobody waits on it: the fd is let go.
+            if trio.lowlevel.in_trio_run():
+                stream.socket.close()
+            else:
+                fd = stream.socket.detach()
+                if fd >= 0:
+                    os.close(fd)
 
     async def execute(self, commands: Sequence[bytes]) -> list[Reply]:
         """Send the encoded ``commands`` as one batch and return their replies (error replies
