@@ -118,11 +118,23 @@ class TierConfig:
     replicas: int = 1
 
 
+# The tiering policies (swapfs/policy.py, docs/policy.md): which refaults
+# are promoted and which pages are demoted first.
+POLICY_NAMES = ("workingset", "classic")
+DEFAULT_POLICY = "workingset"
+
+
+@dataclass(frozen=True)
+class WritebackConfig:
+    policy: str = DEFAULT_POLICY
+
+
 @dataclass(frozen=True)
 class Config:
     pool: PoolConfig
     devices: tuple[DeviceConfig, ...]
     tiers: tuple[TierConfig, ...] = ()
+    writeback: WritebackConfig = WritebackConfig()
 
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -351,6 +363,15 @@ def _parse_pool(data: Any) -> PoolConfig:
                       dedup=dedup)
 
 
+def _parse_writeback(data: Any) -> WritebackConfig:
+    t = _Table(data, "writeback", ("policy",))
+    policy = t.get_str("policy", DEFAULT_POLICY)
+    if policy not in POLICY_NAMES:
+        raise ConfigError(f"writeback.policy: unknown policy {policy!r} "
+                          f"(known: {', '.join(POLICY_NAMES)})")
+    return WritebackConfig(policy=policy)
+
+
 def _array(data: Any, key: str) -> list[Any]:
     if not isinstance(data, list):
         raise ConfigError(f"{key}: expected an array of tables ([[{key}]]), "
@@ -521,8 +542,9 @@ def parse_config(text: str, source: str = "<config>", base_dir: str | None = Non
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{source}: not valid TOML: {e}") from None
     try:
-        top = _Table(data, "", ("pool", "device", "tier"))
+        top = _Table(data, "", ("pool", "device", "tier", "writeback"))
         pool = _parse_pool(top.data.get("pool", {}))
+        writeback = _parse_writeback(top.data.get("writeback", {}))
         if "device" not in data:
             raise ConfigError("device: at least one [[device]] is required")
         devices = tuple(_parse_device(d, f"device[{i}]")
@@ -555,7 +577,7 @@ def parse_config(text: str, source: str = "<config>", base_dir: str | None = Non
             tseen[key] = i
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}") from None
-    return Config(pool=pool, devices=devices, tiers=tiers)
+    return Config(pool=pool, devices=devices, tiers=tiers, writeback=writeback)
 
 
 def load_config(path: str | None) -> Config:
@@ -567,6 +589,8 @@ def load_config(path: str | None) -> Config:
     try:
         with open(path, encoding="utf-8") as f:
             text = f.read()
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read config: {e}") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config: {e.strerror or e}") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: cannot read config: not UTF-8 text (byte {e.start})") from None
     return parse_config(text, path, os.path.dirname(os.path.abspath(path)))

@@ -65,17 +65,19 @@ _libc = kernel.libc()
 
 def protect_process(*, lock_memory: bool = True) -> list[str]:
     """Name the process ``swapfs`` (ps, top, the OOM killer's log); mlockall,
-    PR_SET_IO_FLUSHER and, as root, oom_score_adj -1000 (the processes whose
-    pages it holds must be killed first, under systemd or not); returns
-    warnings for what failed."""
+    PR_SET_IO_FLUSHER and oom_score_adj -1000 (the processes whose pages it
+    holds must be killed first, under systemd or not; root or CAP_SYS_RESOURCE);
+    returns warnings for what failed (the daemon logs them and ``swapfs mount``
+    prints them)."""
     warnings = []
     _libc.prctl(PR_SET_NAME, ctypes.c_char_p(PROCESS_NAME), 0, 0, 0)
-    if os.geteuid() == 0:
-        try:
-            with open("/proc/self/oom_score_adj", "w") as f:
-                f.write(str(OOM_SCORE_ADJ))
-        except OSError as exc:
-            warnings.append(f"cannot set oom_score_adj {OOM_SCORE_ADJ}: {exc.strerror}")
+    try:  # root, or CAP_SYS_RESOURCE
+        with open("/proc/self/oom_score_adj", "w") as f:
+            f.write(str(OOM_SCORE_ADJ))
+    except OSError as exc:
+        warnings.append(f"cannot set oom_score_adj {OOM_SCORE_ADJ} ({exc.strerror}): the OOM "
+                        "killer may pick the daemon before the processes whose pages it holds; "
+                        "needs root or CAP_SYS_RESOURCE")
     if lock_memory:
         # MCL_ONFAULT: lock pages as they are touched, so reserved-but-unused
         # address space (thread stacks, arenas) costs nothing until used.
@@ -87,7 +89,9 @@ def protect_process(*, lock_memory: bool = True) -> list[str]:
             )
     if _libc.prctl(PR_SET_IO_FLUSHER, 1, 0, 0, 0) != 0:
         e = ctypes.get_errno()
-        warnings.append(f"prctl(PR_SET_IO_FLUSHER) failed ({os.strerror(e)}); needs CAP_SYS_RESOURCE")
+        warnings.append(f"prctl(PR_SET_IO_FLUSHER) failed ({os.strerror(e)}): the daemon's own "
+                        "allocations may recurse into I/O reclaim; needs CAP_SYS_RESOURCE and "
+                        "Linux 5.6+")
     return warnings
 
 
@@ -133,7 +137,7 @@ async def serve_mount(
     """
     store = Store(config)
     writeback = Writeback(store)
-    ops = SwapFS(store, writeback=writeback)
+    ops = SwapFS(store, writeback=writeback, mountpoint=mountpoint)
     sessions: list[fuse.Session] = []
     try:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
@@ -237,7 +241,7 @@ async def serve_failover(
             state = {}
         writeback = Writeback(store)
         made.append((store, writeback))
-        return SwapFS(store, writeback=writeback), state
+        return SwapFS(store, writeback=writeback, mountpoint=mountpoint), state
 
     def recover() -> None:
         store = made[0][0]

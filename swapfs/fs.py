@@ -22,10 +22,14 @@ import errno
 import json
 import logging
 import os
+import posixpath
 import re
 import stat
 import time
 from collections.abc import Iterable, Sequence
+from typing import Protocol
+
+import trio
 
 from . import stats as _names
 from .errors import BackingIOError, Corruption, NoSpace, OutOfRange, StoreError
@@ -42,8 +46,10 @@ from .fuse import (
 )
 from .kernel import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, FALLOC_FL_ZERO_RANGE
 from .kernel import PAGE_SIZE as PAGE
+from .slots import level_of
 from .stats import Stats, xattr_items, xattr_name
 from .store import Device, Store
+from .trace import DISCARD, NO_TIER, PARTIAL, READ, WRITE, Tracer
 from .writeback import Writeback
 
 log = logging.getLogger(__name__)
@@ -54,6 +60,9 @@ CTL_WRITEBACK = _names.CTL_WRITEBACK_XATTR.encode()
 # Any value: compact the pool now; reading it gives "OBJECTS BYTES", what the
 # last compaction requested moved and released.
 CTL_COMPACT = _names.CTL_COMPACT_XATTR.encode()
+# "PATH" (absolute, not in the mount): record every request there
+# (swapfs/trace.py); "stop": stop.  Reading it: "on|off PATH RECORDS DROPPED".
+CTL_TRACE = _names.CTL_TRACE_XATTR.encode()
 # The kernel refuses xattr values above 64 KiB (XATTR_SIZE_MAX).
 XATTR_SIZE_MAX = 65536
 # "N" (pages) or "idle:SECONDS"; a trailing newline (echo) is tolerated.
@@ -89,12 +98,62 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
     return out
 
 
+class StoreIO(Protocol):
+    """What SwapFS asks of the store for I/O: the store itself, or, while a
+    trace is on, a :class:`TracedIO` around it."""
+
+    async def read(self, dev: Device, offset: int, size: int) -> bytes | bytearray: ...
+
+    async def write(self, dev: Device, offset: int, data: object) -> int: ...
+
+    async def discard(self, dev: Device, offset: int, length: int) -> None: ...
+
+
+def _page_range(offset: int, length: int) -> tuple[int, int, int]:
+    """(first page, pages, flags) of a byte range."""
+    first = offset // PAGE
+    end = -(-(offset + length) // PAGE)
+    return first, end - first, PARTIAL if (offset | length) % PAGE else 0
+
+
+class TracedIO:
+    """The store's I/O with every request recorded first (swapfs/trace.py)."""
+
+    def __init__(self, store: Store, tracer: Tracer) -> None:
+        self.store = store
+        self.tracer = tracer
+
+    async def read(self, dev: Device, offset: int, size: int) -> bytes | bytearray:
+        first, n, flags = _page_range(offset, size)
+        held = level_of(dev.table.info[first]) if 0 <= first < dev.npages else 0
+        self.tracer.record(READ, dev.index, first, n, held, flags)
+        return await self.store.read(dev, offset, size)
+
+    async def write(self, dev: Device, offset: int, data: object) -> int:
+        first, n, flags = _page_range(offset, memoryview(data).nbytes)  # type: ignore[arg-type]
+        self.tracer.record(WRITE, dev.index, first, n, NO_TIER, flags)
+        return await self.store.write(dev, offset, data)
+
+    async def discard(self, dev: Device, offset: int, length: int) -> None:
+        first, n, flags = _page_range(offset, length)
+        self.tracer.record(DISCARD, dev.index, first, n, NO_TIER, flags)
+        await self.store.discard(dev, offset, length)
+
+
 class SwapFS(Operations):
     """FUSE operations over a :class:`Store`."""
 
     def __init__(self, store: Store, *, writeback: Writeback | None = None,
-                 uid: int | None = None, gid: int | None = None) -> None:
+                 uid: int | None = None, gid: int | None = None,
+                 mountpoint: str | None = None) -> None:
         self.store = store
+        # Where reads, writes and discards go: the store, or a recorder
+        # around it while a trace is on (nothing is recorded otherwise).
+        self.io: StoreIO = store
+        self.tracer: Tracer | None = None
+        self._last_trace = "off"
+        # (a trace file is never opened in the mount: the daemon would call itself)
+        self.mountpoint = os.path.normpath(mountpoint) if mountpoint else None
         # Serves user.swapfs.ctl.writeback; without it the request is EAGAIN.
         self.writeback = writeback
         self.uid = os.getuid() if uid is None else uid
@@ -224,7 +283,7 @@ class SwapFS(Operations):
     async def read(self, fh: int, offset: int, size: int) -> bytes | bytearray | memoryview:
         dev = self._device(fh)
         try:
-            data = await self.store.read(dev, offset, size)
+            data = await self.io.read(dev, offset, size)
             self._note_pool_peak()
             return data
         except StoreError as exc:
@@ -234,7 +293,7 @@ class SwapFS(Operations):
     async def write(self, fh: int, offset: int, data: memoryview) -> int:
         dev = self._device(fh)
         try:
-            written = await self.store.write(dev, offset, data)
+            written = await self.io.write(dev, offset, data)
             self._note_pool_peak()
             return written
         except StoreError as exc:
@@ -254,7 +313,7 @@ class SwapFS(Operations):
             if offset >= dev.size_bytes:
                 return
             try:
-                await self.store.discard(dev, offset, length)
+                await self.io.discard(dev, offset, length)
             except StoreError as exc:
                 log.error("discard %s offset %d length %d: %s", dev.name, offset, length, exc)
                 raise FUSEError(store_errno(exc)) from None
@@ -296,7 +355,7 @@ class SwapFS(Operations):
 
     async def listxattr(self, inode: int, ctx: RequestContext) -> Sequence[bytes]:
         _, counters = self._stats_for(inode)
-        ctl = [CTL_WRITEBACK, CTL_COMPACT] if inode == ROOT_INODE else [CTL_WRITEBACK]
+        ctl = [CTL_WRITEBACK, CTL_COMPACT, CTL_TRACE] if inode == ROOT_INODE else [CTL_WRITEBACK]
         return [STATS_XATTR, *ctl] + [XATTR_PREFIX + k.encode() for k in counters]
 
     async def getxattr(self, inode: int, name: bytes, ctx: RequestContext) -> bytes:
@@ -309,6 +368,8 @@ class SwapFS(Operations):
             return str(self._ctl_results.get(inode, 0)).encode()
         if name == CTL_COMPACT and inode == ROOT_INODE:
             return f"{self._compacted[0]} {self._compacted[1]}".encode()
+        if name == CTL_TRACE and inode == ROOT_INODE:
+            return self._trace_status().encode()
         obj, counters = self._stats_for(inode)
         if name == STATS_XATTR:
             blob = json.dumps(obj, separators=(",", ":")).encode()
@@ -333,6 +394,9 @@ class SwapFS(Operations):
                 raise FUSEError(errno.EAGAIN)
             self._compacted = await self.writeback.compact()
             log.info("compaction request: %d objects moved, %d bytes released", *self._compacted)
+            return
+        if name == CTL_TRACE and inode == ROOT_INODE:
+            await self._ctl_trace(bytes(value))
             return
         if name.startswith(XATTR_PREFIX):
             log.warning("setxattr %r refused: swapfs statistics are read-only", name)
@@ -360,8 +424,64 @@ class SwapFS(Operations):
             log.error("writeback request failed: %s", exc)
             raise FUSEError(store_errno(exc)) from None
         self._ctl_results[inode] = moved
-        log.info("writeback request %r on %s: %d pages moved", bytes(value),
+        log.info("writeback request %s on %s: %d pages moved", bytes(value).decode("ascii").strip(),
                  dev.name if dev else "all devices", moved)
+
+    # -- traces (swapfs/trace.py) -----------------------------------------
+
+    def _trace_status(self) -> str:
+        t = self.tracer
+        if t is None:
+            return self._last_trace
+        return f"on {t.path} {t.recorded} {t.dropped}"
+
+    async def _ctl_trace(self, value: bytes) -> None:
+        """user.swapfs.ctl.trace: ``PATH`` starts recording every request
+        into a new file at PATH (absolute, not in this mount, not existing:
+        O_EXCL); ``stop`` writes what is buffered and closes it."""
+        text = value.rstrip(b"\n")
+        if text == b"stop":
+            await self.stop_trace()
+            return
+        if self.tracer is not None:
+            raise FUSEError(errno.EBUSY)
+        path = os.fsdecode(text)
+        if not path.startswith("/") or "\0" in path:
+            raise FUSEError(errno.EINVAL)
+        path = posixpath.normpath(path)  # (a string operation: no system call)
+        mp = self.mountpoint
+        if mp is not None and (path == mp or path.startswith(mp.rstrip("/") + "/")):
+            log.warning("trace file %s refused: it is in the mount", path)
+            raise FUSEError(errno.EINVAL)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        try:
+            fd = await trio.to_thread.run_sync(os.open, path, flags, 0o600)
+        except OSError as exc:
+            log.warning("trace file %s: %s", path, exc.strerror)
+            raise FUSEError(exc.errno or errno.EIO) from None
+        tracer = Tracer(fd, [(d.name, d.size_bytes) for d in self.store.devices], path=path)
+        try:
+            await tracer.start()
+        except OSError as exc:
+            await tracer.close()
+            raise FUSEError(exc.errno or errno.EIO) from None
+        self.tracer = tracer
+        self.io = TracedIO(self.store, tracer)
+        log.info("tracing requests into %s", path)
+
+    async def stop_trace(self) -> None:
+        """Stop recording (if on): write what is buffered, close the file."""
+        tracer = self.tracer
+        if tracer is None:
+            return
+        self.io = self.store
+        self.tracer = None
+        try:
+            await tracer.close()
+        finally:
+            self._last_trace = f"off {tracer.path} {tracer.recorded} {tracer.dropped}"
+            log.info("trace %s: %d requests recorded, %d dropped", tracer.path,
+                     tracer.recorded, tracer.dropped)
 
     async def removexattr(self, inode: int, name: bytes, ctx: RequestContext) -> None:
         self._attr(inode)

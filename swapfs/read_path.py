@@ -21,6 +21,7 @@ from .config import Config
 from .errors import BackingIOError, Corruption, InvariantError, OutOfRange
 from .kernel import PAGE_MASK, PAGE_SHIFT, PAGE_SIZE
 from .memory import StateMemory
+from .policy import Policy, make_policy
 from .slots import (
     ALT,
     EPOCH_MASK,
@@ -49,13 +50,8 @@ class ReadPath(StoreState):
     def __init__(self, config: Config, *, cache_pages: int = CACHE_PAGES,
                  memory: StateMemory | None = None) -> None:
         super().__init__(config, cache_pages=cache_pages, memory=memory)
-        # Refault distance up to which a page counts as hot; None: the pages
-        # the pool holds now (a page that would have stayed had the pool been
-        # that much larger, as the kernel's workingset refault test).
-        self.promote_distance: int | None = None
-        # A hot page is promoted while the pool holds less than this (room
-        # left; writeback then demotes colder pages below the watermarks).
-        self.promote_limit_bytes = self.pool.max_bytes
+        # Which refaults are promoted, which pages are demoted first.
+        self.policy: Policy = make_policy(config.writeback.policy, self)
 
     async def read(self, dev: Device, offset: int, size: int) -> bytes | bytearray:
         """Up to ``size`` bytes at ``offset``; short (or empty) past the end.
@@ -215,9 +211,9 @@ class ReadPath(StoreState):
         """A page of file tier ``ti`` (slot ``s``, info ``i``) was just read.
 
         Without a shadow its access epoch is updated.  With one, the read is
-        a refault: if the distance (demotions since the page was demoted) is
-        within ``promote_distance`` and the pool has room, the page is
-        promoted to the pool; otherwise the shadow is
+        a refault: if the policy finds the distance (demotions since the page
+        was demoted) short enough (swapfs/policy.py) and the pool has room,
+        the page is promoted to the pool; otherwise the shadow is
         re-armed at the current demotion count, so a second read soon after
         finds a short distance.  No await: atomic.  True if promoted."""
         epoch = dev.table.epoch
@@ -226,10 +222,7 @@ class ReadPath(StoreState):
             return False
         self.moves.refaults[tier_level(ti)] += 1
         dist = (self.demotions - epoch[s]) & EPOCH_MASK
-        limit = self.promote_distance
-        if limit is None:
-            limit = max(self.pool.objects, 1)
-        if dist <= limit and self._promote(dev, s, ti, page):
+        if self.policy.promote(dist) and self._promote(dev, s, ti, page):
             return True
         epoch[s] = self.demotions & EPOCH_MASK
         return False

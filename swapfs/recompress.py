@@ -21,7 +21,7 @@ not indexed (its bytes are the second codec's).
 
 from __future__ import annotations
 
-from .slots import ALT, EPOCH_MASK, KIND_MASK, LENGTH_MASK, MOVING, POOL, SETTLED, SLOT_SHIFT
+from .slots import AGE_MASK, ALT, KIND_MASK, LENGTH_MASK, MOVING, POOL, SETTLED, SLOT_SHIFT
 from .state import SlotCursor, StoreState
 from .tiers.pool import OBJECT_BYTES, PoolFull
 
@@ -89,7 +89,7 @@ class Recompressor:
             stop = -1
             for s in range(start, end):
                 i = info[s]
-                if i & mask != POOL or (now - epoch[s]) & EPOCH_MASK < min_age:
+                if i & mask != POOL or (now - epoch[s]) & AGE_MASK < min_age:
                     continue
                 h = handles[s]
                 n = (i >> 4) & LENGTH_MASK

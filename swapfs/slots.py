@@ -20,7 +20,13 @@ Three columns, no Python object per slot, 16 bytes per slot in use:
   EMPTY slot has info 0 and handle 0.
 * ``epoch`` (32 bits): without SHADOW, the last-access epoch (the store's
   clock, 1/4 s units, see docs/writeback.md); with SHADOW, the store's
-  demotion counter when the page was demoted (mod 2**32).
+  demotion counter when the page was demoted (mod 2**32).  Two marks ride
+  on the last-access epoch for the tiering policy (swapfs/policy.py): a
+  page written and not read since carries UNREAD_MARK (bit 30: writes store
+  the epoch with it, reads without), a pool page promoted on a
+  refault and not read since PROMOTED_MARK (bit 31).  Ages are taken
+  modulo 2**30 (AGE_MASK), which reads an epoch the same with or without
+  them (the access clock stays below 2**30: 8 years in 1/4 s units).
 
 Memory follows what is stored, not the capacity.  Each column is a typed
 memoryview over a region reserved for the whole device (the regions
@@ -88,6 +94,13 @@ _IN_POOL_MASK = KIND_MASK & ~1
 BYTES_PER_SLOT = 8 + 4 + 4
 # The epoch column holds 32 bits; the clocks it is compared with wrap the same.
 EPOCH_MASK = 0xFFFFFFFF
+# Over a page's last-access epoch: written and not read since; and (pool
+# pages) promoted on a refault and not read since (the policy's "wasted
+# promotion" if it is demoted so).  Ages are taken with AGE_MASK:
+# ``(now - epoch) & AGE_MASK`` is the age with or without the marks.
+UNREAD_MARK = 1 << 30
+PROMOTED_MARK = 1 << 31
+AGE_MASK = UNREAD_MARK - 1
 
 # A slot as one integer, device index << SLOT_SHIFT | slot: the owner word of
 # its pool object, and the key of a tracked (partly written) slot.

@@ -62,6 +62,7 @@ from .slots import (
     MOVING,
     POOL,
     POOL_LEVEL,
+    PROMOTED_MARK,
     SAME,
     SETTLED,
     SHADOW,
@@ -127,7 +128,8 @@ class MoveCounters:
     pool, 1 + i: file tier i) where it matters."""
 
     __slots__ = ("moved", "moved_payload", "recompressed", "aborted", "batches",
-                 "failed_batches", "requests", "demotions", "refaults", "promotions", "pairs")
+                 "failed_batches", "requests", "demotions", "refaults", "promotions", "wasted",
+                 "pairs")
 
     def __init__(self, levels: int) -> None:
         self.moved = 0  # pages demoted (committed moves)
@@ -140,6 +142,7 @@ class MoveCounters:
         self.demotions = [0] * levels  # by source level
         self.refaults = [0] * levels
         self.promotions = [0] * levels
+        self.wasted = 0  # promoted pages demoted again before any read (policy.py)
         # (source level, destination level) -> [pages, batches]
         self.pairs: dict[tuple[int, int], list[int]] = {}
 
@@ -270,6 +273,12 @@ class StoreState:
         self.demotions = self.header.get("demotions")
         self.pool_high_bytes = int(config.pool.high_watermark * self.pool.max_bytes)
         self.pool_low_bytes = int(config.pool.low_watermark * self.pool.max_bytes)
+        # Refault distance up to which a page counts as hot; None: the
+        # policy's own (swapfs/policy.py).
+        self.promote_distance: int | None = None
+        # A hot page is promoted while the pool holds less than this (room
+        # left; writeback then demotes colder pages below the watermarks).
+        self.promote_limit_bytes = self.pool.max_bytes
         # Called (no await) when a write leaves the pool above its high
         # watermark: the writeback task, while it runs (set_writeback_kicker).
         self.kick_writeback: Callable[[], None] | None = None
@@ -404,6 +413,8 @@ class StoreState:
         table = dev.table
         if table.info[s] != flagged or table.handles[s] != handle:
             return False
+        if table.epoch[s] & PROMOTED_MARK and src == POOL_LEVEL:
+            self.moves.wasted += 1  # promoted, and demoted again before any read
         self.journal_switch(dev, s, dest, file_info(ti, length) | SHADOW)
         table.epoch[s] = self.demotions & EPOCH_MASK
         if src == POOL_LEVEL:

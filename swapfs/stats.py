@@ -18,8 +18,12 @@ from typing import Any
 from .kernel import PAGE_SIZE as PAGE
 
 # 1: the first contract; 2: zram names, writeback pair keys "pool_to_ssd"
-# (were "pool->ssd"), this version field.
-SCHEMA_VERSION = 2
+# (were "pool->ssd"), this version field; 3: compression_ratio is zram's
+# (orig_data_size / compr_data_size), the pool's memory ratio it was is
+# memory_ratio; fragmentation and holes are 0.0 while the pool stores nothing;
+# 4: file tiers hold segments: their cluster* stats became segment* stats, with
+# live_bytes, dead_bytes, cleaning and write_amplification (README's migration note).
+SCHEMA_VERSION = 4
 
 # The xattr names of the interface, spelled here only (the daemon serves
 # them, the command line and the scripts read and set them).
@@ -27,6 +31,7 @@ XATTR_PREFIX = "user.swapfs."
 STATS_XATTR = XATTR_PREFIX + "stats"  # the whole stats object, JSON
 CTL_WRITEBACK_XATTR = XATTR_PREFIX + "ctl.writeback"  # "N" or "idle:SECONDS": move pages down now
 CTL_COMPACT_XATTR = XATTR_PREFIX + "ctl.compact"  # any value: compact the pool now
+CTL_TRACE_XATTR = XATTR_PREFIX + "ctl.trace"  # "PATH": record requests there; "stop"
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,7 @@ class DeviceStats:
     written_bytes: int  # bytes of successful writes
     discarded_bytes: int  # bytes of discards, clipped to the device
     nospace_errors: int  # writes refused (fully or partly) for lack of space
+    writeback: bool = True  # the config's device.writeback: false keeps its pages in memory
 
 
 @dataclass(frozen=True)
@@ -60,9 +66,9 @@ class PoolStats:
     compressed_bytes: int  # payload bytes (huge pages count 4096)
     pool_bytes: int  # memory held by spans, huge pages and spares, holes included
     max_bytes: int
-    fragmentation: float  # 1 - compressed_bytes / pool_bytes (0.0 when empty)
+    fragmentation: float  # 1 - compressed_bytes / pool_bytes (0.0 while no page is in the pool)
     metadata_bytes: int  # allocator bookkeeping
-    arenas: int  # spans held (huge pages included); the name predates spans
+    arenas: int  # spans held (huge pages included); the name predates spans, kept for monitoring
     spare_bytes: int  # free pages kept resident for reuse (at most 256 KiB), in pool_bytes
     used_bytes: int  # size-class bytes of the objects in use (pool_bytes less free objects)
     classes: dict[int, int] = field(default_factory=dict)  # object size -> stored objects
@@ -70,7 +76,9 @@ class PoolStats:
     # they compressed worse than accept_ratio and went to a file tier
     pool_limit_hit: int = 0
     reject_compress_poor: int = 0
-    holes: float = 0.0  # share of pool_bytes no object uses (free objects, span tails, spares)
+    # share of pool_bytes no object uses (free objects, span tails, spares); 0.0 while no
+    # page is in the pool (its memory is then only spares kept for reuse, not a hole to fill)
+    holes: float = 0.0
     compactions: int = 0  # compaction passes
     compacted_objects: int = 0  # objects moved by compaction
     compacted_bytes: int = 0  # memory compaction released
@@ -154,7 +162,9 @@ class TotalsStats:
     compressed_bytes: int
     pool_bytes: int
     metadata_bytes: int  # slot tables + allocator bookkeeping
-    compression_ratio: float  # pool pages * 4096 / pool_bytes (0.0 when empty)
+    # zram's: orig_data_size / compr_data_size, the uncompressed bytes of the pages in memory
+    # (same-filled and pool) over their compressed payload; 0.0 while nothing is compressed
+    compression_ratio: float
     reads: int
     writes: int
     discards: int
@@ -163,6 +173,9 @@ class TotalsStats:
     recoveries: int = 0  # times a successor took this state over and recovered it
     recovered_leaks: int = 0  # pool objects and file pages no slot named, freed by recoveries
     recovery_seconds: float = 0.0  # time all recoveries took
+    # the pool's memory ratio: uncompressed bytes of the pages in the pool over the memory the
+    # pool holds (pool_bytes: holes and spares included); 0.0 while no page is in the pool
+    memory_ratio: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -171,6 +184,7 @@ class WritebackStats:
     aborted_moves: int = 0  # moves dropped because the slot changed under them
     promotions: int = 0  # refaulted pages moved back to the pool
     refaults: int = 0  # reads of demoted pages (pages with a shadow)
+    wasted_promotions: int = 0  # promoted pages demoted again before any read
     moved_bytes: int = 0  # moved_pages * 4096
     batches: int = 0  # migrations that committed at least one page
     failed_batches: int = 0  # tier writes that failed (the pages stayed)
@@ -318,6 +332,10 @@ _COUNTERS = {
 }
 # Numbers that are not measurements of the store (clocks) are left out.
 _SKIP = {"writeback": {"epoch", "demotions_clock"}}
+# Ratios are 0.0 in the stats object while there is nothing to divide (an empty pool); the
+# Prometheus text leaves them out then, so that an alert on a low ratio does not fire on an
+# empty pool (the series is absent, not 0).
+_ABSENT_WHEN_ZERO = {"compression_ratio", "memory_ratio"}
 
 _HELP = {
     "size_bytes": "Size of the device",
@@ -326,7 +344,15 @@ _HELP = {
     "compressed_bytes": "Compressed payload bytes in the pool",
     "pool_bytes": "Memory held by the pool",
     "pool_limit_hit": "Pages that found the pool at its limit (zswap pool_limit_hit)",
-    "holes": "Share of the pool's memory that no object uses",
+    "holes": "Share of the pool's memory that no object uses (0 while the pool stores nothing)",
+    "fragmentation": "Share of the pool's memory not holding compressed payload (0 while the pool "
+                     "stores nothing)",
+    "compression_ratio": "Uncompressed over compressed bytes of the pages in memory "
+                         "(orig_data_size / compr_data_size; absent while nothing is compressed)",
+    "memory_ratio": "Uncompressed bytes of the pages in the pool over the pool's memory "
+                    "(absent while the pool stores nothing)",
+    "arenas": "Spans the pool holds (huge pages included)",
+    "moved_bytes": "Bytes of the pages demoted",
     "live_bytes": "Bytes on disk of the objects live in a file tier",
     "dead_bytes": "Bytes of a file tier's segments in use that no live object holds",
     "segments_used": "Segments of a file tier holding objects (or the log's head)",
@@ -357,6 +383,7 @@ _HELP = {
     "checksum_errors": "Pages whose checksum did not match on read",
     "io_errors": "Failed reads and writes of the backing file",
     "nospace_errors": "Writes refused for lack of space",
+    "writeback": "1 if the device's pages may move down to file tiers (device.writeback)",
 }
 
 
@@ -403,6 +430,8 @@ def _section(fams: _Families, prefix: str, section: str, values: dict[str, Any],
              labels: dict[str, str]) -> None:
     for key, value in values.items():
         if isinstance(value, dict) or key in _SKIP.get(section, ()):
+            continue
+        if key in _ABSENT_WHEN_ZERO and not value:
             continue
         kind = "counter" if key in _COUNTERS.get(section, ()) else "gauge"
         name = f"swapfs_{prefix}{_metric_name(key)}"

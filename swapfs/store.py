@@ -2,8 +2,8 @@
 
 Usable without FUSE: the FUSE adapter (swapfs/fs.py) translates requests to
 ``Store.read``, ``Store.write`` and ``Store.discard`` and maps the errors of
-swapfs.errors to errnos.  Only the adapter, the writeback task and the
-daemon import this module.
+swapfs.errors to errnos.  Only the adapter, the writeback task, the
+daemon and trace replay (swapfs/replay.py) import this module.
 
 :class:`Store` is built in floors, each a module of its own:
 

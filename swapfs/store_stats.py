@@ -36,7 +36,7 @@ def collect(store: StoreState) -> Stats:
             pool_bytes=d.pool_bytes, metadata_bytes=d.table.metadata_bytes(),
             reads=d.reads, writes=d.writes, discards=d.discards, read_bytes=d.read_bytes,
             written_bytes=d.written_bytes, discarded_bytes=d.discarded_bytes,
-            nospace_errors=d.nospace_errors)
+            nospace_errors=d.nospace_errors, writeback=d.config.writeback)
         for d in store.devices)
     huge = sum(d.huge_pages for d in devices)
     pool_meta = pool.metadata_bytes() + (store.dedup.metadata_bytes() if store.dedup else 0)
@@ -44,10 +44,13 @@ def collect(store: StoreState) -> Stats:
         name="pool", kind="pool", algorithm=store.codec.name, stored_pages=pool_pages,
         huge_pages=huge, compressed_bytes=pool_cbytes,
         pool_bytes=pool.pool_bytes, max_bytes=pool.max_bytes,
-        fragmentation=pool.fragmentation, metadata_bytes=pool_meta, arenas=pool.arenas,
+        # an empty pool holds only spares: no fragmentation, no holes (not an alarm)
+        fragmentation=pool.fragmentation if pool_pages else 0.0,
+        metadata_bytes=pool_meta, arenas=pool.arenas,
         spare_bytes=pool.spare_bytes(), used_bytes=pool.used_bytes,
         classes=pool.class_counts(), pool_limit_hit=store.pool_limit_hit,
-        reject_compress_poor=store.reject_compress_poor, holes=pool.holes,
+        reject_compress_poor=store.reject_compress_poor,
+        holes=pool.holes if pool_pages else 0.0,
         compactions=pool.compactions, compacted_objects=pool.compacted_objects,
         compacted_bytes=pool.compacted_bytes,
         recompress=store.recodec.name if store.recodec is not None else "",
@@ -72,8 +75,8 @@ def collect(store: StoreState) -> Stats:
         pool_bytes=pool.pool_bytes,
         metadata_bytes=(sum(d.metadata_bytes for d in devices) + pool_meta
                         + sum(t.metadata_bytes for t in tier_stats)),
-        compression_ratio=(pool_pages * PAGE_SIZE / pool.pool_bytes
-                           if pool.pool_bytes else 0.0),
+        compression_ratio=((same + pool_pages) * PAGE_SIZE / pool_cbytes
+                           if pool_cbytes else 0.0),
         reads=sum(d.reads for d in devices),
         writes=sum(d.writes for d in devices),
         discards=sum(d.discards for d in devices),
@@ -81,7 +84,9 @@ def collect(store: StoreState) -> Stats:
         written_bytes=sum(d.written_bytes for d in devices),
         recoveries=store.header.get("recoveries"),
         recovered_leaks=store.header.get("recovered_leaks"),
-        recovery_seconds=store.header.get("recovery_micros") / 1e6)
+        recovery_seconds=store.header.get("recovery_micros") / 1e6,
+        memory_ratio=(pool_pages * PAGE_SIZE / pool.pool_bytes
+                      if pool_pages and pool.pool_bytes else 0.0))
     return Stats(devices=devices, tiers=(pstats, *tier_stats), totals=totals,
                  writeback=_writeback(store), cache=_cache(store))
 
@@ -104,7 +109,7 @@ def _writeback(store: StoreState) -> WritebackStats:
                                 "used": tier.used_pages}
     return WritebackStats(
         moved_pages=c.moved, aborted_moves=c.aborted,
-        promotions=sum(c.promotions), refaults=sum(c.refaults),
+        promotions=sum(c.promotions), refaults=sum(c.refaults), wasted_promotions=c.wasted,
         moved_bytes=c.moved * PAGE_SIZE, batches=c.batches,
         failed_batches=c.failed_batches, inflight_pages=sum(files.inflight),
         requests=c.requests, epoch=store.epoch, demotions_clock=store.demotions,

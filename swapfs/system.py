@@ -20,14 +20,15 @@ import select
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .stats import STATS_XATTR
 
 SWAPFS_FSTYPE = "fuse.swapfs"
 
-
+T = TypeVar("T")
 
 _OCTAL_RE = re.compile(r"\\([0-7]{3})")
 
@@ -230,23 +231,33 @@ def read_stats(path: str | os.PathLike[str], *, timeout: float | None = None) ->
 def _getxattr(path: str, timeout: float | None) -> bytes:
     if timeout is None:
         return os.getxattr(path, STATS_XATTR)
-    # A stopped or stuck daemon blocks the call until it answers: wait in a
-    # thread that may be left behind (it ends when the daemon answers or dies).
-    result: list[bytes | OSError] = []
+    return bounded(lambda: os.getxattr(path, STATS_XATTR), timeout, path)
 
-    def get() -> None:
+
+def bounded(call: Callable[[], T], timeout: float, path: str) -> T:
+    """``call()`` (a system call on a swapfs mount), or TimeoutError if it has not returned
+    within ``timeout`` seconds.
+
+    A stopped or stuck daemon blocks such a call in the kernel until it answers; so it runs
+    in a daemon thread that is left behind on a timeout: it ends when the daemon answers or
+    dies, or with the process (a FUSE request waits killably).  Exceptions of ``call`` are
+    raised here."""
+    result: list[T] = []
+    error: list[BaseException] = []
+
+    def run() -> None:
         try:
-            result.append(os.getxattr(path, STATS_XATTR))
-        except OSError as exc:
-            result.append(exc)
+            result.append(call())
+        except BaseException as exc:
+            error.append(exc)
 
-    worker = threading.Thread(target=get, daemon=True)
+    worker = threading.Thread(target=run, name="swapfs-bounded-call", daemon=True)
     worker.start()
     worker.join(timeout)
+    if error:
+        raise error[0]
     if not result:
         raise TimeoutError(errno.ETIMEDOUT, f"no answer within {timeout:g} s", path)
-    if isinstance(result[0], OSError):
-        raise result[0]
     return result[0]
 
 

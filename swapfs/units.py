@@ -15,6 +15,10 @@ sysinit.target, which comes after swap.target: a cycle) and states its own:
 after local-fs.target and the tier directories' mounts, before swap.target,
 stopped before shutdown.target.  The static template ``systemd/swapfs@.service``
 is the same mount unit with ``%I`` for NAME, for use without the generator.
+
+Beside them, not generated per file: ``swapfs-textfile.service`` and its
+timer write every mount's metrics (``swapfs metrics``) into node_exporter's
+textfile directory every 15 s; ``systemd/`` holds them as rendered here.
 """
 
 from __future__ import annotations
@@ -35,20 +39,28 @@ GENERATOR_DIR = "/usr/local/lib/systemd/system-generators"
 _STEM_RE = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}")
 _UNIT_SAFE = re.compile(r"[A-Za-z0-9:_.]")
 
-GENERATOR_SCRIPT = """\
+
+def generator_script(exe: str = EXE) -> str:
+    """``swapfs-generator``: a shell script that runs ``exe generate-units`` (the
+    package renders it with /usr/bin/swapfs, ``swapfs install-units`` with
+    /usr/local/bin/swapfs)."""
+    return f"""\
 #!/bin/sh
 # systemd generator for swapfs (systemd.generator(7)): for each /etc/swapfs/NAME.toml
 # (or $SWAPFS_CONFIG_DIR/NAME.toml), a mount service swapfs@NAME.service and, per
 # [[device]] with swap = true, a swap service swapfs-swap@NAME-DEVICE.service,
 # written to the first output directory and pulled in by swap.target.
-# Installed by `swapfs install-units`; the units run $SWAPFS (default /usr/local/bin/swapfs).
-SWAPFS=${SWAPFS:-/usr/local/bin/swapfs}
+# Installed by `swapfs install-units` or the package; the units run $SWAPFS (default {exe}).
+SWAPFS=${{SWAPFS:-{exe}}}
 if [ ! -x "$SWAPFS" ]; then
     echo "swapfs-generator: $SWAPFS is missing; no swapfs units generated" >&2
     exit 0
 fi
 exec "$SWAPFS" generate-units --exe "$SWAPFS" "$@"
 """
+
+
+GENERATOR_SCRIPT = generator_script()
 
 
 def escape(text: str, *, path: bool = False) -> str:
@@ -237,3 +249,61 @@ def generate(config_dir: str, normal_dir: str, exe: str) -> Generated:
                 os.symlink(os.path.join("..", unit), link)
             out.units.append(unit)
     return out
+
+
+# -- the node_exporter textfile collector ------------------------------------
+
+# Debian's prometheus-node-exporter reads *.prom files here (its
+# --collector.textfile.directory); other installations: install-units --textfile-dir
+TEXTFILE_DIR = "/var/lib/prometheus/node-exporter"
+TEXTFILE_NAME = "swapfs.prom"
+TEXTFILE_SERVICE = "swapfs-textfile.service"
+TEXTFILE_TIMER = "swapfs-textfile.timer"
+TEXTFILE_SCHEDULE = "*:*:00/15"  # every 15 s, by the clock
+
+
+def textfile_service(exe: str = EXE, directory: str = TEXTFILE_DIR) -> str:
+    """``swapfs-textfile.service``: every mount's metrics written atomically
+    into node_exporter's textfile directory."""
+    return "\n".join([
+        "# Writes the metrics of every swapfs mount for node_exporter's textfile collector:",
+        f"# {directory}/{TEXTFILE_NAME}, replaced whole by a rename (a scrape never sees half",
+        "# a file).  Started by swapfs-textfile.timer; another directory: install-units",
+        "# --textfile-dir DIR, or drop-ins (systemctl edit) for this ExecStart= and the",
+        "# timer's ConditionPathIsDirectory=.",
+        "[Unit]",
+        "Description=swapfs metrics for the node_exporter textfile collector",
+        "Documentation=man:swapfs(8)",
+        "",
+        "[Service]",
+        "Type=oneshot",
+        f"ExecStart={quote(exe)} metrics --output {quote(os.path.join(directory, TEXTFILE_NAME))}",
+        "# a daemon that does not answer is swapfs_up 0 after --timeout; never wait longer",
+        "TimeoutStartSec=60",
+        "Nice=10",
+        "IOSchedulingClass=idle",
+        "NoNewPrivileges=yes",
+        "# no ProtectSystem= or Private*=: a mount namespace of its own would copy every",
+        "# FUSE mount, a stuck daemon's too; this reads xattrs and writes one file",
+    ]) + "\n"
+
+
+def textfile_timer(directory: str = TEXTFILE_DIR, schedule: str = TEXTFILE_SCHEDULE) -> str:
+    """``swapfs-textfile.timer``: runs the collector service on the calendar
+    ``schedule``; it starts only where node_exporter's directory exists (the
+    condition sits on the timer, checked once when it starts: on the service
+    it would be checked every run, and a service skipped by its condition
+    confuses the timers that follow it)."""
+    return "\n".join([
+        "# Enable with: systemctl enable --now swapfs-textfile.timer",
+        "[Unit]",
+        "Description=swapfs metrics for node_exporter every 15 s",
+        f"ConditionPathIsDirectory={quote(directory)}",
+        "",
+        "[Timer]",
+        f"OnCalendar={schedule}",
+        "AccuracySec=1s",
+        "",
+        "[Install]",
+        "WantedBy=timers.target",
+    ]) + "\n"

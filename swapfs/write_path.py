@@ -32,8 +32,10 @@ from .slots import (
     HUGE_INFO,
     KIND_MASK,
     POOL,
+    PROMOTED_MARK,
     SAME,
     SLOT_SHIFT,
+    UNREAD_MARK,
     file_info,
     in_file,
     in_pool,
@@ -168,7 +170,7 @@ class WritePath(ReadPath):
             table.info[s] = n << 4 | POOL
             j[0] = 0
             self.free_slot_content(dev, s, old, oh)
-        table.epoch[s] = self.epoch
+        table.epoch[s] = self.epoch | UNREAD_MARK  # (swapfs/policy.py)
         dev.pool_pages += 1
         dev.compressed_bytes += n
         dev.pool_bytes += OBJECT_BYTES[n]
@@ -480,7 +482,7 @@ class WritePath(ReadPath):
         epoch = table.epoch
         new_h = staged.handles
         new_i = staged.info
-        ep = self.epoch
+        ep = self.epoch | UNREAD_MARK  # written, not read since (swapfs/policy.py)
         track = partial if partial else None
         base = slot_key(dev.index, 0)
         filled = table.filled
@@ -533,6 +535,7 @@ class WritePath(ReadPath):
         if staged.spill:  # it would not stay in the pool: nothing was allocated
             return False
         self._commit(dev, s, staged, None)
+        dev.table.epoch[s] = self.epoch | PROMOTED_MARK  # not read since (swapfs/policy.py)
         self.moves.promotions[tier_level(ti)] += 1
         self._pool_check()  # make room again: demote what is colder
         return True

@@ -10,10 +10,10 @@ a pass through the callback it registers (``Store.set_writeback_kicker``).
 The mechanism, copy then commit only if the slot did not change, is
 ``Store.migrate``; see docs/writeback.md.
 
-Victims: the coldest pages of the source tier, by last-access epoch,
-chosen in a window of the slot tables that a cursor per level walks round
-(``swapfs.state.SlotCursor``, shared with recompression; CLOCK-like
-sampling: scanning every slot per batch would cost more than the move).
+Victims: chosen by the store's policy (swapfs/policy.py: the coldest pages
+of the source tier in a window of the slot tables that a cursor per level
+walks round, ``swapfs.state.SlotCursor``; CLOCK-like sampling: scanning
+every slot per batch would cost more than the move).
 Devices whose config says ``writeback = false`` are never scanned.
 
 One migration at a time (a lock): concurrent moves of one slot could
@@ -23,7 +23,6 @@ otherwise pass each other's commit check.
 from __future__ import annotations
 
 import contextlib
-import heapq
 import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -32,7 +31,7 @@ import trio
 import trio.lowlevel
 
 from .fileset import LowerTier
-from .slots import EPOCH_MASK, POOL_LEVEL, SHADOW, level_tier, movable, tier_level
+from .slots import POOL_LEVEL, level_tier, tier_level
 from .state import SlotCursor
 from .store import Device, Store
 from .tiers.file import CLUSTER_PAGES
@@ -56,9 +55,6 @@ RECOMPRESS_PER_PASS = 1024
 # Segments a writeback pass cleans at most, per file tier (one step each: a
 # segment's read, one append of its live objects).
 CLEAN_SEGMENTS_PER_PASS = 16
-# Slots looked at per victim search, and candidates wanted per victim.
-SCAN_SLOTS = 16384
-CANDIDATES_PER_VICTIM = 4
 
 
 class Writeback:
@@ -71,6 +67,18 @@ class Writeback:
         self._passed = trio.Event()  # set at the end of each pass of run()
         self._lock = trio.Lock()
         self._cursors: dict[int, SlotCursor] = {}  # by source level
+        self.busy = False  # a pass is running
+
+    @property
+    def pending(self) -> bool:
+        """A pass is running or has been asked for."""
+        return self.busy or self._wake.is_set()
+
+    async def settle(self) -> None:
+        """Wait until no pass runs or is asked for (replay runs requests
+        between passes, never during one, so that it is deterministic)."""
+        while self.pending:
+            await self.next_pass()
 
     # -- the task ---------------------------------------------------------
 
@@ -94,10 +102,12 @@ class Writeback:
         store = self.store
         self.tick()
         store.set_writeback_kicker(self.kick)
+        self.busy = True  # the first pass starts at once
         try:
             task_status.started(self)
             while True:
                 self._wake = trio.Event()
+                self.busy = True
                 self.tick()
                 try:
                     await self.balance()
@@ -105,11 +115,13 @@ class Writeback:
                         await self.recompress()
                 except Exception:  # never let a failing tier take the mount down
                     log.exception("writeback pass failed")
+                self.busy = False
                 self._passed.set()
                 self._passed = trio.Event()
                 with trio.move_on_after(self.interval):
                     await self._wake.wait()
         finally:
+            self.busy = False
             store.set_writeback_kicker(None)
 
     # -- policy -----------------------------------------------------------
@@ -258,51 +270,15 @@ class Writeback:
     def select(self, src: int, n: int, *, devices: list[Device] | None = None,
                idle_before: int | None = None, now: int | None = None
                ) -> list[tuple[Device, int]]:
-        """Up to ``n`` cold pages of level ``src``: the coldest of a window of
-        candidates found from the level's cursor.  With ``idle_before`` (an
-        age in epochs), only pages not accessed for at least that long, in
-        slot order (the cursor walks the tables once per request); ``now``
-        is the epoch the age counts from (the request's, not the clock's
-        while the request runs)."""
-        devs = self._devices(devices)
-        if not devs:
-            return []
-        mask, want = movable(src)
-        if now is None:
-            now = self.store.epoch
+        """Up to ``n`` cold pages of level ``src``, as the store's policy
+        chooses them (swapfs/policy.py) from the level's cursor.  With
+        ``idle_before`` (an age in epochs), only pages not accessed for at
+        least that long, in slot order (the cursor walks the tables once per
+        request); ``now`` is the epoch the age counts from (the request's,
+        not the clock's while the request runs)."""
         cursor = self._cursors.setdefault(src, SlotCursor())
-        cands: list[tuple[int, int, int]] = []
-        goal = n if idle_before is not None else n * CANDIDATES_PER_VICTIM
-        total = sum(d.npages for d in devs)
-        # Slots looked at in clusters in use (empty clusters are skipped for
-        # free): one walk round at most, once per request with idle_before.
-        budget = total if idle_before is not None else min(SCAN_SLOTS, total)
-        for dev, start, end in cursor.walk(devs, budget):
-            info = dev.table.info
-            epoch = dev.table.epoch
-            di = devs.index(dev)
-            stop = -1
-            for s in range(start, end):
-                i = info[s]
-                if i & mask == want:
-                    e = epoch[s]
-                    if idle_before is not None:
-                        if i & SHADOW or (now - e) & EPOCH_MASK < idle_before:
-                            continue
-                    # shadowed pages (demoted, not read since) are the coldest
-                    key = -(1 << 33) if i & SHADOW else -((now - e) & EPOCH_MASK)
-                    cands.append((key, di, s))
-                    if idle_before is not None and len(cands) >= goal:
-                        stop = s + 1
-                        break
-            if stop >= 0:
-                cursor.stop(dev, stop)
-                break
-            if len(cands) >= goal:
-                break
-        if idle_before is None and len(cands) > n:
-            cands = heapq.nsmallest(n, cands)
-        return [(devs[d], s) for _, d, s in cands]
+        return self.store.policy.select(cursor, self._devices(devices), src, n,
+                                        idle_before=idle_before, now=now)
 
     # -- requests (user.swapfs.ctl.writeback) ------------------------------
 

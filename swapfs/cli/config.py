@@ -25,6 +25,37 @@ def load_checked_config(path: str | None, mountpoint: str | None) -> Any:
     return config
 
 
+def describe(config: Any) -> list[str]:
+    """What a configuration was understood to say, one line per part, sizes in bytes and
+    units (check-config prints it)."""
+    from ..config import mem_total_bytes, sized
+    from ..kernel import PAGE_SIZE
+
+    pool = config.pool
+    try:
+        share = f", {pool.max_bytes / mem_total_bytes():.1%} of this machine's memory"
+    except OSError:
+        share = ""
+    codec = pool.algorithm + (f" level {pool.level}" if pool.algorithm == "zstd" else "")
+    lines = [f"pool: {codec}, max_bytes {sized(pool.max_bytes)}{share}; accept_ratio "
+             f"{pool.accept_ratio:g}; watermarks high {pool.high_watermark:g}, low "
+             f"{pool.low_watermark:g}"
+             + (f"; recompress {pool.recompress} after {pool.recompress_after:g} s"
+                if pool.recompress else "")
+             + ("; dedup" if pool.dedup else "")]
+    for i, d in enumerate(config.devices):
+        swap = (f"swap at boot (priority {'default' if d.swap_priority is None else d.swap_priority}"
+                f", discard {d.discard})" if d.swap else "no swap at boot")
+        lines.append(f"device[{i}] {d.name}: size {sized(d.size)}, {d.size // PAGE_SIZE} pages; "
+                     f"writeback {'on' if d.writeback else 'off'}; {swap}")
+    for i, t in enumerate(config.tiers):
+        lines.append(f"tier[{i}] {t.name}: {t.kind} {t.path}, size {sized(t.size)}, priority "
+                     f"{t.priority}; {'preallocated' if t.preallocate else 'sparse'}, "
+                     f"{'encrypted' if t.encrypt else 'not encrypted'}; watermarks high "
+                     f"{t.high_watermark:g}, low {t.low_watermark:g}")
+    return lines
+
+
 def cmd_check_config(args: argparse.Namespace) -> int:
     from ..config import DEFAULT_CONFIG_TOML
 
@@ -37,13 +68,19 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         return die(f"invalid configuration: {exc}", EXIT_USAGE)
     print(f"configuration OK: {len(config.devices)} device(s), pool {config.pool.algorithm} "
           f"up to {fmt_bytes(config.pool.max_bytes)}, {len(config.tiers)} file tier(s)")
+    for line in describe(config):
+        print(f"  {line}")
     return EXIT_OK
 
 
 def add_parsers(sub: Any) -> None:
     """Add the parser of check-config to the subparsers ``sub``."""
     p = sub.add_parser("check-config", help="validate a configuration file",
-                       description="Parse and validate a configuration as 'swapfs mount' would.")
+                       description="Parse and validate a configuration and check it against "
+                       "this machine, running every check 'swapfs mount' runs before it starts "
+                       "the daemon (the pool against RAM, the devices' slot tables, the tiers' "
+                       "paths and files: creatable, not held by another mount, space), then "
+                       "print what was understood, sizes in bytes and units.")
     p.add_argument("config", nargs="?", metavar="FILE", help="TOML file (default: the embedded one)")
     p.add_argument("--print-default", action="store_true", help="print the embedded default configuration")
     p.set_defaults(func=cmd_check_config)

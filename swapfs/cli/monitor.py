@@ -1,7 +1,9 @@
-"""Watching a mount over time: ``swapfs top`` (a live view in a plain
-terminal), ``swapfs record`` (stats samples as JSON lines) and ``swapfs plot``
-(tier occupancy and traffic over time; matplotlib, the optional ``plot``
-extra, is imported by the command only)."""
+"""Watching a mount over time: ``swapfs top`` (a live view in a terminal;
+its screen is top.py), ``swapfs record`` (stats samples as JSON lines),
+``swapfs plot`` (pool memory against data stored, the data of each tier and
+the traffic over time; matplotlib, the optional ``plot`` extra, is imported
+by the command only) and ``swapfs metrics`` (every mount for Prometheus;
+metrics.py)."""
 
 from __future__ import annotations
 
@@ -13,72 +15,9 @@ import time
 from typing import Any
 
 from ..kernel import PAGE_SIZE as PAGE
-from .common import EXIT_OK, EXIT_USAGE, die, fmt_bytes, read_stats, stats_error
-
-# -- top ---------------------------------------------------------------------
-
-
-def _top_frame(mount: str, prev: dict[str, Any] | None, cur: dict[str, Any], dt: float) -> str:
-    def rate(section: str, key: str, sub: str | None = None) -> float:
-        if prev is None or dt <= 0:
-            return 0.0
-        a = prev.get(section, {})
-        b = cur.get(section, {})
-        if sub is not None:
-            a, b = a.get(sub, {}), b.get(sub, {})
-        return max(0, b.get(key, 0) - a.get(key, 0)) / dt
-
-    lines = [f"swapfs top {mount}   {time.strftime('%H:%M:%S')}   (q or Ctrl-C to quit)", ""]
-    lines.append(f"{'tier':<12}{'pages':>10}{'held':>12}{'limit':>12}")
-    for name, t in cur.get("tiers", {}).items():
-        held = t.get("pool_bytes", t.get("disk_bytes", 0))
-        limit = t.get("max_bytes", t.get("capacity_pages", 0) * PAGE)
-        lines.append(f"{name:<12}{t.get('stored_pages', 0):>10}{fmt_bytes(held):>12}{fmt_bytes(limit):>12}")
-    tot = cur.get("totals", {})
-    wb = cur.get("writeback", {})
-    cache = cur.get("cache", {})
-    lines += [
-        "",
-        f"in (writes)  {fmt_bytes(rate('totals', 'written_bytes'))}/s   "
-        f"out (reads)  {fmt_bytes(rate('totals', 'read_bytes'))}/s   "
-        f"discards {rate('totals', 'discards'):.0f}/s",
-        f"moved down   {rate('writeback', 'moved_pages'):.0f} pages/s   "
-        f"promotions {rate('writeback', 'promotions'):.0f}/s   refaults {rate('writeback', 'refaults'):.0f}/s",
-        f"cache        {cache.get('pages', 0)} pages, hits {rate('cache', 'hits'):.0f}/s, "
-        f"misses {rate('cache', 'misses'):.0f}/s",
-        f"totals       {tot.get('stored_pages', 0)} pages, ratio {tot.get('compression_ratio', 0.0):.2f}, "
-        f"moved {wb.get('moved_pages', 0)}, promotions {wb.get('promotions', 0)}",
-    ]
-    return "\n".join(lines)
-
-
-def cmd_top(args: argparse.Namespace) -> int:
-    mount = os.path.abspath(args.mount)
-    prev: dict[str, Any] | None = None
-    last = time.monotonic()
-    clear = sys.stdout.isatty()
-    n = 0
-    try:
-        while args.count is None or n < args.count:
-            try:
-                cur = read_stats(mount)
-            except (OSError, ValueError) as exc:
-                return stats_error(mount, exc)
-            now = time.monotonic()
-            frame = _top_frame(mount, prev, cur, now - last)
-            if clear:
-                sys.stdout.write("\x1b[H\x1b[2J")
-            print(frame, flush=True)
-            if not clear:
-                print()
-            prev, last = cur, now
-            n += 1
-            if args.count is None or n < args.count:
-                time.sleep(args.interval)
-    except KeyboardInterrupt:
-        pass
-    return EXIT_OK
-
+from . import metrics
+from .common import EXIT_OK, die, fmt_bytes, positive_seconds, read_stats, stats_error
+from .top import cmd_top, quiet_broken_pipe
 
 # -- record and plot ---------------------------------------------------------
 
@@ -86,8 +25,6 @@ def cmd_top(args: argparse.Namespace) -> int:
 def cmd_record(args: argparse.Namespace) -> int:
     """One JSON line per sample: {"time": unix seconds, "mount": ..., "stats": {...}}."""
     mount = os.path.abspath(args.mount)
-    if args.interval <= 0:
-        return die(f"--interval {args.interval}: must be positive", EXIT_USAGE)
     n = 0
     try:
         out = sys.stdout if args.output == "-" else open(args.output, "a", encoding="utf-8")
@@ -112,6 +49,8 @@ def cmd_record(args: argparse.Namespace) -> int:
                 time.sleep(max(0.0, next_at - time.monotonic()))
     except KeyboardInterrupt:
         pass
+    except BrokenPipeError:  # record -o - | head: the reader had enough
+        return quiet_broken_pipe()
     finally:
         if out is not sys.stdout:
             out.close()
@@ -136,8 +75,14 @@ def load_samples(path: str) -> list[dict[str, Any]]:
 
 
 def plot_series(samples: list[dict[str, Any]]) -> dict[str, Any]:
-    """What the plot draws: seconds since the first sample, pages per tier, and
-    per-interval rates (written/read MiB/s, pages moved down/promoted per s)."""
+    """What the plot draws, per sample: seconds since the first sample; the
+    memory side in bytes (``data_bytes``: uncompressed pages held in memory,
+    zram's orig_data_size; ``compressed_bytes``: their payload;
+    ``memory_bytes``: the pool's memory, mem_used_total; ``limit_bytes``: the
+    pool's max_bytes); per tier the pages and the bytes of data they hold
+    (``tiers``, ``tier_bytes``; same-filled pages as ``same-filled``, they hold
+    data but take no storage); and per-interval rates (written/read MiB/s,
+    pages moved down/promoted per s)."""
     t0 = samples[0]["time"]
     times = [s["time"] - t0 for s in samples]
     tiers: dict[str, list[int]] = {}
@@ -147,6 +92,12 @@ def plot_series(samples: list[dict[str, Any]]) -> dict[str, Any]:
     for s in samples:
         for name, series in tiers.items():
             series.append(s["stats"]["tiers"].get(name, {}).get("stored_pages", 0))
+    tier_bytes = {name: [p * PAGE for p in pages] for name, pages in tiers.items()}
+    tier_bytes["same-filled"] = [s["stats"].get("totals", {}).get("same_filled_pages", 0) * PAGE
+                                 for s in samples]
+
+    def totals(key: str) -> list[int]:
+        return [s["stats"].get("totals", {}).get(key, 0) for s in samples]
 
     def rate(section: str, key: str, scale: float = 1.0) -> list[float]:
         out = [0.0]
@@ -157,12 +108,92 @@ def plot_series(samples: list[dict[str, Any]]) -> dict[str, Any]:
         return out
 
     return {
-        "time": times, "tiers": tiers,
+        "time": times, "tiers": tiers, "tier_bytes": tier_bytes,
+        "data_bytes": totals("orig_data_size"),
+        "compressed_bytes": totals("compr_data_size"),
+        "memory_bytes": [s["stats"].get("totals", {}).get("mem_used_total",
+                                                           s["stats"].get("totals", {}).get("pool_bytes", 0))
+                         for s in samples],
+        "limit_bytes": [s["stats"]["tiers"].get("pool", {}).get("max_bytes", 0) for s in samples],
         "written_mib_s": rate("totals", "written_bytes", 1 << 20),
         "read_mib_s": rate("totals", "read_bytes", 1 << 20),
         "moved_pages_s": rate("writeback", "moved_pages"),
         "promotions_s": rate("writeback", "promotions"),
     }
+
+
+def _byte_unit(peak: float) -> tuple[str, float]:
+    for unit, scale in (("GiB", 1 << 30), ("MiB", 1 << 20)):
+        if peak >= scale:
+            return unit, float(scale)
+    return "KiB", 1024.0
+
+
+def draw(samples: list[dict[str, Any]]) -> Any:
+    """The plot of ``samples`` as a matplotlib Figure (no pyplot, no global
+    state): memory against data, data per tier, traffic."""
+    from matplotlib.figure import Figure
+
+    series = plot_series(samples)
+    t = series["time"]
+    fig = Figure(figsize=(10, 8.5))
+    fig.suptitle(f"swapfs {samples[0].get('mount', '')}", fontweight="bold")
+    mem_ax, tier_ax, traffic = fig.subplots(3, 1, sharex=True)
+
+    # the scale follows what is stored: a limit far above it (20% of RAM by
+    # default) would flatten every line, so it is then said, not drawn
+    peak = max(series["data_bytes"] + series["memory_bytes"] + [1])
+    limit = max(series["limit_bytes"] + [0])
+    unit, scale = _byte_unit(max(peak, limit) if limit <= 2 * peak else peak)
+    data = [v / scale for v in series["data_bytes"]]
+    memory = [v / scale for v in series["memory_bytes"]]
+    mem_ax.plot(t, data, label="data in memory (orig_data_size)", color="tab:blue", linewidth=2)
+    mem_ax.plot(t, memory, label="pool memory (mem_used_total)", color="tab:red", linewidth=2)
+    mem_ax.plot(t, [v / scale for v in series["compressed_bytes"]], label="compressed (compr_data_size)",
+                color="tab:green", linewidth=1, linestyle="--")
+    if limit and limit <= 2 * peak:
+        mem_ax.plot(t, [v / scale for v in series["limit_bytes"]], label="pool limit (max_bytes)",
+                    color="tab:gray", linewidth=1, linestyle=":")
+    elif limit:
+        mem_ax.text(0.99, 0.96, f"pool limit (max_bytes) {fmt_bytes(limit)}: above this scale",
+                    transform=mem_ax.transAxes, ha="right", va="top", color="tab:gray", fontsize="small")
+    mem_ax.fill_between(t, memory, data, where=[d >= m for d, m in zip(data, memory)], interpolate=True,
+                        color="tab:blue", alpha=0.15, label="memory saved")
+    top = max(range(len(t)), key=lambda i: series["data_bytes"][i])
+    top_data, top_mem = series["data_bytes"][top], series["memory_bytes"][top]
+    ratio = f"{top_data / top_mem:.2f}x" if top_mem else "-"
+    mem_ax.set_ylabel(unit)
+    mem_ax.set_ylim(0, max(data + memory + [v / scale for v in series["limit_bytes"] if v <= 2 * peak]) * 1.25
+                    or 1)
+    mem_ax.set_title(f"pool memory against data stored (at the most data: memory ratio {ratio}, "
+                     f"saved {fmt_bytes(max(0, top_data - top_mem))})")
+    mem_ax.legend(loc="upper left", fontsize="small")
+
+    peak = max([v for vs in series["tier_bytes"].values() for v in vs] + [1])
+    unit, scale = _byte_unit(peak)
+    for name, values in series["tier_bytes"].items():
+        if name == "same-filled" and not any(values):
+            continue
+        tier_ax.plot(t, [v / scale for v in values], label=name,
+                     linestyle="--" if name == "same-filled" else "-")
+    tier_ax.set_ylabel(unit)
+    tier_ax.set_title("data stored per tier (pages x 4 KiB)")
+    tier_ax.legend(loc="upper left", fontsize="small")
+
+    traffic.plot(t, series["written_mib_s"], label="swap-out (writes)")
+    traffic.plot(t, series["read_mib_s"], label="swap-in (reads)")
+    traffic.plot(t, [p * PAGE / (1 << 20) for p in series["moved_pages_s"]], label="moved down")
+    traffic.plot(t, [p * PAGE / (1 << 20) for p in series["promotions_s"]], label="promoted")
+    traffic.set_title("traffic")
+    traffic.set_xlabel("seconds")
+    traffic.set_ylabel("MiB/s")
+    traffic.legend(loc="upper left", fontsize="small")
+    for ax in (mem_ax, tier_ax, traffic):
+        ax.grid(True, alpha=0.3)
+    tier_ax.set_ylim(bottom=0)
+    traffic.set_ylim(bottom=0)
+    fig.tight_layout()
+    return fig
 
 
 def cmd_plot(args: argparse.Namespace) -> int:
@@ -175,49 +206,49 @@ def cmd_plot(args: argparse.Namespace) -> int:
     if len(samples) < 2:
         return die(f"{args.file}: {len(samples)} sample(s); a plot needs at least 2")
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        import matplotlib  # noqa: F401
     except ImportError:
-        return die("swapfs plot needs matplotlib: pip install 'swapfs[plot]' (or .venv/bin/pip install matplotlib)")
-    series = plot_series(samples)
-    fig, (occ, traffic) = plt.subplots(2, 1, sharex=True, figsize=(9, 6))
-    for name, pages in series["tiers"].items():
-        occ.plot(series["time"], [p * PAGE / (1 << 20) for p in pages], label=name)
-    occ.set_ylabel("MiB stored (pages x 4 KiB)")
-    occ.set_title(f"swapfs {samples[0].get('mount', '')}: tier occupancy and traffic")
-    occ.legend()
-    traffic.plot(series["time"], series["written_mib_s"], label="swap-out (writes) MiB/s")
-    traffic.plot(series["time"], series["read_mib_s"], label="swap-in (reads) MiB/s")
-    traffic.plot(series["time"], [p * PAGE / (1 << 20) for p in series["moved_pages_s"]],
-                 label="moved down MiB/s")
-    traffic.plot(series["time"], [p * PAGE / (1 << 20) for p in series["promotions_s"]],
-                 label="promoted MiB/s")
-    traffic.set_xlabel("seconds")
-    traffic.set_ylabel("MiB/s")
-    traffic.legend()
-    fig.tight_layout()
+        return die("swapfs plot needs matplotlib, which this installation leaves out: in a "
+                   "checkout, pip install 'swapfs[plot]'; the Debian package has none, so copy "
+                   "the recording to a machine with a checkout and plot it there")
+    fig = draw(samples)
     try:
-        fig.savefig(args.output)
+        fig.savefig(args.output, dpi=100)
     except OSError as exc:
         return die(f"cannot write {args.output}: {exc.strerror}")
-    finally:
-        plt.close(fig)
-    print(f"{args.output}: {len(samples)} samples over {series['time'][-1]:.0f} s")
+    print(f"{args.output}: {len(samples)} samples over {samples[-1]['time'] - samples[0]['time']:.0f} s")
     return EXIT_OK
 
 
+def positive_count(text: str) -> int:
+    """argparse type of --count: a whole number above zero."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text}: must be at least 1")
+    return value
 
 
 def add_parsers(sub: Any) -> None:
-    """Add the parsers of top, record and plot to the subparsers ``sub``."""
-    p = sub.add_parser("top", help="a live view of a mount, once a second",
-                       description="Tiers, traffic, moves, promotions, refaults and cache hits of a "
-                       "mount, refreshed every --interval seconds (plain terminal; ssh is fine).")
+    """Add the parsers of top, record, plot and metrics to the subparsers ``sub``."""
+    p = sub.add_parser("top", help="a live view of a mount, once a second (q quits)",
+                       description="Per device and per tier: pages, data, memory, the compression "
+                       "ratio (orig_data_size / compr_data_size) and the memory ratio "
+                       "(orig_data_size / mem_used_total), the memory saved against keeping the "
+                       "pages uncompressed, and a sparkline of the traffic; then moves, promotions, "
+                       "refaults and cache hits; refreshed every --interval seconds.  In a terminal "
+                       "(ssh is fine) q or Ctrl-C quits, with colour unless NO_COLOR is set; into a "
+                       "pipe it writes plain frames and ends quietly (status 0) when the reader "
+                       "goes away.")
     p.add_argument("mount", metavar="MOUNT")
-    p.add_argument("--interval", type=float, default=1.0, metavar="S")
-    p.add_argument("--count", type=int, metavar="N", help="stop after N frames")
+    p.add_argument("--interval", type=positive_seconds, default=1.0, metavar="S",
+                   help="seconds between frames (above 0; default 1)")
+    p.add_argument("-n", "--count", type=positive_count, metavar="N", help="stop after N frames")
+    p.add_argument("--once", action="store_true", help="one frame, then exit (the same as -n 1)")
+    p.add_argument("--color", choices=["auto", "always", "never"], default="auto",
+                   help="auto (the default): colour on a terminal unless NO_COLOR is set or TERM=dumb")
     p.set_defaults(func=cmd_top)
 
     p = sub.add_parser("record", help="record stats samples as JSON lines",
@@ -227,14 +258,19 @@ def add_parsers(sub: Any) -> None:
                        "Example: swapfs record /run/swapfs -o run.jsonl --interval 0.5")
     p.add_argument("mount", metavar="MOUNT")
     p.add_argument("-o", "--output", required=True, metavar="FILE", help="JSON lines file ('-': stdout)")
-    p.add_argument("--interval", type=float, default=1.0, metavar="S")
-    p.add_argument("--count", type=int, metavar="N")
+    p.add_argument("--interval", type=positive_seconds, default=1.0, metavar="S",
+                   help="seconds between samples (above 0; default 1)")
+    p.add_argument("-n", "--count", type=positive_count, metavar="N", help="stop after N samples")
     p.set_defaults(func=cmd_record)
 
-    p = sub.add_parser("plot", help="draw a recording: tier occupancy and traffic (needs matplotlib)",
-                       description="Draw a 'swapfs record' file as a PNG: the pages of each tier over "
-                       "time, and swap-out, swap-in, writeback and promotion rates.  matplotlib is "
-                       "an optional extra: pip install 'swapfs[plot]'.")
+    p = sub.add_parser("plot", help="draw a recording: memory against data, tiers, traffic (needs matplotlib)",
+                       description="Draw a 'swapfs record' file as a PNG in three panels: the pool's "
+                       "memory against the data it holds (bytes: orig_data_size, compr_data_size, "
+                       "mem_used_total, the pool limit, the memory saved shaded); the data stored "
+                       "in each tier; swap-out, swap-in, writeback and promotion rates.  matplotlib "
+                       "is an optional extra: pip install 'swapfs[plot]'.")
     p.add_argument("file", metavar="FILE")
     p.add_argument("-o", "--output", required=True, metavar="PNG")
     p.set_defaults(func=cmd_plot)
+
+    metrics.add_parser(sub)

@@ -22,7 +22,7 @@ import time
 from typing import Any
 
 from .. import system
-from .common import EXIT_FAIL, EXIT_OK, EXIT_USAGE, die
+from .common import EXIT_FAIL, EXIT_NOT_ANSWERING, EXIT_OK, EXIT_USAGE, die
 from .config import load_checked_config
 from .logs import (
     ROOT_LOG_DIR,
@@ -50,6 +50,20 @@ def _mountpoint_problem(path: str) -> str | None:
         return f"mountpoint {path} is not a directory"
     if os.path.ismount(path):
         return f"{path} is already a mount point (swapfs unmount {path} first?)"
+    return None
+
+
+def _log_file_problem(log_file: str | None) -> str | None:
+    """A --log-file whose directory is missing is refused (a mistyped path would otherwise
+    create a tree of directories somewhere); the default log directory is made as needed."""
+    if log_file is None:
+        return None
+    directory = os.path.dirname(os.path.abspath(log_file))
+    if not os.path.isdir(directory):
+        what = "does not exist" if not os.path.lexists(directory) else "is not a directory"
+        return f"--log-file {log_file}: the directory {directory} {what} (create it first)"
+    if os.path.isdir(log_file):
+        return f"--log-file {log_file}: is a directory; give a file name"
     return None
 
 
@@ -127,7 +141,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
     if problem:
         return die(problem, EXIT_USAGE)
     if args.role in (None, "start"):
-        problem = _mountpoint_problem(mountpoint)
+        problem = _mountpoint_problem(mountpoint) or _log_file_problem(args.log_file)
         if problem:
             return die(problem, EXIT_USAGE)
     if args.foreground:
@@ -145,11 +159,20 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
     log = logging.getLogger("swapfs")
     ready_fd = args.ready_fd
 
-    def report(line: str) -> None:
-        nonlocal ready_fd
+    def tell(line: str) -> None:
+        """A line to the waiting parent (``swapfs mount`` or ``swapfs upgrade``)."""
         if ready_fd is not None:
             try:
                 os.write(ready_fd, line.encode() + b"\n")
+            except OSError:
+                pass
+
+    def report(line: str) -> None:
+        """The last line to the parent: READY or ERROR."""
+        nonlocal ready_fd
+        tell(line)
+        if ready_fd is not None:
+            try:
                 os.close(ready_fd)
             except OSError:
                 pass
@@ -163,7 +186,10 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
         return die(line) if args.log_file else EXIT_FAIL
 
     for warning in protect_process(lock_memory=not args.no_mlock):
+        # What keeps the machine from deadlocking could not be set up: in the log, and
+        # printed by the command that started the daemon.
         log.warning("%s", warning)
+        tell(f"WARNING {warning.replace(chr(10), ' ')}")
     config_path = os.path.abspath(args.config) if args.config else None
     if not args.no_failover:
         if args.transport == "auto":
@@ -303,29 +329,19 @@ def _stop_keeper(proc: subprocess.Popen[bytes] | None) -> None:
 
 def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
     log_file = args.log_file or default_log_file(mountpoint)
-    try:
-        os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
-    except OSError as exc:
-        return die(f"cannot create the log directory of {log_file}: {exc.strerror}")
+    if not args.log_file:  # the default directory is ours to make; a given one must exist
+        try:
+            os.makedirs(os.path.dirname(log_file), mode=0o700, exist_ok=True)
+        except OSError as exc:
+            return die(f"cannot create the log directory of {log_file}: {exc.strerror}")
     if not args.log_file:  # the default directory: drop the logs of mounts gone since
         remove_stale_logs(log_dir(), [*system.swapfs_mounts(), mountpoint])
     r, w = os.pipe()
-    cmd = [sys.executable, "-m", "swapfs", "mount", "--foreground", "--ready-fd", str(w)]
-    cmd += ["--log-file", log_file, "--log-level", args.log_level]
-    if args.config:
-        cmd += ["--config", os.path.abspath(args.config)]
-    if args.allow_other:
-        cmd.append("--allow-other")
-    if args.no_mlock:
-        cmd.append("--no-mlock")
-    cmd += ["--poll-us", str(args.poll_us), "--cpu-latency-us", str(args.cpu_latency_us)]
-    if args.no_cpu_latency:
-        cmd.append("--no-cpu-latency")
-    cmd += ["--transport", args.transport]
+    *opts, _ = _daemon_args(args, mountpoint, log_file)
+    cmd = [sys.executable, "-m", "swapfs", "mount", "--foreground", "--ready-fd", str(w), *opts,
+           "--transport", args.transport]
     if args.no_failover:
         cmd.append("--no-failover")
-    if args.standby:
-        cmd.append("--standby")
     cmd.append(mountpoint)
     proc = subprocess.Popen(
         cmd,
@@ -337,8 +353,7 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
         cwd="/",
     )
     os.close(w)
-    with os.fdopen(r, "rb") as pipe:
-        line = pipe.readline().decode(errors="replace").strip()
+    line = _read_answer(r)
     if line == "READY" or line.startswith("READY "):
         pid = int(line.split()[1]) if " " in line else proc.pid
         how = "no failover" if args.no_failover else (
@@ -353,6 +368,20 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
     last = last_error(log_file)
     return die(f"the daemon exited (status {proc.returncode}) before mounting"
                + (f", last logging: {last}" if last else "") + f"; see {log_file}")
+
+
+def _read_answer(fd: int) -> str:
+    """The daemon's answer on its ready pipe: ``READY [PID]``, ``ERROR ...``, or "" if it
+    closed the pipe without one.  The ``WARNING ...`` lines before it (what the daemon could
+    not set up: mlockall, oom_score_adj, PR_SET_IO_FLUSHER) are printed on stderr."""
+    with os.fdopen(fd, "rb") as pipe:
+        for raw in pipe:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith("WARNING "):
+                print(f"swapfs: warning: {line[len('WARNING '):]}", file=sys.stderr)
+                continue
+            return line
+    return ""
 
 
 # -- unmount -----------------------------------------------------------------
@@ -382,22 +411,36 @@ def cmd_unmount(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+# How long the commands wait for a keeper's answer (a local round trip when it runs).
+KEEPER_TIMEOUT = 5.0
+
+
+def _keeper_status(sock: str) -> dict[str, Any]:
+    """The keeper's status; KeeperError without a keeper, TimeoutError if it does not answer
+    within KEEPER_TIMEOUT (a stopped keeper accepts the connection and never replies)."""
+    from ..fuse.handoff import KeeperClient
+
+    def ask() -> dict[str, Any]:
+        client = KeeperClient(sock)
+        try:
+            return client.status()
+        finally:
+            client.close()
+
+    return system.bounded(ask, KEEPER_TIMEOUT, sock)
+
+
 def _failover_processes(mountpoint: str) -> list[int]:
     """The pids of the keeper, the active daemon and the standbys of a failover mount."""
-    from ..fuse.handoff import KeeperClient
     from ..keeper import KeeperError
 
     sock = keeper_socket(mountpoint)
     if not os.path.exists(sock):
         return []
     try:
-        client = KeeperClient(sock)
-        try:
-            status = client.status()
-        finally:
-            client.close()
-    except KeeperError:
-        return []
+        status = _keeper_status(sock)
+    except (KeeperError, TimeoutError):
+        return []  # no keeper, or one that does not answer: nothing to wait for
     pids = [status["pid"], *status.get("standbys", [])]
     if status.get("active"):
         pids.append(status["active"])
@@ -407,24 +450,93 @@ def _failover_processes(mountpoint: str) -> list[int]:
 # -- upgrade -----------------------------------------------------------------
 
 
+def _runs_this_installation(pid: int) -> bool:
+    """Whether process ``pid`` runs this installation's Python (its argv[0] is under
+    sys.prefix: /usr/lib/swapfs for the package, a checkout's .venv for a checkout)."""
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv0 = f.read().split(b"\0", 1)[0].decode(errors="replace")
+        if not argv0:
+            return False
+        path = os.path.normpath(os.path.join(os.readlink(f"/proc/{pid}/cwd"), argv0))
+    except OSError:
+        return False
+    return path.startswith(os.path.join(sys.prefix, ""))
+
+
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    """Hand the mount to the installed code: a new daemon takes over with upgrade=True."""
-    from ..fuse.handoff import KeeperClient
     from ..keeper import KeeperError
 
+    if args.all == (args.mountpoint is not None):
+        return die("upgrade: give MOUNTPOINT or --all", EXIT_USAGE)
+    if args.all:
+        return _upgrade_all()
     mountpoint = os.path.abspath(args.mountpoint)
     if mountpoint not in system.swapfs_mounts():
         return die(f"{mountpoint} is not a swapfs mount")
     sock = keeper_socket(mountpoint)
     try:
-        client = KeeperClient(sock)
-        try:
-            status = client.status()
-        finally:
-            client.close()
+        status = _keeper_status(sock)
+    except TimeoutError:
+        return die(f"the keeper of {mountpoint} did not answer within {KEEPER_TIMEOUT:g} s "
+                   "(stopped?); nothing was changed", EXIT_NOT_ANSWERING)
     except KeeperError as exc:
         return die(f"{mountpoint} has no keeper ({exc}): it was mounted with --no-failover, "
                    "and only swapoff, unmount and mount can change its code")
+    return _upgrade(mountpoint, status)
+
+
+def _upgrade_all() -> int:
+    """Every mount whose daemon runs this installation's code (the package's postinst runs
+    this after an upgrade); mounts of other installations are left to theirs, untouched: their
+    keepers are not even asked (a keeper that does not answer would hold up the upgrade)."""
+    from ..keeper import KeeperError
+
+    failed = False
+    for mountpoint in system.swapfs_mounts():
+        ours = _processes_of_this_installation(mountpoint)
+        if not ours:
+            continue
+        if not any("swapfs.keeper" in argv for argv in ours):
+            if any("--no-failover" in argv for argv in ours):
+                print(f"swapfs: {mountpoint} has no keeper (--no-failover): it runs the old code "
+                      "until it is unmounted and mounted again", file=sys.stderr)
+            continue
+        try:
+            status = _keeper_status(keeper_socket(mountpoint))
+        except (KeeperError, TimeoutError) as exc:
+            print(f"swapfs: the keeper of {mountpoint} does not answer ({exc}): not upgraded",
+                  file=sys.stderr)
+            failed = True
+            continue
+        active = status.get("active")
+        if not active or not _runs_this_installation(int(active)):
+            continue
+        failed |= _upgrade(mountpoint, status) != EXIT_OK
+    return EXIT_FAIL if failed else EXIT_OK
+
+
+def _processes_of_this_installation(mountpoint: str) -> list[list[str]]:
+    """The command lines of this installation's processes of ``mountpoint``: its keeper
+    (``-m swapfs.keeper SOCKET``) and daemons (whose last argument is the mountpoint)."""
+    sock = keeper_socket(mountpoint)
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            continue
+        if (sock in argv or argv[-1:] == [mountpoint]) and _runs_this_installation(int(entry)):
+            found.append(argv)
+    return found
+
+
+def _upgrade(mountpoint: str, status: dict[str, Any]) -> int:
+    """Hand the mount to the installed code: a new daemon takes over with upgrade=True."""
+    sock = keeper_socket(mountpoint)
     daemon_args = status["meta"].get("daemon_args")
     if not daemon_args:
         return die(f"the keeper of {mountpoint} does not say how its daemon was started")
@@ -436,8 +548,7 @@ def cmd_upgrade(args: argparse.Namespace) -> int:
     proc = subprocess.Popen(cmd, pass_fds=(w,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, start_new_session=True, cwd="/")
     os.close(w)
-    with os.fdopen(r, "rb") as pipe:
-        line = pipe.readline().decode(errors="replace").strip()
+    line = _read_answer(r)
     if line.startswith("READY"):
         pid = int(line.split()[1]) if " " in line else proc.pid
         print(f"swapfs at {mountpoint} upgraded in {time.monotonic() - started:.2f} s "
@@ -506,8 +617,13 @@ def add_parsers(sub: Any) -> None:
                        "checks that it can read the state, then the running daemon stops reading, "
                        "finishes what it holds and exits, and the new one serves on, swap and all. "
                        "If the new code cannot read the state it refuses and the old daemon keeps "
-                       "serving.  (SIGHUP, or systemctl reload, only re-reads the configuration.)")
-    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+                       "serving.  (SIGHUP, or systemctl reload, only re-reads the configuration.)  "
+                       "--all: every mount whose daemon runs this installation (what the Debian "
+                       "package runs after it is upgraded; mounts of other installations are left "
+                       "alone).")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT", nargs="?")
+    p.add_argument("--all", action="store_true",
+                   help="every swapfs mount served by this installation's code")
     p.set_defaults(func=cmd_upgrade)
 
     p = sub.add_parser("unmount", aliases=["umount"], help="unmount swapfs",

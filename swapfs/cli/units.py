@@ -12,6 +12,9 @@ from typing import Any
 from .. import system, units
 from .common import EXIT_OK, die
 
+# Where the Debian package (scripts/package) installs swapfs's private virtualenv.
+PACKAGE_PREFIX = "/usr/lib/swapfs"
+
 
 def cmd_generate_units(args: argparse.Namespace) -> int:
     config_dir = args.config_dir or os.environ.get("SWAPFS_CONFIG_DIR") or units.CONFIG_DIR
@@ -35,6 +38,10 @@ def _own_executable() -> str | None:
 
 def cmd_install_units(args: argparse.Namespace) -> int:
     root = os.path.abspath(args.root)
+    if root == "/" and sys.prefix == PACKAGE_PREFIX:
+        return die("this swapfs is the Debian package's, whose generator and unit template are in "
+                   "/usr/lib/systemd already; install-units is for a checkout (units it put in "
+                   "/usr/local would take precedence over the package's)")
     if root == "/" and os.geteuid() != 0:
         return die("install-units writes to /usr/local and /etc: run it as root (or --root DIR)")
     target = args.target or _own_executable()
@@ -56,6 +63,10 @@ def cmd_install_units(args: argparse.Namespace) -> int:
     for directory, name, text, mode in [
         (units.UNIT_DIR, "swapfs@.service", units.template_unit(), 0o644),
         (units.GENERATOR_DIR, "swapfs-generator", units.GENERATOR_SCRIPT, 0o755),
+        (units.UNIT_DIR, units.TEXTFILE_SERVICE,
+         units.textfile_service(directory=os.path.abspath(args.textfile_dir)), 0o644),
+        (units.UNIT_DIR, units.TEXTFILE_TIMER,
+         units.textfile_timer(directory=os.path.abspath(args.textfile_dir)), 0o644),
     ]:
         d = at(directory)
         os.makedirs(d, exist_ok=True)
@@ -68,6 +79,8 @@ def cmd_install_units(args: argparse.Namespace) -> int:
     written.append(at(units.CONFIG_DIR) + "/ (put NAME.toml files here)")
     for w in written:
         print(f"installed {w}")
+    print(f"for node_exporter: systemctl enable --now {units.TEXTFILE_TIMER} "
+          f"(writes {os.path.join(args.textfile_dir, units.TEXTFILE_NAME)} every 15 s)")
     if root == "/" and os.path.isdir("/run/systemd/system"):
         try:
             system.run(["systemctl", "daemon-reload"])
@@ -86,9 +99,14 @@ def add_parsers(sub: Any) -> None:
                        "swapfs), the unit template swapfs@.service and the generator swapfs-generator "
                        "under /usr/local/lib/systemd, and create /etc/swapfs; then systemctl "
                        "daemon-reload.  At boot the generator turns each /etc/swapfs/NAME.toml into "
-                       "swapfs@NAME.service and a swap unit per device with swap = true.")
+                       "swapfs@NAME.service and a swap unit per device with swap = true.  Also "
+                       "swapfs-textfile.service and .timer (not enabled): every mount's metrics for "
+                       "node_exporter's textfile collector.")
     p.add_argument("--root", default="/", metavar="DIR", help="install under DIR instead of / (staging)")
     p.add_argument("--target", metavar="PATH", help="the swapfs executable to link (default: this one)")
+    p.add_argument("--textfile-dir", default=units.TEXTFILE_DIR, metavar="DIR",
+                   help="node_exporter's textfile collector directory, for swapfs-textfile.service "
+                   f"(default {units.TEXTFILE_DIR}, Debian's)")
     p.set_defaults(func=cmd_install_units)
 
     p = sub.add_parser("generate-units", help="the systemd generator's work (run by swapfs-generator)",

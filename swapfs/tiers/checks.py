@@ -124,7 +124,8 @@ def check_tier_files(tiers: Sequence[_TierLike]) -> list[str]:
     """What mount would find at each tier's path, checked without changing anything there
     (paths checked first by check_tier_paths).  Returns warnings; raises TierConfigError.
 
-    Refused: an existing file held by a live mount (its lock is taken; the message names the
+    Refused: an existing file that cannot be opened for writing (immutable or append-only,
+    a read-only filesystem, permissions); an existing file held by a live mount (its lock is taken; the message names the
     mount from the file's header); an existing non-empty file without a swapfs signature
     unless ``force_init`` (the message says what it looks like); a missing file that cannot be
     created in its directory (read-only filesystem, ``chattr +i``, permissions: a probe file of
@@ -160,14 +161,17 @@ def check_tier_files(tiers: Sequence[_TierLike]) -> list[str]:
 def _check_file(t: _TierLike, where: str) -> int:
     """Lock and signature of an existing file, creatability of a missing one; returns the
     bytes the existing file takes (given back when mount re-initialises it)."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
+    # Opened for writing, as the daemon opens it (opening changes nothing): an immutable or
+    # append-only file (chattr +i, +a) or a read-only filesystem is refused here, not by the
+    # daemon after it started.
+    flags = os.O_RDWR | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOCTTY
     try:
         fd = os.open(t.path, flags)
     except FileNotFoundError:
         _probe_create(t.path, where)
         return 0
     except OSError as e:
-        raise TierConfigError(f"{where}: cannot open: {e.strerror}") from e
+        raise TierConfigError(f"{where}: cannot open for writing: {e.strerror}") from e
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

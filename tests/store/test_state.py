@@ -20,6 +20,7 @@ from swapfs.slots import (
     MOVING,
     POOL,
     SHADOW,
+    UNREAD_MARK,
     file_kind,
     kind_of,
     with_length,
@@ -124,7 +125,7 @@ async def test_clock_and_writeback_hook_have_named_setters(make_store: MakeStore
     for s in range(60):
         await store.write(dev, s * PAGE, compressible_page(rng))
     assert kicks  # the pool passed its high watermark
-    assert dev.table.epoch[0] == 7
+    assert dev.table.epoch[0] == 7 | UNREAD_MARK  # the epoch, marked written and not read
     store.set_writeback_kicker(None)
     n = len(kicks)
     await store.write(dev, 60 * PAGE, compressible_page(rng))
@@ -177,12 +178,12 @@ def _imports(path: Path) -> set[str]:
     return out
 
 
-def test_only_the_adapter_writeback_and_daemon_import_the_store() -> None:
+def test_only_the_adapter_writeback_daemon_and_replay_import_the_store() -> None:
     root = Path(swapfs.__file__).parent
     # swapfs.testing (the fuzzer, the harness) drives the store as the tests do
     importers = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.py")
                        if "swapfs.store" in _imports(p) and p.parent.name != "testing")
-    assert importers == ["daemon.py", "fs.py", "writeback.py"]
+    assert importers == ["daemon.py", "fs.py", "replay.py", "writeback.py"]
     for name in ("state", "read_path", "write_path", "migrate", "recompress", "invariants",
                  "store_stats"):
         assert "swapfs.state" in _imports(root / f"{name}.py") or name == "state"

@@ -35,7 +35,7 @@ async def test_stats_counters(store: Store) -> None:
     t = st.totals
     assert (t.reads, t.writes, t.discards) == (2, 2, 1)
     assert t.stored_pages == t.same_filled_pages + st.pool.stored_pages == 1
-    assert t.compression_ratio == pytest.approx(P / st.pool.pool_bytes)
+    assert t.memory_ratio == pytest.approx(P / st.pool.pool_bytes)
     assert 0 < st.pool.fragmentation < 1
     assert d.compressed_bytes == st.pool.compressed_bytes < P
     store.check_invariants()
@@ -91,3 +91,54 @@ async def test_metadata_budget(make_store: MakeStore) -> None:
     # done at teardown.
     store.check_invariants()
 
+
+
+async def test_compression_ratio_is_zrams_and_the_memory_ratio_has_its_own_name(store: Store) -> None:
+    """compression_ratio = orig_data_size / compr_data_size in the same object (same-filled
+    pages are data with no compressed bytes, as in zram); memory_ratio = the pool's data over
+    the pool's memory."""
+    dev = store.devices[0]
+    rng = random.Random(8)
+    for i in range(64):
+        await store.write(dev, i * P, compressible_page(rng))
+    for i in range(64, 96):
+        await store.write(dev, i * P, bytes(P))  # same-filled
+    d = store.stats().to_dict()
+    t = d["totals"]
+    assert t["compression_ratio"] == pytest.approx(t["orig_data_size"] / t["compr_data_size"])
+    pool = d["tiers"]["pool"]
+    assert t["memory_ratio"] == pytest.approx(pool["stored_pages"] * P / pool["pool_bytes"])
+    assert t["compression_ratio"] > t["memory_ratio"] > 1
+    assert d["schema"] == 4
+
+
+async def test_an_empty_pool_reads_as_calm_not_as_an_alarm(store: Store) -> None:
+    """A pool that held pages and gave them back keeps spare pages: its fragmentation and
+    holes are 0, its ratios 0 (nothing to divide), and the Prometheus text leaves the ratios
+    out instead of exporting 0."""
+    from swapfs.stats import prometheus_text
+
+    dev = store.devices[0]
+    rng = random.Random(9)
+    for i in range(32):
+        await store.write(dev, i * P, compressible_page(rng))
+    await store.discard(dev, 0, 32 * P)
+    st = store.stats()
+    assert st.pool.stored_pages == 0 and st.pool.pool_bytes > 0  # spares stay
+    assert st.pool.fragmentation == 0.0 and st.pool.holes == 0.0
+    assert st.totals.compression_ratio == 0.0 and st.totals.memory_ratio == 0.0
+    text = prometheus_text(st.to_dict(), "/m")
+    samples = [line for line in text.splitlines() if not line.startswith("#")]
+    assert not any(line.startswith(("swapfs_compression_ratio", "swapfs_memory_ratio"))
+                   for line in samples)
+    assert 'swapfs_tier_fragmentation{mount="/m",tier="pool"} 0.0' in samples
+    assert 'swapfs_tier_holes{mount="/m",tier="pool"} 0.0' in samples
+    await store.write(dev, 0, compressible_page(rng))
+    text = prometheus_text(store.stats().to_dict(), "/m")
+    assert any(line.startswith("swapfs_compression_ratio{") for line in text.splitlines())
+
+
+async def test_devices_say_whether_their_pages_may_move_down(make_store: MakeStore) -> None:
+    store = make_store(devices=(("kept", 8 * MiB, False), ("moves", 8 * MiB, True)))
+    d = store.stats().to_dict()["devices"]
+    assert d["kept"]["writeback"] is False and d["moves"]["writeback"] is True

@@ -76,7 +76,8 @@ def test_static_files_are_what_the_code_renders():
     gen = REPO / "systemd" / "swapfs-generator"
     assert gen.read_text() == units.GENERATOR_SCRIPT
     assert os.access(gen, os.X_OK)
-    assert sorted(p.name for p in (REPO / "systemd").iterdir()) == ["swapfs-generator", "swapfs@.service"]
+    assert sorted(p.name for p in (REPO / "systemd").iterdir()) == [
+        "swapfs-generator", "swapfs-textfile.service", "swapfs-textfile.timer", "swapfs@.service"]
 
 
 def test_template_unit_verifies(tmp_path):
