@@ -466,7 +466,8 @@ def _segment_bytes(t: _Table, default: int) -> int:
 
 
 def _recompress(t: _Table) -> str:
-    recompress = t.get_str("recompress", None) if "recompress" in t.data else ""
+    # "" (the default) is none.
+    recompress = t.get("recompress", (str,), "", "a string")
     if recompress and recompress not in ALGORITHMS:
         raise ConfigError(f"{t.name('recompress')}: unknown algorithm {recompress!r} "
                           f"(known: {', '.join(ALGORITHMS)})")
@@ -490,15 +491,18 @@ def _parse_redis_tier(t: _Table, name: str, base_dir: str) -> TierConfig:
         if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
             raise ConfigError(f"{t.name('seeds')}: {s!r} is not \"host:port\"")
 
+    def text(k: str) -> str:  # "" (the default) is none
+        return str(t.get(k, (str,), "", "a string"))
+
     def path_of(k: str) -> str:
-        if k not in t.data:
+        p = text(k)
+        if not p:
             return ""
-        p = t.get_str(k)
         if "\0" in p:
             raise ConfigError(f"{t.name(k)}: contains a NUL byte")
         return os.path.normpath(os.path.join(base_dir, p))
 
-    user = t.get_str("user") if "user" in t.data else ""
+    user = text("user")
     password_file = path_of("password_file")
     if user and not password_file:
         raise ConfigError(f"{t.name('password_file')}: missing (user {user!r} needs a password)")
@@ -506,7 +510,7 @@ def _parse_redis_tier(t: _Table, name: str, base_dir: str) -> TierConfig:
     if (tls_cert or tls_key) and not (tls_cert and tls_key):
         raise ConfigError(f"{t.name('tls_cert' if tls_key else 'tls_key')}: missing "
                           f"(mutual TLS needs both tls_cert and tls_key)")
-    key_prefix = t.get_str("key_prefix") if "key_prefix" in t.data else ""
+    key_prefix = text("key_prefix")
     if any(c in key_prefix for c in "{}"):
         raise ConfigError(f"{t.name('key_prefix')}: must not hold {{ or }} (a hash tag would "
                           f"put every segment on one node)")

@@ -525,13 +525,15 @@ class Cluster:
         return r
 
     async def pipeline(self, commands: Sequence[tuple[bytes, bytes]], *,
-                       wait_replicas: int = 0, wait_ms: int = 100) -> list[Reply]:
+                       wait_replicas: int = 0, wait_ms: int = 100,
+                       budget: float | None = None) -> list[Reply]:
         """Run ``commands`` (routing key, encoded command): grouped by node, one batch per node,
         the nodes in parallel; redirections followed.  Returns one reply per command, an error
         reply as its RemoteError (not raised); a node's failure (connection, deadline) raises.
         With ``wait_replicas``, each batch ends with ``WAIT wait_replicas wait_ms`` and a
-        command whose node's WAIT counted fewer replicas gets RemoteUnavailable."""
-        deadline = trio.current_time() + self.timeout
+        command whose node's WAIT counted fewer replicas gets RemoteUnavailable.  ``budget``:
+        this call's deadline, if not the client's."""
+        deadline = trio.current_time() + (self.timeout if budget is None else budget)
         out: list[Reply] = [None] * len(commands)
         todo: list[tuple[int, bytes, bool]] = [(i, cmd, False) for i, (_, cmd) in enumerate(commands)]
         routes: dict[int, str] = {}

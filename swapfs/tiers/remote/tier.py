@@ -15,8 +15,9 @@ cleaning's victims).  What differs is where a segment is: the string value of th
   the allocation is exactly ``segment_bytes``, a size class of its allocator (measured: 1 MiB -
   64 B costs +0.1 % where 1 MiB costs +25 %).  With ``replicas`` > 0 each batch ends with
   ``WAIT replicas timeout``; the call returns, and the caller frees its local copy, only when
-  every batch is acknowledged and WAIT counted the replicas.  Otherwise the handles are freed
-  and the call raises: ``TierFull`` when a node said OOM (``maxmemory`` with ``noeviction``: the
+  every batch is acknowledged and WAIT counted the replicas.  A failure a failover ends is
+  retried (the batch resent whole: SETRANGE is idempotent) for up to ``read_deadline``; then,
+  or at once for any other failure, the handles are freed and the call raises: ``TierFull`` when a node said OOM (``maxmemory`` with ``noeviction``: the
   next tier takes the page), ``TierIOError`` (EIO) for anything else.
 * **Reads** (``read_objects``): one ``GETRANGE`` per object, pipelined, verified; a failure the
   cluster can end (a deadline, a lost connection, CLUSTERDOWN during a replica's promotion) is
@@ -36,6 +37,7 @@ the consistency check only.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import socket
 import ssl
@@ -366,11 +368,8 @@ class RemoteTier:
             flush()
             if not self._swept:
                 await self._sweep()
-            replies = await client.pipeline(commands, wait_replicas=self.replicas,
-                                            wait_ms=max(1, int(self.timeout * 1000)))
-            for r in replies:
-                if isinstance(r, RemoteError):
-                    raise r
+            await retrying(functools.partial(self._send, client, commands), self.read_deadline,
+                           on_retry=self._retried)
         except RemoteError as e:
             self._failed(e)
             self._free_written(handles, objects, sized)
@@ -386,6 +385,20 @@ class RemoteTier:
         self.writes += 1
         self.written_bytes += total
         self.appended_bytes += total
+
+    async def _send(self, client: Cluster, commands: list[tuple[bytes, bytes]]) -> None:
+        # Each batch may wait for the replicas as long again as the request itself.  A batch
+        # is sent again whole after a failure a failover ends: SETRANGE is idempotent.
+        replies = await client.pipeline(commands, wait_replicas=self.replicas,
+                                        wait_ms=max(1, int(self.timeout * 1000)),
+                                        budget=2 * self.timeout)
+        for r in replies:
+            if isinstance(r, RemoteError):
+                raise r
+
+    def _retried(self, e: RemoteError) -> None:
+        self.retries += 1
+        self._failed(e)
 
     def _free_written(self, handles: Sequence[int], objects: Sequence[tuple[int, int, bytes]],
                       sized: list[int]) -> None:
@@ -456,13 +469,9 @@ class RemoteTier:
                     raise r
             return replies
 
-        def retried(e: RemoteError) -> None:
-            self.retries += 1
-            self._failed(e)
-
         t = time.perf_counter()
         try:
-            replies = await retrying(attempt, self.read_deadline, on_retry=retried)
+            replies = await retrying(attempt, self.read_deadline, on_retry=self._retried)
         except RemoteError as e:
             self._failed(e)
             self.io_errors += 1
