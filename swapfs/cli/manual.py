@@ -157,7 +157,7 @@ TIER_KEYS = (
     Key("tls_key", "path", '""',
         "kind = \"redis\": the client certificate's private key.", context=_REDIS_SEEDED),
     Key("key_prefix", "string", '""',
-        "kind = \"redis\": the prefix of every key the tier writes (no { or }); empty: "
+        "kind = \"redis\": the prefix of every key the tier writes (no {{ or }}); empty: "
         "swapfs:MACHINE-ID:MOUNT:TIER:. Two mounts must not share one.", context=_REDIS_SEEDED),
     Key("timeout", "duration", '"200ms"',
         "kind = \"redis\": the deadline of one remote request (a duration also takes ms).",

@@ -199,3 +199,24 @@ async def test_reads_ride_out_a_killed_master(stores):
         assert st.remote_retries > 0
         assert longest < 10.0, f"longest read {longest:.1f} s"
         store.files.close()  # keys deleted while the cluster still runs
+
+
+async def test_concurrent_first_writes_wait_for_the_sweep(stores, redis_cluster):
+    """A mount deletes what an earlier mount of its prefix left before its first write; the
+    writes that come meanwhile wait for it (one that overtook the delete of its segment's old
+    key would be deleted with it, after it was acknowledged).  Several fresh tiers: the race
+    is with their first connections."""
+    rng = random.Random(9)
+    for _ in range(6):
+        store = stores([remote(redis_cluster)], pool_bytes=256 * 1024)
+        dev = store.devices[0]
+        pages = [rng.randbytes(PAGE) for _ in range(256)]  # incompressible: to the tier
+
+        async def one(i: int, store: Store = store, dev=dev, pages=pages) -> None:
+            await store.write(dev, i * 8 * PAGE, b"".join(pages[i * 8:i * 8 + 8]))
+
+        async with trio.open_nursery() as n:
+            for i in range(32):
+                n.start_soon(one, i)
+        assert store.tiers[0].stats().stored_pages == 256
+        assert await store.read(dev, 0, 256 * PAGE) == b"".join(pages)

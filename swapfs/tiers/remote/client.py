@@ -352,6 +352,10 @@ class Cluster:
         self.stats = ClientStats()
         self._conn_stats = ConnStats()
         self._connecting: dict[str, trio.Event] = {}
+        # When each node last failed (a deadline, a lost connection): the slot map is asked
+        # of the others first, so that a frozen node (whose kernel still accepts connections)
+        # cannot hold every refresh until the cluster has replaced it.
+        self._failed_at: dict[str, float] = {}
 
     # -- the map ---------------------------------------------------------------------------
 
@@ -376,7 +380,8 @@ class Cluster:
         """Reload the slot map from the first node that answers (known masters first, then
         the seeds).  Raises the last failure if none does."""
         last: RemoteError | None = None
-        candidates = list(dict.fromkeys(self.nodes + self.seeds))
+        candidates = sorted(dict.fromkeys(self.nodes + self.seeds),
+                            key=lambda a: self._failed_at.get(a, 0.0))
         for addr in candidates:
             try:
                 with trio.fail_after(self.timeout + self.connect_timeout):
@@ -390,7 +395,12 @@ class Cluster:
                 raise
             except RemoteError as e:
                 last = e
+                self._drop(addr, e)
                 continue
+            except trio.Cancelled:
+                # The caller's deadline ended the refresh on this node: ask it last next time.
+                self._drop(addr, RemoteTimeout("no answer to CLUSTER SLOTS", addr))
+                raise
             if isinstance(reply, hiredis.ReplyError):
                 last = _classify(reply, addr)
                 if isinstance(last, RemoteAuthError):
@@ -473,6 +483,7 @@ class Cluster:
         return conn
 
     def _drop(self, addr: str, why: RemoteError) -> None:
+        self._failed_at[addr] = trio.current_time() if trio.lowlevel.in_trio_run() else 0.0
         c = self.conns.pop(addr, None)
         if c is not None:
             c.close(why)
@@ -534,6 +545,10 @@ class Cluster:
         command whose node's WAIT counted fewer replicas gets RemoteUnavailable.  ``budget``:
         this call's deadline, if not the client's."""
         deadline = trio.current_time() + (self.timeout if budget is None else budget)
+        if not self.stale and not wait_replicas:
+            fast = await self._one_node(commands, deadline)
+            if fast is not None:
+                return fast
         out: list[Reply] = [None] * len(commands)
         todo: list[tuple[int, bytes, bool]] = [(i, cmd, False) for i, (_, cmd) in enumerate(commands)]
         routes: dict[int, str] = {}
@@ -592,6 +607,36 @@ class Cluster:
             if not todo:
                 return out
         raise RemoteUnavailable(f"more than {MAX_REDIRECTS} redirections")
+
+    async def _one_node(self, commands: Sequence[tuple[bytes, bytes]],
+                        deadline: float) -> list[Reply] | None:
+        """The common case without the general path's bookkeeping: every command's node is
+        one node with a live connection, and no reply is a redirection or an error the map
+        must learn from.  None (nothing learnt, nothing to undo: the general path sends the
+        batch again, and every command the tier sends is idempotent) otherwise."""
+        node = self.node_of(key_slot(commands[0][0]))
+        conn = self.conns.get(node or "")
+        if conn is None or conn.is_broken:
+            return None
+        for key, _ in commands[1:]:
+            if self.node_of(key_slot(key)) != node:
+                return None
+        res = await self._node_batch(conn.node, [(i, cmd, False) for i, (_, cmd)
+                                                 in enumerate(commands)], deadline, 0, 0)
+        if isinstance(res, RemoteError):
+            raise res
+        out: list[Reply] = []
+        for r in res:
+            if isinstance(r, hiredis.ReplyError):
+                e = _classify(r, conn.node)
+                if isinstance(e, RemoteReplyError) and str(r).startswith(("MOVED ", "ASK ")):
+                    return None
+                if isinstance(e, RemoteUnavailable):
+                    self.stale = True
+                out.append(e)
+            else:
+                out.append(r)
+        return out
 
     async def _node_batch_into(self, results: dict[str, list[Reply] | RemoteError], addr: str,
                                items: list[tuple[int, bytes, bool]], deadline: float,

@@ -46,6 +46,7 @@ from array import array
 from collections.abc import Iterable, Sequence
 
 import hiredis
+import trio
 
 from ...errors import Misuse
 from ...kernel import PAGE_SIZE as PAGE
@@ -54,7 +55,7 @@ from ...stats import FileTierStats
 from ..file.cipher import KEY_BYTES, ObjectCipher, new_key
 from ..file.errors import ChecksumError, TierFull, TierIOError
 from ..file.objects import Bad, object_bytes, parse, seal, unseal
-from ..file.segments import HEAD, SEALED, SegmentMap
+from ..file.segments import HEAD, PENDING, SEALED, SegmentMap
 from .client import (
     ERROR_KINDS,
     Cluster,
@@ -76,6 +77,8 @@ CLEAN_RESERVE = 2
 LATENCY_BOUNDS_US = (100, 200, 500, 1000, 2000, 5000, 10000, 100000)
 # After an OOM, the tier reports full for this long unless a delete made room first.
 FULL_HOLD_SECONDS = 5.0
+# After a failed UNLINK of emptied segments, the next try waits this long.
+UNLINK_RETRY_SECONDS = 1.0
 
 
 class _RemoteSegments(SegmentMap):
@@ -141,7 +144,11 @@ class RemoteTier:
         self._cipher: ObjectCipher | None = None
         self.client: Cluster | None = None
         self._swept = False
+        # Writes wait for the sweep: a write that overtook an UNLINK of its segment's old
+        # key would be deleted with it.
+        self._sweep_lock = trio.Lock()
         self._full_until = 0.0
+        self._unlink_after = 0.0
         self.reads = 0
         self.writes = 0
         self.read_bytes = 0
@@ -249,7 +256,8 @@ class RemoteTier:
 
     @property
     def punch_pending(self) -> bool:
-        return bool(self._map.pending)
+        # After a failed UNLINK, not before the next try is due (callers loop on this).
+        return bool(self._map.pending) and time.monotonic() >= self._unlink_after
 
     @property
     def full(self) -> bool:
@@ -315,8 +323,13 @@ class RemoteTier:
 
     async def _sweep(self) -> None:
         """Before the first write: delete what an earlier mount of this prefix left (a mount
-        that died without its close)."""
-        self._swept = True
+        that died without its close).  Every write waits until it is done."""
+        async with self._sweep_lock:
+            if not self._swept:
+                await self._sweep_keys()
+                self._swept = True
+
+    async def _sweep_keys(self) -> None:
         client = self._client()
         keys = [self.seg_key(s) for s in range(self.nsegments)]
         for i in range(0, len(keys), 512):
@@ -522,7 +535,11 @@ class RemoteTier:
 
     async def punch_free_segments(self) -> int:
         """UNLINK every segment that frees emptied, and make it reusable (under a new
-        generation, so nothing read from it before passes for what is written after)."""
+        generation, so nothing read from it before passes for what is written after).
+
+        A segment whose UNLINK failed is not reused: it goes back to the queue for the next
+        pass.  An UNLINK that timed out may still reach a frozen node when it wakes, and
+        would then delete what a new generation had written there meanwhile."""
         m = self._map
         if not m.pending:
             return 0
@@ -531,16 +548,23 @@ class RemoteTier:
         try:
             await client.pipeline([(self.seg_key(s), encode("UNLINK", self.seg_key(s)))
                                    for s in segs])
-            self.punched_segments += len(segs)
-            self._full_until = 0.0
-        except RemoteError as e:
-            self._failed(e)
-            log.warning("tier %r: UNLINK of %d emptied segments failed (%s); they are "
-                        "overwritten when reused", self.name, len(segs), e)
-        finally:
+        except BaseException as e:
+            if isinstance(e, RemoteError):
+                self._failed(e)
+                log.warning("tier %r: UNLINK of %d emptied segments failed (%s); tried again "
+                            "later", self.name, len(segs), e)
             for s in segs:
-                self._sized[s] = 0
-            m.recycle(segs)
+                m.state[s] = PENDING
+                m.pending.append(s)
+            self._unlink_after = time.monotonic() + UNLINK_RETRY_SECONDS
+            if isinstance(e, RemoteError):
+                return 0
+            raise
+        self.punched_segments += len(segs)
+        self._full_until = 0.0
+        for s in segs:
+            self._sized[s] = 0
+        m.recycle(segs)
         return len(segs)
 
     # -- blocking calls (close, the consistency check) -----------------------------------------
