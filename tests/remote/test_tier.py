@@ -220,3 +220,13 @@ async def test_concurrent_first_writes_wait_for_the_sweep(stores, redis_cluster)
                 n.start_soon(one, i)
         assert store.tiers[0].stats().stored_pages == 256
         assert await store.read(dev, 0, 256 * PAGE) == b"".join(pages)
+        # Each segment's string was made at its full length once, whatever order the
+        # batches arrived in (one that grew would take up to twice the memory).
+        t = store.tiers[0]
+        for seg in range(t.nsegments):
+            k = t.seg_key(seg)
+            if t.segment_live()[seg][0]:
+                port = redis_cluster.port_of_slot(key_slot(k))
+                assert int(redis_cluster.cli(port, "STRLEN", k.decode())) == 64 * 1024 - 64
+                assert int(redis_cluster.cli(port, "MEMORY", "USAGE", k.decode())) \
+                    <= 64 * 1024 + 256

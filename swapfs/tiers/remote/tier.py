@@ -8,12 +8,13 @@ cleaning's victims).  What differs is where a segment is: the string value of th
 ``<key_prefix><segment number>``, its slot (and so its node) spread by the key's CRC16.
 
 * **Writes** (``write``): the objects of one call are sealed on the loop and sent as one
-  pipelined batch per node: ``SETRANGE`` per run of consecutive objects, preceded, for a
-  segment's first write of a generation, by a ``SETRANGE`` of its last byte, which makes the
-  server allocate the string at its final length once (a string that grows is reallocated with
-  slack).  A remote segment holds ``segment_bytes - 64`` bytes: with the server's string header
-  the allocation is exactly ``segment_bytes``, a size class of its allocator (measured: 1 MiB -
-  64 B costs +0.1 % where 1 MiB costs +25 %).  With ``replicas`` > 0 each batch ends with
+  pipelined batch per node: ``SETRANGE`` per run of consecutive objects, preceded, until a
+  batch that did so is acknowledged, by a ``SETRANGE`` of the segment's last byte (a byte no
+  object uses), which makes the server allocate the string at its final length once (a string
+  that grows is reallocated with slack: up to twice its size).  A remote segment is a string of
+  ``segment_bytes - 64`` bytes: with the server's string header the allocation is exactly
+  ``segment_bytes``, a size class of its allocator (measured: 1 MiB - 64 B costs +0.1 % where
+  1 MiB costs +25 %).  With ``replicas`` > 0 each batch ends with
   ``WAIT replicas timeout``; the call returns, and the caller frees its local copy, only when
   every batch is acknowledged and WAIT counted the replicas.  A failure a failover ends is
   retried (the batch resent whole: SETRANGE is idempotent) for up to ``read_deadline``; then,
@@ -137,9 +138,11 @@ class RemoteTier:
         self._memory = memory if memory is not None else StateMemory()
         self._map = _RemoteSegments(name, size_bytes, self.segment_bytes, reserve=CLEAN_RESERVE,
                                     recycle_at_once=False, memory=self._memory,
-                                    usable=self.segment_bytes - SEGMENT_SLACK)
+                                    usable=self.segment_bytes - SEGMENT_SLACK - 1)
         self.nsegments = self._map.nsegments
-        # Per segment: its string exists at full length for the current generation.
+        # Per segment: a write that made its string at full length was acknowledged, in the
+        # current generation.  Until then every batch writing to it makes it first (batches
+        # may overtake each other; a string made shorter would grow with slack).
         self._sized = bytearray(self.nsegments)
         self._cipher: ObjectCipher | None = None
         self.client: Cluster | None = None
@@ -349,7 +352,7 @@ class RemoteTier:
         cipher = self._cipher
         client = self._client()
         commands: list[tuple[bytes, bytes]] = []
-        sized: list[int] = []
+        sized: list[int] = []  # segments this batch makes at full length
         run_seg, run_start, run_end, run_parts = -1, 0, 0, []  # type: ignore[var-annotated]
         total = 0
 
@@ -369,11 +372,12 @@ class RemoteTier:
                 parts = seal(cipher, h, m.gen[s], key, codec, payload)
                 if s != run_seg or off != run_end:
                     flush()
-                    if not self._sized[s]:
-                        self._sized[s] = 1
+                    if not self._sized[s] and s not in sized:
+                        # The byte after the objects' room: never an object's, so this is
+                        # harmless whenever it lands.
                         sized.append(s)
                         k = self.seg_key(s)
-                        commands.append((k, encode("SETRANGE", k, m.seg_size(s) - 1, b"\0")))
+                        commands.append((k, encode("SETRANGE", k, m.seg_size(s), b"\0")))
                     run_seg, run_start, run_end, run_parts = s, off, off, []
                 run_parts.extend(bytes(p) for p in parts)
                 run_end += size
@@ -385,7 +389,7 @@ class RemoteTier:
                            on_retry=self._retried)
         except RemoteError as e:
             self._failed(e)
-            self._free_written(handles, objects, sized)
+            self._free_written(handles, objects)
             if isinstance(e, RemoteFull):
                 self._full_until = time.monotonic() + FULL_HOLD_SECONDS
                 raise TierFull(f"tier {self.name!r}: the cluster is full: {e}") from e
@@ -393,8 +397,10 @@ class RemoteTier:
             log.error("tier %r: write of %d objects failed: %s", self.name, len(handles), e)
             raise TierIOError(errno.EIO, f"tier {self.name!r}: write failed: {e}") from e
         except BaseException:
-            self._free_written(handles, objects, sized)
+            self._free_written(handles, objects)
             raise
+        for seg in sized:
+            self._sized[seg] = 1
         self.writes += 1
         self.written_bytes += total
         self.appended_bytes += total
@@ -413,10 +419,8 @@ class RemoteTier:
         self.retries += 1
         self._failed(e)
 
-    def _free_written(self, handles: Sequence[int], objects: Sequence[tuple[int, int, bytes]],
-                      sized: list[int]) -> None:
-        for s in sized:
-            self._sized[s] = 0
+    def _free_written(self, handles: Sequence[int],
+                      objects: Sequence[tuple[int, int, bytes]]) -> None:
         for h, (_key, _codec, payload) in zip(handles, objects):
             self._map.free(h, object_bytes(len(payload), True))
 
