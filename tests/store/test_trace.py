@@ -142,7 +142,7 @@ def test_replay_is_deterministic_and_checks_every_read(tmp_path):
         assert r["moves"] > 0 and r["refaults"] > 0
         assert r["promotions"] <= r["refaults"]
         assert r["wasted_promotions"] <= r["promotions"]
-        assert r["tier_written_bytes"]["ssd"] >= r["moves"] * 4096
+        assert r["tier_written_bytes"]["ssd"] > 0  # compressed objects: less than a page each
     assert runs[0] == runs[1]
     assert runs[2]["policy"] == "workingset" and runs[0]["policy"] == "classic"
     # the same requests, served differently
