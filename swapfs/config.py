@@ -49,6 +49,14 @@ writeback = true
 """
 
 
+# The ratio a codec plausibly reaches on real process memory in the pool, fragmentation
+# included (zram holds such memory at about 2.3-2.6x with lz4, 3.4-3.8x with zstd): what
+# check-config, mount and the headroom in the stats assume while the pool holds nothing to
+# measure, unless [pool] expected_ratio says otherwise.
+EXPECTED_RATIOS = {"lz4": 2.5, "zstd": 3.5}
+MAX_EXPECTED_RATIO = 64.0
+
+
 class ConfigError(ValueError):
     """A configuration that cannot be used; the message names the key."""
 
@@ -66,6 +74,13 @@ class PoolConfig:
     # with (None: never); zstd at ``level``.
     recompress: str | None = None
     recompress_after: float = 600.0
+    # uncompressed bytes per byte of pool memory assumed where nothing is measured yet
+    # (0.0: the codec's, EXPECTED_RATIOS); see ratio()
+    expected_ratio: float = 0.0
+
+    def ratio(self) -> float:
+        """The pool's assumed memory ratio: expected_ratio, or the codec's plausible one."""
+        return self.expected_ratio or EXPECTED_RATIOS[self.algorithm]
 
 
 @dataclass(frozen=True)
@@ -177,6 +192,33 @@ def check_machine(config: Config) -> None:
                                   f"slot table ({why}); use a smaller device") from None
     finally:
         tables.clear()
+
+
+def store_capacity_bytes(config: Config) -> int:
+    """What the pool and the file tiers can hold, in uncompressed bytes: the pool's
+    max_bytes and each file tier's size at the pool's assumed ratio (:meth:`PoolConfig.ratio`;
+    a file tier stores the pool codec's objects).  Same-filled pages take no room and come
+    on top."""
+    return int((config.pool.max_bytes + sum(t.size for t in config.tiers)) * config.pool.ratio())
+
+
+def capacity_warnings(config: Config) -> list[str]:
+    """What check-config and mount warn of: devices larger in total than the store can hold
+    at the assumed ratio.  The kernel sees free slots on such a device after the store is
+    full, and keeps swapping into it (every write refused) rather than turning to the next
+    swap device or to the OOM killer."""
+    devices = sum(d.size for d in config.devices)
+    capacity = store_capacity_bytes(config)
+    if devices <= capacity:
+        return []
+    pool = config.pool
+    tiers = "".join(f" and tier {t.name} {sized(t.size)}" for t in config.tiers)
+    return [f"devices larger than the store can hold: they total {sized(devices)}, the "
+            f"store about {sized(capacity)} (pool.max_bytes {sized(pool.max_bytes)}{tiers} "
+            f"at {pool.ratio():g}:1, pool.expected_ratio).  Once it is full, every write "
+            "is refused while the kernel still sees free swap slots: it keeps retrying rather "
+            "than using the next swap device or OOM-killing.  Make the devices total at most "
+            f"{sized(capacity // PAGE_SIZE * PAGE_SIZE)}, or give the store more room"]
 
 
 def mem_total_bytes() -> int:
@@ -326,7 +368,7 @@ def _check_file_name(name: str, key: str) -> None:
 def _parse_pool(data: Any) -> PoolConfig:
     t = _Table(data, "pool", ("algorithm", "level", "max_bytes", "accept_ratio",
                               "high_watermark", "low_watermark", "recompress", "recompress_after",
-                              "dedup"))
+                              "dedup", "expected_ratio"))
     algorithm = t.get_str("algorithm", "lz4")
     if algorithm not in ALGORITHMS:
         raise ConfigError(f"pool.algorithm: unknown algorithm {algorithm!r} "
@@ -357,10 +399,15 @@ def _parse_pool(data: Any) -> PoolConfig:
     recompress_after = t.get_duration("recompress_after", 600.0)
     if "recompress_after" in t.data and recompress is None:
         raise ConfigError("pool.recompress_after: set without pool.recompress (the codec to use)")
+    expected = float(t.get("expected_ratio", (int, float), EXPECTED_RATIOS[algorithm],
+                            "a number"))
+    if not 1.0 <= expected <= MAX_EXPECTED_RATIO:
+        raise ConfigError(f"pool.expected_ratio: must be between 1 and {MAX_EXPECTED_RATIO:g} "
+                          f"(uncompressed bytes per byte of pool memory), got {expected!r}")
     return PoolConfig(max_bytes=max_bytes, algorithm=algorithm, level=level,
                       accept_ratio=accept_ratio, high_watermark=high, low_watermark=low,
                       recompress=recompress, recompress_after=recompress_after,
-                      dedup=dedup)
+                      dedup=dedup, expected_ratio=expected)
 
 
 def _parse_writeback(data: Any) -> WritebackConfig:

@@ -117,16 +117,20 @@ async def serve_mount(
     on_ready: Callable[[], None] | None = None,
     allow_other: bool = False,
     poll_us: int = 0,
+    poll_pressure: float = 1.0,
     cpu_latency_us: int | None = None,
+    cpu_latency_min_rate: int = 0,
     config_path: str | None = None,
     transport: str = "classic",
 ) -> None:
     """Mount swapfs at ``mountpoint`` and serve until it is unmounted.
 
     ``poll_us``: how long the session busy-polls /dev/fuse after a request
-    before parking (see swapfs.fuse.Session).  ``cpu_latency_us``: the CPU
+    before parking, while tasks wait for a CPU less than ``poll_pressure`` of
+    the time (see swapfs.fuse.Session).  ``cpu_latency_us``: the CPU
     wake-up latency asked of the kernel while requests flow (see
-    swapfs.wakeup; None: never asked).  ``config_path``: the file
+    swapfs.wakeup; None: never asked), and only while they arrive at
+    ``cpu_latency_min_rate`` per second or more.  ``config_path``: the file
     SIGHUP re-reads (None: the embedded default, nothing to reload).
     ``transport``: how FUSE requests arrive: "classic" (/dev/fuse), "uring"
     (FUSE over io_uring, or fuse.MountError naming the reason) or "auto"
@@ -147,8 +151,8 @@ async def serve_mount(
                         # A mount that served stays when the session ends: a dead mount says
                         # ENOTCONN (the signal handler unmounts before asking to stop).
                         await fuse.serve(ops, mountpoint, task_status=task_status, poll_us=poll_us,
-                                         transport=transport, session_callback=sessions.append,
-                                         unmount_after_serving=False, fsname="swapfs",
+                                         poll_pressure=poll_pressure, transport=transport,
+                                         session_callback=sessions.append, unmount_after_serving=False, fsname="swapfs",
                                          subtype="swapfs", allow_other=allow_other)
                     finally:
                         nursery.cancel_scope.cancel()  # the kernel ended the connection
@@ -162,7 +166,7 @@ async def serve_mount(
                     session.transport_used,
                 )
                 if cpu_latency_us is not None:
-                    _start_wake_latency(nursery, session, cpu_latency_us)
+                    _start_wake_latency(nursery, session, cpu_latency_us, cpu_latency_min_rate)
                 if on_ready is not None:
                     on_ready()
                 sd_notify(f"READY=1\nSTATUS=serving {len(store.devices)} device(s) at {mountpoint}")
@@ -196,7 +200,9 @@ async def serve_failover(
     on_ready: Callable[[], None] | None = None,
     allow_other: bool = False,
     poll_us: int = 0,
+    poll_pressure: float = 1.0,
     cpu_latency_us: int | None = None,
+    cpu_latency_min_rate: int = 0,
     config_path: str | None = None,
 ) -> bool:
     """Serve ``mountpoint`` with failover through the keeper at ``keeper``.
@@ -256,7 +262,7 @@ async def serve_failover(
                  recovery.leaked_file_pages)
 
     server = FailoverServer(ops_factory, keeper, version=STATE_VERSION, standby_cmd=standby_cmd,
-                            poll_us=poll_us, on_claimed=recover)
+                            poll_us=poll_us, poll_pressure=poll_pressure, on_claimed=recover)
     if role == "standby":
         set_process_name(STANDBY_NAME)
     killed_at = time.monotonic()
@@ -295,7 +301,7 @@ async def serve_failover(
                          "" if role == "standby" else f", {waited:.3f} s after this process started")
             await nursery.start(writeback.run)  # cancelled with the nursery
             if cpu_latency_us is not None:
-                _start_wake_latency(nursery, session, cpu_latency_us)
+                _start_wake_latency(nursery, session, cpu_latency_us, cpu_latency_min_rate)
             if on_ready is not None:
                 on_ready()
             sd_notify(f"MAINPID={os.getpid()}\nREADY=1\n"
@@ -338,14 +344,16 @@ async def _signals_task(mountpoint: str, store: Store, config_path: str | None) 
         await _handle_signals(signals, mountpoint, store, config_path)
 
 
-def _start_wake_latency(nursery: trio.Nursery, session: fuse.Session, latency_us: int) -> None:
-    wake = WakeLatency(latency_us)
+def _start_wake_latency(nursery: trio.Nursery, session: fuse.Session, latency_us: int,
+                        min_rate: int = 0) -> None:
+    wake = WakeLatency(latency_us, min_rate=min_rate)
     problem = wake.open()
     if problem:
         log.warning("CPU wake-up latency not bounded (%s): swap-ins may wait longer on "
                     "sleeping CPUs", problem)
         return
-    log.info("CPU wake-up latency: at most %d us asked of the kernel while requests flow", latency_us)
+    log.info("CPU wake-up latency: at most %d us asked of the kernel while requests flow%s", latency_us,
+             f" at {min_rate}/s or more" if min_rate else "")
     nursery.start_soon(wake.run, lambda: session.statistics().requests)
 
 

@@ -71,6 +71,22 @@ _CTL_WRITEBACK_RE = re.compile(rb"(?:(\d{1,10})|idle:(\d{1,10}(?:\.\d{1,6})?))\n
 # Attributes never change behind the kernel's back except st_blocks, which
 # only informs; a second of caching saves a GETATTR per stat() burst.
 ATTR_TIMEOUT = 1.0
+
+
+def _full_answer(text: str) -> tuple[int, float]:
+    """(errno, seconds a write is held first) of a write the full store refuses, from
+    SWAPFS_FULL_ANSWER: "enospc" (the default), "eio", or "hold:SECONDS" (retried every
+    50 ms that long, then ENOSPC).  A knob for scripts/bench-full, which measured that the
+    kernel treats them all alike (docs/operations.md, "When the store is full")."""
+    if text.startswith("hold:"):
+        try:
+            return errno.ENOSPC, max(0.0, float(text[5:]))
+        except ValueError:
+            pass
+    return (errno.EIO if text == "eio" else errno.ENOSPC), 0.0
+
+
+FULL_ERRNO, FULL_HOLD = _full_answer(os.environ.get("SWAPFS_FULL_ANSWER", "enospc"))
 ENTRY_TIMEOUT = 60.0
 
 
@@ -292,14 +308,22 @@ class SwapFS(Operations):
 
     async def write(self, fh: int, offset: int, data: memoryview) -> int:
         dev = self._device(fh)
-        try:
-            written = await self.io.write(dev, offset, data)
-            self._note_pool_peak()
-            return written
-        except StoreError as exc:
-            if not isinstance(exc, OutOfRange):  # (the kernel's own probing past the end)
+        deadline = trio.current_time() + FULL_HOLD if FULL_HOLD else 0.0
+        while True:
+            try:
+                written = await self.io.write(dev, offset, data)
+                self._note_pool_peak()
+                return written
+            except NoSpace as exc:
+                if trio.current_time() < deadline:
+                    await trio.sleep(0.05)
+                    continue
                 log.error("write %s offset %d size %d: %s", dev.name, offset, len(data), exc)
-            raise FUSEError(store_errno(exc)) from None
+                raise FUSEError(FULL_ERRNO) from None
+            except StoreError as exc:
+                if not isinstance(exc, OutOfRange):  # (the kernel's own probing past the end)
+                    log.error("write %s offset %d size %d: %s", dev.name, offset, len(data), exc)
+                raise FUSEError(store_errno(exc)) from None
 
     async def fallocate(self, fh: int, offset: int, length: int, mode: int) -> None:
         dev = self._device(fh)

@@ -92,6 +92,10 @@ class PoolStats:
     dedup_saved_bytes: int = 0
     dedup_hits: int = 0
     dedup_index_bytes: int = 0
+    # pages the pool can still take: its free memory (max_bytes less the objects in use) at
+    # its memory ratio (headroom_ratio: measured, or the assumed one while it holds nothing)
+    headroom_pages: int = 0
+    headroom_ratio: float = 0.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -139,6 +143,9 @@ class FileTierStats:
     cached_reads: int = 0  # reads served inline from the page cache (RWF_NOWAIT)
     thread_reads: int = 0  # reads that went to a worker thread
     encrypted: bool = False  # objects are stored encrypted (AES-GCM, a key per mount)
+    # pages the tier can still take: the bytes it could append, cleaning included, at its
+    # compression_ratio (the pool's assumed ratio while it holds nothing)
+    headroom_pages: int = 0
     # kind = "redis" (docs/remote-tier.md): round trips (pipelined batches), bytes on the wire,
     # failed remote calls (by kind: timeout, unavailable, auth, full, reply), reads retried,
     # redirections followed, remote read latency (a histogram in microseconds), live objects
@@ -176,6 +183,11 @@ class TotalsStats:
     # the pool's memory ratio: uncompressed bytes of the pages in the pool over the memory the
     # pool holds (pool_bytes: holes and spares included); 0.0 while no page is in the pool
     memory_ratio: float = 0.0
+    # pages the pool and the file tiers can still take, each at its ratio (same-filled pages
+    # take no room and come on top), and the share of the devices' pages that the pages stored
+    # and that headroom back (1.0: every slot the kernel may fill has room behind it)
+    headroom_pages: int = 0
+    backed_fraction: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -384,6 +396,12 @@ _HELP = {
     "io_errors": "Failed reads and writes of the backing file",
     "nospace_errors": "Writes refused for lack of space",
     "writeback": "1 if the device's pages may move down to file tiers (device.writeback)",
+    "headroom_pages": "Pages the store can still take at the current ratio (same-filled pages "
+                      "come on top)",
+    "headroom_ratio": "Pool memory ratio the pool's headroom assumes (measured, or the "
+                      "configured expected_ratio while the pool holds nothing)",
+    "backed_fraction": "Share of the devices' pages that stored pages and headroom back "
+                       "(below 1: the kernel sees slots the store cannot fill)",
 }
 
 

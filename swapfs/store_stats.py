@@ -39,6 +39,11 @@ def collect(store: StoreState) -> Stats:
             nospace_errors=d.nospace_errors, writeback=d.config.writeback)
         for d in store.devices)
     huge = sum(d.huge_pages for d in devices)
+    # Headroom: the pool's free memory at its measured memory ratio (objects in use, not
+    # span slack: compaction turns holes back into room), or the assumed one while empty.
+    pool_ratio = (pool_pages * PAGE_SIZE / pool.used_bytes if pool_pages and pool.used_bytes
+                  else store.config.pool.ratio())
+    pool_room = int(max(0, pool.max_bytes - pool.used_bytes) * pool_ratio) // PAGE_SIZE
     pool_meta = pool.metadata_bytes() + (store.dedup.metadata_bytes() if store.dedup else 0)
     pstats = PoolStats(
         name="pool", kind="pool", algorithm=store.codec.name, stored_pages=pool_pages,
@@ -58,17 +63,23 @@ def collect(store: StoreState) -> Stats:
         recompress_saved_bytes=store.recompressed.saved_bytes,
         dedup_pages=dedup_pages, dedup_saved_bytes=dedup_saved,
         dedup_hits=store.dedup.hits if store.dedup is not None else 0,
-        dedup_index_bytes=store.dedup.metadata_bytes() if store.dedup is not None else 0)
+        dedup_index_bytes=store.dedup.metadata_bytes() if store.dedup is not None else 0,
+        headroom_pages=pool_room, headroom_ratio=pool_ratio)
     same = sum(d.same_filled_pages for d in devices)
     tier_stats = []
     for ti, tier in enumerate(files):
         st = tier.stats()
         owned = files.owned_pages(ti)
-        tier_stats.append(st if owned == st.stored_pages
-                          else dataclasses.replace(st, stored_pages=owned))
+        # a tier stores the pool codec's objects: its measured ratio, or the pool's assumed
+        ratio = st.compression_ratio or store.config.pool.ratio()
+        tier_stats.append(dataclasses.replace(
+            st, stored_pages=owned, headroom_pages=int(tier.room_bytes * ratio) // PAGE_SIZE))
     file_pages = sum(t.stored_pages for t in tier_stats)
+    headroom = pool_room + sum(t.headroom_pages for t in tier_stats)
+    device_pages = sum(d.size_bytes for d in devices) // PAGE_SIZE
+    stored = same + pool_pages + file_pages
     totals = TotalsStats(
-        stored_pages=same + pool_pages + file_pages,
+        stored_pages=stored,
         same_filled_pages=same,
         huge_pages=huge,
         compressed_bytes=pool_cbytes,
@@ -86,7 +97,9 @@ def collect(store: StoreState) -> Stats:
         recovered_leaks=store.header.get("recovered_leaks"),
         recovery_seconds=store.header.get("recovery_micros") / 1e6,
         memory_ratio=(pool_pages * PAGE_SIZE / pool.pool_bytes
-                      if pool_pages and pool.pool_bytes else 0.0))
+                      if pool_pages and pool.pool_bytes else 0.0),
+        headroom_pages=headroom,
+        backed_fraction=min(1.0, (stored + headroom) / device_pages) if device_pages else 1.0)
     return Stats(devices=devices, tiers=(pstats, *tier_stats), totals=totals,
                  writeback=_writeback(store), cache=_cache(store))
 

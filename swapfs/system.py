@@ -327,11 +327,13 @@ def detach_loop(dev: str, *, attempts: int = 50) -> None:
             time.sleep(0.1)
 
 
-def swap_on(dev: str, *, priority: int | None = None, discard: str = "both") -> None:
+def swap_on(dev: str, *, priority: int | None = None, discard: str = "both",
+            area_bytes: int | None = None) -> None:
     """mkswap and swapon ``dev``.  ``discard``: how freed swap slots reach
     the device: "both" (the whole area at swapon, then each freed cluster),
-    "once", "pages" or "off"."""
-    run(["mkswap", dev])
+    "once", "pages" or "off".  ``area_bytes``: a swap area of that size at the
+    device's start (None: the whole device); the kernel uses no slot past it."""
+    run(["mkswap", dev] + ([] if area_bytes is None else [str(area_bytes // 1024)]))
     cmd = ["swapon"]
     if priority is not None:
         cmd += ["--priority", str(priority)]
@@ -346,9 +348,11 @@ def swap_off(dev: str) -> None:
         run(["swapoff", dev], timeout=None)
 
 
-def swap_on_file(path: str, *, priority: int | None = None, discard: str = "both") -> tuple[str, list[str]]:
+def swap_on_file(path: str, *, priority: int | None = None, discard: str = "both",
+                 area_bytes: int | None = None) -> tuple[str, list[str]]:
     """The whole of ``swapfs swapon``: a direct-I/O loop device over the
-    device file ``path``, its queue tuned, mkswap, swapon.  Returns the loop
+    device file ``path``, its queue tuned, mkswap (``area_bytes``: see
+    :func:`swap_on`), swapon.  Returns the loop
     device and what of the tuning could not be applied (swap works, slower).
     Refuses (CommandFailed) if a loop device already uses ``path``; on any
     failure nothing stays attached."""
@@ -364,7 +368,7 @@ def swap_on_file(path: str, *, priority: int | None = None, discard: str = "both
     dev = attach_loop(path)
     try:
         problems = tune_loop_queue(dev)
-        swap_on(dev, priority=priority, discard=discard)
+        swap_on(dev, priority=priority, discard=discard, area_bytes=area_bytes)
     except BaseException:
         detach_loop(dev)
         raise

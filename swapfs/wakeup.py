@@ -43,10 +43,15 @@ IDLE_SECONDS = 0.25
 class WakeLatency:
     """A PM QoS CPU latency request, held while ``requests()`` keeps moving."""
 
-    def __init__(self, latency_us: int, *, path: str = PM_QOS_DEVICE) -> None:
+    def __init__(self, latency_us: int, *, path: str = PM_QOS_DEVICE, min_rate: int = 0) -> None:
+        """``min_rate``: requests per second below which the bound is not worth
+        its cost (0: any request asks for it)."""
         if not 0 <= latency_us < NO_CONSTRAINT_US:
             raise ValueError(f"latency {latency_us} us out of range")
+        if min_rate < 0:
+            raise ValueError(f"minimum request rate {min_rate} out of range")
         self.latency_us = latency_us
+        self.min_rate = min_rate
         self.path = path
         self.fd: int | None = None
         self.held = False
@@ -97,16 +102,19 @@ class WakeLatency:
         self.held = False
 
     async def run(self, requests: Callable[[], int]) -> None:
-        """Hold the bound while ``requests()`` moves; runs until cancelled,
-        and closes the request on the way out."""
+        """Hold the bound while ``requests()`` moves at ``min_rate`` or more;
+        runs until cancelled, and closes the request on the way out."""
+        # requests per sample that ask for the bound (at least one)
+        enough = max(1, round(self.min_rate * SAMPLE_SECONDS))
         try:
             last = requests()
             idle = 0.0
             while True:
                 await trio.sleep(SAMPLE_SECONDS)
                 now = requests()
-                if now != last:
-                    last = now
+                moved = now - last
+                last = now
+                if moved >= enough:
                     idle = 0.0
                     self.hold()
                 elif self.held:

@@ -38,7 +38,8 @@ EXIT_CODES = {
                "mount's keeper did not answer within 5 s (nothing was changed)",
     "unmount": "0 unmounted; 1 not a swapfs mount, busy (swap or loop devices on it), or a "
                "process of the mount still running",
-    "swapon": "0 swap is on; 1 refused or failed (nothing stays attached)",
+    "swapon": f"0 swap is on; 1 refused or failed (nothing stays attached); {_DAEMON} (the "
+              "mount's stats size the swap area; nothing was attached)",
     "swapoff": "0 swap is off (or was not on) and the loop device detached; 1 swapoff or the "
                "detach failed",
     "status": "0 every mount answered (or there is none); 1 a MOUNT given is not a swapfs "

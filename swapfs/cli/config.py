@@ -28,7 +28,7 @@ def load_checked_config(path: str | None, mountpoint: str | None) -> Any:
 def describe(config: Any) -> list[str]:
     """What a configuration was understood to say, one line per part, sizes in bytes and
     units (check-config prints it)."""
-    from ..config import mem_total_bytes, sized
+    from ..config import mem_total_bytes, sized, store_capacity_bytes
     from ..kernel import PAGE_SIZE
 
     pool = config.pool
@@ -37,7 +37,9 @@ def describe(config: Any) -> list[str]:
     except OSError:
         share = ""
     codec = pool.algorithm + (f" level {pool.level}" if pool.algorithm == "zstd" else "")
-    lines = [f"pool: {codec}, max_bytes {sized(pool.max_bytes)}{share}; accept_ratio "
+    lines = [f"pool: {codec}, max_bytes {sized(pool.max_bytes)}{share}, holding about "
+             f"{sized(int(pool.max_bytes * pool.ratio()))} of data at {pool.ratio():g}:1 "
+             f"(expected_ratio); accept_ratio "
              f"{pool.accept_ratio:g}; watermarks high {pool.high_watermark:g}, low "
              f"{pool.low_watermark:g}"
              + (f"; recompress {pool.recompress} after {pool.recompress_after:g} s"
@@ -53,6 +55,9 @@ def describe(config: Any) -> list[str]:
                      f"{t.priority}; {'preallocated' if t.preallocate else 'sparse'}, "
                      f"{'encrypted' if t.encrypt else 'not encrypted'}; watermarks high "
                      f"{t.high_watermark:g}, low {t.low_watermark:g}")
+    devices = sum(d.size for d in config.devices)
+    lines.append(f"capacity: the store holds about {sized(store_capacity_bytes(config))} of "
+                 f"data, the devices total {sized(devices)}")
     return lines
 
 
@@ -66,6 +71,10 @@ def cmd_check_config(args: argparse.Namespace) -> int:
         config = load_checked_config(args.config, None)
     except ValueError as exc:
         return die(f"invalid configuration: {exc}", EXIT_USAGE)
+    from ..config import capacity_warnings
+
+    for warning in capacity_warnings(config):
+        print(f"swapfs: warning: {warning}", file=sys.stderr)
     print(f"configuration OK: {len(config.devices)} device(s), pool {config.pool.algorithm} "
           f"up to {fmt_bytes(config.pool.max_bytes)}, {len(config.tiers)} file tier(s)")
     for line in describe(config):
@@ -80,7 +89,9 @@ def add_parsers(sub: Any) -> None:
                        "this machine, running every check 'swapfs mount' runs before it starts "
                        "the daemon (the pool against RAM, the devices' slot tables, the tiers' "
                        "paths and files: creatable, not held by another mount, space), then "
-                       "print what was understood, sizes in bytes and units.")
+                       "print what was understood, sizes in bytes and units.  Warns, as mount "
+                       "does, when the devices are larger in total than the pool and the file "
+                       "tiers can hold at the pool's assumed ratio (pool.expected_ratio).")
     p.add_argument("config", nargs="?", metavar="FILE", help="TOML file (default: the embedded one)")
     p.add_argument("--print-default", action="store_true", help="print the embedded default configuration")
     p.set_defaults(func=cmd_check_config)

@@ -75,6 +75,12 @@ POOL_KEYS = (
         "true: equal pages share one compressed object (found by an xxh3 index, confirmed by "
         "comparing the bytes). Worth it only for workloads with many equal pages: the index "
         "costs memory per stored object."),
+    Key("expected_ratio", "number from 1 to 64", "2.5",
+        "The memory ratio (uncompressed bytes per byte stored) assumed where none is measured "
+        "yet; the default is the codec's, 2.5 for lz4 and 3.5 for zstd. check-config and mount "
+        "warn when the devices total more than max_bytes and the file tiers' sizes at this "
+        "ratio; the stats' headroom, and so the swap area of swapfs swapon, use it while the "
+        "pool or a tier holds nothing."),
 )
 
 DEVICE_KEYS = (

@@ -38,9 +38,15 @@ from .logs import (
 # from 39 s to 23 s and 4k reads at depth 1 from 11.7k to 25.7k IOPS;
 # 500-1000 us gained little more.  See docs/fuse.md.
 DEFAULT_POLL_US = 200
+# ... but only while tasks wait for a CPU less than this share of the time
+# (percent; see swapfs/fuse/pressure.py and docs/latency.md).
+DEFAULT_POLL_CPU_PRESSURE = 10
 # While requests flow, ask the kernel (PM QoS) to keep CPU wake-ups within
 # this many microseconds: 0 keeps idle CPUs polling.  See swapfs/wakeup.py.
 DEFAULT_CPU_LATENCY_US = 0
+# ... but only while requests arrive at this rate or more (per second): see
+# docs/latency.md for the measurement behind it.
+DEFAULT_CPU_LATENCY_MIN_RATE = 0
 
 
 def _mountpoint_problem(path: str) -> str | None:
@@ -83,7 +89,9 @@ def _daemon_args(args: argparse.Namespace, mountpoint: str, log_file: str | None
         out.append("--allow-other")
     if args.no_mlock:
         out.append("--no-mlock")
-    out += ["--poll-us", str(args.poll_us), "--cpu-latency-us", str(args.cpu_latency_us)]
+    out += ["--poll-us", str(args.poll_us), "--poll-cpu-pressure", str(args.poll_cpu_pressure),
+            "--cpu-latency-us", str(args.cpu_latency_us),
+            "--cpu-latency-min-rate", str(args.cpu_latency_min_rate)]
     if args.no_cpu_latency:
         out.append("--no-cpu-latency")
     if args.standby:
@@ -129,9 +137,15 @@ def cmd_mount(args: argparse.Namespace) -> int:
         return die(f"invalid configuration: {exc}", EXIT_USAGE)
     if not 0 <= args.poll_us <= 100_000:
         return die(f"--poll-us {args.poll_us}: must be between 0 and 100000 microseconds", EXIT_USAGE)
+    if not 1 <= args.poll_cpu_pressure <= 100:
+        return die(f"--poll-cpu-pressure {args.poll_cpu_pressure}: must be a percentage between 1 and 100",
+                   EXIT_USAGE)
     if not 0 <= args.cpu_latency_us <= 1_000_000:
         return die(f"--cpu-latency-us {args.cpu_latency_us}: must be between 0 and 1000000 microseconds",
                    EXIT_USAGE)
+    if not 0 <= args.cpu_latency_min_rate <= 10_000_000:
+        return die(f"--cpu-latency-min-rate {args.cpu_latency_min_rate}: must be between 0 and 10000000 "
+                   "requests per second", EXIT_USAGE)
     if args.mkdir and args.role in (None, "start") and not os.path.lexists(mountpoint):
         try:
             os.makedirs(mountpoint, mode=0o755)
@@ -190,6 +204,12 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
         # printed by the command that started the daemon.
         log.warning("%s", warning)
         tell(f"WARNING {warning.replace(chr(10), ' ')}")
+    if args.role in (None, "start"):
+        from ..config import capacity_warnings
+
+        for warning in capacity_warnings(config):  # devices the store cannot back
+            log.warning("%s", warning)
+            tell(f"WARNING {warning}")
     config_path = os.path.abspath(args.config) if args.config else None
     if not args.no_failover:
         if args.transport == "auto":
@@ -203,8 +223,10 @@ def _run_foreground(args: argparse.Namespace, config: Any, mountpoint: str) -> i
         trio.run(
             lambda: serve_mount(
                 config, mountpoint, on_ready=lambda: report("READY"), allow_other=args.allow_other,
-                poll_us=args.poll_us, config_path=config_path, transport=args.transport,
+                poll_us=args.poll_us, poll_pressure=args.poll_cpu_pressure / 100, config_path=config_path,
+                transport=args.transport,
                 cpu_latency_us=None if args.no_cpu_latency else args.cpu_latency_us,
+                cpu_latency_min_rate=args.cpu_latency_min_rate,
             )
         )
     except fuse.MountError as exc:
@@ -252,8 +274,9 @@ def _run_failover(args: argparse.Namespace, config: Any, mountpoint: str, config
                 config, mountpoint, keeper=keeper, role=role, standby_cmd=standby_cmd,
                 meta={"daemon_args": daemon_args},
                 on_ready=lambda: report(f"READY {os.getpid()}"), allow_other=args.allow_other,
-                poll_us=args.poll_us, config_path=config_path,
+                poll_us=args.poll_us, poll_pressure=args.poll_cpu_pressure / 100, config_path=config_path,
                 cpu_latency_us=None if args.no_cpu_latency else args.cpu_latency_us,
+                cpu_latency_min_rate=args.cpu_latency_min_rate,
             )
         )
     except KeeperError as exc:  # a successor whose keeper is gone: the mount has ended
@@ -373,7 +396,8 @@ def _spawn_background(args: argparse.Namespace, mountpoint: str) -> int:
 def _read_answer(fd: int) -> str:
     """The daemon's answer on its ready pipe: ``READY [PID]``, ``ERROR ...``, or "" if it
     closed the pipe without one.  The ``WARNING ...`` lines before it (what the daemon could
-    not set up: mlockall, oom_score_adj, PR_SET_IO_FLUSHER) are printed on stderr."""
+    not set up: mlockall, oom_score_adj, PR_SET_IO_FLUSHER; devices larger than the store
+    can hold) are printed on stderr."""
     with os.fdopen(fd, "rb") as pipe:
         for raw in pipe:
             line = raw.decode(errors="replace").strip()
@@ -584,6 +608,11 @@ def add_parsers(sub: Any) -> None:
                    help="after answering a request, busy-poll for the next one for up to N "
                    f"microseconds before sleeping (default {DEFAULT_POLL_US}; 0: never poll). "
                    "Trades some CPU while swapping for latency: each swap-in waits on the daemon")
+    p.add_argument("--poll-cpu-pressure", type=int, default=DEFAULT_POLL_CPU_PRESSURE, metavar="PCT",
+                   help="busy-poll only while tasks wait for a CPU less than PCT%% of the time "
+                   f"(/proc/pressure/cpu; default {DEFAULT_POLL_CPU_PRESSURE}; 100: poll regardless). "
+                   "On a busy machine the spinning daemon would hold the CPU that the next request's "
+                   "producers wait for")
     p.add_argument("--transport", choices=["classic", "uring", "auto"], default="classic",
                    help="how FUSE requests reach the daemon: classic (/dev/fuse reads, the default), "
                    "uring (FUSE over io_uring; fails with the reason if the kernel cannot: needs "
@@ -595,6 +624,10 @@ def add_parsers(sub: Any) -> None:
                    f"(/dev/cpu_dma_latency, released after a quarter second without requests; default "
                    f"{DEFAULT_CPU_LATENCY_US}: idle CPUs poll instead of sleeping).  Each swap-in is a "
                    "chain of wake-ups: on a VM this halves its latency, for some CPU while swapping")
+    p.add_argument("--cpu-latency-min-rate", type=int, default=DEFAULT_CPU_LATENCY_MIN_RATE, metavar="N",
+                   help="ask for the CPU wake-up latency only while requests arrive at N per second or "
+                   f"more (default {DEFAULT_CPU_LATENCY_MIN_RATE}; 0: at any request).  Below it the "
+                   "polling CPUs cost more than the faster wake-ups save")
     p.add_argument("--no-cpu-latency", action="store_true",
                    help="never ask for a CPU wake-up latency (idle CPUs sleep as the system decides)")
     p.add_argument("--log-file", metavar="FILE",
@@ -632,3 +665,4 @@ def add_parsers(sub: Any) -> None:
     p.add_argument("mountpoint", metavar="MOUNTPOINT")
     p.add_argument("--lazy", action="store_true", help="detach now, finish when no longer busy")
     p.set_defaults(func=cmd_unmount)
+

@@ -103,6 +103,8 @@ def format_stats(stats: dict[str, Any]) -> str:
         f"compression ratio {_ratio(tot.get('compression_ratio', 0.0), 'orig_data_size / compr_data_size')}, "
         f"memory ratio {_ratio(tot.get('memory_ratio', 0.0), 'pool data / pool memory')}"
     )
+    if "headroom_pages" in tot:
+        lines.append(headroom_line(tot, stats.get("tiers", {}).get("pool", {})))
     for section in ("writeback", "cache"):
         counters = {k: v for k, v in stats.get(section, {}).items() if not isinstance(v, dict)}
         if section == "writeback":
@@ -114,6 +116,19 @@ def format_stats(stats: dict[str, Any]) -> str:
     for pair, c in pairs.items():
         lines.append(f"  moved {pair}: " + ", ".join(_counter(k, v) for k, v in c.items()))
     return "\n".join(lines)
+
+
+def headroom_line(totals: dict[str, Any], pool: dict[str, Any]) -> str:
+    """The store's real headroom in one line: what it can still take, and how much of the
+    devices' capacity stored pages and that headroom back."""
+    room = totals.get("headroom_pages", 0)
+    backed = totals.get("backed_fraction", 0.0)
+    ratio = pool.get("headroom_ratio", 0.0)
+    line = (f"headroom: {room} pages ({fmt_bytes(room * PAGE)} of data) more fit, the pool's at "
+            f"{ratio:.2f}:1; {backed:.1%} of the devices' capacity is backed")
+    if backed < 1.0:
+        line += " (the kernel can fill slots the store has no room for)"
+    return line
 
 
 def _columns(table: list[list[str]], left: int) -> list[str]:
@@ -167,6 +182,7 @@ def status_rows(timeout: float = DEFAULT_TIMEOUT, only: list[str] | None = None)
                          "state": problem[0] if problem else "error", "error": why})
             continue
         algorithm = stats.get("tiers", {}).get("pool", {}).get("algorithm", "")
+        totals = stats.get("totals", {})
         for name, d in stats.get("devices", {}).items():
             path = os.path.join(mount, name)
             loop = next((lo.device for lo in loops if lo.backing_file == path), None)
@@ -181,6 +197,9 @@ def status_rows(timeout: float = DEFAULT_TIMEOUT, only: list[str] | None = None)
                 "compr_data_size": d.get("compr_data_size", 0),
                 "mem_used_total": d.get("mem_used_total", d.get("pool_bytes", 0)),
                 "algorithm": algorithm, "file_pages": d.get("file_pages", 0),
+                # the mount's, shared by its devices
+                "headroom_pages": totals.get("headroom_pages"),
+                "backed_fraction": totals.get("backed_fraction"),
             })
     return rows
 
@@ -218,7 +237,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         return str(v) if args.bytes else fmt_bytes(v).replace(" ", "")
 
     header = ["MOUNT", "DEVICE", "LOOP", "SIZE", "USED", "PRIO", "DATA", "COMPR", "MEMORY", "ALGO",
-              "FILE-PAGES"]
+              "FILE-PAGES", "HEADROOM", "BACKED"]
     table = [header]
     problems: dict[int, str] = {}  # row -> why its mount did not answer
     for r in rows:
@@ -230,7 +249,9 @@ def cmd_status(args: argparse.Namespace) -> int:
                       b(r["swap_used_bytes"]),
                       "-" if r["swap_priority"] is None else str(r["swap_priority"]),
                       b(r["orig_data_size"]), b(r["compr_data_size"]), b(r["mem_used_total"]),
-                      r["algorithm"], str(r["file_pages"])])
+                      r["algorithm"], str(r["file_pages"]),
+                      "-" if r["headroom_pages"] is None else b(r["headroom_pages"] * PAGE),
+                      "-" if r["backed_fraction"] is None else f"{r['backed_fraction']:.0%}"])
     widths = [max(text_width(row[i]) for row in table) for i in range(len(header))]
     for n, row in enumerate(table):
         if n in problems:
@@ -273,8 +294,10 @@ def add_parsers(sub: Any) -> None:
                        description="One line per device of every swapfs mount, like zramctl and "
                        "swapon --show: its loop device, size, swap used and priority (from "
                        "/proc/swaps), DATA (uncompressed bytes held in memory), COMPR (their "
-                       "compressed size), MEMORY (pool memory they take), the algorithm and the "
-                       "pages in file tiers.")
+                       "compressed size), MEMORY (pool memory they take), the algorithm, the "
+                       "pages in file tiers, HEADROOM (the data the mount's store can still take "
+                       "at its current ratio, shared by its devices) and BACKED (the share of the "
+                       "mount's device capacity that stored pages and headroom back).")
     p.add_argument("mounts", nargs="*", metavar="MOUNT",
                    help="only these mounts (default: every swapfs mount); the exit status "
                    "then speaks of them alone")

@@ -175,7 +175,7 @@ class FailoverServer:
 
     def __init__(self, ops_factory: OpsFactory, keeper: str | os.PathLike[str], *, version: int,
                  readable: Sequence[int] | None = None, standby_cmd: Sequence[str] | None = None,
-                 max_inflight: int = 64, poll_us: int = 0,
+                 max_inflight: int = 64, poll_us: int = 0, poll_pressure: float = 1.0,
                  on_claimed: Callable[[], None] | None = None) -> None:
         self.ops_factory = ops_factory
         # A takeover's last step before the resend: the old server has exited and this one
@@ -189,6 +189,7 @@ class FailoverServer:
         self.standby_cmd = list(standby_cmd) if standby_cmd else None
         self.max_inflight = max_inflight
         self.poll_us = poll_us
+        self.poll_pressure = poll_pressure
         self.session: Session | None = None
         self.ops: Operations | None = None
         self.resumed_at: float | None = None  # monotonic time of the resend (a takeover)
@@ -320,7 +321,7 @@ class FailoverServer:
     def _session(self, ops: Operations, fd: int, resume: ConnectionInfo | None = None) -> Session:
         self.ops = ops
         self.session = Session(ops, fd, max_inflight=self.max_inflight, poll_us=self.poll_us,
-                               resume=resume)
+                               poll_pressure=self.poll_pressure, resume=resume)
         return self.session
 
     async def _serve(self, session: Session, on_started: Callable[[ConnectionInfo], None] | None,

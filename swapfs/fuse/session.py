@@ -65,6 +65,7 @@ from . import uring, wire
 from .dispatch import HEADER_ROOM, NO_REPLY, PAGE, Dispatcher, SessionStatistics, Suspended
 from .mount import mount, unmount_quietly
 from .ops import ConnectionInfo, Operations
+from .pressure import PSI_CPU, CpuPressure
 from .uring import probe
 
 log = logging.getLogger("swapfs.fuse")
@@ -81,13 +82,16 @@ REQUESTED_FLAGS = (
 
 # A read of the FUSE fd failing this many times in a row ends the session.
 READ_ERROR_LIMIT = 100
+# How often the busy-poll's governor samples the CPU pressure (Session._govern_poll).
+POLL_SAMPLE_SECONDS = 0.05
+
 # Errnos after which the fd cannot be read again: the session ends at once.
 FATAL_READ_ERRNOS = frozenset({errno.EBADF, errno.EINVAL, errno.EFAULT, errno.ENOTCONN})
 
 _IN = wire.in_header.size
 _pack_out = wire.out_header.pack
 
-__all__ = ["READ_ERROR_LIMIT", "REQUESTED_FLAGS", "Session", "SessionStatistics", "serve"]
+__all__ = ["POLL_SAMPLE_SECONDS", "READ_ERROR_LIMIT", "REQUESTED_FLAGS", "Session", "SessionStatistics", "serve"]
 
 
 class Session:
@@ -103,6 +107,8 @@ class Session:
         max_pages: int = 256,
         max_background: int = 64,
         poll_us: int = 0,
+        poll_pressure: float = 1.0,
+        pressure_path: str = PSI_CPU,
         transport: str = "classic",
         uring_depth: int = 16,
         connection: int | None = None,
@@ -113,6 +119,10 @@ class Session:
         every check passes); ``uring_depth``: ring entries per queue; ``connection``: the
         fusectl connection number, to abort the connection if the ring cannot be set up;
         ``dispatcher``: the requests' Dispatcher (default: a Dispatcher over ``ops``).
+
+        ``poll_pressure``: busy-poll (``poll_us``) only while tasks wait for a CPU less than this
+        share of the time (PSI, read from ``pressure_path``; see swapfs/fuse/pressure.py); polling
+        pauses when the share reaches it and resumes below half of it.  1.0: poll regardless.
 
         ``resume``: serve a connection that another process already negotiated, with the INIT
         parameters it saved (docs/failover.md): no INIT is read, ``max_pages`` is the
@@ -132,6 +142,13 @@ class Session:
         self.max_pages = max_pages
         self.max_background = min(max_background, 65535)
         self.poll_ns = max(poll_us, 0) * 1000
+        if not 0.0 < poll_pressure <= 1.0:
+            raise ValueError("poll_pressure must be in (0, 1]")
+        self.poll_pressure = poll_pressure
+        self.pressure_path = pressure_path
+        self.polling = self.poll_ns > 0  # the governor pauses the busy-poll under CPU pressure
+        self.poll_pauses = 0  # times it did
+        self._governor: trio.CancelScope | None = None
         self.conn: ConnectionInfo | None = None
         if transport not in uring.TRANSPORTS:
             raise ValueError(f"transport must be one of {', '.join(uring.TRANSPORTS)}")
@@ -193,6 +210,8 @@ class Session:
                 nursery.start_soon(self._serve, buf)
                 if self._uring is not None:
                     nursery.start_soon(self._uring.run)
+                if self.poll_ns and self.poll_pressure < 1.0:
+                    self._start_governor(nursery)
         finally:
             self.dispatcher.ended = True
             self._nursery = None
@@ -358,6 +377,40 @@ class Session:
         await trio.sleep(min(0.001 * 2 ** self._read_errors_in_a_row, 0.1))
         return not self.dispatcher.ended
 
+    def _start_governor(self, nursery: trio.Nursery) -> None:
+        pressure = CpuPressure(self.pressure_path)
+        problem = pressure.open()
+        if problem:
+            log.info("busy-poll not governed by CPU pressure (%s): it polls regardless", problem)
+            return
+        self._governor = trio.CancelScope()
+        nursery.start_soon(self._govern_poll, pressure, self._governor)
+
+    async def _govern_poll(self, pressure: CpuPressure, scope: trio.CancelScope) -> None:
+        """Pause the busy-poll while tasks wait for a CPU (see swapfs/fuse/pressure.py): a
+        spinning daemon would hold the CPU that the next request's producers wait for.  Runs
+        until the connection ends (the last reader cancels ``scope``)."""
+        limit = self.poll_pressure
+        with scope:
+            try:
+                while not self.dispatcher.ended:
+                    await trio.sleep(POLL_SAMPLE_SECONDS)
+                    share = pressure.sample()
+                    if self.polling:
+                        if share >= limit:
+                            self._set_polling(False)
+                    elif share < limit / 2:
+                        self._set_polling(True)
+            finally:
+                pressure.close()
+
+    def _set_polling(self, on: bool) -> None:
+        self.polling = on
+        if not on:
+            self.poll_pauses += 1
+        if self._uring is not None:
+            self._uring.poll_ns = self.poll_ns if on else 0
+
     def _poll(self, buf: bytearray) -> int | None:
         """Busy-poll /dev/fuse for up to ``poll_ns`` before parking in epoll:
         on a machine where waking an idle CPU is slow (a VM), a request that
@@ -393,7 +446,7 @@ class Session:
             try:
                 n = readv(fd, [buf])
             except BlockingIOError:
-                n = self._poll(buf) if self.poll_ns and not d.suspended else None
+                n = self._poll(buf) if self.polling and not d.suspended else None
                 if n is None:
                     n = await self._read(buf)
             except OSError as e:
@@ -429,6 +482,8 @@ class Session:
                 break
             self._reader_active = True
         self._pool.append(buf)
+        if d.ended and self._governor is not None:
+            self._governor.cancel()
         # Whoever ends the connection wakes nobody: no other task is reading.
 
     def _start_reader(self) -> None:
@@ -495,6 +550,7 @@ async def serve(
     max_inflight: int = 64,
     max_pages: int = 256,
     poll_us: int = 0,
+    poll_pressure: float = 1.0,
     transport: str = "classic",
     uring_depth: int = 16,
     session_callback: Callable[[Session], None] | None = None,
@@ -522,7 +578,7 @@ async def serve(
     session: Session | None = None
     try:
         session = Session(ops, fd, max_inflight=max_inflight, max_pages=max_pages, poll_us=poll_us,
-                          transport=transport, uring_depth=uring_depth,
+                          poll_pressure=poll_pressure, transport=transport, uring_depth=uring_depth,
                           connection=uring.connection_id(path) if transport != "classic" else None)
         if session_callback is not None:
             session_callback(session)

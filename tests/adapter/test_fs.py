@@ -207,3 +207,14 @@ async def test_names_and_attributes(fake: Any) -> None:
     assert (await fs.setattr(DEV, same, CTX)).st_size == MiB  # truncate to its own size: harmless
     vfs = await fs.statfs(ROOT_INODE, CTX)
     assert vfs.f_blocks == 2 * MiB // 4096
+
+
+def test_the_full_answer_knob_of_bench_full() -> None:
+    """SWAPFS_FULL_ANSWER (scripts/bench-full only): ENOSPC by default and for anything it
+    cannot read, EIO, or ENOSPC after holding the write."""
+    from swapfs.fs import _full_answer
+
+    assert _full_answer("enospc") == (errno.ENOSPC, 0.0)
+    assert _full_answer("eio") == (errno.EIO, 0.0)
+    assert _full_answer("hold:2.5") == (errno.ENOSPC, 2.5)
+    assert _full_answer("hold:x") == _full_answer("") == (errno.ENOSPC, 0.0)

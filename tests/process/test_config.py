@@ -332,3 +332,29 @@ def test_check_machine_16_tib_device_mounts_or_is_refused_with_the_sizes() -> No
 def test_sized() -> None:
     assert cfg.sized(1000) == "1000 bytes"
     assert cfg.sized(2 << 40) == "2199023255552 bytes (2.0 TiB)"
+
+
+def test_expected_ratio_defaults_to_the_codecs_and_is_checked() -> None:
+    assert parse_config(MINIMAL_DEVICE).pool.ratio() == 2.5
+    zstd = parse_config('[pool]\nalgorithm = "zstd"\n' + MINIMAL_DEVICE).pool
+    assert zstd.ratio() == 3.5
+    assert parse_config("[pool]\nexpected_ratio = 4\n" + MINIMAL_DEVICE).pool.ratio() == 4.0
+    for bad in ("0.5", "65", '"2"', "true"):
+        with pytest.raises(ConfigError, match="pool.expected_ratio"):
+            parse_config(f"[pool]\nexpected_ratio = {bad}\n" + MINIMAL_DEVICE)
+
+
+def test_capacity_warning_says_the_sizes_and_what_fits() -> None:
+    """The store holds max_bytes and the file tiers' sizes at the assumed ratio; devices
+    beyond that are warned of, devices within it are not."""
+    text = ('[pool]\nmax_bytes = "16M"\n[[device]]\nname = "swap0"\nsize = "{size}"\n'
+            '[[tier]]\nname = "disk"\npath = "/var/tmp/x.img"\nsize = "32M"\n')
+    big = parse_config(text.format(size="1G"))
+    assert cfg.store_capacity_bytes(big) == 120 << 20  # (16 MiB + 32 MiB) * 2.5
+    (warning,) = cfg.capacity_warnings(big)
+    assert "they total 1073741824 bytes (1.0 GiB)" in warning
+    assert "the store about 125829120 bytes (120.0 MiB)" in warning
+    assert "pool.expected_ratio" in warning and "at most 125829120 bytes" in warning
+    assert cfg.capacity_warnings(parse_config(text.format(size="120M"))) == []
+    assert cfg.capacity_warnings(parse_config(
+        text.format(size="1G").replace("[pool]\n", "[pool]\nexpected_ratio = 64\n"))) == []

@@ -71,3 +71,34 @@ async def test_held_while_requests_flow_released_when_idle(tmp_path, autojump_cl
         nursery.cancel_scope.cancel()
     assert wake.fd is None  # closed on the way out: the kernel drops the request
     assert written(path) == [NO_CONSTRAINT_US, 7, NO_CONSTRAINT_US, 7]
+
+
+async def test_min_rate_holds_only_above_the_rate(tmp_path, autojump_clock):
+    path = tmp_path / "qos"
+    path.write_bytes(b"")
+    wake = WakeLatency(0, path=str(path), min_rate=1000)
+    per_sample = round(1000 * wakeup.SAMPLE_SECONDS)
+    assert wake.open() is None
+    count = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wake.run, lambda: count)
+        await trio.sleep(wakeup.SAMPLE_SECONDS / 2)  # between the watcher's samples
+        for _ in range(20):  # a trickle, below the rate: not worth the bound
+            count += per_sample // 2
+            await trio.sleep(wakeup.SAMPLE_SECONDS)
+        assert not wake.held and wake.holds == 0
+        for _ in range(5):  # at the rate: held
+            count += per_sample
+            await trio.sleep(wakeup.SAMPLE_SECONDS)
+        assert wake.held and wake.holds == 1
+        for _ in range(round(wakeup.IDLE_SECONDS / wakeup.SAMPLE_SECONDS) + 2):  # back to a trickle
+            count += 1
+            await trio.sleep(wakeup.SAMPLE_SECONDS)
+        assert not wake.held  # given back
+        nursery.cancel_scope.cancel()
+    assert written(path) == [NO_CONSTRAINT_US, 0, NO_CONSTRAINT_US]
+
+
+def test_min_rate_out_of_range():
+    with pytest.raises(ValueError, match="rate"):
+        WakeLatency(0, min_rate=-1)

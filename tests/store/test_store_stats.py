@@ -142,3 +142,69 @@ async def test_devices_say_whether_their_pages_may_move_down(make_store: MakeSto
     store = make_store(devices=(("kept", 8 * MiB, False), ("moves", 8 * MiB, True)))
     d = store.stats().to_dict()["devices"]
     assert d["kept"]["writeback"] is False and d["moves"]["writeback"] is True
+
+
+async def test_headroom_of_an_empty_store_assumes_the_codecs_ratio(make_store: MakeStore,
+                                                                  tmp_path) -> None:
+    """Nothing stored: the pool's headroom is its max_bytes at the assumed ratio (lz4: 2.5),
+    a file tier's its room at that ratio too (it stores the pool codec's objects);
+    backed_fraction is their share of the devices' pages."""
+    from ..conftest import tier
+
+    store = make_store([tier("ssd", tmp_path / "ssd.img", 8 * MiB)], pool_bytes=4 * MiB,
+                       devices=(("swap0", 64 * MiB),))
+    st = store.stats()
+    assert st.pool.headroom_ratio == 2.5
+    assert st.pool.headroom_pages == 4 * MiB * 5 // 2 // P
+    ssd = st.tiers[1]
+    from swapfs.tiers.file import CLEAN_RESERVE
+
+    room = store.files[0].room_bytes  # every segment but those kept back for cleaning
+    assert room == 8 * MiB - CLEAN_RESERVE * store.files[0].segment_bytes
+    assert ssd.headroom_pages == int(room * 2.5) // P
+    assert st.totals.headroom_pages == st.pool.headroom_pages + ssd.headroom_pages
+    assert st.totals.backed_fraction == pytest.approx(st.totals.headroom_pages / (64 * MiB // P))
+    d = st.to_dict()
+    assert d["totals"]["headroom_pages"] == st.totals.headroom_pages
+    assert d["tiers"]["ssd"]["headroom_pages"] == ssd.headroom_pages
+
+
+async def test_headroom_follows_what_is_stored_until_the_store_is_full(make_store: MakeStore,
+                                                                      tmp_path) -> None:
+    """With pages in the pool the headroom uses the pool's measured ratio (pages over the
+    bytes of the objects in use); filled to NoSpace, the headroom is next to nothing and the
+    pages stored are all that backs the devices."""
+    from swapfs.errors import NoSpace
+
+    from ..conftest import tier
+
+    store = make_store([tier("ssd", tmp_path / "ssd.img", 2 * MiB)], pool_bytes=1 * MiB,
+                       devices=(("swap0", 64 * MiB),))
+    dev = store.devices[0]
+    rng = random.Random(11)
+    for i in range(64):
+        await store.write(dev, i * P, compressible_page(rng))
+    for i in range(64, 80):
+        await store.write(dev, i * P, bytes(P))  # same-filled: no room taken
+    st = store.stats()
+    pool = store.pool
+    ratio = 64 * P / pool.used_bytes
+    assert st.pool.headroom_ratio == pytest.approx(ratio)
+    assert ratio > 2  # the measured ratio, not the assumed 2.5
+    assert st.pool.headroom_pages == int((MiB - pool.used_bytes) * ratio) // P
+    ssd = st.tiers[1]
+    assert st.totals.headroom_pages == st.pool.headroom_pages + ssd.headroom_pages
+    assert st.totals.backed_fraction == pytest.approx(
+        (80 + st.totals.headroom_pages) / (64 * MiB // P))
+    before = st.totals.headroom_pages
+    i = 80
+    with pytest.raises(NoSpace):
+        while i < 64 * MiB // P:
+            await store.write(dev, i * P, compressible_page(rng))
+            i += 1
+    st = store.stats()
+    assert st.tiers[1].headroom_pages < 64  # padding and the head's tail
+    assert st.totals.headroom_pages < before // 50
+    assert st.totals.backed_fraction == pytest.approx(
+        (st.totals.stored_pages + st.totals.headroom_pages) / (64 * MiB // P))
+    assert st.totals.backed_fraction < 0.2

@@ -69,7 +69,11 @@ async def test_tracer_flushes_in_order_and_drops_when_behind(tmp_path):
     await tracer.start()
     for k in range(40):  # the flusher runs between requests, as in the daemon
         tracer.record(WRITE, 0, k, 1, NO_TIER, 0)
-        await trio.sleep(0.01 if k % 4 == 3 else 0)
+        if k % 4 == 3:  # let the flusher's thread write the buffer that filled, however slow
+            with trio.fail_after(10):
+                while tracer._full is not None:
+                    await trio.sleep(0.001)
+        await trio.lowlevel.checkpoint()
     # no checkpoint: both buffers fill, the rest is dropped and counted
     for k in range(40, 60):
         tracer.record(READ, 1, k, 1, 0, 0)

@@ -148,6 +148,16 @@ def test_poll_option(tmp_path):
     assert not _is_mounted(mnt)
 
 
+@pytest.mark.parametrize("option,value", [("--poll-cpu-pressure", "0"), ("--poll-cpu-pressure", "101"),
+                                          ("--cpu-latency-min-rate", "-1")])
+def test_wakeup_options_out_of_range_are_refused(tmp_path, option, value):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    out = run_swapfs("mount", option, value, str(mnt))
+    assert out.returncode == 2 and option in out.stderr
+    assert not _is_mounted(mnt)
+
+
 @pytest.mark.parametrize("poll_us", ["0", "1000"])
 def test_mount_without_and_with_long_polling_serves_io(tmp_path, poll_us):
     mnt = tmp_path / "mnt"

@@ -117,9 +117,11 @@ def test_status_names_what_stats_names(mount_factory) -> None:  # type: ignore[n
     stats = json.loads(run_swapfs("stats", str(m.path), "--json").stdout)
     assert {r["device"] for r in rows} == set(stats["devices"])
     own = {"mount", "device", "state", "loop", "swap_used_bytes", "swap_priority", "algorithm"}
+    mount_wide = {"headroom_pages", "backed_fraction"}  # the totals', shared by the devices
     for r in rows:
         d = stats["devices"][r["device"]]
-        shared = set(r) - own
+        assert {k: r[k] for k in mount_wide} == {k: stats["totals"][k] for k in mount_wide}
+        shared = set(r) - own - mount_wide
         assert shared == {"size_bytes", "stored_pages", "orig_data_size", "compr_data_size",
                           "mem_used_total", "file_pages"}
         assert {k: r[k] for k in shared} == {k: d[k] for k in shared}

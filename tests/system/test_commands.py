@@ -142,7 +142,7 @@ def test_status_lists_every_device_of_every_mount(mount_factory, tmp_path):
     assert run_swapfs("status", str(a.path), str(b.path)).returncode == 0
     lines = out.stdout.splitlines()
     assert lines[0].split() == ["MOUNT", "DEVICE", "LOOP", "SIZE", "USED", "PRIO", "DATA", "COMPR",
-                                "MEMORY", "ALGO", "FILE-PAGES"]
+                                "MEMORY", "ALGO", "FILE-PAGES", "HEADROOM", "BACKED"]
     mine = [line.split() for line in lines[1:] if line.split()[0] in (str(a.path), str(b.path))]
     assert sorted((r[0], r[1]) for r in mine) == sorted(
         [(str(a.path), "swap0"), (str(a.path), "swap1"), (str(b.path), "swap0"), (str(b.path), "swap1")])
@@ -152,6 +152,88 @@ def test_status_lists_every_device_of_every_mount(mount_factory, tmp_path):
     assert row["orig_data_size"] == 10 * PAGE
     out = run_swapfs("status", "--bytes").stdout
     assert str(64 * MiB) in out
+
+
+def test_status_and_stats_show_the_stores_headroom(mount_factory, tmp_path):
+    """The headroom of a mount of known content: 64 MiB of pool at the measured ratio plus the
+    tier's room at the assumed one, the same in stats and status; the 72 MiB of devices are
+    fully backed."""
+    m = mount_factory(tier_config(tmp_path))
+    fill(m.dev(), 100)
+    st = m.stats()
+    pool, ssd, tot = st["tiers"]["pool"], st["tiers"]["ssd"], st["totals"]
+    ratio = pool["stored_pages"] * PAGE / pool["used_bytes"]
+    assert pool["headroom_ratio"] == pytest.approx(ratio, rel=1e-3)
+    assert pool["headroom_pages"] == int((64 * MiB - pool["used_bytes"]) * ratio) // PAGE
+    # nothing in the tier yet: its segments but the two kept for cleaning, at lz4's 2.5:1
+    assert ssd["stored_pages"] == 0
+    assert ssd["headroom_pages"] == int((64 * MiB - 2 * ssd["segment_bytes"]) * 2.5) // PAGE
+    assert tot["headroom_pages"] == pool["headroom_pages"] + ssd["headroom_pages"]
+    assert tot["backed_fraction"] == 1.0
+    rows = json.loads(run_swapfs("status", "--json", str(m.path)).stdout)
+    assert {(r["device"], r["headroom_pages"], r["backed_fraction"]) for r in rows} == {
+        ("swap0", tot["headroom_pages"], 1.0), ("swap1", tot["headroom_pages"], 1.0)}
+    out = run_swapfs("status", "--bytes", str(m.path)).stdout.splitlines()
+    assert out[1].split()[-2:] == [str(tot["headroom_pages"] * PAGE), "100%"]
+    table = run_swapfs("stats", str(m.path)).stdout
+    assert f"headroom: {tot['headroom_pages']} pages" in table
+    assert "100.0% of the devices' capacity is backed" in table
+    prom = run_swapfs("stats", "--format", "prometheus", str(m.path)).stdout
+    assert f'swapfs_headroom_pages{{mount="{m.path}"}} {tot["headroom_pages"]}' in prom
+    assert f'swapfs_backed_fraction{{mount="{m.path}"}} 1.0' in prom
+    assert f'swapfs_tier_headroom_pages{{mount="{m.path}",tier="ssd"}}' in prom
+
+
+FULL_CONFIG = """
+[pool]
+max_bytes = "16M"
+
+[[device]]
+name = "swap0"
+size = "1G"
+
+[[tier]]
+name = "disk"
+path = "{tmp}/disk.img"
+size = "32M"
+"""
+
+
+def test_check_config_and_mount_warn_of_devices_the_store_cannot_back(tmp_path):
+    """1 GiB of devices over a 16 MiB pool and a 32 MiB tier (120 MiB of data at lz4's assumed
+    2.5:1): check-config and mount warn, naming the sizes and what to do; the mount
+    still starts, and its stats say how little of the devices is backed."""
+    from .conftest import Mount, stop_mount
+
+    cfg = tmp_path / "full.toml"
+    cfg.write_text(FULL_CONFIG.format(tmp=tmp_path))
+    out = run_swapfs("check-config", str(cfg))
+    assert out.returncode == 0, out.stderr
+    want = ("swapfs: warning: devices larger than the store can hold: they total 1073741824 "
+            "bytes (1.0 GiB), the store about 125829120 bytes (120.0 MiB)")
+    assert want in out.stderr
+    assert "pool.expected_ratio" in out.stderr and "at most 125829120 bytes" in out.stderr
+    assert "capacity: the store holds about 125829120 bytes (120.0 MiB) of data" in out.stdout
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "mnt.log"
+    out = run_swapfs("mount", "--no-mlock", "--log-file", str(log), "--config", str(cfg),
+                     str(mnt))
+    match = re.search(r"daemon pid (\d+)", out.stdout)
+    try:
+        assert out.returncode == 0 and match, out.stderr
+        assert want in out.stderr
+        assert "devices larger than the store can hold" in log.read_text()
+        tot = system.read_stats(mnt)["totals"]
+        assert tot["backed_fraction"] == pytest.approx(
+            tot["headroom_pages"] / (1 << 18), rel=1e-6)
+        assert tot["backed_fraction"] <= 120 / 1024  # at most what check-config said
+    finally:
+        if match:
+            stop_mount(Mount(path=mnt, log=log, pid=int(match.group(1))))
+    cfg.write_text(FULL_CONFIG.format(tmp=tmp_path).replace('"1G"', '"120M"'))
+    out = run_swapfs("check-config", str(cfg))
+    assert out.returncode == 0 and "warning" not in out.stderr, out.stderr
 
 
 def test_top_draws_frames_in_a_plain_terminal(mount_factory):
@@ -232,6 +314,42 @@ def test_swapon_and_swapoff_commands(mount_factory):
             assert out.returncode == 1 and "busy" in out.stderr and other in out.stderr
         out = run_swapfs("swapon", str(m.path / "nope"))
         assert out.returncode == 1 and "no such device" in out.stderr
+
+
+def test_swapon_sizes_the_swap_area_to_what_the_store_backs(tmp_path):
+    """1 GiB over a store that holds about 120 MiB: the swap area stops there, so that the
+    kernel sees the device full when the store is; --whole takes the whole device."""
+    from .conftest import start_mount, stop_mount
+
+    why = harness.kernel_swap_unavailable()
+    if why:
+        pytest.skip(why)
+    m = start_mount(tmp_path, FULL_CONFIG.format(tmp=tmp_path))
+    try:
+        dev = str(m.dev())
+        tot = m.stats()["totals"]
+        backed = int((1 << 18) * tot["backed_fraction"] * 0.5)  # half: stale pages, dead bytes
+        assert backed < 120 * MiB // PAGE
+        with harness.swap_lock():
+            out = run_swapfs("swapon", dev)
+            assert out.returncode == 0, out.stderr
+            loop = out.stdout.strip()
+            try:
+                assert "swap area of" in out.stderr and "--whole" in out.stderr
+                # the area less its header page
+                assert system.active_swaps()[loop].size_kib == (backed - 1) * 4
+            finally:
+                assert run_swapfs("swapoff", dev, timeout=120).returncode == 0
+            out = run_swapfs("swapon", "--whole", dev)
+            assert out.returncode == 0, out.stderr
+            loop = out.stdout.strip()
+            try:
+                assert "swap area" not in out.stderr
+                assert system.active_swaps()[loop].size_kib == (1 << 20) - 4
+            finally:
+                assert run_swapfs("swapoff", dev, timeout=120).returncode == 0
+    finally:
+        stop_mount(m)
 
 
 def test_swapon_and_swapoff_say_they_need_root(monkeypatch, capsys):

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -167,3 +169,47 @@ def test_no_loop_device_left_behind(tmp_path_factory):
     base = tmp_path_factory.getbasetemp()
     left = system.loops_backed_by(base)
     assert left == [], (base, left)
+
+
+def test_a_store_smaller_than_its_device_ends_in_the_oom_killer_not_a_thrash(
+        swap_ready, mount_factory, tmp_path):
+    """A 1 GiB device over a 16 MiB pool and a 32 MiB file tier, under a workload needing
+    about 256 MiB of swap.  Over the whole device the kernel kept swapping into slots the
+    store had no room for, every write refused, for as long as anyone waited
+    (scripts/bench-full); swapfs swapon's area stops at what the store can back, so the
+    kernel sees its swap full and the cgroup's OOM killer ends the workload: within the
+    bound, with no wrong page, the daemon serving."""
+    m = mount_factory(f"""
+[pool]
+max_bytes = "16M"
+
+[[device]]
+name = "swap0"
+size = "1G"
+
+[[tier]]
+name = "disk"
+path = "{tmp_path}/disk.img"
+size = "32M"
+""")
+    dev_file = str(m.dev())
+    with harness.swap_lock(), harness.vm_page_cluster(0):
+        out = subprocess.run([sys.executable, "-m", "swapfs", "swapon", dev_file],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        loop = out.stdout.strip()
+        try:
+            area = system.active_swaps()[loop].size_kib * 1024
+            assert area < 120 * MiB
+            result = harness.run_swap_workload(
+                working_set_bytes=WORKING_SET, limit_bytes=WORKLOAD_LIMIT,
+                cgroup_name=f"swapfs-test-full-{os.getpid()}", watch_device=loop,
+                timeout=180, oom_ok=True)
+            assert result.bad_pages == 0, result.output
+            assert result.oom_killed, result.output  # 256 MiB of swap cannot fit
+            assert result.peak_swap_kib * 1024 > area // 2
+            st = system.read_stats(m.path, timeout=10)  # the daemon serves
+            assert st["devices"]["swap0"]["writes"] > 0
+        finally:
+            system.swap_off(loop)
+            system.detach_loop(loop)

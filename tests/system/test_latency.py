@@ -77,3 +77,16 @@ def test_no_cpu_latency_asks_for_nothing(mount_factory):
         f.read(4096)
     assert qos_fds(m.pid) == 0
     assert "CPU wake-up latency" not in m.log_text()
+
+
+def test_min_rate_is_said_and_handed_to_successors(mount_factory):
+    m = mount_factory(args=("--cpu-latency-us", "3", "--cpu-latency-min-rate", "2000",
+                            "--poll-cpu-pressure", "25"))
+    with open(m.dev(), "rb", buffering=0) as f:
+        f.read(4096)
+    assert qos_fds(m.pid) == 1
+    assert "at most 3 us asked of the kernel while requests flow at 2000/s or more" in m.log_text()
+    with open(f"/proc/{m.pid}/cmdline", "rb") as f:
+        argv = f.read().split(b"\0")
+    assert argv[argv.index(b"--cpu-latency-min-rate") + 1] == b"2000"
+    assert argv[argv.index(b"--poll-cpu-pressure") + 1] == b"25"

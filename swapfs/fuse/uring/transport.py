@@ -369,7 +369,6 @@ class UringTransport:
         efd = r.eventfd
         cq_tail = r.cq_tail
         sq_flags = r.sq_flags
-        poll_ns = self.poll_ns
         while True:
             if self._pending or u32[sq_flags] & IORING_SQ_TASKRUN or self._cq_head == u32[cq_tail]:
                 self._submit()
@@ -383,6 +382,7 @@ class UringTransport:
                 continue
             if self.live <= 0 or self._stopped:
                 return
+            poll_ns = self.poll_ns  # paused under CPU pressure by the session
             if poll_ns and not d.suspended:
                 deadline = time.perf_counter_ns() + poll_ns
                 while time.perf_counter_ns() < deadline:

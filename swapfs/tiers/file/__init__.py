@@ -339,6 +339,12 @@ class FileTier:
         return max(self.capacity_pages - self.used_pages, 0)
 
     @property
+    def room_bytes(self) -> int:
+        """Bytes of objects the tier could still append, cleaning included (0 once the
+        filesystem under it said ENOSPC): what the stats' headroom counts."""
+        return 0 if self._enospc else self._map.room_bytes(CLEAN_MAX_LIVE)
+
+    @property
     def punch_pending(self) -> bool:
         """Whether emptied segments wait for punch_free_segments."""
         return bool(self._map.pending)

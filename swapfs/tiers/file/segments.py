@@ -212,6 +212,23 @@ class SegmentMap:
         cands.sort()
         return [s for _, s in cands[:n]]
 
+    def room_bytes(self, max_live: float) -> int:
+        """Bytes appends could still take: the rest of the head, the free segments beyond
+        the reserve, those waiting for their punch, and what cleaning would reclaim from the
+        sealed segments it takes (at most ``max_live`` live).  Placement's padding makes the
+        real figure a little lower."""
+        st, live = self.state, self.live
+        free = max(0, len(self.free_stack) - self.reserve)
+        room = free * self.segment_bytes
+        if self.head >= 0:
+            room += self.seg_size(self.head) - self.head_off
+        for s in range(self.nsegments):
+            if st[s] == SEALED and live[s] <= max_live * self.seg_size(s):
+                room += self.seg_size(s) - live[s]
+            elif st[s] >= PENDING:
+                room += self.seg_size(s)
+        return room
+
     # -- recovery ---------------------------------------------------------------------
 
     def rebuild(self, objects: Iterable[tuple[int, int]]) -> int:

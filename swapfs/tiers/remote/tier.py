@@ -258,6 +258,14 @@ class RemoteTier:
         return self.capacity_pages - self.used_pages
 
     @property
+    def room_bytes(self) -> int:
+        """Bytes of objects the tier could still append, cleaning included (0 while the
+        cluster said OOM): what the stats' headroom counts."""
+        if time.monotonic() < self._full_until:
+            return 0
+        return self._map.room_bytes(0.75)
+
+    @property
     def punch_pending(self) -> bool:
         # After a failed UNLINK, not before the next try is due (callers loop on this).
         return bool(self._map.pending) and time.monotonic() >= self._unlink_after
