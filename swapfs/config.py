@@ -20,7 +20,7 @@ from .stats import xattr_name
 
 ALGORITHMS = ("lz4", "zstd")
 ZSTD_LEVELS = range(1, 23)
-TIER_KINDS = ("file",)
+TIER_KINDS = ("file", "redis")
 
 # Limits mount would hit later, checked here so that check-config refuses what mount refuses.
 MIN_POOL_BYTES = 1 << 20  # smaller, the pool's spares alone would fill it
@@ -118,6 +118,19 @@ class TierConfig:
     segment_bytes: int = SEGMENT_BYTES
     # A codec the pages are recompressed with on their way down to this tier ("": none).
     recompress: str = ""
+    # kind = "redis" (docs/remote-tier.md): the cluster's seed nodes (host:port), the ACL user
+    # and the file holding its password, TLS files, the prefix of every key, the deadline of
+    # one remote request, how long a read retries before EIO, the replicas WAIT must count.
+    seeds: tuple[str, ...] = ()
+    user: str = ""
+    password_file: str = ""
+    tls_ca: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    key_prefix: str = ""
+    timeout: float = 0.2
+    read_deadline: float = 10.0
+    replicas: int = 1
 
 
 # The tiering policies (swapfs/policy.py, docs/policy.md): which refaults
@@ -309,7 +322,13 @@ class _Table:
     def get_duration(self, k: str, default: Any = None) -> float:
         """Seconds: a number, or a string of a number with s, m, h or d ("10m")."""
         v = self.get(k, (int, float, str), default, 'a duration such as 30, "30s", "10m" or "1h"')
-        if isinstance(v, str):
+        if isinstance(v, str) and v.lower().endswith("ms"):
+            try:
+                v = float(v[:-2]) / 1000
+            except ValueError:
+                raise ConfigError(f'{self.name(k)}: expected a duration such as 30, "30s", '
+                                  f'"200ms" or "10m", got {self.data[k]!r}') from None
+        elif isinstance(v, str):
             unit = _DURATION_UNITS.get(v[-1:].lower())
             try:
                 v = float(v[:-1] if unit else v) * (unit or 1)
@@ -441,10 +460,17 @@ def _parse_device(data: Any, key: str) -> DeviceConfig:
                         swap=swap, swap_priority=priority, discard=discard)
 
 
+# kind = "redis": the default segment size (a remote segment holds segment_bytes - 64 bytes,
+# so that the server's allocation, string header included, is exactly segment_bytes).
+REDIS_SEGMENT_BYTES = 1 << 20
+REDIS_KEYS = ("seeds", "user", "password_file", "tls_ca", "tls_cert", "tls_key", "key_prefix",
+              "timeout", "read_deadline", "replicas")
+
+
 def _parse_tier(data: Any, key: str, base_dir: str) -> TierConfig:
     t = _Table(data, key, ("name", "kind", "path", "size", "priority",
                            "high_watermark", "low_watermark", "preallocate", "encrypt",
-                           "force_init", "segment_bytes", "recompress"))
+                           "force_init", "segment_bytes", "recompress") + REDIS_KEYS)
     name = t.get_str("name", _REQUIRED)
     if name == "pool":
         raise ConfigError(f"{t.name('name')}: 'pool' is the name of the memory tier")
@@ -452,6 +478,11 @@ def _parse_tier(data: Any, key: str, base_dir: str) -> TierConfig:
     if kind not in TIER_KINDS:
         raise ConfigError(f"{t.name('kind')}: unknown tier kind {kind!r} "
                           f"(known: {', '.join(TIER_KINDS)})")
+    if kind == "redis":
+        return _parse_redis_tier(t, name, base_dir)
+    for k in REDIS_KEYS:
+        if k in t.data:
+            raise ConfigError(f"{t.name(k)}: only a tier of kind \"redis\" takes it")
     path = t.get_str("path", _REQUIRED)
     if "\0" in path:
         raise ConfigError(f"{t.name('path')}: contains a NUL byte")
@@ -463,20 +494,91 @@ def _parse_tier(data: Any, key: str, base_dir: str) -> TierConfig:
     preallocate = t.get_bool("preallocate", False)
     encrypt = t.get_bool("encrypt", True)
     force_init = t.get_bool("force_init", False)
-    segment_bytes = t.get_size("segment_bytes", SEGMENT_BYTES)
+    segment_bytes = _segment_bytes(t, SEGMENT_BYTES)
+    recompress = _recompress(t)
+    return TierConfig(name=name, kind=kind, path=path, size=size, priority=priority,
+                      high_watermark=high, low_watermark=low, preallocate=preallocate,
+                      encrypt=encrypt, force_init=force_init, segment_bytes=segment_bytes,
+                      recompress=recompress)
+
+
+def _segment_bytes(t: _Table, default: int) -> int:
+    segment_bytes = t.get_size("segment_bytes", default)
     if not MIN_SEGMENT_BYTES <= segment_bytes <= MAX_SEGMENT_BYTES \
             or segment_bytes & (segment_bytes - 1):
         raise ConfigError(f"{t.name('segment_bytes')}: {sized(segment_bytes)}: must be a power "
                           f"of two from {MIN_SEGMENT_BYTES >> 10} KiB to "
                           f"{MAX_SEGMENT_BYTES >> 20} MiB")
-    recompress = t.get_str("recompress", None) if "recompress" in t.data else ""
+    return segment_bytes
+
+
+def _recompress(t: _Table) -> str:
+    # "" (the default) is none.
+    recompress = t.get("recompress", (str,), "", "a string")
     if recompress and recompress not in ALGORITHMS:
         raise ConfigError(f"{t.name('recompress')}: unknown algorithm {recompress!r} "
                           f"(known: {', '.join(ALGORITHMS)})")
-    return TierConfig(name=name, kind=kind, path=path, size=size, priority=priority,
-                      high_watermark=high, low_watermark=low, preallocate=preallocate,
-                      encrypt=encrypt, force_init=force_init, segment_bytes=segment_bytes,
-                      recompress=recompress)
+    return recompress
+
+
+def _parse_redis_tier(t: _Table, name: str, base_dir: str) -> TierConfig:
+    """A remote tier on a Redis Cluster (docs/remote-tier.md)."""
+    for k in ("path", "preallocate", "force_init"):
+        if k in t.data:
+            raise ConfigError(f"{t.name(k)}: a tier of kind \"redis\" has no file "
+                              f"(its place is the cluster named by seeds)")
+    if not t.get_bool("encrypt", True):
+        raise ConfigError(f"{t.name('encrypt')}: a remote tier is always encrypted (nothing "
+                          f"leaves the machine in the clear)")
+    seeds = t.get("seeds", (list,), _REQUIRED, 'a list of "host:port"')
+    if not seeds:
+        raise ConfigError(f"{t.name('seeds')}: must name at least one node")
+    for s in seeds:
+        host, sep, port = s.rpartition(":") if isinstance(s, str) else ("", "", "")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(f"{t.name('seeds')}: {s!r} is not \"host:port\"")
+
+    def text(k: str) -> str:  # "" (the default) is none
+        return str(t.get(k, (str,), "", "a string"))
+
+    def path_of(k: str) -> str:
+        p = text(k)
+        if not p:
+            return ""
+        if "\0" in p:
+            raise ConfigError(f"{t.name(k)}: contains a NUL byte")
+        return os.path.normpath(os.path.join(base_dir, p))
+
+    user = text("user")
+    password_file = path_of("password_file")
+    if user and not password_file:
+        raise ConfigError(f"{t.name('password_file')}: missing (user {user!r} needs a password)")
+    tls_ca, tls_cert, tls_key = path_of("tls_ca"), path_of("tls_cert"), path_of("tls_key")
+    if (tls_cert or tls_key) and not (tls_cert and tls_key):
+        raise ConfigError(f"{t.name('tls_cert' if tls_key else 'tls_key')}: missing "
+                          f"(mutual TLS needs both tls_cert and tls_key)")
+    key_prefix = text("key_prefix")
+    if any(c in key_prefix for c in "{}"):
+        raise ConfigError(f"{t.name('key_prefix')}: must not hold {{ or }} (a hash tag would "
+                          f"put every segment on one node)")
+    timeout = t.get_duration("timeout", 0.2)
+    read_deadline = t.get_duration("read_deadline", 10.0)
+    if not 0 < timeout <= 60:
+        raise ConfigError(f"{t.name('timeout')}: must be more than 0 and at most 60 s")
+    if read_deadline < timeout:
+        raise ConfigError(f"{t.name('read_deadline')}: must be at least timeout ({timeout} s)")
+    replicas = t.get_int("replicas", 1)
+    if not 0 <= replicas <= 16:
+        raise ConfigError(f"{t.name('replicas')}: must be in 0..16, got {replicas}")
+    high, low = _watermarks(t, 0.95, 0.9)
+    return TierConfig(name=name, kind="redis", path="", size=t.get_size("size", _REQUIRED),
+                      priority=t.get_int("priority", 0), high_watermark=high,
+                      low_watermark=low, encrypt=True,
+                      segment_bytes=_segment_bytes(t, REDIS_SEGMENT_BYTES),
+                      recompress=_recompress(t), seeds=tuple(seeds), user=user,
+                      password_file=password_file, tls_ca=tls_ca, tls_cert=tls_cert,
+                      tls_key=tls_key, key_prefix=key_prefix, timeout=timeout,
+                      read_deadline=read_deadline, replicas=replicas)
 
 
 def parse_config(text: str, source: str = "<config>", base_dir: str | None = None) -> Config:

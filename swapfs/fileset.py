@@ -40,6 +40,11 @@ from .kernel import PAGE_SIZE
 from .memory import StateMemory
 from .slots import MAX_FILE_TIERS
 from .tiers.file import RAW, ChecksumError, FileTier
+from .tiers.remote.tier import RemoteTier
+
+# A tier below the pool: a backing file, or segments on a Redis Cluster (the same objects,
+# the same segment map; the same calls).
+LowerTier = FileTier | RemoteTier
 
 
 class Grant(NamedTuple):
@@ -92,14 +97,25 @@ class FileTierSet:
         if len(configs) > MAX_FILE_TIERS:
             raise Misuse(f"at most {MAX_FILE_TIERS} file tiers")
         self.cache = cache
-        self.tiers: list[FileTier] = []
+        self.tiers: list[LowerTier] = []
         try:
             for tc in configs:
-                if tc.kind != "file":
-                    raise Misuse(f"tier {tc.name!r}: kind {tc.kind!r}: only file tiers exist")
-                tier = FileTier(tc.name, tc.path, tc.size, tc.priority, preallocate=tc.preallocate,
-                                encrypt=tc.encrypt, force_init=tc.force_init, memory=memory,
-                                segment_bytes=tc.segment_bytes, recompress=tc.recompress)
+                tier: LowerTier
+                if tc.kind == "redis":
+                    tier = RemoteTier(tc.name, tc.size, tc.priority, seeds=tc.seeds, user=tc.user,
+                                      password_file=tc.password_file, tls_ca=tc.tls_ca,
+                                      tls_cert=tc.tls_cert, tls_key=tc.tls_key,
+                                      key_prefix=tc.key_prefix, timeout=tc.timeout,
+                                      read_deadline=tc.read_deadline, replicas=tc.replicas,
+                                      segment_bytes=tc.segment_bytes, recompress=tc.recompress,
+                                      memory=memory)
+                elif tc.kind == "file":
+                    tier = FileTier(tc.name, tc.path, tc.size, tc.priority,
+                                    preallocate=tc.preallocate, encrypt=tc.encrypt,
+                                    force_init=tc.force_init, memory=memory,
+                                    segment_bytes=tc.segment_bytes, recompress=tc.recompress)
+                else:
+                    raise Misuse(f"tier {tc.name!r}: unknown kind {tc.kind!r}")
                 tier.open()
                 self.tiers.append(tier)
         except BaseException:
@@ -126,10 +142,10 @@ class FileTierSet:
     def __len__(self) -> int:
         return len(self.tiers)
 
-    def __iter__(self) -> Iterator[FileTier]:
+    def __iter__(self) -> Iterator[LowerTier]:
         return iter(self.tiers)
 
-    def __getitem__(self, ti: int) -> FileTier:
+    def __getitem__(self, ti: int) -> LowerTier:
         return self.tiers[ti]
 
     def close(self) -> None:

@@ -48,7 +48,7 @@ from .codec import ZERO_PAGE, fill_page, make_codec
 from .config import Config, DeviceConfig
 from .dedup import DedupIndex
 from .errors import InvariantError
-from .fileset import FileTierSet
+from .fileset import FileTierSet, LowerTier
 from .kernel import PAGE_SIZE
 from .memory import StateMemory
 from .slots import (
@@ -79,7 +79,7 @@ from .slots import (
     tier_of_kind,
     with_length,
 )
-from .tiers.file import RAW, FileTier
+from .tiers.file import RAW
 from .tiers.pool import MAX_OBJECT, OBJECT_BYTES, Pool
 
 # Default size of the swap cache, in pages.
@@ -260,7 +260,7 @@ class StoreState:
         self.cache = SwapCache(cache_pages)
         # File tiers in config order: tier i is slot kind file_kind(i).
         self.files = FileTierSet(config.tiers, self.cache, memory)
-        self.tiers: list[FileTier] = self.files.tiers
+        self.tiers: list[LowerTier] = self.files.tiers
         # Level 0 is the pool, level 1 + i file tier i.
         self.level_names = ["pool"] + [t.name for t in self.tiers]
         # The access clock: advanced by the writeback task (set_epoch),

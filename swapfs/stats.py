@@ -146,6 +146,19 @@ class FileTierStats:
     # pages the tier can still take: the bytes it could append, cleaning included, at its
     # compression_ratio (the pool's assumed ratio while it holds nothing)
     headroom_pages: int = 0
+    # kind = "redis" (docs/remote-tier.md): round trips (pipelined batches), bytes on the wire,
+    # failed remote calls (by kind: timeout, unavailable, auth, full, reply), reads retried,
+    # redirections followed, remote read latency (a histogram in microseconds), live objects
+    # per node as the slot map places them now.  disk_bytes is the segments' server memory.
+    remote_requests: int = 0
+    remote_sent_bytes: int = 0
+    remote_received_bytes: int = 0
+    remote_errors: int = 0
+    remote_retries: int = 0
+    remote_redirects: int = 0
+    remote_failures: dict[str, int] = field(default_factory=dict)
+    remote_read_latency_us: dict[str, int] = field(default_factory=dict)
+    remote_pages_per_node: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -318,7 +331,9 @@ _COUNTERS = {
                "nospace_errors"},
     "tier": {"reads", "writes", "read_bytes", "written_bytes", "checksum_errors", "io_errors",
              "punched_segments", "segment_switches", "cleaned_objects", "cleaned_bytes",
-             "write_batches", "cached_reads", "thread_reads",
+             "write_batches", "cached_reads", "thread_reads", "remote_requests",
+             "remote_sent_bytes", "remote_received_bytes", "remote_errors", "remote_retries",
+             "remote_redirects",
              "pool_limit_hit", "reject_compress_poor", "compactions", "compacted_objects",
              "compacted_bytes", "recompressed_pages", "recompress_saved_bytes", "dedup_hits"},
     "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages",

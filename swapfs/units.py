@@ -154,6 +154,8 @@ def _tier_dirs(config: Config, config_path: str) -> list[str]:
     base = os.path.dirname(os.path.abspath(config_path))
     dirs = []
     for t in config.tiers:
+        if t.kind != "file":
+            continue
         d = os.path.dirname(os.path.join(base, t.path))
         if d not in dirs:
             dirs.append(d)

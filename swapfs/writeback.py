@@ -30,10 +30,11 @@ from typing import Any
 import trio
 import trio.lowlevel
 
+from .fileset import LowerTier
 from .slots import POOL_LEVEL, level_tier, tier_level
 from .state import SlotCursor
 from .store import Device, Store
-from .tiers.file import CLUSTER_PAGES, FileTier
+from .tiers.file import CLUSTER_PAGES
 from .tiers.pool import COMPACT_HOLES
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ class Writeback:
             if tier.used_pages > tc.high_watermark * tier.capacity_pages:
                 low_pages = tc.low_watermark * tier.capacity_pages
 
-                def above_low(t: FileTier = tier, lo: float = low_pages) -> bool:
+                def above_low(t: LowerTier = tier, lo: float = low_pages) -> bool:
                     return t.used_pages > lo
 
                 moved += await self._drain(tier_level(ti), above_low, urgent=True)

@@ -13,6 +13,7 @@ from swapfs.config import Config, DeviceConfig, PoolConfig, TierConfig
 from swapfs.fuse import uring
 from swapfs.store import CACHE_PAGES, Store
 from swapfs.testing import harness
+from swapfs.testing.redis import LocalCluster, redis_server_missing
 
 MiB = 1 << 20
 
@@ -88,3 +89,15 @@ def enable_uring_set(value: str) -> Iterator[None]:
         yield
     finally:
         uring.set_enable_uring(old)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[LocalCluster]:
+    """A local Redis Cluster, 3 masters with a replica each, for the whole session (always
+    stopped); skipped with the reason where redis-server is missing.  Tests that kill, freeze
+    or fill nodes start their own (``LocalCluster``)."""
+    why = redis_server_missing()
+    if why:
+        pytest.skip(why)
+    with LocalCluster(masters=3, replicas=1) as cluster:
+        yield cluster

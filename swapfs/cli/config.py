@@ -18,8 +18,9 @@ def load_checked_config(path: str | None, mountpoint: str | None) -> Any:
 
     config = load_config(path)
     check_machine(config)
-    check_tier_paths([(t.name, t.path, t.size) for t in config.tiers], mountpoint)
-    for warning in check_tier_files(config.tiers):
+    files = [t for t in config.tiers if t.kind == "file"]
+    check_tier_paths([(t.name, t.path, t.size) for t in files], mountpoint)
+    for warning in check_tier_files(files):
         print(f"swapfs: warning: {warning}", file=sys.stderr)
     return config
 

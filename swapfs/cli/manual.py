@@ -28,6 +28,7 @@ from .. import __version__, config
 
 REQUIRED = "required"
 NONE = "none"
+DROP = "<drop>"  # in a Key's context: the key is left out of the smallest file that loads
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ DEVICE_KEYS = (
         "slots only through discards: keep both."),
 )
 
+_REDIS = f'kind = "redis"\npath = {DROP}'
+_REDIS_SEEDED = _REDIS + '\nseeds = ["127.0.0.1:7000"]'
+
 TIER_KEYS = (
     Key("name", "string", REQUIRED,
         'The tier\'s name in the stats and logs; not "pool" (the memory tier).'),
@@ -136,10 +140,44 @@ TIER_KEYS = (
     Key("segment_bytes", SIZE, '"4M"',
         "The tier is a log of segments of this size, a power of two from 64K to 64M: the unit "
         "of its sequential writes and of cleaning, which reclaims the space of pages that died. "
-        "A tier smaller than 256 segments gets smaller ones, down to 64K."),
+        "A tier smaller than 256 segments gets smaller ones, down to 64K. A redis tier's "
+        "default is 1M, and a remote segment holds 64 bytes less (the server's allocation, its "
+        "string header included, is then exactly segment_bytes)."),
     Key("recompress", "string", NONE,
         '"zstd": pages the pool holds with lz4 are recompressed with zstd on their way down '
         "to this tier (kept if smaller); unset, they are stored as the pool held them."),
+    Key("seeds", "array of strings", REQUIRED,
+        'kind = "redis": nodes of the Redis Cluster as "host:port"; one that answers is '
+        "enough, the others are learnt from it. Only for kind = \"redis\", which has no path, "
+        "preallocate or force_init, and is always encrypted.",
+        context=_REDIS),
+    Key("user", "string", '""',
+        "kind = \"redis\": the ACL user the daemon authenticates as (AUTH); empty: the default "
+        "user. Needs password_file.", context=_REDIS_SEEDED),
+    Key("password_file", "path", '""',
+        "kind = \"redis\": a file whose first line is the password (of user, or of the default "
+        "user); keep it readable by root only.", context=_REDIS_SEEDED),
+    Key("tls_ca", "path", '""',
+        "kind = \"redis\": talk TLS to the nodes and verify them against this CA file.",
+        context=_REDIS_SEEDED),
+    Key("tls_cert", "path", '""',
+        "kind = \"redis\": a client certificate for mutual TLS (with tls_key).",
+        context=_REDIS_SEEDED),
+    Key("tls_key", "path", '""',
+        "kind = \"redis\": the client certificate's private key.", context=_REDIS_SEEDED),
+    Key("key_prefix", "string", '""',
+        "kind = \"redis\": the prefix of every key the tier writes (no {{ or }}); empty: "
+        "swapfs:MACHINE-ID:MOUNT:TIER:. Two mounts must not share one.", context=_REDIS_SEEDED),
+    Key("timeout", "duration", '"200ms"',
+        "kind = \"redis\": the deadline of one remote request (a duration also takes ms).",
+        context=_REDIS_SEEDED),
+    Key("read_deadline", "duration", '"10s"',
+        "kind = \"redis\": how long a read is retried (a node lost, a replica being promoted) "
+        "before the page reads as an I/O error.", context=_REDIS_SEEDED),
+    Key("replicas", "integer", "1",
+        "kind = \"redis\": replicas that must have a write (WAIT) before the page's local copy "
+        "is freed; 0 for a cluster without replicas, which loses pages when a node is lost.",
+        context=_REDIS_SEEDED),
 )
 
 TABLES = (
@@ -147,9 +185,10 @@ TABLES = (
      "The compressed memory tier, always the top one. The whole table is optional."),
     ("device", "DEVICES: [[device]]", config.DeviceConfig, DEVICE_KEYS,
      "One virtual swap device, a file of the mount; at least one, at most {max_devices}."),
-    ("tier", "FILE TIERS: [[tier]]", config.TierConfig, TIER_KEYS,
-     "A file tier below the pool: pages that do not compress well enough, that find the pool "
-     "full, or that writeback moves down. Optional; at most {max_tiers}."),
+    ("tier", "LOWER TIERS: [[tier]]", config.TierConfig, TIER_KEYS,
+     "A tier below the pool: pages that do not compress well enough, that find the pool "
+     "full, or that writeback moves down. A backing file (kind = \"file\") or segments on a "
+     "Redis Cluster (kind = \"redis\"). Optional; at most {max_tiers}."),
 )
 
 # Placeholders of the prose: the choices and limits as config.py has them.
@@ -207,7 +246,10 @@ def check_keys() -> None:
             base = _required(table)
             for line in filter(None, key.context.splitlines()):
                 k, v = line.split(" = ", 1)
-                base[k] = v
+                if v == DROP:
+                    base.pop(k, None)
+                else:
+                    base[k] = v
             if key.default == REQUIRED:
                 without = {k: v for k, v in base.items() if k != key.name}
                 try:
