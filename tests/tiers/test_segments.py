@@ -1,6 +1,8 @@
-"""The segment map alone (no file): cleaning's choice of victims, the two logs."""
+"""The segment map alone (no file): cleaning's choice of victims, the two logs; and one write of objects spanning segments."""
 
 from __future__ import annotations
+
+import os
 
 from swapfs.memory import StateMemory
 from swapfs.tiers.file.segments import CLEANING, HEAD, SEALED, USER, SegmentMap
@@ -102,3 +104,30 @@ def test_an_emptied_cleaning_head_stays_its_head():
     assert m.state[c] == HEAD and m.heads[CLEANING] == c
     assert m.allocate([OBJ], cleaning=True)[0] // SEG == c
     m.check_invariants()
+
+
+def test_one_write_spanning_segments_leaves_other_objects_alone(tmp_path):
+    """A write whose objects span segments, a later segment lying just before where another
+    write's objects sit: only placement's padding is written as zeros, never the gap between
+    the segments (which held the other write's object)."""
+    from swapfs.tiers.file.io import write_objects
+
+    path = tmp_path / "t.img"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.ftruncate(fd, 64 * 1024)
+        other = b"\xab" * 1000  # another write's object at 8192
+        write_objects(fd, [(8192, 1, 7, 1, other)], None, 0)
+        before = os.pread(fd, 2000, 8192)
+        # one write: an object ending at 8040 (a later segment's first object, before the
+        # other write's), and one at 10192 (the rest of an earlier segment)
+        write_objects(fd, [(7000, 1, 8, 1, b"\x01" * 1000), (10192, 1, 9, 1, b"\x02" * 500)],
+                      None, 0)
+        assert os.pread(fd, 2000, 8192) == before
+        # padding to the next block boundary is still written in the same call
+        write_objects(fd, [(20000, 1, 10, 1, b"\x03" * 100), (20480, 1, 11, 1, b"\x04" * 100)],
+                      None, 0)
+        got = os.pread(fd, 480 - 140, 20140)
+        assert got == bytes(len(got))
+    finally:
+        os.close(fd)

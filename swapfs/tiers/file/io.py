@@ -148,15 +148,19 @@ _ZEROS = bytes(PAGE)
 
 def write_objects(fd: int, items: Sequence[tuple[int, int, int, int, bytes]],
                   cipher: ObjectCipher | None, base: int) -> int:
-    """Seal ``items`` and write them, objects that follow each other (padding between them
-    written as zeros) in one pwritev.  Returns the pwritev calls made."""
+    """Seal ``items`` and write them, objects that follow each other (the padding to a block
+    boundary between them written as zeros) in one pwritev.  Returns the pwritev calls made."""
     calls = 0
     bufs: list[Buffer] = []
     start = end = -1
     for handle, gen, key, codec, payload in sorted(items, key=lambda it: it[0]):
         parts = seal(cipher, handle, gen, key, codec, payload)
         size = sum(len(p) for p in parts)
-        if bufs and 0 <= handle - end < PAGE:
+        # Only the padding that placement put before an object (to the next block boundary)
+        # is written as zeros: a gap that is not padding may hold another write's objects
+        # (a job's objects span segments, and a later segment can lie just before an
+        # earlier one's objects in the file).
+        if bufs and (handle == end or handle == (end + PAGE - 1) & ~(PAGE - 1)):
             if handle > end:
                 bufs.append(_ZEROS[:handle - end])
         else:
