@@ -70,7 +70,17 @@ from .io import (
     punch_ranges_of,
 )
 from .objects import RAW, Bad, object_bytes, parse, unseal
-from .segments import HEAD, PENDING, PUNCHING, SEALED, SEGMENT_BYTES, SegmentMap, reservation_bytes
+from .segments import (
+    CLEAN_MAX_LIVE,
+    HEAD,
+    PENDING,
+    PUNCHING,
+    SEALED,
+    SEGMENT_BYTES,
+    SegmentedTier,
+    SegmentMap,
+    reservation_bytes,
+)
 
 __all__ = ["CLUSTER_PAGES", "DATA_OFFSET", "PAGE", "RAW", "SEGMENT_BYTES", "ChecksumError",
            "FileTier", "TierFull", "TierIOError", "TierRefused"]
@@ -97,17 +107,13 @@ def effective_segment_bytes(size_bytes: int, segment_bytes: int) -> int:
     return seg
 
 
-# A segment is worth cleaning while at most this share of it is live (a tier is full only
-# when no segment is: less than this share of it is live).
-CLEAN_MAX_LIVE = 0.75
-
 log = logging.getLogger(__name__)
 
 # The default of ``encrypt``, as the configuration's (swapfs.config.TierConfig.encrypt).
 ENCRYPT_DEFAULT = True
 
 
-class FileTier:
+class FileTier(SegmentedTier):
     """A backing file holding compressed objects in log-structured segments.  See the package
     docstring."""
 
@@ -324,15 +330,6 @@ class FileTier:
     # ------------------------------------------------------------------ bookkeeping
 
     @property
-    def stored_pages(self) -> int:
-        """Live objects (one page each), in-flight writes included."""
-        return self._map.stored
-
-    @property
-    def live_bytes(self) -> int:
-        return self._map.live_bytes
-
-    @property
     def used_pages(self) -> int:
         """The space live objects take, in pages (what the watermarks compare)."""
         return -(-self._map.live_bytes // PAGE)
@@ -379,30 +376,9 @@ class FileTier:
         return m.free_segments < self.clean_low and bool(m.victims(1, CLEAN_MAX_LIVE))
 
     @property
-    def clean_low(self) -> int:
-        """Cleaning starts when fewer segments than this are free: lazily, just above the
-        reserve, whatever the tier's size (every segment kept free is space the others must
-        make up for, so they are cleaned fuller; and a segment left alone longer holds more
-        dead bytes when its turn comes)."""
-        return self._map.reserve + 2
-
-    @property
-    def segment_switches(self) -> int:
-        """Segments opened for appending so far."""
-        return self._map.switches
-
-    @property
-    def cluster_switches(self) -> int:
-        return self._map.switches
-
-    @property
     def write_batches(self) -> int:
         """Thread hops for writes (each takes every write queued meanwhile)."""
         return self._writer.batches
-
-    def object_bytes(self, length: int) -> int:
-        """Bytes on disk of an object of ``length`` payload bytes."""
-        return object_bytes(length, self.encrypt)
 
     def allocate(self, lengths: Sequence[int], *, cleaning: bool = False,
                  survivors_of: int = -1) -> list[int]:
@@ -433,18 +409,6 @@ class FileTier:
         """
         self._map.free(handle, object_bytes(length, self.encrypt))
         self._enospc = False
-
-    def free_many(self, objects: Iterable[tuple[int, int]]) -> None:
-        """``free`` for ``(handle, length)`` pairs."""
-        for h, n in objects:
-            self.free(h, n)
-
-    def is_used(self, handle: int, length: int) -> bool:
-        """An object of ``length`` payload bytes can be live at ``handle``."""
-        return self._map.is_live(handle, object_bytes(length, self.encrypt))
-
-    def segment_of(self, handle: int) -> int:
-        return self._map.segment_of(handle)
 
     # ------------------------------------------------------------------ I/O
 
@@ -496,11 +460,6 @@ class FileTier:
         self.written_bytes += total
         self.appended_bytes += total
 
-    def _free_written(self, handles: Sequence[int],
-                      objects: Sequence[tuple[int, int, bytes]]) -> None:
-        for h, (_key, _codec, payload) in zip(handles, objects):
-            self._map.free(h, object_bytes(len(payload), self.encrypt))
-
     def _bad(self, handle: int, why: str) -> ChecksumError:
         self.checksum_errors += 1
         log.error("tier %r: %s: checksum mismatch on the object at %d (offset %d): %s",
@@ -517,13 +476,6 @@ class FileTier:
     @property
     def is_open(self) -> bool:
         return self._fd >= 0 and not self._closing
-
-    def _check_read(self, handle: int, length: int) -> int:
-        size = object_bytes(length, self.encrypt)
-        if not self._map.is_live(handle, size):
-            raise Misuse(f"tier {self.name!r}: read of an object at {handle!r} "
-                         f"({length!r} bytes), not live")
-        return size
 
     def open_object(self, handle: int, length: int, key: int, buf: bytes | memoryview,
                     cipher: ObjectCipher | None = None) -> tuple[int, bytes]:
@@ -595,11 +547,6 @@ class FileTier:
 
     # ------------------------------------------------------------------ cleaning
 
-    def cleaning_victims(self, n: int = 1, max_live: float = CLEAN_MAX_LIVE) -> list[int]:
-        """Up to ``n`` sealed segments worth cleaning (at most ``max_live`` of each live),
-        the best first by cost and benefit (swapfs.tiers.file.segments)."""
-        return self._map.victims(n, max_live)
-
     async def read_segment(self, seg: int) -> list[tuple[int, int, int, bytes]]:
         """The objects segment ``seg`` appears to hold, read in one pread in a worker thread:
         ``(handle, slot key, length, object bytes)``, unverified (the caller checks a slot
@@ -625,11 +572,6 @@ class FileTier:
         extra = object_bytes(0, self.encrypt)
         return [(h, k, ln, data[pos:pos + ln + extra])
                 for h, k, ln, pos in parse(data, base, gen, self.encrypt)]
-
-    def cleaned(self, objects: int, nbytes: int) -> None:
-        """Count objects cleaning re-appended."""
-        self.cleaned_objects += objects
-        self.cleaned_bytes += nbytes
 
     async def punch_free_segments(self) -> int:
         """Punch every segment that frees emptied and make it reusable.
@@ -672,11 +614,6 @@ class FileTier:
         self._map.check_invariants()
         if self._inflight < 0:
             raise AssertionError(f"tier {self.name}: negative in-flight count")
-
-    def segment_live(self) -> list[tuple[int, int]]:
-        """Per segment, ``(live objects, live bytes)`` (for the consistency check)."""
-        m = self._map
-        return [(m.objects[s], m.live[s]) for s in range(m.nsegments)]
 
     @property
     def metadata_bytes(self) -> int:

@@ -39,11 +39,12 @@ stop when only they are left.
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 from ...errors import Misuse, StoreError
 from ...kernel import PAGE_SIZE as PAGE
 from ...memory import StateMemory
+from .objects import object_bytes
 
 SEGMENT_BYTES = 4 << 20  # the default segment size ([[tier]] segment_bytes)
 FREE = 0
@@ -381,3 +382,88 @@ def reservation_bytes(size_bytes: int, segment_bytes: int) -> int:
     """Address space the state-memory regions of a tier reserve (generations and object
     counts, 4 bytes each per segment)."""
     return 8 * max(-(-size_bytes // segment_bytes), 1)
+
+
+# A segment is worth cleaning while at most this share of it is live (a tier is full only
+# when no segment is: less than this share of it is live).
+CLEAN_MAX_LIVE = 0.75
+
+
+class SegmentedTier:
+    """What every tier over a segment map has in common, the file tier and the remote one:
+    its counts, the objects' bookkeeping and cleaning's view.  A subclass sets ``name``,
+    ``encrypt``, ``_map`` and the ``cleaned_*`` counters."""
+
+    name: str
+    encrypt: bool
+    _map: SegmentMap
+    cleaned_objects: int
+    cleaned_bytes: int
+
+    @property
+    def stored_pages(self) -> int:
+        """Live objects (one page each), in-flight writes included."""
+        return self._map.stored
+
+    @property
+    def live_bytes(self) -> int:
+        return self._map.live_bytes
+
+    @property
+    def clean_low(self) -> int:
+        """Cleaning starts when fewer segments than this are free: lazily, just above the
+        reserve, whatever the tier's size (every segment kept free is space the others must
+        make up for, so they are cleaned fuller; and a segment left alone longer holds more
+        dead bytes when its turn comes)."""
+        return self._map.reserve + 2
+
+    @property
+    def segment_switches(self) -> int:
+        """Segments opened for appending so far."""
+        return self._map.switches
+
+    def object_bytes(self, length: int) -> int:
+        """Bytes stored of an object of ``length`` payload bytes."""
+        return object_bytes(length, self.encrypt)
+
+    def free(self, handle: int, length: int) -> None:
+        raise NotImplementedError
+
+    def free_many(self, objects: Iterable[tuple[int, int]]) -> None:
+        """``free`` for ``(handle, length)`` pairs."""
+        for h, n in objects:
+            self.free(h, n)
+
+    def is_used(self, handle: int, length: int) -> bool:
+        """An object of ``length`` payload bytes can be live at ``handle``."""
+        return self._map.is_live(handle, object_bytes(length, self.encrypt))
+
+    def segment_of(self, handle: int) -> int:
+        return self._map.segment_of(handle)
+
+    def _free_written(self, handles: Sequence[int],
+                      objects: Sequence[tuple[int, int, bytes]]) -> None:
+        for h, (_key, _codec, payload) in zip(handles, objects):
+            self._map.free(h, object_bytes(len(payload), self.encrypt))
+
+    def _check_read(self, handle: int, length: int) -> int:
+        size = object_bytes(length, self.encrypt)
+        if not self._map.is_live(handle, size):
+            raise Misuse(f"tier {self.name!r}: read of an object at {handle!r} "
+                         f"({length!r} bytes), not live")
+        return size
+
+    def cleaning_victims(self, n: int = 1, max_live: float = CLEAN_MAX_LIVE) -> list[int]:
+        """Up to ``n`` sealed segments worth cleaning (at most ``max_live`` of each live),
+        the best first by cost and benefit."""
+        return self._map.victims(n, max_live)
+
+    def cleaned(self, objects: int, nbytes: int) -> None:
+        """Count objects cleaning re-appended."""
+        self.cleaned_objects += objects
+        self.cleaned_bytes += nbytes
+
+    def segment_live(self) -> list[tuple[int, int]]:
+        """Per segment, ``(live objects, live bytes)`` (for the consistency check)."""
+        m = self._map
+        return [(m.objects[s], m.live[s]) for s in range(m.nsegments)]

@@ -56,7 +56,7 @@ from ...stats import FileTierStats
 from ..file.cipher import KEY_BYTES, ObjectCipher, new_key
 from ..file.errors import ChecksumError, TierFull, TierIOError
 from ..file.objects import Bad, object_bytes, parse, seal, unseal
-from ..file.segments import HEAD, PENDING, SEALED, SegmentMap
+from ..file.segments import CLEAN_MAX_LIVE, HEAD, PENDING, SEALED, SegmentedTier, SegmentMap
 from .client import (
     ERROR_KINDS,
     Cluster,
@@ -104,7 +104,7 @@ def default_prefix(name: str, mountpoint: str) -> str:
     return f"swapfs:{machine}:{mount or 'root'}:{name}:"
 
 
-class RemoteTier:
+class RemoteTier(SegmentedTier):
     """A tier of segments on a Redis Cluster.  See the module docstring."""
 
     kind = "redis"
@@ -242,14 +242,6 @@ class RemoteTier:
     # -- bookkeeping (as FileTier) -----------------------------------------------------------
 
     @property
-    def stored_pages(self) -> int:
-        return self._map.stored
-
-    @property
-    def live_bytes(self) -> int:
-        return self._map.live_bytes
-
-    @property
     def used_pages(self) -> int:
         return min(self.capacity_pages, -(-self._map.live_bytes // PAGE))
 
@@ -263,7 +255,7 @@ class RemoteTier:
         cluster said OOM): what the stats' headroom counts."""
         if time.monotonic() < self._full_until:
             return 0
-        return self._map.room_bytes(0.75)
+        return self._map.room_bytes(CLEAN_MAX_LIVE)
 
     @property
     def punch_pending(self) -> bool:
@@ -276,7 +268,7 @@ class RemoteTier:
             return True
         m = self._map
         return m.free_segments <= m.reserve and not self._head_room() \
-            and not m.victims(1, 0.75)
+            and not m.victims(1, CLEAN_MAX_LIVE)
 
     def _head_room(self) -> bool:
         m = self._map
@@ -288,26 +280,11 @@ class RemoteTier:
 
     @property
     def needs_cleaning(self) -> bool:
-        return self.low_on_segments and bool(self._map.victims(1, 0.75))
-
-    @property
-    def clean_low(self) -> int:
-        return self._map.reserve + 2
-
-    @property
-    def segment_switches(self) -> int:
-        return self._map.switches
-
-    @property
-    def cluster_switches(self) -> int:
-        return self._map.switches
+        return self.low_on_segments and bool(self._map.victims(1, CLEAN_MAX_LIVE))
 
     @property
     def write_batches(self) -> int:
         return self.writes
-
-    def object_bytes(self, length: int) -> int:
-        return object_bytes(length, True)
 
     def allocate(self, lengths: Sequence[int], *, cleaning: bool = False,
                  survivors_of: int = -1) -> list[int]:
@@ -321,16 +298,6 @@ class RemoteTier:
 
     def free(self, handle: int, length: int) -> None:
         self._map.free(handle, object_bytes(length, True))
-
-    def free_many(self, objects: Iterable[tuple[int, int]]) -> None:
-        for h, n in objects:
-            self.free(h, n)
-
-    def is_used(self, handle: int, length: int) -> bool:
-        return self._map.is_live(handle, object_bytes(length, True))
-
-    def segment_of(self, handle: int) -> int:
-        return self._map.segment_of(handle)
 
     # -- writes ----------------------------------------------------------------------------------
 
@@ -429,23 +396,11 @@ class RemoteTier:
         self.retries += 1
         self._failed(e)
 
-    def _free_written(self, handles: Sequence[int],
-                      objects: Sequence[tuple[int, int, bytes]]) -> None:
-        for h, (_key, _codec, payload) in zip(handles, objects):
-            self._map.free(h, object_bytes(len(payload), True))
-
     def _failed(self, e: RemoteError) -> None:
         kind = getattr(e, "kind", "reply")
         self.failures[kind] = self.failures.get(kind, 0) + 1
 
     # -- reads -------------------------------------------------------------------------------
-
-    def _check_read(self, handle: int, length: int) -> int:
-        size = object_bytes(length, True)
-        if not self._map.is_live(handle, size):
-            raise Misuse(f"tier {self.name!r}: read of an object at {handle!r} "
-                         f"({length!r} bytes), not live")
-        return size
 
     def open_object(self, handle: int, length: int, key: int, buf: bytes | memoryview,
                     cipher: ObjectCipher | None = None) -> tuple[int, bytes]:
@@ -523,9 +478,6 @@ class RemoteTier:
 
     # -- cleaning ----------------------------------------------------------------------------------
 
-    def cleaning_victims(self, n: int = 1, max_live: float = 0.75) -> list[int]:
-        return self._map.victims(n, max_live)
-
     async def read_segment(self, seg: int) -> list[tuple[int, int, int, bytes]]:
         m = self._map
         if m.state[seg] not in (HEAD, SEALED):
@@ -542,10 +494,6 @@ class RemoteTier:
         extra = object_bytes(0, True)
         return [(h, key, ln, data[pos:pos + ln + extra])
                 for h, key, ln, pos in parse(data, base, gen, True)]
-
-    def cleaned(self, objects: int, nbytes: int) -> None:
-        self.cleaned_objects += objects
-        self.cleaned_bytes += nbytes
 
     async def punch_free_segments(self) -> int:
         """UNLINK every segment that frees emptied, and make it reusable (under a new
@@ -623,10 +571,6 @@ class RemoteTier:
 
     def check_invariants(self) -> None:
         self._map.check_invariants()
-
-    def segment_live(self) -> list[tuple[int, int]]:
-        m = self._map
-        return [(m.objects[s], m.live[s]) for s in range(m.nsegments)]
 
     @property
     def metadata_bytes(self) -> int:
