@@ -40,7 +40,7 @@ from .logs import (
 DEFAULT_POLL_US = 200
 # ... but only while tasks wait for a CPU less than this share of the time
 # (percent; see swapfs/fuse/pressure.py and docs/latency.md).
-DEFAULT_POLL_CPU_PRESSURE = 10
+DEFAULT_POLL_CPU_PRESSURE = 25
 # While requests flow, ask the kernel (PM QoS) to keep CPU wake-ups within
 # this many microseconds: 0 keeps idle CPUs polling.  See swapfs/wakeup.py.
 DEFAULT_CPU_LATENCY_US = 0
