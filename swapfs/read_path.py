@@ -155,6 +155,7 @@ class ReadPath(StoreState):
         files = self.files
         base = slot_key(dev.index, 0)
         promoted = False
+        self.moves.file_reads += len(where)
         pending = where
         while pending:
             by_tier: dict[int, list[tuple[int, int, int, int]]] = {}

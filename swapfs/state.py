@@ -129,7 +129,7 @@ class MoveCounters:
 
     __slots__ = ("moved", "moved_payload", "recompressed", "aborted", "batches",
                  "failed_batches", "requests", "demotions", "refaults", "promotions", "wasted",
-                 "pairs")
+                 "file_reads", "pairs")
 
     def __init__(self, levels: int) -> None:
         self.moved = 0  # pages demoted (committed moves)
@@ -143,6 +143,9 @@ class MoveCounters:
         self.refaults = [0] * levels
         self.promotions = [0] * levels
         self.wasted = 0  # promoted pages demoted again before any read (policy.py)
+        # page reads a file tier served (the swap cache's hits of file pages included): the
+        # misses of memory, counted off the pool's path so that it costs that path nothing
+        self.file_reads = 0
         # (source level, destination level) -> [pages, batches]
         self.pairs: dict[tuple[int, int], list[int]] = {}
 

@@ -197,6 +197,10 @@ class WritebackStats:
     promotions: int = 0  # refaulted pages moved back to the pool
     refaults: int = 0  # reads of demoted pages (pages with a shadow)
     wasted_promotions: int = 0  # promoted pages demoted again before any read
+    # page reads a file tier served (the swap cache's included), and the share of page reads
+    # served from memory (the pool, a fill word): 1 - file_reads / page reads; 1.0 before any
+    file_reads: int = 0
+    pool_hit_rate: float = 1.0
     moved_bytes: int = 0  # moved_pages * 4096
     batches: int = 0  # migrations that committed at least one page
     failed_batches: int = 0  # tier writes that failed (the pages stayed)
@@ -339,7 +343,7 @@ _COUNTERS = {
     "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages",
                "recoveries", "recovered_leaks", "recovery_seconds"},
     "writeback": {"moved_pages", "aborted_moves", "promotions", "refaults", "moved_bytes", "batches",
-                  "failed_batches", "requests"},
+                  "failed_batches", "requests", "file_reads"},
     "cache": {"hits", "misses", "inserts", "evictions"},
 }
 # Numbers that are not measurements of the store (clocks) are left out.
@@ -400,6 +404,8 @@ _HELP = {
                       "come on top)",
     "headroom_ratio": "Pool memory ratio the pool's headroom assumes (measured, or the "
                       "configured expected_ratio while the pool holds nothing)",
+    "file_reads": "Page reads served by a file tier (the misses of memory)",
+    "pool_hit_rate": "Share of page reads served from memory: the pool or a fill word",
     "backed_fraction": "Share of the devices' pages that stored pages and headroom back "
                        "(below 1: the kernel sees slots the store cannot fill)",
 }

@@ -108,6 +108,7 @@ def _writeback(store: StoreState) -> WritebackStats:
     c = store.moves
     files = store.files
     names = store.level_names
+    page_reads = sum(d.read_bytes for d in store.devices) // PAGE_SIZE
     pairs = {f"{names[a]}_to_{names[b]}": {"pages": v[0], "bytes": v[0] * PAGE_SIZE,
                                            "batches": v[1]}
              for (a, b), v in sorted(c.pairs.items())}
@@ -123,6 +124,8 @@ def _writeback(store: StoreState) -> WritebackStats:
     return WritebackStats(
         moved_pages=c.moved, aborted_moves=c.aborted,
         promotions=sum(c.promotions), refaults=sum(c.refaults), wasted_promotions=c.wasted,
+        file_reads=c.file_reads,
+        pool_hit_rate=max(0.0, 1.0 - c.file_reads / page_reads) if page_reads else 1.0,
         moved_bytes=c.moved * PAGE_SIZE, batches=c.batches,
         failed_batches=c.failed_batches, inflight_pages=sum(files.inflight),
         requests=c.requests, epoch=store.epoch, demotions_clock=store.demotions,

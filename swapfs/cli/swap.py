@@ -51,7 +51,7 @@ def cmd_swapon(args: argparse.Namespace) -> int:
         if pages * PAGE < size:
             area = pages * PAGE
             print(f"swapfs: swap area of {path}: the first {fmt_bytes(area)} of its "
-                  f"{fmt_bytes(size)}, what the store can back ({stats_line(stats)}); "
+                  f"{fmt_bytes(size)}, half of what the store can back ({stats_line(stats)}); "
                   "--whole for all of it", file=sys.stderr)
     try:
         loop, problems = system.swap_on_file(path, priority=args.priority, discard=args.discard,
@@ -78,13 +78,21 @@ AREA_MARGIN = 0.5
 
 def backed_area(stats: dict[str, Any], device: str) -> tuple[int, int]:
     """(the device's size in bytes, the pages of the swap area swapon makes): AREA_MARGIN of
-    the device's share, by size, of the pages stored and the headroom of its mount
-    (``backed_fraction`` of it), at most the whole device."""
-    size = stats["devices"][device]["size_bytes"]
-    fraction = stats.get("totals", {}).get("backed_fraction", 1.0)
-    if fraction >= 1.0:
-        return size, size // PAGE
-    return size, int(size // PAGE * fraction * AREA_MARGIN)
+    the pages the store backs of the device (its share, by size, of the pages stored and the
+    headroom of its mount), at most the whole device.  A continuous function of what the
+    store backs: a store backing 99% of its devices and one backing 100% get areas 1% apart
+    (half the device each), and only a store backing twice its devices gets the whole."""
+    devices = stats["devices"]
+    size = devices[device]["size_bytes"]
+    pages = size // PAGE
+    tot = stats.get("totals", {})
+    total = sum(d["size_bytes"] for d in devices.values()) // PAGE
+    if "stored_pages" in tot and "headroom_pages" in tot and total:
+        # backed_fraction stops at 1; the pages behind it do not
+        backed = (tot["stored_pages"] + tot["headroom_pages"]) / total
+    else:
+        backed = tot.get("backed_fraction", 1.0)
+    return size, min(pages, int(pages * backed * AREA_MARGIN))
 
 
 def stats_line(stats: dict[str, Any]) -> str:
@@ -129,9 +137,11 @@ def add_parsers(sub: Any) -> None:
     """Add the parsers of swapon and swapoff to the subparsers ``sub``."""
     p = sub.add_parser("swapon", help="swap on a device file (loop device, mkswap, swapon)",
                        description="Attach a direct-I/O loop device over DEVICE_FILE, mkswap it and "
-                       "swapon it; prints the loop device.  The swap area covers what the store "
+                       "swapon it; prints the loop device.  The swap area is half of what the store "
                        "can back of the device (its share of the pages stored and of the "
-                       "store's headroom, from the mount's stats), not more, unless --whole.  "
+                       "store's headroom, from the mount's stats: the other half is for pages "
+                       "of freed slots not yet discarded and dead bytes in file tiers), at most "
+                       "the whole device (a store backing twice the device), unless --whole.  "
                        "Needs root.  Example: "
                        "swapfs swapon /run/swapfs/swap0 --priority 100")
     p.add_argument("device_file", metavar="DEVICE_FILE", help="a device file of a swapfs mount")
@@ -143,8 +153,8 @@ def add_parsers(sub: Any) -> None:
                    "then each freed cluster; off: swapfs never learns that slots are free)")
     p.add_argument("--whole", action="store_true",
                    help="a swap area over the whole device file, even where the store has no "
-                   "room behind it (default: the area stops at what the store can back, so "
-                   "that the kernel sees the device full when the store is)")
+                   "room behind it (default: the area stops at half of what the store can "
+                   "back, so that the kernel sees the device full before the store is)")
     add_timeout_option(p)
     p.set_defaults(func=cmd_swapon)
 

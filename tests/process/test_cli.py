@@ -237,3 +237,34 @@ size = "64M"
         assert out.returncode == 2, (flag, out.stdout)
         assert f'tier "ssd": {tier}: cannot open for writing: Operation not permitted' in out.stderr
         assert "[Errno" not in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_swap_area_grows_with_what_the_store_backs_without_a_cliff() -> None:
+    """swapon's area is AREA_MARGIN of the pages the store backs, at most the whole device:
+    a store backing 99% of its devices and one backing 100% get areas 1% apart, not half
+    the device and all of it; only a store backing twice its devices gets the whole."""
+    from swapfs.cli.swap import AREA_MARGIN, backed_area
+
+    pages = 1 << 18  # a 1 GiB device beside a 3 GiB one: a quarter of what is backed
+
+    def area(backed_pages: int) -> int:
+        stored = backed_pages // 3
+        stats = {"devices": {"swap0": {"size_bytes": pages * PAGE},
+                             "swap1": {"size_bytes": 3 * pages * PAGE}},
+                 "totals": {"stored_pages": stored, "headroom_pages": backed_pages - stored,
+                            "backed_fraction": min(1.0, backed_pages / (4 * pages))}}
+        size, n = backed_area(stats, "swap0")
+        assert size == pages * PAGE
+        return n
+
+    assert area(0) == 0
+    assert area(4 * pages // 10) == int(pages * AREA_MARGIN / 10)
+    below, at = area(4 * pages * 99 // 100), area(4 * pages)
+    assert at == int(pages * AREA_MARGIN) and below == pytest.approx(0.99 * at, abs=1)
+    assert area(int(4 * pages / AREA_MARGIN)) == pages  # the whole device, and not more
+    assert area(40 * pages) == pages
+    previous = -1
+    for k in range(0, 12 * pages, pages // 7):  # never a step larger than the backing's
+        n = area(k)
+        assert previous <= n <= previous + AREA_MARGIN * (pages // 7) / 4 + 1 or previous < 0
+        previous = n

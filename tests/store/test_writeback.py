@@ -162,6 +162,29 @@ async def test_no_promotion_when_the_pool_has_no_room(stores, tmp_path):
     assert store.stats().writeback.refaults == 10
 
 
+async def test_pool_hit_rate_counts_the_page_reads_file_tiers_served(stores, tmp_path):
+    """file_reads counts every page a file tier served (one page alone, a run of them, the
+    swap cache's copy again); pool_hit_rate is the rest's share of the page reads."""
+    store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)], pool_bytes=8 * MiB)
+    dev = store.devices[0]
+    data = pages_of(20)
+    await store.write(dev, 0, b"".join(data))
+    assert store.stats().writeback.pool_hit_rate == 1.0  # no read yet
+    store.promote_limit_bytes = 0  # what is read from the tier stays there
+    assert await Writeback(store).writeback_pages(10) == 10
+    down = [s for s in range(20) if where(store, dev, s) == "ssd"]
+    assert len(down) == 10
+    assert await store.read(dev, 0, 20 * PAGE) == b"".join(data)  # 10 from the tier, 10 not
+    assert await store.read(dev, down[0] * PAGE, PAGE) == data[down[0]]  # from the cache
+    assert await store.read(dev, 12 * PAGE, 3 * PAGE + 100) == b"".join(data[12:16])[:3 * PAGE + 100]
+    st = store.stats().writeback
+    expected = 10 + 1 + sum(where(store, dev, s) == "ssd" for s in range(12, 16))
+    assert st.file_reads == expected
+    page_reads = (20 * PAGE + PAGE + 3 * PAGE + 100) // PAGE
+    assert st.pool_hit_rate == pytest.approx(1 - expected / page_reads)
+    assert store.stats().to_dict()["writeback"]["file_reads"] == expected
+
+
 async def test_file_tier_watermark_moves_down_to_the_next_group(stores, tmp_path):
     store = stores([tier("fast", tmp_path / "fast.img", 1 * MiB, priority=100, high=0.5, low=0.25),
                     tier("slow", tmp_path / "slow.img", 16 * MiB, priority=10)],
