@@ -29,6 +29,9 @@ cleaning's victims).  What differs is where a segment is: the string value of th
   tier punches it, then reused under a new generation.
 * **Close** deletes the mount's keys (best effort, blocking, at unmount); a mount also deletes
   what a previous mount of the same prefix left before its first write.
+* **Bookkeeping** is SegmentedTier's, the file tiers' rule (used pages, when cleaning is kicked
+  and needed, when the tier is full), but for the cluster's OOM (full for a while) and a failed
+  UNLINK (its segments stay queued, tried again later).
 
 Concurrency: one trio loop; ``allocate`` and ``free`` never await.  Remote calls go through
 swapfs.tiers.remote.client, each bounded by ``timeout``.  ``read_now`` is a blocking read for
@@ -239,15 +242,7 @@ class RemoteTier(SegmentedTier):
     def seg_key(self, seg: int) -> bytes:
         return self.key_prefix + b"%d" % seg
 
-    # -- bookkeeping (as FileTier) -----------------------------------------------------------
-
-    @property
-    def used_pages(self) -> int:
-        return min(self.capacity_pages, -(-self._map.live_bytes // PAGE))
-
-    @property
-    def free_pages(self) -> int:
-        return self.capacity_pages - self.used_pages
+    # -- bookkeeping (SegmentedTier's, but for the cluster's OOM and UNLINK's retries) ----------
 
     @property
     def room_bytes(self) -> int:
@@ -259,28 +254,15 @@ class RemoteTier(SegmentedTier):
 
     @property
     def punch_pending(self) -> bool:
-        # After a failed UNLINK, not before the next try is due (callers loop on this).
+        """Emptied segments wait for their UNLINK, and it is due: after a failed UNLINK not
+        before the next try (callers loop on this)."""
         return bool(self._map.pending) and time.monotonic() >= self._unlink_after
 
     @property
     def full(self) -> bool:
-        if time.monotonic() < self._full_until:
-            return True
-        m = self._map
-        return m.free_segments <= m.reserve and not self._head_room() \
-            and not m.victims(1, CLEAN_MAX_LIVE)
-
-    def _head_room(self) -> bool:
-        m = self._map
-        return m.head >= 0 and m.head_off + object_bytes(PAGE, True) <= m.seg_size(m.head)
-
-    @property
-    def low_on_segments(self) -> bool:
-        return self._map.free_segments <= self._map.reserve + 1
-
-    @property
-    def needs_cleaning(self) -> bool:
-        return self.low_on_segments and bool(self._map.victims(1, CLEAN_MAX_LIVE))
+        """For a while after a node said OOM (or until a delete made room), whatever the
+        segments say; otherwise as a file tier (SegmentedTier._segments_full)."""
+        return time.monotonic() < self._full_until or self._segments_full()
 
     @property
     def write_batches(self) -> int:
@@ -604,7 +586,7 @@ class RemoteTier(SegmentedTier):
             io_errors=self.io_errors, full=self.full, metadata_bytes=self.metadata_bytes,
             live_bytes=m.live_bytes, dead_bytes=m.dead_bytes,
             segments_used=m.nsegments - free, segments_free=free,
-            segments_punch_pending=len(m.pending), punched_segments=self.punched_segments,
+            segments_punch_pending=m.punch_queued, punched_segments=self.punched_segments,
             segment_bytes=self.segment_bytes,
             cleaned_objects=self.cleaned_objects, cleaned_bytes=self.cleaned_bytes,
             write_amplification=round(self.appended_bytes / user, 4) if user > 0 else 0.0,
