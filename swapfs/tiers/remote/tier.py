@@ -32,6 +32,8 @@ cleaning's victims).  What differs is where a segment is: the string value of th
 * **Bookkeeping** is SegmentedTier's, the file tiers' rule (used pages, when cleaning is kicked
   and needed, when the tier is full), but for the cluster's OOM (full for a while) and a failed
   UNLINK (its segments stay queued, tried again later).
+* **Background**: ``maintain`` (run by the daemon beside the writeback task) reloads the
+  client's slot map every few seconds, off the request path.
 
 Concurrency: one trio loop; ``allocate`` and ``free`` never await.  Remote calls go through
 swapfs.tiers.remote.client, each bounded by ``timeout``.  ``read_now`` is a blocking read for
@@ -227,12 +229,18 @@ class RemoteTier(SegmentedTier):
                                        or self._sized[s]])
         except (OSError, RemoteError, hiredis.HiredisError) as e:
             log.warning("tier %r: cannot delete its keys at close: %s", self.name, e)
-        for conn in list(client.conns.values()):
-            conn.close(RemoteError("closed"))
+        client.close_now()
 
     @property
     def is_open(self) -> bool:
         return self.client is not None
+
+    async def maintain(self) -> None:
+        """The tier's background duty while it is open: the client's slot map reloaded every
+        WATCH_SECONDS (swapfs.tiers.remote.client.Cluster.watch), off the request path."""
+        client = self.client
+        if client is not None:
+            await client.watch()
 
     def _client(self) -> Cluster:
         if self.client is None:
@@ -597,6 +605,8 @@ class RemoteTier(SegmentedTier):
             remote_received_bytes=cs.received_bytes if cs else 0,
             remote_errors=sum(self.failures.values()), remote_retries=self.retries,
             remote_redirects=cs.redirects if cs else 0,
+            remote_refreshes=cs.refreshes if cs else 0,
+            remote_slot_changes=cs.slot_changes if cs else 0,
             remote_failures=dict(self.failures), remote_read_latency_us=lat,
             remote_pages_per_node=self.pages_per_node())
 
