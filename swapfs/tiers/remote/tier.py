@@ -28,7 +28,8 @@ cleaning's victims).  What differs is where a segment is: the string value of th
   swapfs.migrate); a segment left without live objects is deleted with ``UNLINK`` where a file
   tier punches it, then reused under a new generation.
 * **Close** deletes the mount's keys (best effort, blocking, at unmount); a mount also deletes
-  what a previous mount of the same prefix left before its first write.
+  what a previous mount of the same prefix left before its first write.  A successor that
+  adopted the state (failover) sweeps nothing and deletes every segment key at close.
 * **Bookkeeping** is SegmentedTier's, the file tiers' rule (used pages, when cleaning is kicked
   and needed, when the tier is full), but for the cluster's OOM (full for a while) and a failed
   UNLINK (its segments stay queued, tried again later).
@@ -152,6 +153,7 @@ class RemoteTier(SegmentedTier):
         self._cipher: ObjectCipher | None = None
         self.client: Cluster | None = None
         self._swept = False
+        self._inherited = False  # adopted from a predecessor (open)
         # Writes wait for the sweep: a write that overtook an UNLINK of its segment's old
         # key would be deleted with it.
         self._sweep_lock = trio.Lock()
@@ -203,8 +205,11 @@ class RemoteTier(SegmentedTier):
             k = bytes(key_map[:KEY_BYTES])
             if k == bytes(KEY_BYTES):
                 raise OSError(errno.EINVAL, f"{where}: the state holds no key for the tier")
-            self._swept = True  # what the predecessor wrote is ours
-            self._sized[:] = b"\x01" * self.nsegments
+            # What the predecessor wrote is ours: no sweep, and close deletes every key (which
+            # segments it left keys in is not known).  Its segments with live objects stay
+            # sealed (rebuild); the others are made at full length again on their next write.
+            self._swept = True
+            self._inherited = True
         else:
             k = new_key()
             key_map[:KEY_BYTES] = k
@@ -225,8 +230,8 @@ class RemoteTier(SegmentedTier):
         client, self.client = self.client, None
         self._cipher = None
         try:
-            self._sync_delete(client, [s for s in range(self.nsegments) if self._map.fill[s]
-                                       or self._sized[s]])
+            self._sync_delete(client, [s for s in range(self.nsegments) if self._inherited
+                                       or self._map.fill[s] or self._sized[s]])
         except (OSError, RemoteError, hiredis.HiredisError) as e:
             log.warning("tier %r: cannot delete its keys at close: %s", self.name, e)
         client.close_now()
@@ -548,6 +553,16 @@ class RemoteTier(SegmentedTier):
         return out
 
     def _sync_delete(self, client: Cluster, segs: list[int]) -> None:
+        if segs and client.stats.refreshes == 0:
+            # The slot map was never loaded (a successor closed before any request).
+            for seed in client.seeds:
+                try:
+                    (reply,) = self._sync_batch(seed, [encode("CLUSTER", "SLOTS")])
+                except OSError:
+                    continue
+                if isinstance(reply, list):
+                    client.load_slots(reply, seed)
+                    break
         by_node: dict[str, list[bytes]] = {}
         for s in segs:
             k = self.seg_key(s)
