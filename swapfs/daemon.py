@@ -158,6 +158,7 @@ async def serve_mount(
                         nursery.cancel_scope.cancel()  # the kernel ended the connection
 
                 await nursery.start(writeback.run)  # cancelled with the nursery
+                nursery.start_soon(store.maintain)  # the tiers' background duties
                 conn = await nursery.start(run_session)
                 session = sessions[0]
                 log.info(
@@ -300,6 +301,7 @@ async def serve_failover(
                          session.transport_used,
                          "" if role == "standby" else f", {waited:.3f} s after this process started")
             await nursery.start(writeback.run)  # cancelled with the nursery
+            nursery.start_soon(store.maintain)  # the tiers' background duties
             if cpu_latency_us is not None:
                 _start_wake_latency(nursery, session, cpu_latency_us, cpu_latency_min_rate)
             if on_ready is not None:

@@ -22,7 +22,7 @@ but not yet owned by a slot (``inflight``) and deferred frees are not a
 slot's, and :meth:`owned_pages` leaves them out, so that every stored page
 is counted once at every moment.
 
-Nothing here awaits except :meth:`punch`.
+Nothing here awaits except :meth:`punch`, :meth:`wait_for_room` and :meth:`maintain`.
 """
 
 from __future__ import annotations
@@ -292,6 +292,18 @@ class FileTierSet:
     def punch_pending(self) -> bool:
         """Some tier has emptied segments waiting for their punch."""
         return any(t.punch_pending for t in self.tiers)
+
+    # -- background duties -------------------------------------------------
+
+    async def maintain(self) -> None:
+        """Every tier's background duty (a remote tier's slot map reloads), side by side,
+        until cancelled; returns at once when no tier has one."""
+        duties = [t.maintain for t in self.tiers if isinstance(t, RemoteTier)]
+        if not duties:
+            return
+        async with trio.open_nursery() as nursery:
+            for duty in duties:
+                nursery.start_soon(duty)
 
     async def punch(self) -> None:
         """Punch the segments that frees left without live objects, in every

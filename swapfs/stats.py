@@ -148,14 +148,17 @@ class FileTierStats:
     headroom_pages: int = 0
     # kind = "redis" (docs/remote-tier.md): round trips (pipelined batches), bytes on the wire,
     # failed remote calls (by kind: timeout, unavailable, auth, full, reply), reads retried,
-    # redirections followed, remote read latency (a histogram in microseconds), live objects
-    # per node as the slot map places them now.  disk_bytes is the segments' server memory.
+    # redirections followed, slot map reloads and the slots they found served by another
+    # master, remote read latency (a histogram in microseconds), live objects per node as the
+    # slot map places them now.  disk_bytes is the segments' server memory.
     remote_requests: int = 0
     remote_sent_bytes: int = 0
     remote_received_bytes: int = 0
     remote_errors: int = 0
     remote_retries: int = 0
     remote_redirects: int = 0
+    remote_refreshes: int = 0
+    remote_slot_changes: int = 0
     remote_failures: dict[str, int] = field(default_factory=dict)
     remote_read_latency_us: dict[str, int] = field(default_factory=dict)
     remote_pages_per_node: dict[str, int] = field(default_factory=dict)
@@ -337,7 +340,7 @@ _COUNTERS = {
              "punched_segments", "segment_switches", "cleaned_objects", "cleaned_bytes",
              "write_batches", "cached_reads", "thread_reads", "remote_requests",
              "remote_sent_bytes", "remote_received_bytes", "remote_errors", "remote_retries",
-             "remote_redirects",
+             "remote_redirects", "remote_refreshes", "remote_slot_changes",
              "pool_limit_hit", "reject_compress_poor", "compactions", "compacted_objects",
              "compacted_bytes", "recompressed_pages", "recompress_saved_bytes", "dedup_hits"},
     "totals": {"reads", "writes", "discards", "read_bytes", "written_bytes", "written_back_pages",

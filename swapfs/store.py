@@ -69,6 +69,11 @@ class Store(WritePath):
     async def aclose(self) -> None:
         self.files.close()
 
+    async def maintain(self) -> None:
+        """The tiers' background duties (a remote tier reloads its cluster's slot map), until
+        cancelled: the daemon runs it in a task of its own beside the writeback task."""
+        await self.files.maintain()
+
     async def migrate(self, victims: list[tuple[Device, int]], src: int) -> int:
         """Move the pages of ``victims`` from level ``src`` (0: the pool,
         1 + i: file tier i) down; see :mod:`swapfs.migrate`."""

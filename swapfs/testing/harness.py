@@ -246,6 +246,8 @@ def zram_mm_stat() -> dict[str, int]:
 # different place for each page; every
 # `same_every`-th page is all zeros (a freed heap page looks like that).  It
 # then reads every page back, twice in a different order, and checks it.
+# Its progress is timed page by page: `stall` is the longest time between two
+# pages (a swap-in or a reclaim that waited on the swap device shows there).
 CHILD = r"""
 import os, struct, sys, time, random
 pages, seed, same_every = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
@@ -259,11 +261,17 @@ def page(i):
         return bytes(PAGE)
     off = (i * 7919 + seed * 104729) % span
     return struct.pack("<QQ", i, seed) + text[off:off + PAGE - 16]
-t0 = time.monotonic()
+clock = time.monotonic
+t0 = last = clock()
+stall = 0.0
 buf = bytearray(pages * PAGE)
 for i in range(pages):
     buf[i * PAGE:(i + 1) * PAGE] = page(i)
-t1 = time.monotonic()
+    now = clock()
+    if now - last > stall:
+        stall = now - last
+    last = now
+t1 = clock()
 bad = 0
 for rnd in range(2):
     order = list(range(pages))
@@ -273,8 +281,12 @@ for rnd in range(2):
             bad += 1
             if bad < 5:
                 print("MISMATCH page", i, file=sys.stderr)
-t2 = time.monotonic()
-print(f"RESULT pages={pages} bad={bad} fill={t1 - t0:.3f} verify={t2 - t1:.3f}")
+        now = clock()
+        if now - last > stall:
+            stall = now - last
+        last = now
+t2 = clock()
+print(f"RESULT pages={pages} bad={bad} fill={t1 - t0:.3f} verify={t2 - t1:.3f} stall={stall:.3f}")
 sys.exit(1 if bad else 0)
 """
 
@@ -289,6 +301,8 @@ class WorkloadResult:
     peak_swap_kib: int
     output: str
     oom_killed: bool = False  # (with oom_ok) killed before it printed its result
+    # The longest time between two pages the workload filled or checked (its own clock).
+    max_stall_seconds: float = 0.0
 
 
 def run_swap_workload(
@@ -356,5 +370,6 @@ def run_swap_workload(
         verify_seconds=float(result["verify"]),
         peak_swap_kib=peak,
         output=output,
+        max_stall_seconds=float(result.get("stall", 0.0)),
     )
 

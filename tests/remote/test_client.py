@@ -38,6 +38,26 @@ def test_key_slot_matches_the_cluster_spec() -> None:
     assert key_slot(b"foo{bar}{zap}") == key_slot(b"bar")
 
 
+def test_a_reload_counts_the_slots_served_by_another_master() -> None:
+    """CLUSTER SLOTS replies loaded one after the other: a replica promoted in a master's
+    place takes its index in the node list; the slots are counted as served elsewhere."""
+    def node(port: int) -> list[object]:
+        return [b"127.0.0.1", port, b"%040d" % port]
+
+    c = Cluster(["127.0.0.1:7000"])
+    before = [[0, 5460, node(7000), node(7003)], [5461, 10922, node(7001), node(7004)],
+              [10923, 16383, node(7002), node(7005)]]
+    c.load_slots(before, "127.0.0.1:7000")
+    assert c.node_of(6000) == "127.0.0.1:7001" and c.stats.slot_changes == 0
+    c.load_slots(before, "127.0.0.1:7000")
+    assert c.stats.slot_changes == 0
+    after = [before[0], [5461, 10922, node(7004)], before[2]]  # 7001 lost, 7004 promoted
+    c.load_slots(after, "127.0.0.1:7000")
+    assert c.node_of(6000) == "127.0.0.1:7004" and c.replicas[1] == 0
+    assert c.stats.slot_changes == 10922 - 5461 + 1
+    assert c.stats.refreshes == 3 and not c.stale
+
+
 async def test_routing_and_pipelines_over_every_node(redis_cluster: LocalCluster) -> None:
     c = Cluster(redis_cluster.seeds[:1], timeout=2.0)
     try:
@@ -116,6 +136,47 @@ async def test_moved_and_ask_are_followed(redis_cluster: LocalCluster) -> None:
         await c.aclose()
         # Give the slot back so the session's cluster stays as it was.
         _move_slot(redis_cluster, slot, dst, src, finish=True)
+
+
+async def test_watch_learns_a_moved_slot_without_a_request(redis_cluster: LocalCluster) -> None:
+    """The slot map follows the cluster off the request path: a slot given to another master
+    is learnt by the periodic reload, before any request meets a MOVED."""
+    key = b"t:{watched}:a"
+    slot = key_slot(key)
+    c = Cluster(redis_cluster.seeds, timeout=2.0)
+    src = redis_cluster.port_of_slot(slot)
+    dst = next(p for p in redis_cluster.master_ports() if p != src)
+    moved = False
+    try:
+        await c.execute(key, "SET", key, b"v")
+        refreshes = c.stats.refreshes
+        assert c.node_of(slot) == f"127.0.0.1:{src}"
+        async with trio.open_nursery() as n:
+            n.start_soon(c.watch, 0.1)
+            moved = True
+            _move_slot(redis_cluster, slot, src, dst, finish=True)
+            with trio.fail_after(10):
+                while c.node_of(slot) != f"127.0.0.1:{dst}":
+                    await trio.sleep(0.05)
+            n.cancel_scope.cancel()
+        assert c.stats.redirects == 0 and c.stats.refreshes > refreshes
+        assert c.stats.slot_changes >= 1
+        assert await c.execute(key, "GET", key) == b"v"
+        assert c.stats.redirects == 0
+    finally:
+        await c.aclose()
+        if moved:
+            _move_slot(redis_cluster, slot, dst, src, finish=True)
+
+
+async def test_a_closed_client_stops_watching(redis_cluster: LocalCluster) -> None:
+    c = Cluster(redis_cluster.seeds, timeout=2.0)
+    with trio.fail_after(5):
+        async with trio.open_nursery() as n:
+            n.start_soon(c.watch, 0.05)
+            await trio.sleep(0.3)
+            c.close_now()
+    assert c.stats.refreshes >= 1
 
 
 @pytest.fixture(scope="module")

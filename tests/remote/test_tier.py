@@ -230,3 +230,23 @@ async def test_concurrent_first_writes_wait_for_the_sweep(stores, redis_cluster)
                 assert int(redis_cluster.cli(port, "STRLEN", k.decode())) == 64 * 1024 - 64
                 assert int(redis_cluster.cli(port, "MEMORY", "USAGE", k.decode())) \
                     <= 64 * 1024 + 256
+
+
+def test_segments_waiting_for_unlink_are_not_free_for_appends() -> None:
+    """The file tiers' rule (SegmentedTier): an emptied segment is free for appends only once
+    deleted.  Until its UNLINK it counts for cleaning's decisions (not full, nothing to clean)
+    but not for the kick that starts cleaning in time (low on segments)."""
+    t = RemoteTier("far", 8 * 64 * 1024, 5, seeds=["127.0.0.1:1"], segment_bytes=64 * 1024)
+    m = t._map
+    per_seg = (64 * 1024 - 65) // t.object_bytes(2000)
+    handles = t.allocate([2000] * (5 * per_seg))
+    assert len(handles) == 5 * per_seg and len(m.free_stack) == 3  # the reserve and one
+    assert t.low_on_segments and not t.full
+    for h in handles[:4 * per_seg]:
+        t.free(h, 2000)
+    assert m.punch_queued == 4 and len(m.free_stack) == 3
+    assert t.low_on_segments  # the emptied segments are not reusable before their UNLINK
+    assert not t.needs_cleaning and not t.full  # ... but cleaning has nothing to gain
+    assert t.used_pages == -(-(per_seg * t.object_bytes(2000)) // PAGE)
+    assert t.free_pages == t.capacity_pages - t.used_pages
+    t.check_invariants()

@@ -73,8 +73,6 @@ from .objects import RAW, Bad, object_bytes, parse, unseal
 from .segments import (
     CLEAN_MAX_LIVE,
     HEAD,
-    PENDING,
-    PUNCHING,
     SEALED,
     SEGMENT_BYTES,
     SegmentedTier,
@@ -330,15 +328,6 @@ class FileTier(SegmentedTier):
     # ------------------------------------------------------------------ bookkeeping
 
     @property
-    def used_pages(self) -> int:
-        """The space live objects take, in pages (what the watermarks compare)."""
-        return -(-self._map.live_bytes // PAGE)
-
-    @property
-    def free_pages(self) -> int:
-        return max(self.capacity_pages - self.used_pages, 0)
-
-    @property
     def room_bytes(self) -> int:
         """Bytes of objects the tier could still append, cleaning included (0 once the
         filesystem under it said ENOSPC): what the stats' headroom counts."""
@@ -353,27 +342,7 @@ class FileTier(SegmentedTier):
     def full(self) -> bool:
         """No room to append, even after cleaning: the filesystem said ENOSPC, or no segment
         is free and cleaning cannot free one (none is ``CLEAN_MAX_LIVE`` live or less)."""
-        if self._enospc:
-            return True
-        m = self._map
-        if len(m.free_stack) > m.reserve or m.pending:
-            return False
-        return not m.victims(1, CLEAN_MAX_LIVE) and not self._head_room()
-
-    def _head_room(self) -> bool:
-        m = self._map
-        return m.head >= 0 and m.seg_size(m.head) - m.head_off >= self.object_bytes(PAGE)
-
-    @property
-    def low_on_segments(self) -> bool:
-        """Fewer segments than ``clean_low`` are free (a cheap test, for every allocation)."""
-        return len(self._map.free_stack) < self.clean_low
-
-    @property
-    def needs_cleaning(self) -> bool:
-        """Free segments run low and some segment is worth cleaning."""
-        m = self._map
-        return m.free_segments < self.clean_low and bool(m.victims(1, CLEAN_MAX_LIVE))
+        return self._enospc or self._segments_full()
 
     @property
     def write_batches(self) -> int:
@@ -621,9 +590,7 @@ class FileTier(SegmentedTier):
 
     def stats(self) -> FileTierStats:
         m = self._map
-        st = m.state
         disk = os.fstat(self._fd).st_blocks * 512 if self._fd >= 0 else 0
-        pending = st.count(PENDING) + st.count(PUNCHING)
         free = m.free_segments
         user = self.appended_bytes - self.cleaned_bytes
         return FileTierStats(
@@ -635,7 +602,7 @@ class FileTier(SegmentedTier):
             io_errors=self.io_errors, full=self.full, metadata_bytes=self.metadata_bytes,
             live_bytes=m.live_bytes, dead_bytes=m.dead_bytes,
             segments_used=m.nsegments - free, segments_free=free,
-            segments_punch_pending=pending, punched_segments=self.punched_segments,
+            segments_punch_pending=m.punch_queued, punched_segments=self.punched_segments,
             segment_bytes=m.segment_bytes,
             cleaned_objects=self.cleaned_objects, cleaned_bytes=self.cleaned_bytes,
             write_amplification=round(self.appended_bytes / user, 4) if user > 0 else 0.0,

@@ -250,6 +250,12 @@ class SegmentMap:
         return st.count(FREE) + st.count(PENDING) + st.count(PUNCHING)
 
     @property
+    def punch_queued(self) -> int:
+        """Segments emptied and not yet punched (queued, or their punch running)."""
+        st = self.state
+        return st.count(PENDING) + st.count(PUNCHING)
+
+    @property
     def dead_bytes(self) -> int:
         """Bytes appended to segments in use that no live object holds (padding included)."""
         st, fill, live = self.state, self.fill, self.live
@@ -391,11 +397,20 @@ CLEAN_MAX_LIVE = 0.75
 
 class SegmentedTier:
     """What every tier over a segment map has in common, the file tier and the remote one:
-    its counts, the objects' bookkeeping and cleaning's view.  A subclass sets ``name``,
-    ``encrypt``, ``_map`` and the ``cleaned_*`` counters."""
+    its counts, the objects' bookkeeping, when it is full and cleaning's view.  A subclass
+    sets ``name``, ``encrypt``, ``capacity_pages``, ``_map`` and the ``cleaned_*`` counters.
+
+    One rule for both kinds: a segment is free for appends only once it is back on the free
+    stack (punched, or for a remote tier deleted with UNLINK); one queued for its punch counts
+    as free for cleaning's decisions (``needs_cleaning``, ``full``: it is about to be), not
+    for ``low_on_segments`` (the kick that starts cleaning in time).  Where the remote tier
+    differs it says so in its own class: the cluster's OOM (the tier is full for a while
+    whatever its segments say) and a failed UNLINK (the segment stays queued and is tried
+    again later, where a failed punch recycles the segment at once)."""
 
     name: str
     encrypt: bool
+    capacity_pages: int
     _map: SegmentMap
     cleaned_objects: int
     cleaned_bytes: int
@@ -410,12 +425,49 @@ class SegmentedTier:
         return self._map.live_bytes
 
     @property
+    def used_pages(self) -> int:
+        """The space live objects take, in pages (what the watermarks compare)."""
+        return -(-self._map.live_bytes // PAGE)
+
+    @property
+    def free_pages(self) -> int:
+        return max(self.capacity_pages - self.used_pages, 0)
+
+    @property
     def clean_low(self) -> int:
         """Cleaning starts when fewer segments than this are free: lazily, just above the
         reserve, whatever the tier's size (every segment kept free is space the others must
         make up for, so they are cleaned fuller; and a segment left alone longer holds more
         dead bytes when its turn comes)."""
         return self._map.reserve + 2
+
+    @property
+    def low_on_segments(self) -> bool:
+        """Fewer segments than ``clean_low`` are free for appends (a cheap test, for every
+        allocation)."""
+        return len(self._map.free_stack) < self.clean_low
+
+    @property
+    def needs_cleaning(self) -> bool:
+        """Free segments (those queued for their punch included) run low and some segment is
+        worth cleaning."""
+        m = self._map
+        return m.free_segments < self.clean_low and bool(m.victims(1, CLEAN_MAX_LIVE))
+
+    def _head_room(self) -> bool:
+        """The user log's head takes one more object of a whole page."""
+        m = self._map
+        return m.head >= 0 and m.seg_size(m.head) - m.head_off >= object_bytes(PAGE,
+                                                                                self.encrypt)
+
+    def _segments_full(self) -> bool:
+        """No room to append, even after cleaning: no segment is free beyond the reserve or
+        queued for its punch, the head is full, and cleaning cannot free one (none is
+        ``CLEAN_MAX_LIVE`` live or less)."""
+        m = self._map
+        if len(m.free_stack) > m.reserve or m.pending:
+            return False
+        return not m.victims(1, CLEAN_MAX_LIVE) and not self._head_room()
 
     @property
     def segment_switches(self) -> int:

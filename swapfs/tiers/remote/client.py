@@ -21,7 +21,10 @@ Shape:
   CLUSTERDOWN and lost connections mark the map stale (refreshed before the next call) and
   raise.  Every call is bounded by ``timeout`` (a redirection is followed within it); what a
   failure means is the caller's choice: :func:`retrying` repeats a call on the failures that a
-  failover ends, within a total time.
+  failover ends, within a total time.  :meth:`Cluster.watch`, run in a task of its own (off
+  the request path), also reloads the map every few seconds, each reload bounded: a failover
+  or a slot moved is learnt even where no request failed on it (pages per node, a replica
+  promoted under segments nobody read since).
 
 Errors are typed (all :class:`RemoteError`, a StoreError): ``RemoteTimeout``,
 ``RemoteUnavailable`` (refused, reset, CLUSTERDOWN, TRYAGAIN), ``RemoteAuthError`` (wrong
@@ -34,6 +37,7 @@ Concurrency: one trio loop; the slot map and the connection table change only be
 from __future__ import annotations
 
 import binascii
+import logging
 import os
 import ssl
 from array import array
@@ -51,8 +55,12 @@ __all__ = ["SLOTS", "Cluster", "Connection", "RemoteAuthError", "RemoteError", "
            "RemoteReplyError", "RemoteTimeout", "RemoteUnavailable", "encode", "key_slot",
            "retrying"]
 
+log = logging.getLogger(__name__)
+
 SLOTS = 16384
 MAX_REDIRECTS = 8
+# Cluster.watch: how often the slot map is reloaded off the request path.
+WATCH_SECONDS = 5.0
 READ_CHUNK = 1 << 18
 NO_NODE = 0xFFFF
 
@@ -309,6 +317,7 @@ class ClientStats:
     received_bytes: int = 0
     redirects: int = 0          # MOVED and ASK followed
     refreshes: int = 0          # slot map reloads
+    slot_changes: int = 0       # slots a reload found served by another master than before
     connects: int = 0
 
 
@@ -349,6 +358,7 @@ class Cluster:
         self.slots = array("H", [NO_NODE]) * SLOTS     # slot -> node index
         self.conns: dict[str, Connection] = {}
         self.stale = True
+        self.closed = False  # by close_now or aclose: watch ends
         self.stats = ClientStats()
         self._conn_stats = ConnStats()
         self._connecting: dict[str, trio.Event] = {}
@@ -406,13 +416,40 @@ class Cluster:
                 if isinstance(last, RemoteAuthError):
                     raise last
                 continue
-            self._load_slots(reply, addr)
-            self.stats.refreshes += 1
-            self.stale = False
+            self.load_slots(reply, addr)
             return
         raise last or RemoteUnavailable("no seed answers")
 
-    def _load_slots(self, reply: list[Any], via: str) -> None:
+    async def reload(self, bound: float | None = None) -> bool:
+        """``refresh`` within ``bound`` seconds (default: twice what one node may take),
+        quietly: False if no node answered in time (the next reload, or the next request
+        that fails, tries again)."""
+        if bound is None:
+            bound = 2 * (self.timeout + self.connect_timeout)
+        with trio.move_on_after(bound):
+            try:
+                await self.refresh()
+            except RemoteError as e:
+                log.debug("slot map reload failed: %s", e)
+                return False
+            return True
+        return False
+
+    async def watch(self, interval: float = WATCH_SECONDS) -> None:
+        """Reload the slot map every ``interval`` seconds (each reload bounded, see
+        ``reload``) until the client is closed.  Run it in a task of its own: requests never
+        wait for it."""
+        while not self.closed:
+            await trio.sleep(interval)
+            if self.closed:
+                return
+            try:
+                await self.reload()
+            except Exception:  # a reply of an unexpected shape: never the mount's end
+                log.exception("slot map reload failed")
+
+    def load_slots(self, reply: list[Any], via: str) -> None:
+        """Take the slot map from ``reply``, CLUSTER SLOTS as node ``via`` answered it."""
         slots = array("H", [NO_NODE]) * SLOTS
         nodes: list[str] = []
         replicas: list[int] = []
@@ -431,7 +468,32 @@ class Cluster:
                 i = len(nodes) - 1
             replicas[i] = len(entry) - 3
             slots[lo:hi + 1] = array("H", [i]) * (hi - lo + 1)
+        if self.stats.refreshes:
+            self._note_changes(nodes, slots)
         self.nodes, self.replicas, self.slots = nodes, replicas, slots
+        self.stats.refreshes += 1
+        self.stale = False
+
+    def _note_changes(self, nodes: list[str], slots: array[int]) -> None:
+        """Count (and log) the slots the new map gives another master than the old one."""
+        old_nodes, old = self.nodes, self.slots
+        if old == slots and old_nodes == nodes:
+            return
+        # A node's index may differ between the maps, and one index name another node: compare
+        # the nodes, through each new index's old one (NO_NODE stays NO_NODE).
+        was_index = {addr: i for i, addr in enumerate(old_nodes)}
+        as_old = [was_index.get(addr, -1) for addr in nodes]
+        moved: dict[str, int] = {}
+        for s in range(SLOTS):
+            b = slots[s]
+            if (NO_NODE if b == NO_NODE else as_old[b]) != old[s]:
+                now = "none" if b == NO_NODE else nodes[b]
+                moved[now] = moved.get(now, 0) + 1
+        if moved:
+            n = sum(moved.values())
+            self.stats.slot_changes += n
+            log.info("slot map: %d slot(s) served elsewhere now (%s)", n,
+                     ", ".join(f"{c} to {a}" for a, c in sorted(moved.items())))
 
     # -- connections -------------------------------------------------------------------------
 
@@ -489,9 +551,14 @@ class Cluster:
             c.close(why)
 
     async def aclose(self) -> None:
+        self.close_now()
+        await trio.lowlevel.checkpoint()
+
+    def close_now(self) -> None:
+        """Close every connection (no await: also outside a trio run) and end ``watch``."""
+        self.closed = True
         for addr in list(self.conns):
             self._drop(addr, RemoteUnavailable("client closed", addr))
-        await trio.lowlevel.checkpoint()
 
     def sync_stats(self) -> ClientStats:
         """The counters, connection totals included."""

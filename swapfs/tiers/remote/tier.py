@@ -28,7 +28,13 @@ cleaning's victims).  What differs is where a segment is: the string value of th
   swapfs.migrate); a segment left without live objects is deleted with ``UNLINK`` where a file
   tier punches it, then reused under a new generation.
 * **Close** deletes the mount's keys (best effort, blocking, at unmount); a mount also deletes
-  what a previous mount of the same prefix left before its first write.
+  what a previous mount of the same prefix left before its first write.  A successor that
+  adopted the state (failover) sweeps nothing and deletes every segment key at close.
+* **Bookkeeping** is SegmentedTier's, the file tiers' rule (used pages, when cleaning is kicked
+  and needed, when the tier is full), but for the cluster's OOM (full for a while) and a failed
+  UNLINK (its segments stay queued, tried again later).
+* **Background**: ``maintain`` (run by the daemon beside the writeback task) reloads the
+  client's slot map every few seconds, off the request path.
 
 Concurrency: one trio loop; ``allocate`` and ``free`` never await.  Remote calls go through
 swapfs.tiers.remote.client, each bounded by ``timeout``.  ``read_now`` is a blocking read for
@@ -147,6 +153,7 @@ class RemoteTier(SegmentedTier):
         self._cipher: ObjectCipher | None = None
         self.client: Cluster | None = None
         self._swept = False
+        self._inherited = False  # adopted from a predecessor (open)
         # Writes wait for the sweep: a write that overtook an UNLINK of its segment's old
         # key would be deleted with it.
         self._sweep_lock = trio.Lock()
@@ -198,8 +205,11 @@ class RemoteTier(SegmentedTier):
             k = bytes(key_map[:KEY_BYTES])
             if k == bytes(KEY_BYTES):
                 raise OSError(errno.EINVAL, f"{where}: the state holds no key for the tier")
-            self._swept = True  # what the predecessor wrote is ours
-            self._sized[:] = b"\x01" * self.nsegments
+            # What the predecessor wrote is ours: no sweep, and close deletes every key (which
+            # segments it left keys in is not known).  Its segments with live objects stay
+            # sealed (rebuild); the others are made at full length again on their next write.
+            self._swept = True
+            self._inherited = True
         else:
             k = new_key()
             key_map[:KEY_BYTES] = k
@@ -220,16 +230,22 @@ class RemoteTier(SegmentedTier):
         client, self.client = self.client, None
         self._cipher = None
         try:
-            self._sync_delete(client, [s for s in range(self.nsegments) if self._map.fill[s]
-                                       or self._sized[s]])
+            self._sync_delete(client, [s for s in range(self.nsegments) if self._inherited
+                                       or self._map.fill[s] or self._sized[s]])
         except (OSError, RemoteError, hiredis.HiredisError) as e:
             log.warning("tier %r: cannot delete its keys at close: %s", self.name, e)
-        for conn in list(client.conns.values()):
-            conn.close(RemoteError("closed"))
+        client.close_now()
 
     @property
     def is_open(self) -> bool:
         return self.client is not None
+
+    async def maintain(self) -> None:
+        """The tier's background duty while it is open: the client's slot map reloaded every
+        WATCH_SECONDS (swapfs.tiers.remote.client.Cluster.watch), off the request path."""
+        client = self.client
+        if client is not None:
+            await client.watch()
 
     def _client(self) -> Cluster:
         if self.client is None:
@@ -239,15 +255,7 @@ class RemoteTier(SegmentedTier):
     def seg_key(self, seg: int) -> bytes:
         return self.key_prefix + b"%d" % seg
 
-    # -- bookkeeping (as FileTier) -----------------------------------------------------------
-
-    @property
-    def used_pages(self) -> int:
-        return min(self.capacity_pages, -(-self._map.live_bytes // PAGE))
-
-    @property
-    def free_pages(self) -> int:
-        return self.capacity_pages - self.used_pages
+    # -- bookkeeping (SegmentedTier's, but for the cluster's OOM and UNLINK's retries) ----------
 
     @property
     def room_bytes(self) -> int:
@@ -259,28 +267,15 @@ class RemoteTier(SegmentedTier):
 
     @property
     def punch_pending(self) -> bool:
-        # After a failed UNLINK, not before the next try is due (callers loop on this).
+        """Emptied segments wait for their UNLINK, and it is due: after a failed UNLINK not
+        before the next try (callers loop on this)."""
         return bool(self._map.pending) and time.monotonic() >= self._unlink_after
 
     @property
     def full(self) -> bool:
-        if time.monotonic() < self._full_until:
-            return True
-        m = self._map
-        return m.free_segments <= m.reserve and not self._head_room() \
-            and not m.victims(1, CLEAN_MAX_LIVE)
-
-    def _head_room(self) -> bool:
-        m = self._map
-        return m.head >= 0 and m.head_off + object_bytes(PAGE, True) <= m.seg_size(m.head)
-
-    @property
-    def low_on_segments(self) -> bool:
-        return self._map.free_segments <= self._map.reserve + 1
-
-    @property
-    def needs_cleaning(self) -> bool:
-        return self.low_on_segments and bool(self._map.victims(1, CLEAN_MAX_LIVE))
+        """For a while after a node said OOM (or until a delete made room), whatever the
+        segments say; otherwise as a file tier (SegmentedTier._segments_full)."""
+        return time.monotonic() < self._full_until or self._segments_full()
 
     @property
     def write_batches(self) -> int:
@@ -558,6 +553,16 @@ class RemoteTier(SegmentedTier):
         return out
 
     def _sync_delete(self, client: Cluster, segs: list[int]) -> None:
+        if segs and client.stats.refreshes == 0:
+            # The slot map was never loaded (a successor closed before any request).
+            for seed in client.seeds:
+                try:
+                    (reply,) = self._sync_batch(seed, [encode("CLUSTER", "SLOTS")])
+                except OSError:
+                    continue
+                if isinstance(reply, list):
+                    client.load_slots(reply, seed)
+                    break
         by_node: dict[str, list[bytes]] = {}
         for s in segs:
             k = self.seg_key(s)
@@ -604,7 +609,7 @@ class RemoteTier(SegmentedTier):
             io_errors=self.io_errors, full=self.full, metadata_bytes=self.metadata_bytes,
             live_bytes=m.live_bytes, dead_bytes=m.dead_bytes,
             segments_used=m.nsegments - free, segments_free=free,
-            segments_punch_pending=len(m.pending), punched_segments=self.punched_segments,
+            segments_punch_pending=m.punch_queued, punched_segments=self.punched_segments,
             segment_bytes=self.segment_bytes,
             cleaned_objects=self.cleaned_objects, cleaned_bytes=self.cleaned_bytes,
             write_amplification=round(self.appended_bytes / user, 4) if user > 0 else 0.0,
@@ -615,6 +620,8 @@ class RemoteTier(SegmentedTier):
             remote_received_bytes=cs.received_bytes if cs else 0,
             remote_errors=sum(self.failures.values()), remote_retries=self.retries,
             remote_redirects=cs.redirects if cs else 0,
+            remote_refreshes=cs.refreshes if cs else 0,
+            remote_slot_changes=cs.slot_changes if cs else 0,
             remote_failures=dict(self.failures), remote_read_latency_us=lat,
             remote_pages_per_node=self.pages_per_node())
 
