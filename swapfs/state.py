@@ -205,7 +205,9 @@ class SlotCursor:
             visited += nxt - slot
             slot = nxt
             if slot < dev.npages:
-                end = min((slot | CLUSTER_MASK) + 1, dev.npages, slot + scan)
+                # (within one round: a walk that began inside this cluster ends where it began)
+                end = min((slot | CLUSTER_MASK) + 1, dev.npages, slot + scan,
+                          slot + total - visited)
                 self._set(devs, di, end)
                 yield dev, slot, end
                 visited += end - slot
