@@ -66,6 +66,7 @@ from .slots import (
     SAME,
     SETTLED,
     SHADOW,
+    SLOT_SHIFT,
     SlotTable,
     file_info,
     in_file,
@@ -75,6 +76,7 @@ from .slots import (
     kind_of,
     length_of,
     level_tier,
+    movable,
     slot_key,
     tier_of_kind,
     with_length,
@@ -405,6 +407,69 @@ class StoreState:
             dev.table.info[s] = flagged & ~MOVING
         self.moving -= 1
 
+    def flag_pool_moves(self, victims: Sequence[tuple[Device, int]]
+                        ) -> tuple[list[Device], list[int], list[int], list[int]]:
+        """``flag_moving`` of each of ``victims`` still in the pool and not
+        MOVING, in one loop: ``(devices, slots, handles, info words as
+        flagged)`` of the slots flagged, side by side."""
+        mask, want = movable(POOL_LEVEL)
+        devs: list[Device] = []
+        slots: list[int] = []
+        handles: list[int] = []
+        flagged: list[int] = []
+        for dev, s in victims:
+            table = dev.table
+            i = table.info[s]
+            if i & mask == want:
+                i |= MOVING
+                table.info[s] = i
+                devs.append(dev)
+                slots.append(s)
+                handles.append(table.handles[s])
+                flagged.append(i)
+        self.moving += len(slots)
+        return devs, slots, handles, flagged
+
+    def unflag_moves(self, devs: Sequence[Device], slots: Sequence[int],
+                     flagged: Sequence[int]) -> None:
+        """``unflag_moving`` of every slot ``flag_pool_moves`` flagged."""
+        for dev, s, i in zip(devs, slots, flagged):
+            info = dev.table.info
+            if info[s] == i:
+                info[s] = i & ~MOVING
+        self.moving -= len(slots)
+
+    def load_objects(self, devs: Sequence[Device], slots: Sequence[int],
+                     handles: Sequence[int], flagged: Sequence[int], lo: int, hi: int
+                     ) -> tuple[list[int], list[int], list[bytes]]:
+        """``load_object`` of the slots ``lo:hi`` of a flagged batch that still
+        hold what was flagged: ``(their indexes, codec ids, bytes)``.  A hot
+        loop (a move's copy out of the pool): inlines the slot encoding."""
+        idx: list[int] = []
+        codecs: list[int] = []
+        datas: list[bytes] = []
+        mem = self.pool.mem
+        cid = self.codec.id
+        alt = self.recodec.id if self.recodec is not None else cid
+        for k in range(lo, min(hi, len(slots))):
+            table = devs[k].table
+            s = slots[k]
+            i = flagged[k]
+            h = handles[k]
+            if table.info[s] != i or table.handles[s] != h:
+                continue  # written, discarded or promoted since it was flagged
+            k_ = i & KIND_MASK
+            if k_ == POOL:
+                codecs.append(alt if i & ALT else cid)
+                datas.append(bytes(mem[h:h + ((i >> 4) & LENGTH_MASK)]))
+            elif k_ == HUGE:
+                codecs.append(RAW)
+                datas.append(bytes(mem[h:h + PAGE_SIZE]))
+            else:
+                raise InvariantError(f"{devs[k].name}: slot {s} has kind {k_}, not in the pool")
+            idx.append(k)
+        return idx, codecs, datas
+
     def commit_move(self, dev: Device, s: int, flagged: int, handle: int, src: int, ti: int,
                     dest: int, length: int) -> bool:
         """Switch slot ``s`` to the object at ``dest`` (``length`` payload
@@ -433,7 +498,14 @@ class StoreState:
                           dests: Sequence[int], lengths: Sequence[int]) -> list[bool]:
         """``commit_move`` of a batch of pool pages to file tier ``ti``, in one loop: the
         same steps, slot by slot, each switched through the journal (a kill between two
-        slots leaves the first moved and the second not).  Per slot, whether it moved."""
+        slots leaves the first moved and the second not).  Per slot, whether it moved.
+        A hot loop: inlines the slot encoding."""
+        with self.pool.batch():  # the spans emptied go back in runs, after the loop
+            return self._commit_pool_moves(devs, slots, flagged, handles, ti, dests, lengths)
+
+    def _commit_pool_moves(self, devs: Sequence[Device], slots: Sequence[int],
+                           flagged: Sequence[int], handles: Sequence[int], ti: int,
+                           dests: Sequence[int], lengths: Sequence[int]) -> list[bool]:
         out: list[bool] = []
         j = self.journal
         moves = self.moves
@@ -452,18 +524,20 @@ class StoreState:
             # journal_switch, inline: old handle and info first, the key word last
             j[1] = h
             j[2] = i
-            j[0] = slot_key(dev.index, s) + 1
+            key = dev.index << SLOT_SHIFT | s
+            j[0] = key + 1
             table.handles[s] = dest
             table.info[s] = file_info(ti, n) | SHADOW
             j[0] = 0
             epoch[s] = demotions & EPOCH_MASK
             # free_slot_content of a pool (or huge) object, MOVING still set in ``i``
-            m = length_of(i)
+            m = (i >> 4) & LENGTH_MASK
             if dedup is None or m > MAX_OBJECT or dedup.release(h, m):
                 pool_free(h, m)
             dev.compressed_bytes -= m
             dev.pool_bytes -= OBJECT_BYTES[m]
-            if kind_of(i) == POOL:
+            k = i & KIND_MASK
+            if k == POOL:
                 dev.pool_pages -= 1
             else:
                 dev.huge_pages -= 1
