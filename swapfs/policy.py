@@ -106,8 +106,8 @@ class Policy:
         return age + 2 * ones
 
     def select(self, cursor: SlotCursor, devs: list[Device], src: int, n: int, *,
-               idle_before: int | None = None, now: int | None = None
-               ) -> list[tuple[Device, int]]:
+               idle_before: int | None = None, now: int | None = None,
+               whole_round: bool = False) -> list[tuple[Device, int]]:
         """Up to ``n`` victims at level ``src`` among ``devs``: the coldest
         of a window of candidates found from ``cursor``, in slot order.  With
         ``idle_before`` (an age in epochs), only pages not accessed for at
@@ -116,8 +116,10 @@ class Policy:
 
         The window: the clusters in use from the cursor on, until they hold
         CANDIDATES_PER_VICTIM * ``n`` candidates or SCAN_SLOTS slots were
-        looked at (further while none was found, one walk round at most, so
-        a search finds a page wherever one is).  The ``n`` with the smallest
+        looked at; with ``whole_round`` further while none was found, one
+        walk round at most, so that a request finds a page wherever one is
+        (the watermarks' searches stay bounded: the next pass goes on from
+        the cursor).  The ``n`` with the smallest
         keys go, ties to the lower (device, slot), as ``heapq.nsmallest`` of
         ``(key, device, slot)`` would choose them.  The keys are worked out a
         chunk (a cluster) at a time on the columns as big integers of 32-bit
@@ -153,7 +155,7 @@ class Policy:
                 found += cand.bit_count()
                 chunks.append((devs.index(dev), start,
                                memoryview(v.to_bytes(4 * lanes, "little")).cast("I")))
-            if found >= goal or (found and scanned >= SCAN_SLOTS):
+            if found >= goal or (scanned >= SCAN_SLOTS and (found or not whole_round)):
                 break
         if not found:
             self._selected(-1)

@@ -442,9 +442,11 @@ class StoreState:
     def load_objects(self, devs: Sequence[Device], slots: Sequence[int],
                      handles: Sequence[int], flagged: Sequence[int], lo: int, hi: int
                      ) -> tuple[list[int], list[int], list[bytes]]:
-        """``load_object`` of the slots ``lo:hi`` of a flagged batch that still
-        hold what was flagged: ``(their indexes, codec ids, bytes)``.  A hot
-        loop (a move's copy out of the pool): inlines the slot encoding."""
+        """The objects of the slots ``lo:hi`` of a flagged batch that still hold
+        what was flagged, as stored, for a move that keeps them compressed:
+        ``(their indexes, codec ids, bytes)``; a huge page is ``RAW`` and the
+        page.  A hot loop (a move's copy out of the pool): inlines the slot
+        encoding."""
         idx: list[int] = []
         codecs: list[int] = []
         datas: list[bytes] = []
@@ -560,19 +562,6 @@ class StoreState:
         self.journal_switch(dev, s, dest, flagged & ~MOVING)
         self.files.free_page(ti, handle, length_of(flagged))  # pinned: freed when unpinned
         return True
-
-    def load_object(self, dev: Device, slot: int) -> tuple[int, bytes]:
-        """A pool slot's object as it is stored, for a move that keeps it
-        compressed: ``(codec id, bytes)``; a huge page is ``(RAW, page)``."""
-        i = dev.table.info[slot]
-        k = kind_of(i)
-        h = dev.table.handles[slot]
-        if k == POOL:
-            codec = self.recodec if i & ALT and self.recodec is not None else self.codec
-            return codec.id, bytes(self.pool.view(h, length_of(i)))
-        if k == HUGE:
-            return RAW, bytes(self.pool.view(h, PAGE_SIZE))
-        raise InvariantError(f"{dev.name}: slot {slot} has kind {k}, not in the pool")
 
     # -- recompression (swapfs/recompress.py) -----------------------------
 

@@ -161,7 +161,7 @@ async def test_workingset_threshold_follows_wasted_promotions(stores, tmp_path):
     assert pol.share == 0.625
 
 
-def _search_by_slot(pol, cursor, devs, src, n, now):
+def _search_by_slot(pol, cursor, devs, src, n, now, whole_round):
     """The victim search one slot at a time, as a reference for the chunked
     one: the same window, a key per candidate, ``heapq.nsmallest``."""
     import heapq
@@ -180,7 +180,8 @@ def _search_by_slot(pol, cursor, devs, src, n, now):
             if i & mask == want:
                 e = dev.table.epoch[s]
                 cands.append((-(1 << 33) if i & SHADOW else pol._age_key(e, now), di, s))
-        if len(cands) >= n * CANDIDATES_PER_VICTIM or (cands and scanned >= SCAN_SLOTS):
+        if len(cands) >= n * CANDIDATES_PER_VICTIM or (
+                scanned >= SCAN_SLOTS and (cands or not whole_round)):
             break
     chosen = heapq.nsmallest(n, cands) if len(cands) > n else cands
     oldest = max((-k for k, _, _ in chosen if k > -(1 << 33)), default=-1)
@@ -236,8 +237,9 @@ def test_chunked_search_chooses_what_a_slot_by_slot_search_would(name, seed):
         a, b = SlotCursor(), SlotCursor()
         a.di = b.di = rng.randrange(2)
         a.slot = b.slot = rng.randrange(devs[a.di].npages)
-        got = ours.select(a, devs, src, n, now=now)
-        want, oldest = _search_by_slot(ref, b, devs, src, n, now)
+        whole = rng.random() < 0.5
+        got = ours.select(a, devs, src, n, now=now, whole_round=whole)
+        want, oldest = _search_by_slot(ref, b, devs, src, n, now, whole)
         key = [(devs.index(d), s) for d, s in got]
         assert sorted(key) == sorted((devs.index(d), s) for d, s in want), (trial, n, src)
         assert len(set(key)) == len(key)
