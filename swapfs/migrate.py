@@ -24,7 +24,11 @@ segment, left without live objects, is punched and reused.
 
 Moves from the pool go a chunk (CHUNK_PAGES) at a time, each copied and
 placed while the chunks before it are written, and committed as its write
-ends.
+ends.  They are kept in columns (``PoolChunk``: lists side by side, no
+object per page), and the state flags, copies and commits each chunk in one
+loop (``StoreState.flag_pool_moves``, ``load_objects``,
+``commit_pool_moves``); moves from a file tier and cleaning keep a ``Move``
+per page.
 
 Until the commit a read finds the page where it was.  Cancellation at any
 await leaves every slot as it was.
@@ -91,6 +95,23 @@ class Move:
         return table.info[self.slot] == self.info and table.handles[self.slot] == self.handle
 
 
+class PoolChunk:
+    """A chunk of a move from the pool, in columns (no object per page): the
+    slots still unchanged when copied, what each held as flagged, and its
+    copy (codec id and bytes, as stored)."""
+
+    __slots__ = ("devs", "slots", "handles", "flagged", "codecs", "datas")
+
+    def __init__(self, devs: list[Device], slots: list[int], handles: list[int],
+                 flagged: list[int], codecs: list[int], datas: list[bytes]) -> None:
+        self.devs = devs
+        self.slots = slots
+        self.handles = handles
+        self.flagged = flagged
+        self.codecs = codecs
+        self.datas = datas
+
+
 class Migrator:
     """Moves pages of one store's state.  One migration at a time."""
 
@@ -124,6 +145,17 @@ class Migrator:
             min_group = files.group_of(level_tier(src)) + 1
             if min_group > files.last_group:
                 return 0
+        if src == POOL_LEVEL:
+            moved = await self._from_pool(victims, min_group)
+        else:
+            moved = await self._from_file(victims, src, min_group)
+        if moved:
+            self.counters.batches += 1
+        await files.punch()
+        return moved
+
+    async def _from_file(self, victims: list[tuple[Device, int]], src: int,
+                         min_group: int) -> int:
         mask, want = movable(src)
         moves = [Move(dev, s, dev.table.handles[s], 0)
                  for dev, s in victims if dev.table.info[s] & mask == want]
@@ -133,45 +165,120 @@ class Migrator:
         for mv in moves:
             mv.info = state.flag_moving(mv.dev, mv.slot)
         pins: list[int] = []
-        moved = 0
         try:
-            if src == POOL_LEVEL:
-                moved = await self._from_pool(moves, min_group)
-            else:
-                await self._copy_from_file(level_tier(src), moves, pins)
-                moved = await self._place([mv for mv in moves if mv.data is not None
-                                           and mv.unchanged()], src, min_group)
+            await self._copy_from_file(level_tier(src), moves, pins)
+            return await self._place([mv for mv in moves if mv.data is not None
+                                      and mv.unchanged()], src, min_group)
         finally:
             for mv in moves:  # whatever did not commit keeps its place
                 state.unflag_moving(mv.dev, mv.slot, mv.info)
             if pins:
-                files.unpin(pins)
-        if moved:
-            self.counters.batches += 1
-        await files.punch()
-        return moved
+                self.files.unpin(pins)
 
-    async def _from_pool(self, moves: list[Move], min_group: int) -> int:
-        """Copy, place, write and commit the pool's ``moves``, CHUNK_PAGES at
-        a time: each chunk is copied (the slots still unchanged) and placed
-        while the chunks before it are written."""
-        load = self.state.load_object
+    async def _from_pool(self, victims: list[tuple[Device, int]], min_group: int) -> int:
+        """Flag, copy, place, write and commit the pool's ``victims``,
+        CHUNK_PAGES at a time: each chunk is copied (the slots still
+        unchanged) and placed while the chunks before it are written.  The
+        batch is kept in columns (no object per page): the state flags, copies
+        and commits a chunk in one loop each."""
+        state = self.state
+        devs, slots, handles, flagged = state.flag_pool_moves(victims)
         moved = 0
 
-        async def place(chunk: list[Move]) -> None:
+        async def place(chunk: PoolChunk) -> None:
             nonlocal moved
-            got = await self._place(chunk, POOL_LEVEL, min_group)
+            got = await self._place_pool(chunk, min_group)
             moved += got  # after the await: chunks finish in any order
 
-        async with trio.open_nursery() as nursery:
-            for i in range(0, len(moves), CHUNK_PAGES):
-                chunk = [mv for mv in moves[i:i + CHUNK_PAGES] if mv.unchanged()]
-                for mv in chunk:
-                    mv.codec, mv.data = load(mv.dev, mv.slot)
-                if chunk:
-                    nursery.start_soon(place, chunk)
-                # the chunk allocates and hands its write over before the next is copied
-                await trio.lowlevel.checkpoint()
+        try:
+            async with trio.open_nursery() as nursery:
+                for lo in range(0, len(slots), CHUNK_PAGES):
+                    idx, codecs, datas = state.load_objects(devs, slots, handles, flagged, lo,
+                                                            lo + CHUNK_PAGES)
+                    if idx:
+                        nursery.start_soon(place, PoolChunk(
+                            [devs[k] for k in idx], [slots[k] for k in idx],
+                            [handles[k] for k in idx], [flagged[k] for k in idx], codecs, datas))
+                    # the chunk allocates and hands its write over before the next is copied
+                    await trio.lowlevel.checkpoint()
+        finally:  # whatever did not commit keeps its place
+            state.unflag_moves(devs, slots, flagged)
+        return moved
+
+    async def _place_pool(self, chunk: PoolChunk, min_group: int) -> int:
+        """``_place`` for a chunk from the pool."""
+        files = self.files
+        for ti in {ti for g in files.groups[min_group:] for ti in g}:
+            if files[ti].recompress:
+                self._recompress_chunk(files[ti].recompress, chunk)
+                break
+        lengths = [len(d) for d in chunk.datas]
+        grants = files.allocate(lengths, min_group=min_group)
+        for g in grants:
+            files.inflight[g.tier] += g.npages
+        todo = list(grants)  # grants neither written nor given back yet
+        moved = 0
+        pos = 0
+        try:
+            while todo:
+                grant = todo.pop(0)
+                lo = pos
+                pos += grant.npages
+                moved += await self._write_and_commit_pool(grant, chunk, lo, lengths)
+        finally:
+            for g in todo:  # never written: give the objects back
+                files.give_back(g, lengths[pos:pos + g.npages])
+                files.inflight[g.tier] -= g.npages
+                pos += g.npages
+        return moved
+
+    async def _write_and_commit_pool(self, grant: Grant, chunk: PoolChunk, lo: int,
+                                     lengths: list[int]) -> int:
+        """Write the copies ``lo:lo + grant.npages`` of ``chunk`` to the objects
+        of ``grant`` and commit the moves whose slots did not change meanwhile."""
+        files = self.files
+        ti = grant.tier
+        tier = files[ti]
+        hi = lo + grant.npages
+        dests = grant.handles
+        devs, slots, flagged = chunk.devs, chunk.slots, chunk.flagged
+        keep = [k for k in range(lo, hi) if devs[k].table.info[slots[k]] == flagged[k]]
+        if len(keep) < hi - lo:  # some slots changed before the copy was written
+            kept = set(keep)
+            for k, h in zip(range(lo, hi), dests):
+                if k not in kept:
+                    tier.free(h, lengths[k])
+                    files.inflight[ti] -= 1
+                    self.counters.aborted += 1
+            dests = [dests[k - lo] for k in keep]
+        if not keep:
+            return 0
+        ok = False
+        codecs, datas = chunk.codecs, chunk.datas
+        try:
+            await tier.write(dests, [(slot_key(devs[k].index, slots[k]), codecs[k], datas[k])
+                                     for k in keep])
+            ok = True
+        except (TierFull, TierIOError) as e:  # the tier gave the objects back
+            log.warning("writeback to %s failed: %s", tier.name, e)
+            self.counters.failed_batches += 1
+        finally:
+            files.inflight[ti] -= len(keep)
+        if not ok:
+            return 0
+        lens = [lengths[k] for k in keep]
+        done = self.state.commit_pool_moves(
+            [devs[k] for k in keep], [slots[k] for k in keep], [flagged[k] for k in keep],
+            [chunk.handles[k] for k in keep], ti, dests, lens)
+        moved = nbytes = aborted = 0
+        for h, n, committed in zip(dests, lens, done):
+            if committed:
+                moved += 1
+                nbytes += n
+            else:
+                aborted += 1
+                tier.free(h, n)
+        self._count(moved, nbytes, aborted, POOL_LEVEL, ti)
         return moved
 
     async def _place(self, moves: list[Move], src: int, min_group: int) -> int:
@@ -204,6 +311,21 @@ class Migrator:
                 files.inflight[g.tier] -= g.npages
                 pos += g.npages
         return moved
+
+    def _recompress_chunk(self, name: str, chunk: PoolChunk) -> None:
+        """``_recompress_for`` of a chunk from the pool."""
+        if name != "zstd":
+            return
+        if self._zstd is None or self._lz4 is None:
+            self._zstd, self._lz4 = ZstdCodec(), Lz4Codec()
+        z, lz = self._zstd, self._lz4
+        codecs, datas = chunk.codecs, chunk.datas
+        for k, (cid, data) in enumerate(zip(codecs, datas)):
+            if cid == lz.id:
+                c = z.compress(lz.decompress(data))
+                if len(c) < len(data):
+                    codecs[k], datas[k] = z.id, c
+                    self.counters.recompressed += 1
 
     def _recompress_for(self, name: str, moves: list[Move]) -> None:
         """Recompress lz4 copies with ``name`` (zstd) where that is smaller."""
@@ -294,6 +416,10 @@ class Migrator:
             else:
                 aborted += 1
                 tier.free(mv.dest, n)
+        self._count(moved, nbytes, aborted, src, ti)
+        return moved
+
+    def _count(self, moved: int, nbytes: int, aborted: int, src: int, ti: int) -> None:
         c = self.counters
         c.aborted += aborted
         if moved:
@@ -303,7 +429,6 @@ class Migrator:
             pair = c.pairs.setdefault((src, tier_level(ti)), [0, 0])
             pair[0] += moved
             pair[1] += 1
-        return moved
 
     # -- cleaning -------------------------------------------------------------
 

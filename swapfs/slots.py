@@ -118,7 +118,8 @@ HOT_LOOPS = frozenset({
     "read_path.ReadPath.read", "read_path.ReadPath._read_pages",
     "write_path.WritePath._store_page", "write_path.WritePath._stage",
     "write_path.WritePath._commit", "recompress.Recompressor.step",
-    "state.StoreState.load_page", "recovery._scan_device",
+    "state.StoreState.load_page", "state.StoreState.load_objects",
+    "state.StoreState._commit_pool_moves", "recovery._scan_device",
 })
 
 

@@ -66,6 +66,7 @@ from .slots import (
     SAME,
     SETTLED,
     SHADOW,
+    SLOT_SHIFT,
     SlotTable,
     file_info,
     in_file,
@@ -75,6 +76,7 @@ from .slots import (
     kind_of,
     length_of,
     level_tier,
+    movable,
     slot_key,
     tier_of_kind,
     with_length,
@@ -208,7 +210,9 @@ class SlotCursor:
             visited += nxt - slot
             slot = nxt
             if slot < dev.npages:
-                end = min((slot | CLUSTER_MASK) + 1, dev.npages, slot + scan)
+                # (within one round: a walk that began inside this cluster ends where it began)
+                end = min((slot | CLUSTER_MASK) + 1, dev.npages, slot + scan,
+                          slot + total - visited)
                 self._set(devs, di, end)
                 yield dev, slot, end
                 visited += end - slot
@@ -406,6 +410,71 @@ class StoreState:
             dev.table.info[s] = flagged & ~MOVING
         self.moving -= 1
 
+    def flag_pool_moves(self, victims: Sequence[tuple[Device, int]]
+                        ) -> tuple[list[Device], list[int], list[int], list[int]]:
+        """``flag_moving`` of each of ``victims`` still in the pool and not
+        MOVING, in one loop: ``(devices, slots, handles, info words as
+        flagged)`` of the slots flagged, side by side."""
+        mask, want = movable(POOL_LEVEL)
+        devs: list[Device] = []
+        slots: list[int] = []
+        handles: list[int] = []
+        flagged: list[int] = []
+        for dev, s in victims:
+            table = dev.table
+            i = table.info[s]
+            if i & mask == want:
+                i |= MOVING
+                table.info[s] = i
+                devs.append(dev)
+                slots.append(s)
+                handles.append(table.handles[s])
+                flagged.append(i)
+        self.moving += len(slots)
+        return devs, slots, handles, flagged
+
+    def unflag_moves(self, devs: Sequence[Device], slots: Sequence[int],
+                     flagged: Sequence[int]) -> None:
+        """``unflag_moving`` of every slot ``flag_pool_moves`` flagged."""
+        for dev, s, i in zip(devs, slots, flagged):
+            info = dev.table.info
+            if info[s] == i:
+                info[s] = i & ~MOVING
+        self.moving -= len(slots)
+
+    def load_objects(self, devs: Sequence[Device], slots: Sequence[int],
+                     handles: Sequence[int], flagged: Sequence[int], lo: int, hi: int
+                     ) -> tuple[list[int], list[int], list[bytes]]:
+        """The objects of the slots ``lo:hi`` of a flagged batch that still hold
+        what was flagged, as stored, for a move that keeps them compressed:
+        ``(their indexes, codec ids, bytes)``; a huge page is ``RAW`` and the
+        page.  A hot loop (a move's copy out of the pool): inlines the slot
+        encoding."""
+        idx: list[int] = []
+        codecs: list[int] = []
+        datas: list[bytes] = []
+        mem = self.pool.mem
+        cid = self.codec.id
+        alt = self.recodec.id if self.recodec is not None else cid
+        for k in range(lo, min(hi, len(slots))):
+            table = devs[k].table
+            s = slots[k]
+            i = flagged[k]
+            h = handles[k]
+            if table.info[s] != i or table.handles[s] != h:
+                continue  # written, discarded or promoted since it was flagged
+            k_ = i & KIND_MASK
+            if k_ == POOL:
+                codecs.append(alt if i & ALT else cid)
+                datas.append(bytes(mem[h:h + ((i >> 4) & LENGTH_MASK)]))
+            elif k_ == HUGE:
+                codecs.append(RAW)
+                datas.append(bytes(mem[h:h + PAGE_SIZE]))
+            else:
+                raise InvariantError(f"{devs[k].name}: slot {s} has kind {k_}, not in the pool")
+            idx.append(k)
+        return idx, codecs, datas
+
     def commit_move(self, dev: Device, s: int, flagged: int, handle: int, src: int, ti: int,
                     dest: int, length: int) -> bool:
         """Switch slot ``s`` to the object at ``dest`` (``length`` payload
@@ -434,7 +503,14 @@ class StoreState:
                           dests: Sequence[int], lengths: Sequence[int]) -> list[bool]:
         """``commit_move`` of a batch of pool pages to file tier ``ti``, in one loop: the
         same steps, slot by slot, each switched through the journal (a kill between two
-        slots leaves the first moved and the second not).  Per slot, whether it moved."""
+        slots leaves the first moved and the second not).  Per slot, whether it moved.
+        A hot loop: inlines the slot encoding."""
+        with self.pool.batch():  # the spans emptied go back in runs, after the loop
+            return self._commit_pool_moves(devs, slots, flagged, handles, ti, dests, lengths)
+
+    def _commit_pool_moves(self, devs: Sequence[Device], slots: Sequence[int],
+                           flagged: Sequence[int], handles: Sequence[int], ti: int,
+                           dests: Sequence[int], lengths: Sequence[int]) -> list[bool]:
         out: list[bool] = []
         j = self.journal
         moves = self.moves
@@ -453,18 +529,20 @@ class StoreState:
             # journal_switch, inline: old handle and info first, the key word last
             j[1] = h
             j[2] = i
-            j[0] = slot_key(dev.index, s) + 1
+            key = dev.index << SLOT_SHIFT | s
+            j[0] = key + 1
             table.handles[s] = dest
             table.info[s] = file_info(ti, n) | SHADOW
             j[0] = 0
             epoch[s] = demotions & EPOCH_MASK
             # free_slot_content of a pool (or huge) object, MOVING still set in ``i``
-            m = length_of(i)
+            m = (i >> 4) & LENGTH_MASK
             if dedup is None or m > MAX_OBJECT or dedup.release(h, m):
                 pool_free(h, m)
             dev.compressed_bytes -= m
             dev.pool_bytes -= OBJECT_BYTES[m]
-            if kind_of(i) == POOL:
+            k = i & KIND_MASK
+            if k == POOL:
                 dev.pool_pages -= 1
             else:
                 dev.huge_pages -= 1
@@ -487,19 +565,6 @@ class StoreState:
         self.journal_switch(dev, s, dest, flagged & ~MOVING)
         self.files.free_page(ti, handle, length_of(flagged))  # pinned: freed when unpinned
         return True
-
-    def load_object(self, dev: Device, slot: int) -> tuple[int, bytes]:
-        """A pool slot's object as it is stored, for a move that keeps it
-        compressed: ``(codec id, bytes)``; a huge page is ``(RAW, page)``."""
-        i = dev.table.info[slot]
-        k = kind_of(i)
-        h = dev.table.handles[slot]
-        if k == POOL:
-            codec = self.recodec if i & ALT and self.recodec is not None else self.codec
-            return codec.id, bytes(self.pool.view(h, length_of(i)))
-        if k == HUGE:
-            return RAW, bytes(self.pool.view(h, PAGE_SIZE))
-        raise InvariantError(f"{dev.name}: slot {slot} has kind {k}, not in the pool")
 
     # -- recompression (swapfs/recompress.py) -----------------------------
 

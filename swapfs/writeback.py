@@ -241,7 +241,7 @@ class Writeback:
             want = min(batch, budget)
             async with self._lock:
                 victims = self.select(src, want, devices=devices, idle_before=idle_before,
-                                      now=now)
+                                      now=now, whole_round=not urgent)
                 if not victims:
                     break
                 got = await self.store.migrate(victims, src)
@@ -273,17 +273,19 @@ class Writeback:
         return [d for d in (devices or self.store.devices) if d.config.writeback]
 
     def select(self, src: int, n: int, *, devices: list[Device] | None = None,
-               idle_before: int | None = None, now: int | None = None
-               ) -> list[tuple[Device, int]]:
+               idle_before: int | None = None, now: int | None = None,
+               whole_round: bool = False) -> list[tuple[Device, int]]:
         """Up to ``n`` cold pages of level ``src``, as the store's policy
         chooses them (swapfs/policy.py) from the level's cursor.  With
         ``idle_before`` (an age in epochs), only pages not accessed for at
         least that long, in slot order (the cursor walks the tables once per
         request); ``now`` is the epoch the age counts from (the request's,
-        not the clock's while the request runs)."""
+        not the clock's while the request runs); ``whole_round``: a request's
+        search, which walks on (one round at most) while it finds nothing."""
         cursor = self._cursors.setdefault(src, SlotCursor())
         return self.store.policy.select(cursor, self._devices(devices), src, n,
-                                        idle_before=idle_before, now=now)
+                                        idle_before=idle_before, now=now,
+                                        whole_round=whole_round)
 
     # -- requests (user.swapfs.ctl.writeback) ------------------------------
 

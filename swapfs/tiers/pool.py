@@ -81,10 +81,11 @@ object happen in one step and no reader sees a handle about to be freed
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from ..errors import InvariantError, Misuse, StoreError
 from ..kernel import PAGE_SIZE
@@ -230,6 +231,12 @@ class Pool:
         self.compacted_objects = 0
         self.compacted_bytes = 0  # memory released by compaction
         self.release_errors = 0  # page ranges the kernel would not take back
+        # Inside ``batch()``: pages to give back at its end, ``(first page, count)``
+        # side by side, still held and counted until then.
+        self._batching = 0
+        self._rel_first = array("I")
+        self._rel_pages = array("B")
+        self.release_calls = 0  # calls that gave pages back (a run of adjacent spans is one)
 
     @property
     def arenas(self) -> int:
@@ -420,19 +427,64 @@ class Pool:
 
     def _free_pages(self, g: int, k: int, *, keep: bool) -> None:
         """Free ``k`` pages from page ``g``: a spare (``keep`` and room among
-        the spares) or back to the system."""
-        if not (keep and self.spare_pages + k <= self.spare_limit) and self._give_back(g, k):
-            self.cold[k].append(g)
-            self.pool_bytes -= k * PAGE_SIZE
-            return
+        the spares) or back to the system (inside ``batch()``: at its end)."""
+        if not (keep and self.spare_pages + k <= self.spare_limit):
+            if self._batching:
+                self._rel_first.append(g)
+                self._rel_pages.append(k)
+                return
+            if self._give_back(g, k):
+                self.cold[k].append(g)
+                self.pool_bytes -= k * PAGE_SIZE
+                return
         self.spare[k].append(g)  # kept resident (or could not be given back)
         self.spare_pages += k
+
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """Within the block, pages freed to the system are given back at its
+        end, a run of adjacent ones in one call (a hole punched in a shared
+        region is a system call and a TLB flush each).  Until then they stay
+        held and counted in ``pool_bytes``, and are not reused.  The block
+        must not await: nothing may see the pool between the free and the
+        release (``check_invariants`` would count the pages nowhere)."""
+        self._batching += 1
+        try:
+            yield
+        finally:
+            self._batching -= 1
+            if not self._batching and self._rel_first:
+                self._release_batch()
+
+    def _release_batch(self) -> None:
+        """Give back the pages ``batch()`` collected, adjacent runs together."""
+        runs = sorted(zip(self._rel_first, self._rel_pages))
+        del self._rel_first[:]
+        del self._rel_pages[:]
+        i, n = 0, len(runs)
+        while i < n:
+            g, k = runs[i]
+            end = g + k
+            j = i + 1
+            while j < n and runs[j][0] == end:
+                end += runs[j][1]
+                j += 1
+            ok = self._give_back(g, end - g)
+            for g, k in runs[i:j]:
+                if ok:
+                    self.cold[k].append(g)
+                    self.pool_bytes -= k * PAGE_SIZE
+                else:  # kept resident, as a spare
+                    self.spare[k].append(g)
+                    self.spare_pages += k
+            i = j
 
     def _give_back(self, g: int, k: int) -> bool:
         """Return ``k`` pages from page ``g`` to the system; False (the pages
         stay held, and are counted) if the kernel refuses."""
         try:
             self.memory.release(self._map, g << PAGE_SHIFT, k * PAGE_SIZE)
+            self.release_calls += 1
             return True
         except OSError as e:
             self.release_errors += 1
@@ -532,8 +584,12 @@ class Pool:
         object copied, before the old one is freed; it returns True once the
         owner refers to the new handle, or False to keep the object where it
         was (the copy is dropped).  ``budget``: at most this many objects
-        are moved.  Spans emptied here give their pages back at once (they
-        do not become spares)."""
+        are moved.  Spans emptied here give their pages back before it
+        returns, adjacent ones in one call (they do not become spares)."""
+        with self.batch():  # the spans emptied go back in runs, at the end
+            return self._compact(relocate, budget)
+
+    def _compact(self, relocate: Relocate, budget: int | None) -> tuple[int, int]:
         moved = 0
         freed = 0
         s_used = self.s_used

@@ -159,3 +159,91 @@ async def test_workingset_threshold_follows_wasted_promotions(stores, tmp_path):
     moves.promotions[1] += 256  # none of these wasted
     pol.promote(0)
     assert pol.share == 0.625
+
+
+def _search_by_slot(pol, cursor, devs, src, n, now, whole_round):
+    """The victim search one slot at a time, as a reference for the chunked
+    one: the same window, a key per candidate, ``heapq.nsmallest``."""
+    import heapq
+
+    from swapfs.policy import CANDIDATES_PER_VICTIM, SCAN_SLOTS
+    from swapfs.slots import AGE_MASK, SHADOW, movable
+
+    mask, want = movable(src)
+    cands = []
+    scanned = 0
+    for dev, start, end in cursor.walk(devs, sum(d.npages for d in devs)):
+        scanned += end - start
+        di = devs.index(dev)
+        for s in range(start, end):
+            i = dev.table.info[s]
+            if i & mask == want:
+                e = dev.table.epoch[s]
+                cands.append((-(1 << 33) if i & SHADOW else pol._age_key(e, now), di, s))
+        if len(cands) >= n * CANDIDATES_PER_VICTIM or (
+                scanned >= SCAN_SLOTS and (cands or not whole_round)):
+            break
+    chosen = heapq.nsmallest(n, cands) if len(cands) > n else cands
+    oldest = max((-k for k, _, _ in chosen if k > -(1 << 33)), default=-1)
+    assert AGE_MASK  # (the keys count ages modulo AGE_MASK + 1)
+    return [(devs[d], s) for _, d, s in chosen], oldest
+
+
+@pytest.mark.parametrize("name", POLICY_NAMES)
+@pytest.mark.parametrize("seed", range(6))
+def test_chunked_search_chooses_what_a_slot_by_slot_search_would(name, seed):
+    """Random slot tables (every kind, MOVING and SHADOW, every mark, ages
+    across the clock's wrap, empty clusters, two devices): the chunked search
+    takes the same victims as a search that keys each candidate, leaves the
+    cursor at the same place and learns the same eviction age."""
+    from types import SimpleNamespace
+
+    from swapfs.slots import FILE0, HUGE, MOVING, POOL, SAME, SHADOW, SlotTable, file_info
+    from swapfs.state import SlotCursor
+
+    rng = random.Random(seed)
+    devs = []
+    for npages in (rng.choice((3000, 40000)), rng.choice((1500, 70000))):
+        table = SlotTable(npages)
+        for c in range(-(-npages // 1024)):
+            if rng.random() < 0.3:
+                continue  # an empty cluster
+            dense = rng.random()
+            for s in range(c * 1024, min((c + 1) * 1024, npages)):
+                if rng.random() > dense:
+                    continue
+                kind = rng.choice((SAME, POOL, POOL, POOL, HUGE, FILE0, FILE0 + 1))
+                info = kind | rng.randrange(1, 4096) << 4 if kind in (POOL, HUGE) else (
+                    file_info(kind - FILE0, rng.randrange(1, 4097)) if kind >= FILE0 else kind)
+                if rng.random() < 0.05:
+                    info |= MOVING
+                if kind >= FILE0 and rng.random() < 0.3:
+                    info |= SHADOW
+                table.info[s] = info
+                table.filled(s)
+                table.epoch[s] = rng.choice((
+                    rng.randrange(1 << 32),  # anything, marks included
+                    (5000 - rng.randrange(64)) | rng.choice((0, UNREAD_MARK, PROMOTED_MARK)),
+                    rng.randrange(4990, 5001) | rng.choice((0, UNREAD_MARK))))
+        devs.append(SimpleNamespace(npages=npages, table=table, name=f"d{len(devs)}"))
+    state = SimpleNamespace(epoch=5000)
+    for trial in range(12):
+        now = rng.choice((5000, 5000 + (1 << 30) - 3, 17))
+        n = rng.choice((1, 3, 64, 256, 1024))
+        src = rng.choice((0, 0, 1, 2))
+        ours, ref = POLICIES[name](state), POLICIES[name](state)
+        if name == "workingset":
+            ours.eviction_age = ref.eviction_age = rng.choice((0, 5, 40, 1 << 29, (1 << 30) - 1))
+        a, b = SlotCursor(), SlotCursor()
+        a.di = b.di = rng.randrange(2)
+        a.slot = b.slot = rng.randrange(devs[a.di].npages)
+        whole = rng.random() < 0.5
+        got = ours.select(a, devs, src, n, now=now, whole_round=whole)
+        want, oldest = _search_by_slot(ref, b, devs, src, n, now, whole)
+        key = [(devs.index(d), s) for d, s in got]
+        assert sorted(key) == sorted((devs.index(d), s) for d, s in want), (trial, n, src)
+        assert len(set(key)) == len(key)
+        assert (a.di, a.slot) == (b.di, b.slot)
+        if name == "workingset":
+            ref._selected(oldest)
+            assert ours.eviction_age == ref.eviction_age

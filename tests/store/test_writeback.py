@@ -467,6 +467,24 @@ async def test_victim_search_on_a_device_used_only_at_its_start(stores, tmp_path
     assert await store.read(dev, 0, 300 * PAGE) == b"".join(first)
 
 
+async def test_a_request_finds_pool_pages_past_a_long_stretch_of_others(stores, tmp_path):
+    """Pool pages beyond more stored slots than one search window looks at
+    (same-filled pages here, as a request leaves moved ones behind it): the
+    search walks on (one round at most) and the request moves them all."""
+    store = stores([tier("ssd", tmp_path / "ssd.img", 16 * MiB)], pool_bytes=8 * MiB,
+                   devices=(("swap0", 96 * MiB, True),))
+    dev = store.devices[0]
+    zeros = bytes(MiB)
+    for off in range(0, 80 * MiB, MiB):  # 20480 same-filled slots from the cursor on
+        await store.write(dev, off, zeros)
+    data = pages_of(16)
+    await store.write(dev, 80 * MiB, b"".join(data))
+    wb = Writeback(store)
+    assert await wb.writeback_pages(1000) == 16
+    assert all(where(store, dev, 20480 + i) == "ssd" for i in range(16))
+    assert await store.read(dev, 80 * MiB, 16 * PAGE) == b"".join(data)
+
+
 @pytest.mark.slow
 async def test_writeback_compacts_the_holes_it_leaves(stores, tmp_path):
     # Demotion frees objects scattered over the pool's spans; the drain

@@ -416,3 +416,41 @@ class PoolMachine(RuleBasedStateMachine):
 
 PoolMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=60, deadline=None)
 test_pool_machine = PoolMachine.TestCase
+
+
+@pytest.mark.parametrize("shared", [False, True])
+def test_a_batch_gives_adjacent_spans_back_in_one_call(shared: bool) -> None:
+    """Spans emptied inside ``batch()`` stay held until its end, then go back
+    to the system a run of adjacent pages at a time (a hole punched in the
+    memory file of a shared pool is a system call each), read as zeros, and
+    are reused like any released pages."""
+    from swapfs.memory import StateMemory
+
+    pool = Pool(max_bytes=16 * MiB, spare_pages=0, memory=StateMemory(shared=shared))
+    live: Live = {}
+    n = 1000
+    for i in range(600):  # a few hundred spans, carved one after the other
+        put(pool, live, n, i)
+    spans, held, carved = pool.spans, pool.pool_bytes, len(pool.page_word)
+    calls = pool.release_calls
+    with pool.batch():
+        for h in list(live):
+            pool.free_object(h, n)
+            del live[h]
+        assert pool.pool_bytes == held  # still held: nothing given back yet
+    assert pool.release_calls - calls == 1  # one run of adjacent spans, one call
+    assert pool.pool_bytes == 0 and pool.spans == 0
+    assert spans > 100
+    assert not any(pool.mem[:held])  # the pages read as zeros: given back
+    check(pool, live)
+    for i in range(600):
+        put(pool, live, n, i)
+    assert pool.pool_bytes == held and len(pool.page_word) == carved  # reused, none carved
+    check(pool, live)
+    # Without a batch each emptied span is one call.
+    calls = pool.release_calls
+    for h in list(live):
+        pool.free_object(h, n)
+        del live[h]
+    assert pool.release_calls - calls == spans
+    check(pool, live)

@@ -361,12 +361,11 @@ class FileTier(SegmentedTier):
         """
         if not lengths or self._enospc:
             return []
-        for n in lengths:
-            if not 0 < n <= PAGE:
-                raise Misuse(f"tier {self.name!r}: an object of {n!r} bytes")
-        enc = self.encrypt
-        return self._map.allocate((object_bytes(n, enc) for n in lengths), cleaning,
-                                  survivors_of)
+        if not 0 < min(lengths) or not max(lengths) <= PAGE:
+            bad = next(n for n in lengths if not 0 < n <= PAGE)
+            raise Misuse(f"tier {self.name!r}: an object of {bad!r} bytes")
+        extra = object_bytes(0, self.encrypt)
+        return self._map.allocate([n + extra for n in lengths], cleaning, survivors_of)
 
     def free(self, handle: int, length: int) -> None:
         """Free the object at ``handle`` of ``length`` payload bytes (pure bookkeeping).

@@ -8,6 +8,7 @@ Offsets: the object at handle ``h`` of a tier is at byte ``base + h`` of its bac
 from __future__ import annotations
 
 import errno
+import operator
 import os
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
@@ -17,7 +18,7 @@ import trio
 from ...kernel import FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE, fallocate
 from ...kernel import PAGE_SIZE as PAGE
 from .cipher import ObjectCipher
-from .objects import seal
+from .objects import object_bytes, seal
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -115,14 +116,18 @@ class GroupWriter:
 # ---------------------------------------------------------------------- worker-thread bodies
 
 
-def pwritev_full(fd: int, bufs: list[Buffer], offset: int) -> int:
-    """Write every buffer at ``offset``; completes short writes.  Returns pwritev calls made."""
-    views = [memoryview(b) for b in bufs]
+def pwritev_full(fd: int, bufs: list[Buffer], offset: int, total: int = -1) -> int:
+    """Write every buffer at ``offset`` (``total`` bytes in all, if the caller knows);
+    completes short writes.  Returns pwritev calls made."""
+    views = bufs
     calls = 0
     i = 0
     while i < len(views):
         chunk = views[i:i + IOV_MAX]
-        want = sum(b.nbytes for b in chunk)
+        if total >= 0 and i == 0 and len(chunk) == len(views):
+            want = total
+        else:
+            want = sum(memoryview(b).nbytes for b in chunk)
         n = os.pwritev(fd, chunk, offset)
         calls += 1
         if n <= 0:
@@ -132,18 +137,22 @@ def pwritev_full(fd: int, bufs: list[Buffer], offset: int) -> int:
             i += len(chunk)
             continue
         # short write: drop what was written, go on with the rest
+        if views is bufs:
+            views = [memoryview(b) for b in bufs]
         while n:
             b = views[i]
-            if n >= b.nbytes:
-                n -= b.nbytes
+            nb = memoryview(b).nbytes
+            if n >= nb:
+                n -= nb
                 i += 1
             else:
-                views[i] = b[n:]
+                views[i] = memoryview(b)[n:]
                 n = 0
     return calls
 
 
 _ZEROS = bytes(PAGE)
+_HANDLE = operator.itemgetter(0)
 
 
 def write_objects(fd: int, items: Sequence[tuple[int, int, int, int, bytes]],
@@ -153,9 +162,10 @@ def write_objects(fd: int, items: Sequence[tuple[int, int, int, int, bytes]],
     calls = 0
     bufs: list[Buffer] = []
     start = end = -1
-    for handle, gen, key, codec, payload in sorted(items, key=lambda it: it[0]):
+    extra = object_bytes(0, cipher is not None)
+    for handle, gen, key, codec, payload in sorted(items, key=_HANDLE):
         parts = seal(cipher, handle, gen, key, codec, payload)
-        size = sum(len(p) for p in parts)
+        size = len(payload) + extra
         # Only the padding that placement put before an object (to the next block boundary)
         # is written as zeros: a gap that is not padding may hold another write's objects
         # (a job's objects span segments, and a later segment can lie just before an
@@ -165,13 +175,13 @@ def write_objects(fd: int, items: Sequence[tuple[int, int, int, int, bytes]],
                 bufs.append(_ZEROS[:handle - end])
         else:
             if bufs:
-                calls += pwritev_full(fd, bufs, base + start)
+                calls += pwritev_full(fd, bufs, base + start, end - start)
             bufs = []
             start = handle
         bufs += parts
         end = handle + size
     if bufs:
-        calls += pwritev_full(fd, bufs, base + start)
+        calls += pwritev_full(fd, bufs, base + start, end - start)
     return calls
 
 
