@@ -37,6 +37,7 @@ await leaves every slot as it was.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 
 import trio
 import trio.lowlevel
@@ -207,12 +208,29 @@ class Migrator:
 
     async def _place_pool(self, chunk: PoolChunk, min_group: int) -> int:
         """``_place`` for a chunk from the pool."""
+        recompress = self._recompress_below(min_group)
+        if recompress:
+            self._recompress_chunk(recompress, chunk)
+        lengths = [len(d) for d in chunk.datas]
+
+        async def write(grant: Grant, lo: int) -> int:
+            return await self._write_and_commit_pool(grant, chunk, lo, lengths)
+        return await self._write_grants(lengths, min_group, write)
+
+    def _recompress_below(self, min_group: int) -> str | None:
+        """The codec the first tier from ``min_group`` down recompresses to, if any."""
         files = self.files
         for ti in {ti for g in files.groups[min_group:] for ti in g}:
             if files[ti].recompress:
-                self._recompress_chunk(files[ti].recompress, chunk)
-                break
-        lengths = [len(d) for d in chunk.datas]
+                return files[ti].recompress
+        return None
+
+    async def _write_grants(self, lengths: list[int], min_group: int,
+                            write: Callable[[Grant, int], Awaitable[int]]) -> int:
+        """Allocate objects of ``lengths`` from ``min_group`` down and ``write(grant, lo)``
+        each grant in turn (``lo``: the index of its first object); grants never written
+        are given back.  Returns the moves committed."""
+        files = self.files
         grants = files.allocate(lengths, min_group=min_group)
         for g in grants:
             files.inflight[g.tier] += g.npages
@@ -224,7 +242,7 @@ class Migrator:
                 grant = todo.pop(0)
                 lo = pos
                 pos += grant.npages
-                moved += await self._write_and_commit_pool(grant, chunk, lo, lengths)
+                moved += await write(grant, lo)
         finally:
             for g in todo:  # never written: give the objects back
                 files.give_back(g, lengths[pos:pos + g.npages])
@@ -285,32 +303,16 @@ class Migrator:
         """Append the copies of ``moves`` to the tiers from ``min_group`` down
         and commit; returns the moves committed.  A tier with
         ``recompress`` gets lz4 copies recompressed first."""
-        files = self.files
         if not moves:
             return 0
-        for ti in {ti for g in files.groups[min_group:] for ti in g}:
-            if files[ti].recompress:
-                self._recompress_for(files[ti].recompress, moves)
-                break
+        recompress = self._recompress_below(min_group)
+        if recompress:
+            self._recompress_for(recompress, moves)
         lengths = [len(mv.data) for mv in moves if mv.data is not None]
-        grants = files.allocate(lengths, min_group=min_group)
-        for g in grants:
-            files.inflight[g.tier] += g.npages
-        todo = list(grants)  # grants neither written nor given back yet
-        moved = 0
-        pos = 0
-        try:
-            while todo:
-                grant = todo.pop(0)
-                chunk = moves[pos:pos + grant.npages]
-                pos += grant.npages
-                moved += await self._write_and_commit(grant, chunk, src)
-        finally:
-            for g in todo:  # never written: give the objects back
-                files.give_back(g, lengths[pos:pos + g.npages])
-                files.inflight[g.tier] -= g.npages
-                pos += g.npages
-        return moved
+
+        async def write(grant: Grant, lo: int) -> int:
+            return await self._write_and_commit(grant, moves[lo:lo + grant.npages], src)
+        return await self._write_grants(lengths, min_group, write)
 
     def _recompress_chunk(self, name: str, chunk: PoolChunk) -> None:
         """``_recompress_for`` of a chunk from the pool."""
