@@ -130,11 +130,16 @@ def stop_mount(m: Mount) -> None:
 
 
 def start_mount(tmp_path: Path, config: str | None = SMALL_CONFIG, name: str = "mnt",
-                args: tuple[str, ...] = ()) -> Mount:
+                args: tuple[str, ...] = (), *, mlock: bool = False) -> Mount:
+    """``mlock``: lock the daemon's memory as a real mount does (the default here is
+    ``--no-mlock``).  A mount the kernel swaps into while its daemon is killed needs it: an
+    unlocked standby's pages, and the state memory's, can be paged out (by reclaim, or a
+    proactive pageout such as DAMON's) to the very device that only they can serve."""
     mnt = tmp_path / name
     mnt.mkdir()
     log = tmp_path / f"{name}.log"
-    args = ["mount", "--no-mlock", "--log-file", str(log), "--log-level", "debug", *args]
+    args = ["mount", *(() if mlock else ("--no-mlock",)), "--log-file", str(log),
+            "--log-level", "debug", *args]
     if config is not None:
         cfg = tmp_path / f"{name}.toml"
         cfg.write_text(config)
@@ -149,15 +154,17 @@ def start_mount(tmp_path: Path, config: str | None = SMALL_CONFIG, name: str = "
 
 @pytest.fixture
 def mount_factory(tmp_path):
-    """mount_factory(config_text=SMALL_CONFIG, name=None, args=()) -> Mount
-    (``args``: more ``swapfs mount`` options); all unmounted at the end."""
+    """mount_factory(config_text=SMALL_CONFIG, name=None, args=(), mlock=False) -> Mount
+    (``args``: more ``swapfs mount`` options; ``mlock``: see start_mount); all unmounted at
+    the end."""
     why = fuse_available()
     if why:
         pytest.skip(why)
     mounts: list[Mount] = []
 
-    def make(config: str | None = SMALL_CONFIG, name: str | None = None, args: tuple[str, ...] = ()) -> Mount:
-        m = start_mount(tmp_path, config, name or f"mnt{len(mounts)}", args)
+    def make(config: str | None = SMALL_CONFIG, name: str | None = None, args: tuple[str, ...] = (),
+             mlock: bool = False) -> Mount:
+        m = start_mount(tmp_path, config, name or f"mnt{len(mounts)}", args, mlock=mlock)
         mounts.append(m)
         return m
 

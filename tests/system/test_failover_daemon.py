@@ -121,7 +121,7 @@ def test_kill9_of_the_daemon_under_kernel_swap(mount_factory):
     why = harness.kernel_swap_unavailable()
     if why:
         pytest.skip(f"kernel swap test: {why}")
-    m = mount_factory(SWAP_CONFIG, args=("--standby",))
+    m = mount_factory(SWAP_CONFIG, args=("--standby",), mlock=True)
     kills: list[float] = []
     started = time.monotonic()
 
@@ -147,7 +147,7 @@ def test_upgrade_under_kernel_swap(mount_factory):
     why = harness.kernel_swap_unavailable()
     if why:
         pytest.skip(f"kernel swap test: {why}")
-    m = mount_factory(SWAP_CONFIG)
+    m = mount_factory(SWAP_CONFIG, mlock=True)
     upgrades: list[subprocess.CompletedProcess[str]] = []
     started = time.monotonic()
 
