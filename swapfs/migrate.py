@@ -271,18 +271,9 @@ class Migrator:
             dests = [dests[k - lo] for k in keep]
         if not keep:
             return 0
-        ok = False
         codecs, datas = chunk.codecs, chunk.datas
-        try:
-            await tier.write(dests, [(slot_key(devs[k].index, slots[k]), codecs[k], datas[k])
-                                     for k in keep])
-            ok = True
-        except (TierFull, TierIOError) as e:  # the tier gave the objects back
-            log.warning("writeback to %s failed: %s", tier.name, e)
-            self.counters.failed_batches += 1
-        finally:
-            files.inflight[ti] -= len(keep)
-        if not ok:
+        if not await self._tier_write(ti, dests, [(slot_key(devs[k].index, slots[k]), codecs[k],
+                                                   datas[k]) for k in keep]):
             return 0
         lens = [lengths[k] for k in keep]
         done = self.state.commit_pool_moves(
@@ -360,17 +351,25 @@ class Migrator:
                 self.counters.aborted += 1
         if not live:
             return 0
-        ok = False
+        if not await self._tier_write(ti, [mv.dest for mv in live],
+                                      [(mv.key, mv.codec, mv.data or b"") for mv in live]):
+            return 0
+        return self._commit(live, src, ti)
+
+    async def _tier_write(self, ti: int, dests: list[int],
+                          objects: list[tuple[int, int, bytes]]) -> bool:
+        """Write ``objects`` to ``dests`` of tier ``ti``, whose in-flight count they leave
+        either way; False if the tier refused or failed (it gave the objects back)."""
+        tier = self.files[ti]
         try:
-            await tier.write([mv.dest for mv in live],
-                             [(mv.key, mv.codec, mv.data or b"") for mv in live])
-            ok = True
-        except (TierFull, TierIOError) as e:  # the tier gave the objects back
+            await tier.write(dests, objects)
+            return True
+        except (TierFull, TierIOError) as e:
             log.warning("writeback to %s failed: %s", tier.name, e)
             self.counters.failed_batches += 1
+            return False
         finally:
-            files.inflight[ti] -= len(live)
-        return self._commit(live, src, ti) if ok else 0
+            self.files.inflight[ti] -= len(objects)
 
     async def _copy_from_file(self, ti: int, moves: list[Move], pins: list[int]) -> None:
         """Fill the copies of ``moves`` (slots of file tier ``ti``) with their

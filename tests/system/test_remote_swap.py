@@ -28,7 +28,7 @@ MiB = 1 << 20
 # Twice the cgroup's limit: about 128 MiB through swap, some 40 MiB compressed, most of it on
 # the cluster under a 16 MiB pool and a file tier that keeps 8-16 MiB.
 WORKING_SET = 256 * MiB
-# The bound on a failover's stall is 6 s; the test allows a loaded machine more.
+# A failover's stall should stay under 6 s (docs/remote-tier.md); the test allows a loaded machine more.
 STALL_BOUND = 20.0
 
 
